@@ -1,0 +1,255 @@
+"""Megatron-compatible memory-mapped indexed datasets (`PREFIX.bin` + `PREFIX.idx`, format `MMIDIDX`).
+
+Layout (see ../shared/FORMATS.md and Megatron-LM `megatron/core/datasets/indexed_dataset.py`):
+`.bin` holds every sequence's tokens back to back in one dtype; `.idx` holds a 9-byte magic, a uint64
+version (1), a uint8 dtype code, uint64 sequence and document counts, then int32 sequence lengths,
+int64 byte pointers into `.bin` and int64 document boundaries (cumulative sequence counts, starting 0).
+
+Design choices:
+- The reader maps both files once and hands out numpy views: opening costs O(1) Python objects
+  whatever the number of sequences, and `ds[i]` is a zero-copy slice of the `.bin` map.
+- The writer keeps memory constant: token ids go straight to `.bin`, lengths and document
+  boundaries are spilled to side files and assembled into `.idx` chunk by chunk at close.
+- Nothing appears under the final names until the writer closes cleanly: it writes `*.tmp` files
+  and renames them (`.bin` first, `.idx` last), so a killed run never leaves a valid-looking pair.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from data_prep.errors import UserError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_BYTES = len(MAGIC) + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
+
+DTYPE_CODES: dict[int, type[np.generic]] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
+
+_CHUNK = 1 << 20  # entries per chunk when assembling the index
+
+
+class IndexedDatasetError(UserError):
+    """A `.bin`/`.idx` pair that is missing, truncated or inconsistent."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (Megatron's rule: vocabulary below 65500), int32 otherwise."""
+    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+
+
+def paths(prefix: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """`(PREFIX.bin, PREFIX.idx, PREFIX.json)`."""
+    p = str(prefix)
+    return Path(p + ".bin"), Path(p + ".idx"), Path(p + ".json")
+
+
+def exists(prefix: str | os.PathLike) -> bool:
+    """True when any file of the dataset (`.bin`, `.idx` or manifest) is present."""
+    return any(p.exists() for p in paths(prefix))
+
+
+class IndexedDataset:
+    """Read-only view of `PREFIX.bin/.idx`: `len(ds)`, `ds[i]` (a numpy view), document boundaries."""
+
+    def __init__(self, prefix: str | os.PathLike):
+        self.prefix = str(prefix)
+        bin_path, idx_path, _ = paths(prefix)
+        for p in (idx_path, bin_path):
+            if not p.is_file():
+                raise IndexedDatasetError(f"{p} does not exist; pass the dataset prefix written by `bert-prep build`")
+        self._idx = _map(idx_path)
+        if len(self._idx) < HEADER_BYTES or bytes(self._idx[: len(MAGIC)]) != MAGIC:
+            raise IndexedDatasetError(f"{idx_path} is not an MMIDIDX index (bad magic or truncated header)")
+        version, code, n, d = struct.unpack("<QBQQ", bytes(self._idx[len(MAGIC) : HEADER_BYTES]))
+        if version != VERSION:
+            raise IndexedDatasetError(f"{idx_path} has index version {version}; only version {VERSION} is supported")
+        if code not in DTYPE_CODES:
+            raise IndexedDatasetError(f"{idx_path} has unknown dtype code {code}")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        need = HEADER_BYTES + 4 * n + 8 * n + 8 * d
+        if len(self._idx) not in (need, need + n):  # + n: optional int8 sequence modes (multimodal)
+            raise IndexedDatasetError(
+                f"{idx_path} is truncated or corrupted: {len(self._idx)} bytes, expected {need} for {n} sequences"
+            )
+        off = HEADER_BYTES
+        self.sequence_lengths = np.frombuffer(self._idx, np.int32, n, off)
+        self.sequence_pointers = np.frombuffer(self._idx, np.int64, n, off + 4 * n)
+        self.document_indices = np.frombuffer(self._idx, np.int64, d, off + 12 * n)
+        self._bin = _map(bin_path)
+        if n:
+            end = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+            if end > len(self._bin):
+                raise IndexedDatasetError(
+                    f"{bin_path} is truncated: the index needs {end} bytes, the file has {len(self._bin)}"
+                )
+        self.tokens = np.frombuffer(self._bin, self.dtype, len(self._bin) // self.dtype.itemsize)
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Tokens of sequence `i`, a read-only view into the memory map."""
+        start = int(self.sequence_pointers[i]) // self.dtype.itemsize
+        return self.tokens[start : start + int(self.sequence_lengths[i])]
+
+    def get(self, i: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens `offset : offset + length` of sequence `i` (the Megatron reader's `get`)."""
+        seq = self[i]
+        return seq[offset:] if length is None else seq[offset : offset + length]
+
+    @property
+    def num_documents(self) -> int:
+        return max(len(self.document_indices) - 1, 0)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sequence_lengths.sum(dtype=np.int64))
+
+    def document(self, j: int) -> range:
+        """Sequence indices of document `j`."""
+        return range(int(self.document_indices[j]), int(self.document_indices[j + 1]))
+
+    @property
+    def manifest(self) -> dict:
+        """`PREFIX.json` written by `bert-prep build` ({} when absent, e.g. for Megatron-written data)."""
+        path = paths(self.prefix)[2]
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise IndexedDatasetError(f"{path} is not a readable JSON manifest ({e}); rebuild the dataset") from e
+
+
+def _map(path: Path) -> memoryview | np.ndarray:
+    """Read-only map of a whole file (an empty buffer for an empty file, which mmap refuses)."""
+    if path.stat().st_size == 0:
+        return np.zeros(0, np.uint8)
+    return np.memmap(path, np.uint8, mode="r")
+
+
+class IndexedDatasetWriter:
+    """Write a dataset sentence by sentence; use as a context manager.
+
+    >>> with IndexedDatasetWriter("out/wiki", np.uint16) as w:
+    ...     w.add_sequence([101, 7592]); w.add_sequence([2088]); w.end_document()
+
+    On a clean exit the files are renamed into place; on an exception the temporary files are removed.
+    """
+
+    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type, tmp_suffix: str = ".tmp"):
+        self.prefix = str(prefix)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in CODE_OF_DTYPE:
+            raise ValueError(f"unsupported token dtype {self.dtype}")
+        bin_path, idx_path, _ = paths(prefix)
+        bin_path.parent.mkdir(parents=True, exist_ok=True)
+        self._final = (bin_path, idx_path)
+        self._tmp = [Path(str(p) + tmp_suffix) for p in (bin_path, idx_path)]
+        self._side = [Path(str(idx_path) + s + tmp_suffix) for s in (".lengths", ".docs")]
+        self._bin = open(self._tmp[0], "wb")
+        self._lengths = open(self._side[0], "wb")
+        self._docs = open(self._side[1], "wb")
+        self._docs.write(np.int64(0).tobytes())
+        self.num_sequences = 0
+        self.num_documents = 0
+        self.num_tokens = 0
+        self._doc_end = 0
+        self._closed = False
+
+    def add_sequence(self, ids: np.ndarray | list[int]) -> None:
+        """Append one sequence (for BERT data: one sentence of WordPiece ids)."""
+        arr = np.asarray(ids, dtype=self.dtype)
+        self._bin.write(arr.tobytes())
+        self._lengths.write(np.int32(len(arr)).tobytes())
+        self.num_sequences += 1
+        self.num_tokens += len(arr)
+
+    def add_sequences(self, ids: np.ndarray, lengths: np.ndarray) -> None:
+        """Append many sequences at once: their ids concatenated, and each one's length."""
+        ids = np.asarray(ids, dtype=self.dtype)
+        lengths = np.asarray(lengths, dtype=np.int32)
+        if int(lengths.sum(dtype=np.int64)) != len(ids):
+            raise ValueError("lengths do not add up to the number of ids")
+        self._bin.write(ids.tobytes())
+        self._lengths.write(lengths.tobytes())
+        self.num_sequences += len(lengths)
+        self.num_tokens += len(ids)
+
+    def end_document(self) -> None:
+        """Close the current document (a no-op when it holds no sequence)."""
+        if self.num_sequences == self._doc_end:
+            return
+        self._docs.write(np.int64(self.num_sequences).tobytes())
+        self.num_documents += 1
+        self._doc_end = self.num_sequences
+
+    def close(self) -> None:
+        """Assemble `.idx`, then rename both files into place."""
+        if self._closed:
+            return
+        self.end_document()
+        for f in (self._bin, self._lengths, self._docs):
+            f.close()
+        with open(self._tmp[1], "wb") as idx:
+            idx.write(MAGIC)
+            idx.write(
+                struct.pack("<QBQQ", VERSION, CODE_OF_DTYPE[self.dtype], self.num_sequences, self.num_documents + 1)
+            )
+            _copy(self._side[0], idx)
+            lengths = np.memmap(self._side[0], np.int32, mode="r") if self.num_sequences else np.zeros(0, np.int32)
+            start = 0
+            for i in range(0, len(lengths), _CHUNK):
+                sizes = lengths[i : i + _CHUNK].astype(np.int64) * self.dtype.itemsize
+                ptr = np.cumsum(sizes) - sizes + start
+                start = int(ptr[-1] + sizes[-1])
+                idx.write(ptr.tobytes())
+            del lengths
+            _copy(self._side[1], idx)
+            idx.flush()
+            os.fsync(idx.fileno())
+        for p in self._side:
+            p.unlink()
+        os.replace(self._tmp[0], self._final[0])
+        os.replace(self._tmp[1], self._final[1])
+        self._closed = True
+
+    def abort(self) -> None:
+        """Drop everything written so far."""
+        for f in (self._bin, self._lengths, self._docs):
+            f.close()
+        for p in (*self._tmp, *self._side):
+            p.unlink(missing_ok=True)
+        self._closed = True
+
+    def __enter__(self) -> IndexedDatasetWriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _copy(src: Path, dst) -> None:
+    with open(src, "rb") as f:
+        while block := f.read(1 << 24):
+            dst.write(block)

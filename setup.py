@@ -1,0 +1,40 @@
+"""Install with `pip install -e .` (scripts/setup.sh does this inside a virtualenv)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="bert-deepspeed",
+    version="0.1.0",
+    description="BERT pretraining on DeepSpeed: offline data prep, fused model, exact resume, multi-node.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["data_prep*", "pretrain*", "finetune*"]),
+    package_data={"": ["*.json"]},
+    install_requires=[
+        # torch is left loose on purpose: clusters bring their own CUDA build.
+        "torch>=2.4",
+        "deepspeed>=0.19,<0.20",
+        "transformers>=5.0,<6",
+        "tokenizers>=0.22,<0.24",
+        "safetensors>=0.4",
+        "numpy>=1.26,<2.6",
+        "blingfire>=0.1.8,<0.2",
+        "zstandard>=0.22",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "hjson>=3.1",
+    ],
+    extras_require={
+        "logging": ["tensorboard>=2.16", "wandb>=0.17"],
+        "dev": ["pytest>=8", "ruff==0.17.5", "megatron-core==0.16.1"],
+    },
+    entry_points={
+        "console_scripts": [
+            "bert-prep=data_prep.cli:main",
+            "bert-pretrain=pretrain.train:cli",
+            "bert-bench=pretrain.bench:cli",
+            "bert-export=pretrain.export:cli",
+            "bert-report=pretrain.report:cli",
+            "bert-finetune=finetune.run:cli",
+        ]
+    },
+)
