@@ -1,0 +1,139 @@
+"""LAMB (You et al. 2019) in plain PyTorch, with per-tensor trust ratios that survive ZeRO flattening.
+
+The math is DeepSpeed's fused LAMB (`deepspeed/ops/csrc/lamb/fused_lamb_cuda_kernel.cu`), so a run can move
+between the CUDA kernel and this optimizer without changing its hyperparameters:
+
+    m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
+    u = m / (sqrt(v) + eps) + wd p    (eps inside the sqrt with `eps_inside_sqrt`)
+    r = clamp(|p| / |u|, min_coeff, max_coeff), or 1 when either norm is 0
+    p = p - lr * sqrt(1 - b2^t) / (1 - b1^t) * r * u      (bias correction folded into the step size)
+
+Design choice that differs from the textbook: ZeRO 1/2/3 (and DeepSpeed's bf16 optimizer) replace each param
+group by one flat fp32 partition per rank, so an optimizer that takes norms over the tensor it is given
+computes ONE trust ratio for many layers (DeepSpeed issues #88, #490). `set_layout` tells this optimizer which
+slices of a flat partition belong to which original tensor; `step` then sums squared norms per original
+tensor, all-reduces the partial sums across the ranks that share a split tensor, and applies each tensor's
+own ratio. Weight decay exclusions (biases, LayerNorm) are param groups with `weight_decay=0`, built in
+`pretrain.engine.param_groups`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class FlatLayout:
+    """How a flat tensor splits into pieces of original tensors.
+
+    `lengths[k]` consecutive elements belong to original tensor `tensor_ids[k]`; the pieces cover the flat
+    tensor in order. Padding belongs to the id `num_tensors` (ratio 1, and it is zero anyway). Squared norms
+    are summed over `group` (the data-parallel group) when the pieces of one tensor live on several ranks.
+    """
+
+    tensor_ids: torch.Tensor  # (K,) long
+    lengths: torch.Tensor  # (K,) long, sums to the flat tensor's numel
+    num_tensors: int
+    group: object | None = None
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB with DeepSpeed FusedLamb's hyperparameters; per-tensor trust ratios even on flat ZeRO partitions."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        bias_correction: bool = True,
+        eps_inside_sqrt: bool = False,
+        max_coeff: float = 10.0,
+        min_coeff: float = 0.01,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            max_coeff=max_coeff,
+            min_coeff=min_coeff,
+        )
+        super().__init__(params, defaults)
+        self.eps_inside_sqrt = eps_inside_sqrt
+        self._layouts: dict[int, tuple[torch.Tensor, FlatLayout]] = {}
+
+    def set_layout(self, flat: torch.Tensor, layout: FlatLayout) -> None:
+        """Declare that `flat` (a tensor this optimizer will step) is a concatenation of pieces of tensors."""
+        if int(layout.lengths.sum()) != flat.numel():
+            raise ValueError(f"layout covers {int(layout.lengths.sum())} elements, flat tensor has {flat.numel()}")
+        self._layouts[id(flat)] = (flat, layout)
+
+    def _layout(self, p: torch.Tensor) -> FlatLayout:
+        held = self._layouts.get(id(p))
+        if held is not None and held[0] is p:
+            return held[1]
+        one = torch.ones(1, dtype=torch.long)
+        return FlatLayout(tensor_ids=one * 0, lengths=one * p.numel(), num_tensors=1)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        grad = p.grad.to(p.dtype)
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        b1, b2 = group["betas"]
+        state["step"] += 1
+        t = state["step"]
+        m.mul_(b1).add_(grad, alpha=1 - b1)
+        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (v + group["eps"]).sqrt_() if self.eps_inside_sqrt else v.sqrt().add_(group["eps"])
+        update = (m / denom).add_(p, alpha=group["weight_decay"])
+
+        ratio = self._trust_ratios(p, update, group)  # (numel,) or scalar
+        step_size = group["lr"]
+        if group["bias_correction"]:
+            step_size *= (1 - b2**t) ** 0.5 / (1 - b1**t)
+        p.view(-1).addcmul_(ratio, update.view(-1), value=-step_size)
+
+    def _trust_ratios(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> torch.Tensor:
+        """Per-element trust ratio: each element gets the ratio of the original tensor it belongs to."""
+        layout = self._layout(p)
+        tids = layout.tensor_ids.to(p.device)
+        lengths = layout.lengths.to(p.device)
+        flat_p, flat_u = p.detach().view(-1).float(), update.view(-1).float()
+        # squared norms of each piece, then of each original tensor (row 0: weights, row 1: updates)
+        pieces = torch.stack(
+            [
+                torch.segment_reduce(flat_p * flat_p, "sum", lengths=lengths),
+                torch.segment_reduce(flat_u * flat_u, "sum", lengths=lengths),
+            ]
+        )
+        sq = torch.zeros(2, layout.num_tensors + 1, dtype=torch.float32, device=p.device)
+        sq.index_add_(1, tids, pieces)
+        if layout.group is not None and dist.is_initialized() and dist.get_world_size(layout.group) > 1:
+            dist.all_reduce(sq, group=layout.group)
+        w_norm, u_norm = sq.sqrt()
+        ratio = (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"])
+        ratio = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
+        ratio[layout.num_tensors] = 1.0  # padding
+        return torch.repeat_interleave(ratio[tids], lengths).to(p.dtype)
