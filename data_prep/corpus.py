@@ -1,0 +1,390 @@
+"""`bert-prep corpus`: a built-in English corpus from the documentation already installed on this machine.
+
+Every Python install carries megabytes of hand-written English: the docstrings of the standard library
+and of the installed packages, and the READMEs bundled in their metadata. This module turns that into a
+pretraining corpus in the txt convention (one paragraph per line, a blank line between documents), with
+no download. Choices worth knowing:
+
+- Docstrings come from `ast` (module, class and function docstrings in source order), never from importing
+  a module: importing runs code, is slow, and differs between machines with and without a GPU.
+- One document per source file, so NSP pairs come from one module's prose.
+- Cleaning is conservative: a paragraph is kept only if it still reads as prose after markup is stripped
+  (enough words, mostly plain words, sentence punctuation at the end, few code symbols). Code blocks,
+  doctests, parameter/return sections, directives, headings, URLs and license text are dropped.
+- Paragraphs are deduplicated across the whole corpus by an exact hash and by a normalized hash
+  (lowercase, letters and digits only), so vendored copies and copied docstrings count once.
+- Files are read in sorted path order (standard library first, then site-packages), and the ordered
+  parallel map keeps that order, so the same machine always gives the same corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import inspect
+import os
+import re
+import site
+import sysconfig
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+
+from data_prep.errors import UserError, run_cli
+
+DOC_SUFFIXES = (".rst", ".md", ".txt")
+SKIP_DIRS = {"__pycache__", "test", "tests", "testing", "site-packages", "dist-packages", "idle_test", "node_modules"}
+SKIP_FILE_PREFIXES = ("license", "licence", "copying", "notice", "authors", "changelog", "changes", "history")
+SKIP_FILE_NAMES = {
+    "entry_points.txt",
+    "top_level.txt",
+    "requirements.txt",
+    "dependency_links.txt",
+    "namespace_packages.txt",
+}
+
+# Sections of numpy/Google-style docstrings whose content is tables or code, not prose.
+DROP_SECTIONS = {
+    "args", "arguments", "parameters", "params", "other parameters", "keyword args", "keyword arguments",
+    "kwargs", "returns", "return", "return type", "yields", "yield", "raises", "raise", "warns", "attributes",
+    "methods", "example", "examples", "see also", "references", "shape", "shapes", "inputs", "outputs",
+    "usage", "type", "todo", "installation", "install", "license", "copyright", "citation", "contributors",
+}  # fmt: skip
+LICENSE_RE = re.compile(
+    r"copyright|licen[cs]e|warrant|hereby granted|all rights reserved|redistribut|liabilit|spdx|merchantab",
+    re.IGNORECASE,
+)
+URL_RE = re.compile(r"<?\b(?:https?|ftp)://\S+|\bwww\.\S+|\S+@\S+\.(?:com|org|net)\b")
+BULLET_RE = re.compile(r"^(?:[-*+\u2022]|\d+[.)]|#\.|\([a-z0-9]\))\s+")
+UNDERLINE_RE = re.compile(r"^\s*([=\-~^\"'`#*+_:.])\1{2,}\s*$")
+DIRECTIVE_RE = re.compile(r"^\s*\.\.\s")
+FIELD_RE = re.compile(r"^\s*:[\w\s.-]+:")  # ":param x:", ":returns:", ":type x:"
+NUMPY_PARAM_RE = re.compile(r"^\s*\**[\w.,\s]+ : \S")  # "x : int"
+GOOGLE_SECTION_RE = re.compile(r"^\s*([A-Za-z][A-Za-z ]{1,30}):\s*$")
+SIGNATURE_RE = re.compile(r"^\s*[\w.]+\(.*\)\s*(?:->.*)?$")
+WORD_RE = re.compile(r"^[\"'(\[]*[A-Za-z][a-z]*(?:['\u2019-][a-z]+)*[\"')\],.;:!?]*$")
+CODE_CHARS = set("{}[]=<>|\\_#@$`;~^")
+
+# Inline markup, applied in order; each keeps the human-readable part.
+INLINE_SUBS = [
+    (re.compile(r"!\[[^\]]*\]\([^)]*\)"), ""),  # markdown image
+    (re.compile(r"\[([^\]]+)\]\([^)]*\)"), r"\1"),  # markdown link
+    (re.compile(r"\[([^\]]+)\]\[[^\]]*\]"), r"\1"),  # markdown reference link
+    (re.compile(r":[\w:.-]+:`~?(?:([^`<]+?)\s*<[^`>]+>|([^`]+))`"), r"\1\2"),  # :role:`text <target>`
+    (re.compile(r"`([^`<]+?)\s*<[^`>]+>`__?"), r"\1"),  # `text <url>`_
+    (re.compile(r"``([^`]+)``"), r"\1"),
+    (re.compile(r"`([^`]+)`_{0,2}"), r"\1"),
+    (re.compile(r"\*\*([^*]+)\*\*"), r"\1"),
+    (re.compile(r"(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])"), r"\1"),
+    (re.compile(r"(?<!\w)__([^_]+)__(?!\w)"), r"\1"),
+    (re.compile(r"\|[\w\s-]+\|_?"), ""),  # reST substitution
+    (re.compile(r"\[\d+\]_|\[#\w*\]_"), ""),  # reST citation marks
+    (re.compile(r"</?[a-zA-Z][^>]*>"), ""),  # html tags
+]
+
+
+@dataclass
+class CorpusStats:
+    """What `build_corpus` wrote."""
+
+    files: int = 0  # source files read
+    documents: int = 0
+    paragraphs: int = 0
+    words: int = 0
+    bytes: int = 0
+    duplicates: int = 0  # paragraphs dropped as exact or normalized duplicates
+
+    def summary(self, path: str | os.PathLike) -> str:
+        return (
+            f"corpus: {self.documents:,} documents, {self.paragraphs:,} paragraphs, {self.words:,} words, "
+            f"{self.bytes / 1e6:.1f} MB -> {path} (from {self.files:,} files; {self.duplicates:,} duplicate "
+            "paragraphs dropped)"
+        )
+
+
+def default_roots() -> list[Path]:
+    """The standard library of the running interpreter, then its site-packages."""
+    roots = [Path(sysconfig.get_paths()["stdlib"])]
+    for p in [*site.getsitepackages(), sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]:
+        if Path(p).is_dir() and Path(p).resolve() not in [r.resolve() for r in roots]:
+            roots.append(Path(p))
+    return roots
+
+
+def iter_sources(roots: Sequence[Path]) -> Iterator[Path]:
+    """Documentation-bearing files under each root in sorted order; each root's own subtree only."""
+    for root in roots:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+            in_dist_info = dirpath.endswith((".dist-info", ".egg-info"))
+            for name in sorted(filenames):
+                low = name.lower()
+                if in_dist_info:
+                    if name in ("METADATA", "PKG-INFO"):
+                        yield Path(dirpath, name)
+                elif low.startswith(SKIP_FILE_PREFIXES) or low in SKIP_FILE_NAMES:
+                    continue
+                elif low.endswith(".py") or low.endswith(DOC_SUFFIXES):
+                    yield Path(dirpath, name)
+
+
+def docstrings(source: str) -> list[str]:
+    """Module, class and function docstrings of a Python source, in source order."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # invalid escape sequences in old sources
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            return []
+    out: list[str] = []
+
+    def visit(node: ast.AST) -> None:
+        doc = ast.get_docstring(node, clean=True)
+        if doc:
+            out.append(doc)
+        for child in getattr(node, "body", []):
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                visit(child)
+
+    visit(tree)
+    return out
+
+
+def metadata_description(text: str) -> str:
+    """The long description of a METADATA/PKG-INFO file: the body after the header block."""
+    _, _, body = text.partition("\n\n")
+    return body
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip())
+
+
+def split_blocks(text: str) -> list[str]:
+    """Split reST/Markdown/docstring text into candidate paragraphs, dropping code and table blocks."""
+    lines = inspect.cleandoc(text.expandtabs(4)).splitlines()
+    blocks: list[list[str]] = []
+    cur: list[str] = []
+    skip_deeper_than: int | None = None  # drop lines indented more than this (literal blocks, directives)
+    numpy_skip = False  # inside a dropped numpy-style section, until the next section header
+    fence = False
+
+    def flush() -> None:
+        if cur:
+            blocks.append(cur.copy())
+            cur.clear()
+
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        if stripped.startswith(("```", "~~~")):
+            fence = not fence
+            flush()
+            continue
+        if fence:
+            continue
+        if skip_deeper_than is not None:
+            if not stripped or _indent(line) > skip_deeper_than:
+                continue
+            skip_deeper_than = None
+        if UNDERLINE_RE.match(nxt) and stripped and not UNDERLINE_RE.match(line):  # a section title
+            flush()
+            numpy_skip = stripped.lower().rstrip(":") in DROP_SECTIONS
+            continue
+        if UNDERLINE_RE.match(line) or stripped.startswith("#"):  # title rule or Markdown heading
+            flush()
+            if stripped.startswith("#"):
+                numpy_skip = stripped.lstrip("#").strip().lower().rstrip(":") in DROP_SECTIONS
+            continue
+        if numpy_skip:
+            continue
+        if not stripped:
+            flush()
+            continue
+        google = GOOGLE_SECTION_RE.match(line)
+        if google and google.group(1).strip().lower() in DROP_SECTIONS:
+            flush()
+            skip_deeper_than = _indent(line)
+            continue
+        if DIRECTIVE_RE.match(line) or FIELD_RE.match(line):
+            flush()
+            skip_deeper_than = _indent(line)
+            continue
+        if stripped.startswith((">>>", "...", "$ ", "%", "In [", "Out[")) or stripped.startswith("|"):
+            flush()
+            skip_deeper_than = _indent(line)  # doctest output follows at the same indent: drop the block
+            cur.append("\0")  # poison the block so its prose part is dropped too
+            continue
+        if BULLET_RE.match(stripped):
+            flush()
+            stripped = BULLET_RE.sub("", stripped)
+        elif cur and _indent(line) > _indent(lines[i - 1]) + 1 and not BULLET_RE.match(lines[i - 1].strip()):
+            # an indented block under a paragraph: a definition list, a parameter table or code
+            flush()
+            skip_deeper_than = _indent(lines[i - 1])
+            continue
+        cur.append(stripped)
+        if stripped.endswith("::"):  # a literal block follows
+            cur[-1] = stripped[:-2].rstrip() + (":" if stripped[:-2].rstrip() else "")
+            flush()
+            skip_deeper_than = _indent(line)
+    flush()
+    return [" ".join(b) for b in blocks if "\0" not in b]
+
+
+def clean_inline(text: str) -> str:
+    """Strip inline markup, keeping the readable words (a link keeps its text, loses its target)."""
+    for pattern, repl in INLINE_SUBS:
+        text = pattern.sub(repl, text)
+    text = re.sub(r"\(\s*\)|\[\s*\]", "", text)  # brackets left empty by removed links
+    text = re.sub(r"\s+", " ", text).strip()
+    return re.sub(r"\s+([.,;:!?])", r"\1", text)
+
+
+def is_prose(text: str, min_words: int = 6) -> bool:
+    """True for a paragraph that reads as English sentences, not code, a table, a heading or boilerplate.
+
+    A bare URL rejects the paragraph: removing it would leave a broken sentence ("See  for details.").
+    """
+    words = text.split()
+    if len(words) < min_words or not text[0].isupper() or text[-1] not in ".!?":
+        return False
+    if not text[-2].isalpha() and text[-2] not in ")\"'":  # "...", "1.", "x." are fine; "foo()." or "...". not
+        return False
+    if SIGNATURE_RE.match(text) or LICENSE_RE.search(text) or URL_RE.search(text) or "::" in text or ">>>" in text:
+        return False
+    if sum(WORD_RE.match(w) is not None for w in words) < 0.85 * len(words):
+        return False
+    return sum(c in CODE_CHARS for c in text) <= 0.01 * len(text)
+
+
+def document_paragraphs(path: Path) -> list[str]:
+    """The prose paragraphs of one source file (a module's docstrings, a README), cleaned, in order."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    if path.suffix == ".py":
+        if '"""' not in text and "'''" not in text:
+            return []
+        parts = docstrings(text)
+    elif path.name in ("METADATA", "PKG-INFO"):
+        parts = [metadata_description(text)]
+    else:
+        parts = [text]
+    out = []
+    for part in parts:
+        for block in split_blocks(part):
+            para = clean_inline(block)
+            if para and is_prose(para):
+                out.append(para)
+    return out
+
+
+def _hashes(para: str) -> tuple[bytes, bytes]:
+    norm = " ".join(re.findall(r"[a-z0-9]+", para.lower()))
+    return (
+        hashlib.blake2b(para.encode(), digest_size=8).digest(),
+        hashlib.blake2b(norm.encode(), digest_size=8).digest(),
+    )
+
+
+def build_corpus(
+    output: str | os.PathLike,
+    roots: Sequence[str | os.PathLike] | None = None,
+    max_mb: float | None = None,
+    workers: int = 1,
+    progress: bool = True,
+) -> CorpusStats:
+    """Write the corpus to `output` and return its size; stops after the document that passes `max_mb`."""
+    from tqdm import tqdm
+
+    root_paths = [Path(r) for r in roots] if roots else default_roots()
+    for r in root_paths:
+        if not r.is_dir():
+            raise UserError(f"corpus source {r} is not a directory; pass existing directories to --roots")
+    paths = list(iter_sources(root_paths))
+    stats = CorpusStats()
+    seen: set[bytes] = set()
+    limit = None if max_mb is None else int(max_mb * 1e6)
+    pool = Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(document_paragraphs, paths, chunksize=32) if pool else map(document_paragraphs, paths)
+        with open(output, "w", encoding="utf-8") as f:
+            for paras in tqdm(results, total=len(paths), desc="corpus", unit="file", disable=not progress):
+                stats.files += 1
+                kept = []
+                for para in paras:
+                    exact, norm = _hashes(para)
+                    if exact in seen or norm in seen:
+                        stats.duplicates += 1
+                        continue
+                    seen.update((exact, norm))
+                    kept.append(para)
+                if not kept:
+                    continue
+                doc = ("\n" if stats.documents else "") + "\n".join(kept) + "\n"
+                f.write(doc)
+                stats.documents += 1
+                stats.paragraphs += len(kept)
+                stats.words += sum(len(p.split()) for p in kept)
+                stats.bytes += len(doc.encode())
+                if limit is not None and stats.bytes >= limit:
+                    break
+    finally:
+        if pool:
+            pool.terminate()
+    return stats
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `bert-prep corpus`."""
+    p = subparsers.add_parser(
+        "corpus",
+        help="build an English corpus from the documentation installed on this machine (no download)",
+        description=(
+            "Write the docstrings of the Python standard library and installed packages, and the READMEs "
+            "bundled with them, as a cleaned, deduplicated prose corpus: one paragraph per line, a blank line "
+            "between documents (one document per source file). Same machine, same corpus."
+        ),
+    )
+    p.add_argument("--output", required=True, help="text file to write (txt convention)")
+    p.add_argument("--max-mb", type=float, default=None, help="stop once the corpus reaches this many MB")
+    p.add_argument(
+        "--roots",
+        nargs="+",
+        default=None,
+        help="directories to read instead of this interpreter's standard library and site-packages",
+    )
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel file readers")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_mb is not None and args.max_mb <= 0:
+        raise UserError(f"--max-mb must be positive, got {args.max_mb}")
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    out_dir = Path(args.output).resolve().parent
+    if not out_dir.is_dir():
+        raise UserError(f"output directory {out_dir} does not exist; create it or change --output")
+    stats = build_corpus(args.output, args.roots, args.max_mb, args.workers)
+    print(stats.summary(args.output))
+    if stats.documents == 0:
+        raise UserError("no prose found under the given --roots; point it at directories with .py or .md files")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bert-prep")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
