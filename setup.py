@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "logging": ["tensorboard>=2.16", "wandb>=0.17"],
-        "dev": ["pytest>=8", "ruff==0.17.5", "megatron-core==0.16.1"],
+        "dev": ["pytest>=8", "ruff==0.17.5", "megatron-core==0.16.1", "scikit-learn>=1.4", "seqeval==1.2.2"],
     },
     entry_points={
         "console_scripts": [
