@@ -11,7 +11,8 @@ Design choices:
 - The writer keeps memory constant: token ids go straight to `.bin`, lengths and document
   boundaries are spilled to side files and assembled into `.idx` chunk by chunk at close.
 - Nothing appears under the final names until the writer closes cleanly: it writes `*.tmp` files
-  and renames them (`.bin` first, `.idx` last), so a killed run never leaves a valid-looking pair.
+  and renames them (`.bin` first, then the optional JSON manifest, `.idx` last: the `.idx` is the commit
+  marker), so a killed run never leaves a valid-looking pair.
 """
 
 from __future__ import annotations
@@ -193,6 +194,18 @@ class IndexedDatasetWriter:
         self.num_sequences += len(lengths)
         self.num_tokens += len(ids)
 
+    def add_documents(self, ids: np.ndarray, lengths: np.ndarray, document_lengths: np.ndarray) -> None:
+        """Append whole documents at once: ids, each sequence's length, each document's sequence count."""
+        document_lengths = np.asarray(document_lengths, dtype=np.int64)
+        if int(document_lengths.sum()) != len(lengths) or (document_lengths <= 0).any():
+            raise ValueError("document_lengths must be positive and add up to the number of sequences")
+        self.end_document()
+        start = self.num_sequences
+        self.add_sequences(ids, lengths)
+        self._docs.write((start + np.cumsum(document_lengths)).tobytes())
+        self.num_documents += len(document_lengths)
+        self._doc_end = self.num_sequences
+
     def end_document(self) -> None:
         """Close the current document (a no-op when it holds no sequence)."""
         if self.num_sequences == self._doc_end:
@@ -201,8 +214,8 @@ class IndexedDatasetWriter:
         self.num_documents += 1
         self._doc_end = self.num_sequences
 
-    def close(self) -> None:
-        """Assemble `.idx`, then rename both files into place."""
+    def close(self, manifest: dict | None = None) -> None:
+        """Assemble `.idx`, then rename the files into place: `.bin`, the manifest (if given), `.idx` last."""
         if self._closed:
             return
         self.end_document()
@@ -228,6 +241,8 @@ class IndexedDatasetWriter:
         for p in self._side:
             p.unlink()
         os.replace(self._tmp[0], self._final[0])
+        if manifest is not None:
+            write_json_atomic(paths(self.prefix)[2], manifest)
         os.replace(self._tmp[1], self._final[1])
         self._closed = True
 
@@ -247,6 +262,17 @@ class IndexedDatasetWriter:
             self.close()
         else:
             self.abort()
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write `path` through a temporary file and a rename, so it is either absent or complete."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _copy(src: Path, dst) -> None:

@@ -1,0 +1,306 @@
+"""`bert-prep build`: raw text -> sentences -> WordPiece ids -> `PREFIX.bin/.idx/.json`.
+
+Pipeline: the main process streams documents out of the inputs (text.py) and groups them into chunks of
+about `--chunk-mb` of text; workers split each chunk into sentences (blingfire) and tokenize it in one
+batch; the main process writes results in chunk order. Design choices:
+
+- Deterministic: results are consumed in submission order, so the output is byte-identical for any
+  `--workers` (and `--workers 1` runs in-process, with no pickling at all).
+- Bounded memory: at most `2 * workers` chunks are in flight, so the text and ids held at once are about
+  `(2 * workers + 1) * chunk_mb` MB of text plus its ids (~3x that in Python objects), whatever the corpus
+  size; the index side data is spilled to disk by the writer.
+- Crash safety: everything is written under `*.tmp` names and renamed at the end, `.idx` last (with the
+  manifest just before it); a re-run first removes the stale `*.tmp` files of a killed run.
+- Sharding: `--shards K` deals documents round-robin to `PREFIX_00000` ... `PREFIX_{K-1}`, each a complete
+  dataset with its own manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep import indexed, text, tokenizer
+from data_prep.errors import UserError
+
+FORMAT_NAME = "mmidx-bert"
+FORMAT_VERSION = 1
+TOOL_VERSION = "0.1.0"
+
+
+@dataclass
+class BuildConfig:
+    """Everything `bert-prep build` needs; field names match the command-line flags."""
+
+    input: list[str]  # files, directories or globs (plain, .gz, .xz, .bz2, .zst)
+    tokenizer: str  # directory written by `bert-prep vocab` (or any BERT tokenizer directory)
+    output: str  # dataset prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json
+    workers: int = 1  # tokenizer processes (cores)
+    format: str = "txt"  # txt: paragraph per line, blank line between documents; jsonl: document per line
+    jsonl_key: str = "text"  # field holding the text in --format jsonl
+    split_sentences: bool = True  # False: each paragraph (line) is one sequence
+    overwrite: bool = False  # replace an existing dataset at --output
+    strict: bool = False  # invalid UTF-8 is an error instead of being replaced and counted
+    shards: int = 0  # 0: one dataset; K: K datasets PREFIX_00000 ... with documents dealt round-robin
+    chunk_mb: float = 4.0  # text per work item; memory is bounded by about (2 * workers + 1) chunks
+    progress: bool = True  # show the progress bar
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if self.format not in text.FORMATS:
+            raise UserError(f"--format must be one of {text.FORMATS}, got {self.format!r}")
+        if self.shards < 0:
+            raise UserError(f"--shards must be 0 (no sharding) or positive, got {self.shards}")
+        if self.chunk_mb <= 0:
+            raise UserError(f"--chunk-mb must be positive, got {self.chunk_mb}")
+        if Path(self.output).is_dir() or self.output.endswith(os.sep):
+            raise UserError(f"--output {self.output} is a directory; pass a file prefix such as {self.output}/train")
+
+
+@dataclass
+class BuildResult:
+    """Counts for the summary line; `manifests` holds one manifest per written dataset."""
+
+    prefixes: list[str]
+    manifests: list[dict]
+    seconds: float
+    text_bytes: int
+    counts: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        c, s = self.counts, max(self.seconds, 1e-9)
+        where = self.prefixes[0] if len(self.prefixes) == 1 else f"{len(self.prefixes)} shards {self.prefixes[0]}..."
+        return (
+            f"wrote {where}: {c['documents']:,} documents, {c['sentences']:,} sentences, {c['tokens']:,} tokens "
+            f"from {self.text_bytes / 1e6:.1f} MB of text in {s:.1f}s "
+            f"({c['tokens'] / s:,.0f} tokens/s, {self.text_bytes / 1e6 / s:.2f} MB/s); "
+            f"{c['invalid_utf8_replaced']} invalid UTF-8 sequences replaced"
+        )
+
+
+def output_prefixes(output: str, shards: int) -> list[str]:
+    return [output] if shards == 0 else [f"{output}_{k:05d}" for k in range(shards)]
+
+
+def _existing_outputs(output: str) -> list[str]:
+    names = [str(p) for p in indexed.paths(output) if p.exists()]
+    for ext in ("bin", "idx", "json"):
+        names += glob.glob(f"{glob.escape(output)}_[0-9][0-9][0-9][0-9][0-9].{ext}")
+    return sorted(names)
+
+
+def _remove_stale(output: str) -> None:
+    """Delete `*.tmp` leftovers of a killed run (and, with --overwrite, the old dataset)."""
+    escaped = glob.escape(output)
+    for pattern in (f"{escaped}.*.tmp", f"{escaped}_[0-9][0-9][0-9][0-9][0-9].*.tmp"):
+        for name in glob.glob(pattern):
+            os.unlink(name)
+
+
+def build(cfg: BuildConfig) -> BuildResult:
+    """Run the whole build; raises UserError on bad input, leaving nothing under the final names."""
+    cfg.validate()
+    existing = _existing_outputs(cfg.output)
+    if existing and not cfg.overwrite:
+        raise UserError(f"output {existing[0]} already exists; pass --overwrite or choose another --output")
+    files = text.resolve_inputs(cfg.input)
+    tok = tokenizer.load(cfg.tokenizer)
+    info = tokenizer.describe(tok, cfg.tokenizer)
+    dtype = indexed.token_dtype(info.vocab_size)
+    _remove_stale(cfg.output)
+
+    reader = text.TextReader(files, cfg.format, cfg.jsonl_key, cfg.strict)
+    chunks = text.chunked(reader.documents(), int(cfg.chunk_mb * 1e6))
+    work = _ChunkWork(tok.backend_tokenizer.to_str(), dtype, cfg.split_sentences)
+    prefixes = output_prefixes(cfg.output, cfg.shards)
+    writers = [indexed.IndexedDatasetWriter(p, dtype) for p in prefixes]
+    total = sum(f.stat().st_size for f in files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=not cfg.progress, smoothing=0.1)
+    start = time.perf_counter()
+    counts = [np.zeros(3, np.int64) for _ in writers]  # documents, sentences, tokens per output
+    try:
+        for ids, lengths, doc_lengths in _ordered_map(work, chunks, cfg.workers):
+            _write(writers, counts, ids, lengths, doc_lengths)
+            done = np.sum(counts, axis=0)
+            bar.update(reader.stats.bytes_read - bar.n)
+            rate = done[2] / max(time.perf_counter() - start, 1e-9)
+            bar.set_postfix(docs=f"{done[0]:,}", tokens=f"{done[2]:,}", tok_s=f"{rate:,.0f}", refresh=False)
+        bar.update(total - bar.n)
+        empty = [p for p, c in zip(prefixes, counts) if c[0] == 0]
+        if len(empty) == len(prefixes):
+            raise UserError(f"the inputs hold no text that tokenizes to anything ({files[0]} ...); check --input")
+        if empty:
+            raise UserError(f"only {int(sum(c[0] for c in counts))} documents, fewer than --shards; lower --shards")
+        manifests = [_manifest(info, dtype, c, reader.stats, cfg) for c in counts]
+        for name in existing:  # --overwrite: the old dataset goes only once the new one is complete
+            os.unlink(name)
+        for w, m in zip(writers, manifests):
+            w.close(manifest=m)
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    finally:
+        bar.close()
+    total_counts = {k: int(sum(c[i] for c in counts)) for i, k in enumerate(("documents", "sentences", "tokens"))}
+    total_counts["invalid_utf8_replaced"] = reader.stats.invalid_utf8_replaced
+    return BuildResult(prefixes, manifests, time.perf_counter() - start, reader.stats.text_bytes, total_counts)
+
+
+def _write(writers, counts, ids: np.ndarray, lengths: np.ndarray, doc_lengths: np.ndarray) -> None:
+    """Append one chunk's documents; with shards, document j of the corpus goes to shard j % K."""
+    if len(doc_lengths) == 0:
+        return
+    if len(writers) == 1:
+        writers[0].add_documents(ids, lengths, doc_lengths)
+        counts[0] += (len(doc_lengths), len(lengths), len(ids))
+        return
+    k = len(writers)
+    first = int(sum(c[0] for c in counts))  # global index of this chunk's first document
+    doc_shard = (first + np.arange(len(doc_lengths))) % k
+    sent_shard = np.repeat(doc_shard, doc_lengths)
+    tok_shard = np.repeat(sent_shard, lengths)
+    for s, (w, c) in enumerate(zip(writers, counts)):
+        d = doc_lengths[doc_shard == s]
+        if len(d):
+            sl = lengths[sent_shard == s]
+            w.add_documents(ids[tok_shard == s], sl, d)
+            c += (len(d), len(sl), int(sl.sum()))
+
+
+def _manifest(info: tokenizer.TokenizerInfo, dtype: np.dtype, counts, stats: text.ReadStats, cfg) -> dict:
+    """The `PREFIX.json` of docs/DESIGN.md."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tool_version": TOOL_VERSION,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer": info.to_json(),
+        "counts": {
+            "documents": int(counts[0]),
+            "sentences": int(counts[1]),
+            "tokens": int(counts[2]),
+            "invalid_utf8_replaced": stats.invalid_utf8_replaced,
+        },
+        "sources": list(stats.sources),
+        "split_sentences": cfg.split_sentences,
+        "input_format": cfg.format,
+        "shards": cfg.shards,
+    }
+
+
+class _ChunkWork:
+    """Chunk of documents -> (ids, sentence lengths, sentences per document); empty sentences are dropped."""
+
+    def __init__(self, backend_json: str, dtype: np.dtype, split: bool):
+        self.backend_json, self.dtype, self.split = backend_json, np.dtype(dtype), split
+        self._encoder: tokenizer.Encoder | None = None
+
+    def __getstate__(self) -> dict:  # workers rebuild the encoder themselves
+        return {**self.__dict__, "_encoder": None}
+
+    def __call__(self, docs: list[list[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._encoder is None:
+            self._encoder = tokenizer.Encoder(self.backend_json, self.dtype)
+        sents, per_doc = [], []
+        for doc in docs:
+            before = len(sents)
+            for para in doc:
+                sents.extend(text.sentences(para, self.split))
+            per_doc.append(len(sents) - before)
+        ids, lengths = self._encoder.encode(sents)
+        keep = lengths > 0  # e.g. a sentence of control characters only
+        if not keep.all():
+            doc_of_sentence = np.repeat(np.arange(len(per_doc)), per_doc)
+            per_doc = np.bincount(doc_of_sentence[keep], minlength=len(per_doc))
+            lengths = lengths[keep]
+        per_doc = np.asarray(per_doc, np.int64)
+        return ids, lengths, per_doc[per_doc > 0]
+
+
+_WORK: list[Callable] = []  # the pool worker's own copy of the chunk function, set once by _init_worker
+
+
+def _init_worker(work: Callable) -> None:
+    _WORK.append(work)
+
+
+def _run_worker(chunk):
+    return _WORK[0](chunk)
+
+
+def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """`map(fn, items)` over `workers` processes, in order, with at most `2 * workers` items in flight.
+
+    (`Pool.imap` would read the whole input ahead of the workers, which defeats bounded memory.)
+    """
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(fn,)) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.apply_async(_run_worker, (item,)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `bert-prep build`."""
+    p = subparsers.add_parser(
+        "build",
+        help="tokenize raw text into a memory-mapped indexed dataset (PREFIX.bin/.idx/.json)",
+        description=(
+            "Split documents into sentences, tokenize them with a BERT WordPiece tokenizer and write a "
+            "Megatron-compatible MMIDIDX dataset: one sequence per sentence, grouped into documents, plus a "
+            "JSON manifest. txt input: one paragraph per line, a blank line between documents. jsonl input: "
+            "one document per line. Inputs may be files, directories or globs, plain or .gz/.xz/.bz2/.zst."
+        ),
+    )
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="input files, directories or globs")
+    p.add_argument("--tokenizer", required=True, metavar="DIR_OR_NAME", help="BERT tokenizer (from `bert-prep vocab`)")
+    p.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin, PREFIX.idx, PREFIX.json")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer processes, one core each (default 1)")
+    p.add_argument("--format", choices=text.FORMATS, default="txt", help="input format (default txt)")
+    p.add_argument("--jsonl-key", default="text", help="field holding the document text in jsonl (default text)")
+    p.add_argument("--no-split-sentences", action="store_true", help="store each paragraph as one sequence")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at PREFIX")
+    p.add_argument("--strict", action="store_true", help="fail on invalid UTF-8 instead of replacing and counting")
+    p.add_argument("--shards", type=int, default=0, help="write K datasets PREFIX_00000.. (documents round-robin)")
+    p.add_argument("--chunk-mb", type=float, default=4.0, help="MB of text per work item; bounds memory (default 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = BuildConfig(
+        input=args.input,
+        tokenizer=args.tokenizer,
+        output=args.output,
+        workers=args.workers,
+        format=args.format,
+        jsonl_key=args.jsonl_key,
+        split_sentences=not args.no_split_sentences,
+        overwrite=args.overwrite,
+        strict=args.strict,
+        shards=args.shards,
+        chunk_mb=args.chunk_mb,
+        progress=not args.no_progress,
+    )
+    print(build(cfg).summary())
+    return 0

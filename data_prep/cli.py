@@ -1,0 +1,38 @@
+"""`bert-prep`: offline data preparation. Each subcommand is a module exposing `add_parser(subparsers)`,
+which registers its arguments and sets `func`; adding a command is one line in `COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from data_prep import build, inspect, vocab
+from data_prep.errors import run_cli
+
+COMMANDS = [vocab, build, inspect]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bert-prep",
+        description="Offline data preparation: raw text -> WordPiece vocabulary -> memory-mapped token datasets.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.add_parser(sub)
+    return p
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: one-line errors, exit code 2 on a user mistake."""
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

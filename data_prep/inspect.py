@@ -1,0 +1,154 @@
+"""`bert-prep inspect`: counts, dtype, length histogram and sample sentences of a dataset; `--verify`.
+
+`--verify` checks every index entry against the `.bin` and the manifest in vectorized numpy passes over
+the memory maps (chunked, so a dataset larger than RAM is fine) and stops at the first inconsistency with
+a one-line error: pointers must be the running sum of the lengths, the last sequence must end exactly at
+the end of `.bin`, document boundaries must be increasing from 0 to the sequence count, every id must be
+below the vocabulary size, and the counts and dtype must equal the manifest's.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+from data_prep import indexed
+from data_prep.errors import UserError
+
+_CHUNK = 1 << 24  # entries per verification pass
+
+
+def histogram(lengths: np.ndarray, width: int = 40) -> list[str]:
+    """Text histogram of sequence lengths in power-of-two buckets."""
+    if len(lengths) == 0:
+        return []
+    edges = [0, 1] + [2**k for k in range(1, max(int(lengths.max()), 1).bit_length() + 1)]
+    counts, _ = np.histogram(lengths, bins=edges)
+    top = max(int(counts.max()), 1)
+    rows = []
+    for lo, hi, c in zip(edges[:-1], edges[1:], counts):
+        bar = "#" * round(width * int(c) / top)
+        rows.append(f"  {lo:>6}-{hi - 1:<6} {int(c):>12,} {bar}")
+    return rows
+
+
+def verify(ds: indexed.IndexedDataset) -> None:
+    """Raise UserError naming the first inconsistency between the index, the `.bin` and the manifest."""
+    bin_path, idx_path, json_path = indexed.paths(ds.prefix)
+    n, item = len(ds), ds.dtype.itemsize
+    lengths, pointers, docs = ds.sequence_lengths, ds.sequence_pointers, ds.document_indices
+    end = 0
+    for i in range(0, n, _CHUNK):
+        ln = lengths[i : i + _CHUNK].astype(np.int64)
+        if (ln < 0).any():
+            j = i + int(np.argmax(ln < 0))
+            raise UserError(f"{idx_path}: sequence {j} has negative length {int(lengths[j])}; the index is corrupt")
+        expected = end + np.cumsum(ln * item) - ln * item
+        bad = np.flatnonzero(pointers[i : i + _CHUNK] != expected)
+        if len(bad):
+            j = i + int(bad[0])
+            raise UserError(
+                f"{idx_path}: sequence {j} points to byte {int(pointers[j])}, expected {int(expected[bad[0]])} "
+                "(lengths and pointers disagree); the index is corrupt, rebuild the dataset"
+            )
+        end = int(expected[-1] + ln[-1] * item)
+    if end != bin_path.stat().st_size:
+        raise UserError(f"{bin_path} has {bin_path.stat().st_size} bytes but the index describes {end}; rebuild it")
+    if len(docs) == 0 or docs[0] != 0 or docs[-1] != n or (np.diff(docs) <= 0).any():
+        raise UserError(
+            f"{idx_path}: document boundaries must increase from 0 to {n}; the index is corrupt, rebuild it"
+        )
+    manifest = ds.manifest
+    if not manifest:
+        raise UserError(f"{json_path} is missing; without a manifest the dataset cannot be checked, rebuild it")
+    _verify_manifest(ds, manifest, json_path)
+
+
+def _verify_manifest(ds: indexed.IndexedDataset, manifest: dict, json_path) -> None:
+    try:
+        counts, tok = manifest["counts"], manifest["tokenizer"]
+        vocab_size = int(tok["vocab_size"])
+        want = {"documents": ds.num_documents, "sentences": len(ds), "tokens": ds.num_tokens}
+        dtype = manifest["dtype"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{json_path} lacks field {e} of a bert-prep manifest; rebuild the dataset") from e
+    for key, value in want.items():
+        if int(counts.get(key, -1)) != value:
+            raise UserError(f"{json_path} says {counts.get(key)} {key}, the dataset holds {value}; rebuild it")
+    if dtype != ds.dtype.name:
+        raise UserError(f"{json_path} says dtype {dtype}, the index says {ds.dtype.name}; rebuild the dataset")
+    top = -1
+    for i in range(0, len(ds.tokens), _CHUNK):
+        top = max(top, int(ds.tokens[i : i + _CHUNK].max(initial=0)))
+    if top >= vocab_size or (len(ds.tokens) and int(ds.tokens.min()) < 0):
+        raise UserError(f"{indexed.paths(ds.prefix)[0]} holds id {top}, outside the vocabulary of {vocab_size}")
+
+
+def report(ds: indexed.IndexedDataset) -> list[str]:
+    """Human-readable summary lines."""
+    lengths = ds.sequence_lengths
+    lines = [
+        f"dataset   {ds.prefix}",
+        f"dtype     {ds.dtype.name}",
+        f"documents {ds.num_documents:,}",
+        f"sentences {len(ds):,}",
+        f"tokens    {ds.num_tokens:,}",
+    ]
+    if len(ds):
+        lines.append(
+            f"length    min {int(lengths.min())}, mean {float(lengths.mean()):.1f}, "
+            f"median {float(np.median(lengths)):.0f}, max {int(lengths.max())}"
+        )
+        lines += ["sentence length histogram (tokens: sentences):", *histogram(lengths)]
+    m = ds.manifest
+    if m:
+        t = m.get("tokenizer", {})
+        lines.append(f"tokenizer {t.get('path')} (vocab {t.get('vocab_size')}, lowercase {t.get('lowercase')})")
+        lines.append(f"sources   {len(m.get('sources', []))} files; counts {m.get('counts')}")
+    else:
+        lines.append("manifest  none (not written by bert-prep build)")
+    return lines
+
+
+def samples(ds: indexed.IndexedDataset, n: int) -> list[str]:
+    """`n` sentences spread evenly over the dataset, decoded with the manifest's tokenizer."""
+    from data_prep import tokenizer
+
+    path = ds.manifest.get("tokenizer", {}).get("path")
+    if not path:
+        raise UserError(f"{ds.prefix}.json names no tokenizer, so --show cannot decode; drop --show")
+    tok = tokenizer.load(path)
+    picks = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(np.int64)) if len(ds) else []
+    return [f"[{int(i)}] {tok.decode(ds[int(i)].tolist())}" for i in picks]
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register `bert-prep inspect`."""
+    p = subparsers.add_parser(
+        "inspect",
+        help="show counts, length histogram and sample sentences of a dataset; --verify checks it",
+        description=(
+            "Summarize PREFIX.bin/.idx/.json. --verify checks every index entry against the .bin size and "
+            "the manifest and exits non-zero on the first inconsistency."
+        ),
+    )
+    p.add_argument("prefix", metavar="PREFIX", help="dataset prefix (PREFIX.bin, PREFIX.idx, PREFIX.json)")
+    p.add_argument("--verify", action="store_true", help="check index, .bin and manifest for consistency")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="decode N sample sentences")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.show < 0:
+        raise UserError(f"--show must be 0 or more, got {args.show}")
+    ds = indexed.IndexedDataset(args.prefix)
+    print("\n".join(report(ds)))
+    if args.show:
+        print("samples:")
+        print("\n".join(samples(ds, args.show)))
+    if args.verify:
+        verify(ds)
+        print(f"verify    ok: {len(ds):,} index entries consistent with the .bin and the manifest")
+    return 0

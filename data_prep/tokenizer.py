@@ -1,0 +1,106 @@
+"""Load a BERT WordPiece tokenizer and describe it for the manifest; encode sentences in batches.
+
+Design choices:
+- The tokenizer is loaded once through `transformers.BertTokenizer.from_pretrained` (a directory written
+  by `bert-prep vocab`, a directory holding only a Google-style `vocab.txt`, or a locally cached name),
+  and then only its Rust backend is used: `encode_batch_fast(..., add_special_tokens=False)` gives the
+  ids of `BertTokenizerFast` id for id without building per-token Python objects.
+- Worker processes rebuild the backend from its JSON string, so they never touch the file system or
+  the hub and are guaranteed to tokenize exactly like the parent.
+- `--workers` means cores: the backend's own thread pool is switched off, so N workers use N cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.errors import UserError
+
+SPECIAL_TOKENS = ("pad", "unk", "cls", "sep", "mask")
+
+
+def load(name_or_dir: str):
+    """The `transformers` fast BERT tokenizer for a directory or a locally available name."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    path = Path(name_or_dir)
+    if not path.is_dir() and (path.exists() or os.sep in name_or_dir):
+        raise UserError(f"tokenizer directory {name_or_dir} does not exist; pass the --output of `bert-prep vocab`")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(name_or_dir, local_files_only=True)
+    except Exception as e:  # transformers raises many types for an unusable directory
+        raise UserError(
+            f"tokenizer {name_or_dir} does not load ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "pass a directory written by `bert-prep vocab` or one holding a BERT vocab.txt"
+        ) from e
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"tokenizer {name_or_dir} has no fast (Rust) backend; pass a BERT WordPiece tokenizer")
+    missing = [s for s in SPECIAL_TOKENS if getattr(tok, f"{s}_token_id", None) is None]
+    if missing:
+        raise UserError(f"tokenizer {name_or_dir} lacks the BERT special tokens {missing}; pass a BERT tokenizer")
+    return tok
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What the manifest records about the tokenizer (see docs/DESIGN.md)."""
+
+    path: str
+    sha256: str
+    vocab_size: int
+    lowercase: bool
+    special_tokens: dict[str, int]
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "vocab_size": self.vocab_size,
+            "lowercase": self.lowercase,
+            "special_tokens": dict(self.special_tokens),
+        }
+
+
+def describe(tok, name_or_dir: str) -> TokenizerInfo:
+    """Manifest entry: absolute directory (or the name), vocab.txt hash, size, casing, special token ids."""
+    path = Path(name_or_dir)
+    vocab_file = path / "vocab.txt"
+    if vocab_file.is_file():
+        vocab_bytes = vocab_file.read_bytes()
+    else:  # hash the vocabulary in vocab.txt form, so the same vocabulary hashes the same either way
+        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+        vocab_bytes = "".join(t + "\n" for t, _ in vocab).encode()
+    normalizer = tok.backend_tokenizer.normalizer
+    lowercase = bool(getattr(normalizer, "lowercase", getattr(tok, "do_lower_case", False)))
+    return TokenizerInfo(
+        path=str(path.resolve()) if path.is_dir() else name_or_dir,
+        sha256=hashlib.sha256(vocab_bytes).hexdigest(),
+        vocab_size=len(tok),
+        lowercase=lowercase,
+        special_tokens={s: int(getattr(tok, f"{s}_token_id")) for s in SPECIAL_TOKENS},
+    )
+
+
+class Encoder:
+    """Sentences -> (concatenated ids, per-sentence lengths); picklable as the backend's JSON."""
+
+    def __init__(self, backend_json: str, dtype: np.dtype):
+        from tokenizers import Tokenizer
+
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        self._tok = Tokenizer.from_str(backend_json)
+        self.dtype = np.dtype(dtype)
+
+    def encode(self, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of all sentences back to back (no [CLS]/[SEP]) and each sentence's length."""
+        encodings = self._tok.encode_batch_fast(sentences, add_special_tokens=False)
+        ids = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, ids), np.int32, len(ids))
+        flat = np.fromiter((i for seq in ids for i in seq), self.dtype, int(lengths.sum()))
+        return flat, lengths
