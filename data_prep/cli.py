@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from data_prep import build, inspect, vocab
+from data_prep import build, corpus, inspect, vocab
 from data_prep.errors import run_cli
 
-COMMANDS = [vocab, build, inspect]
+COMMANDS = [corpus, vocab, build, inspect]
 
 
 def parser() -> argparse.ArgumentParser:
