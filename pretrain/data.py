@@ -43,7 +43,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +105,8 @@ class DataConfig:
             raise UserError(f"--short-seq-prob {self.short_seq_prob} must be between 0 and 1")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UserError(f"--eval-fraction {self.eval_fraction} must be in [0, 1)")
+        if self.seed < 0:
+            raise UserError(f"--seed {self.seed} must be 0 or more")
         if self.num_workers < 0:
             raise UserError(f"--num-workers {self.num_workers} must be 0 or more")
 
@@ -212,6 +213,8 @@ class PretrainingData:
     def sample(self, split: str, epoch: int, index: int) -> dict[str, np.ndarray]:
         """Unmasked sample `index` of `epoch`: `input_ids`, `token_type_ids`, `nsp_label` (int64 arrays)."""
         counts, first = self._slots[_check_split(split)]
+        if not 0 <= index < first[-1] or epoch < 0:
+            raise IndexError(f"sample ({epoch}, {index}) is outside the {split} split of {first[-1]} samples per epoch")
         k = int(np.searchsorted(first, index, side="right")) - 1
         src = self.sources[k]
         n = len(src.maps[split])
@@ -265,8 +268,9 @@ class PretrainingData:
             _MaskedSamples(self, split),
             batch_sampler=_RankBatches(micro_batch_size, rank, world_size, consumed_samples),
             num_workers=workers,
-            collate_fn=partial(collate, pad_id=self.special_tokens["pad"]),
+            collate_fn=functools.partial(collate, pad_id=self.special_tokens["pad"]),
             prefetch_factor=4 if workers else None,
+            pin_memory=torch.cuda.is_available(),
         )
         return iter(loader)
 

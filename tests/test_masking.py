@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from fixtures_data import SPECIALS, make_corpus
 from transformers import BertTokenizer
 
+from data_prep.errors import UserError
 from pretrain.data import DataConfig, PretrainingData
 from pretrain.masking import Masker
 
@@ -114,3 +118,19 @@ def test_masking_is_a_function_of_seed_split_and_global_index(corpus):
     assert data.global_index("train", g1)[0] == epoch + 1
     masks = [data.masked_sample("train", g)["masked_positions"].tolist() for g in (g0, g1)]
     assert masks[0] != masks[1]
+
+
+def test_continuations_from_a_tokenizer_directory_without_vocab_txt(tmp_path):
+    corpus = make_corpus(tmp_path, num_docs=8)
+    BertTokenizer.from_pretrained(str(tmp_path / "tokenizer")).save_pretrained(str(tmp_path / "fast"))
+    assert not (tmp_path / "fast" / "vocab.txt").exists()
+    manifest_path = Path(corpus.prefix + ".json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tokenizer"]["path"] = str(tmp_path / "fast")
+    manifest_path.write_text(json.dumps(manifest))
+    cfg = DataConfig([corpus.prefix], whole_word_mask=True, eval_fraction=0.0, num_workers=0)
+    np.testing.assert_array_equal(PretrainingData(cfg).masker.continuation, corpus.continuation)
+    manifest["tokenizer"]["path"] = "no-such-org/no-such-tokenizer"  # a hub name, and we are offline
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="--whole-word-mask"):
+        PretrainingData(cfg)
