@@ -33,7 +33,7 @@ def load(name_or_dir: str):
     if not path.is_dir() and (path.exists() or os.sep in name_or_dir):
         raise UserError(f"tokenizer directory {name_or_dir} does not exist; pass the --output of `bert-prep vocab`")
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(name_or_dir, local_files_only=True)
+        tok = transformers.BertTokenizer.from_pretrained(name_or_dir, local_files_only=True)
     except Exception as e:  # transformers raises many types for an unusable directory
         raise UserError(
             f"tokenizer {name_or_dir} does not load ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
