@@ -1,0 +1,304 @@
+"""The one module that imports DeepSpeed: config loading, optimizer choice, learning-rate schedule, initialize.
+
+Design choices:
+- The DeepSpeed JSON is the single source of truth for batch sizes, optimizer, precision, ZeRO stage and the
+  learning-rate schedule. Python reads them back from it; nothing is duplicated as a flag.
+- Optimizer: `"type": "Lamb"` runs DeepSpeed's fused CUDA LAMB only where it sees whole tensors (CUDA, ZeRO
+  stage 0, no bf16 flattening); everywhere else (CPU, ZeRO 1/2/3, bf16) it runs `pretrain.lamb.Lamb` with the
+  same hyperparameters, and `_attach_lamb_layouts` tells it which slice of each flat partition belongs to
+  which parameter, so trust ratios stay per tensor under every ZeRO stage. Adam/AdamW: DeepSpeed's on CUDA,
+  torch's on CPU.
+- Schedule: `"scheduler": {"type": "WarmupPolyDecay", "params": {"warmup_proportion": .., "power": ..}}` is
+  ours (linear warmup, then polynomial decay to zero at the last step, as in NVIDIA's BERT recipe); any
+  other scheduler type goes to DeepSpeed unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from data_prep.errors import UserError
+from pretrain.lamb import FlatLayout, Lamb
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
+import deepspeed.comm as ds_dist  # noqa: E402
+
+POLY_SCHEDULER = "WarmupPolyDecay"
+LAMB_KEYS = {"lr", "betas", "eps", "weight_decay", "bias_correction", "eps_inside_sqrt", "max_coeff", "min_coeff"}
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def load_ds_config(spec: str | os.PathLike | dict) -> dict:
+    """Read a DeepSpeed JSON (a path or an already-parsed dict) and check what can be checked before compute."""
+    if isinstance(spec, dict):
+        cfg = copy.deepcopy(spec)
+        name = "the DeepSpeed config"
+    else:
+        path = Path(spec)
+        name = str(path)
+        if not path.is_file():
+            raise UserError(f"{path} does not exist; pass --deepspeed_config with a file from ds_configs/")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e}); fix the file or pick one from ds_configs/") from None
+    if cfg.get("fp16", {}).get("enabled") and not on_gpu():
+        raise UserError(f"{name} enables fp16, which needs a GPU; use bf16 or fp32 on CPU (ds_configs/cpu_small.json)")
+    if cfg.get("bf16", {}).get("enabled") and cfg.get("fp16", {}).get("enabled"):
+        raise UserError(f"{name} enables both fp16 and bf16; enable at most one")
+    return cfg
+
+
+def resolve_batch(cfg: dict, world_size: int) -> tuple[int, int, int]:
+    """(train_batch_size, micro_batch_per_gpu, grad_accum) from the JSON, checked the way DeepSpeed checks them."""
+    tbs = cfg.get("train_batch_size")
+    mb = cfg.get("train_micro_batch_size_per_gpu")
+    ga = cfg.get("gradient_accumulation_steps")
+    if tbs is not None and mb is not None and ga is None:
+        ga = tbs // (mb * world_size) if tbs % (mb * world_size) == 0 else None
+        if ga is None:
+            raise UserError(
+                f"DeepSpeed config: train_batch_size {tbs} is not divisible by train_micro_batch_size_per_gpu {mb} "
+                f"x {world_size} processes; change train_batch_size or the micro batch"
+            )
+    elif tbs is not None and ga is not None and mb is None:
+        mb = tbs // (ga * world_size) if tbs % (ga * world_size) == 0 else None
+        if mb is None:
+            raise UserError(
+                f"DeepSpeed config: train_batch_size {tbs} is not divisible by gradient_accumulation_steps {ga} "
+                f"x {world_size} processes; fix the batch settings"
+            )
+    elif mb is not None and tbs is None:
+        ga = ga or 1
+        tbs = mb * ga * world_size
+    if tbs is None or mb is None or ga is None:
+        raise UserError("DeepSpeed config: set train_batch_size and/or train_micro_batch_size_per_gpu")
+    if tbs != mb * ga * world_size or min(tbs, mb, ga) < 1:
+        raise UserError(
+            f"DeepSpeed config: train_batch_size {tbs} != micro batch {mb} x accumulation {ga} x {world_size} "
+            "processes; fix the three batch settings so they agree"
+        )
+    return tbs, mb, ga
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices decay, biases and LayerNorm weights (every tensor below 2-D) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _uses_fused_lamb(cfg: dict) -> bool:
+    stage = cfg.get("zero_optimization", {}).get("stage", 0)
+    return on_gpu() and stage == 0 and not cfg.get("bf16", {}).get("enabled")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: dict) -> tuple[torch.optim.Optimizer | None, list[dict]]:
+    """Our optimizer where DeepSpeed's cannot serve (it is then removed from `cfg`), and the param groups."""
+    opt_cfg = cfg.get("optimizer")
+    if opt_cfg is None:
+        raise UserError('DeepSpeed config has no "optimizer" section; add one (see ds_configs/cpu_small.json)')
+    kind, params = opt_cfg.get("type", "").lower(), dict(opt_cfg.get("params", {}))
+    groups = param_groups(model, params.get("weight_decay", 0.0))
+    if kind == "lamb":
+        if _uses_fused_lamb(cfg):
+            return None, groups
+        if params.pop("max_grad_norm", 0.0):
+            raise UserError("DeepSpeed config: LAMB max_grad_norm is not supported; use top-level gradient_clipping")
+        unknown = set(params) - LAMB_KEYS
+        if unknown:
+            raise UserError(
+                f"DeepSpeed config: unknown LAMB parameter(s) {sorted(unknown)}; allowed: {sorted(LAMB_KEYS)}"
+            )
+        opt = Lamb(groups, **params)
+    elif kind in ("adam", "adamw"):
+        if on_gpu():
+            return None, groups
+        params.pop("torch_adam", None)
+        adam_w = params.pop("adam_w_mode", kind == "adamw")
+        opt = (torch.optim.AdamW if adam_w else torch.optim.Adam)(groups, **params)
+    else:
+        raise UserError(
+            f"DeepSpeed config: optimizer type {opt_cfg.get('type')!r} is not supported; use Lamb, Adam or AdamW"
+        )
+    del cfg["optimizer"]
+    cfg["zero_allow_untested_optimizer"] = True
+    return opt, groups
+
+
+class WarmupPolyDecay:
+    """lr = peak * p/w during warmup (p = progress in [0, 1]), then peak * ((1 - p) / (1 - w)) ** power.
+
+    Progress is step / total_steps, or the elapsed fraction of a wall-clock budget when `progress` is given
+    and ahead (academic-budget-bert's time-driven schedule).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int,
+        warmup_proportion: float = 0.01,
+        power: float = 1.0,
+        progress: Callable[[int], float] | None = None,
+    ):
+        self.optimizer = optimizer
+        self.total_steps, self.warmup, self.power = max(total_steps, 1), warmup_proportion, power
+        self.progress = progress
+        self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        self.last_step = 0
+        self._apply()
+
+    def factor(self, step: int) -> float:
+        p = step / self.total_steps
+        if self.progress is not None:
+            p = max(p, self.progress(step))
+        p = min(p, 1.0)
+        if p < self.warmup:
+            return p / self.warmup
+        return ((1.0 - p) / (1.0 - self.warmup)) ** self.power if self.warmup < 1 else 0.0
+
+    def _apply(self) -> None:
+        f = self.factor(self.last_step)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * f
+
+    def step(self, **_unused) -> None:
+        self.last_step += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def get_lr(self) -> list[float]:
+        return self.get_last_lr()
+
+    def state_dict(self) -> dict:
+        return {"last_step": self.last_step, "base_lrs": self.base_lrs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_step, self.base_lrs = state["last_step"], state["base_lrs"]
+        self._apply()
+
+
+def _ensure_dist_env() -> None:
+    """A plain `python -m pretrain.train` (no launcher) is a world of one: give DeepSpeed what a launcher would."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def init_distributed() -> None:
+    _ensure_dist_env()
+    if not ds_dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo" if not on_gpu() else "nccl")
+
+
+def initialize(
+    model: torch.nn.Module,
+    ds_config: str | os.PathLike | dict,
+    total_steps: int | None = None,
+    progress: Callable[[int], float] | None = None,
+):
+    """Wrap `model` in a DeepSpeed engine with the optimizer and schedule the JSON asks for.
+
+    `total_steps` is needed by the WarmupPolyDecay schedule (decay reaches zero there); `progress` optionally
+    drives it by wall-clock time. Returns the engine; `engine.optimizer`, `engine.lr_scheduler` as usual.
+    """
+    cfg = load_ds_config(ds_config)
+    init_distributed()
+    resolve_batch(cfg, ds_dist.get_world_size())
+    optimizer, groups = build_optimizer(model, cfg)
+    sched_cfg = cfg.get("scheduler")
+    scheduler = None
+    if sched_cfg and sched_cfg.get("type") == POLY_SCHEDULER:
+        del cfg["scheduler"]
+        if total_steps is None:
+            raise ValueError("the WarmupPolyDecay schedule needs total_steps")
+
+        def scheduler(opt):
+            return WarmupPolyDecay(opt, total_steps, progress=progress, **sched_cfg.get("params", {}))
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=groups,
+        lr_scheduler=scheduler,
+        config=cfg,
+        dist_init_required=False,
+    )
+    lamb = engine.basic_optimizer
+    if isinstance(lamb, Lamb):
+        _attach_lamb_layouts(engine, lamb, {id(p): i for i, p in enumerate(model.parameters())})
+    return engine
+
+
+def _pieces_to_layout(pieces: list[tuple[int, int, int]], numel: int, num_tensors: int, group) -> FlatLayout:
+    """Sorted (offset, length, tensor id) pieces of a flat tensor -> a layout with the gaps marked as padding."""
+    ids, lengths, pos = [], [], 0
+    for off, length, tid in sorted(pieces):
+        if off > pos:
+            ids.append(num_tensors)
+            lengths.append(off - pos)
+        ids.append(tid)
+        lengths.append(length)
+        pos = off + length
+    if pos < numel:
+        ids.append(num_tensors)
+        lengths.append(numel - pos)
+    return FlatLayout(torch.tensor(ids), torch.tensor(lengths), num_tensors, group)
+
+
+def _attach_lamb_layouts(engine, lamb: Lamb, tensor_id: dict[int, int]) -> None:
+    """Map every flat partition our Lamb will step back to the parameter tensors it is made of."""
+    zopt, n = engine.optimizer, len(tensor_id)
+    if hasattr(zopt, "fp32_partitioned_groups_flat"):  # ZeRO-3: each parameter is split evenly over ranks
+        for i, params in enumerate(zopt.fp16_groups):
+            group = zopt.sub_group_process_groups[i]
+            rank = ds_dist.get_rank(group=group)
+            pieces, off = [], 0
+            for p in params:
+                part = p.partition_numel()
+                valid = max(0, min(part, p.ds_numel - rank * part))
+                if valid:
+                    pieces.append((off, valid, tensor_id[id(p)]))
+                off += part
+            flat = zopt.fp32_partitioned_groups_flat[i]
+            lamb.set_layout(flat, _pieces_to_layout(pieces, flat.numel(), n, group))
+        return
+    if hasattr(zopt, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        lp_groups, lp_flats, hp_flats = zopt.bit16_groups, zopt.bit16_groups_flat, zopt.single_partition_of_fp32_groups
+    elif hasattr(zopt, "fp32_groups_flat_partition"):  # DeepSpeed's bf16 optimizer (ZeRO-1 style)
+        lp_groups, lp_flats, hp_flats = zopt.bf16_groups, zopt.bf16_groups_flat, zopt.fp32_groups_flat_partition
+    elif zopt is lamb or getattr(zopt, "optimizer", None) is lamb:
+        if all(id(p) in tensor_id for g in lamb.param_groups for p in g["params"]):
+            return  # whole tensors: nothing flattened
+        raise RuntimeError(f"{type(zopt).__name__} flattened the parameters in a way pretrain.engine cannot map")
+    else:
+        raise RuntimeError(f"unsupported DeepSpeed optimizer wrapper {type(zopt).__name__} for per-tensor LAMB")
+    for i, (params, flat, hp) in enumerate(zip(lp_groups, lp_flats, hp_flats)):
+        group = zopt.real_dp_process_group[i]
+        world, rank = ds_dist.get_world_size(group=group), ds_dist.get_rank(group=group)
+        size = flat.numel() // world
+        start, pieces = rank * size, []
+        for p in params:
+            off = (p.data_ptr() - flat.data_ptr()) // p.element_size()
+            lo, hi = max(off, start), min(off + p.numel(), start + size)
+            if hi > lo:
+                pieces.append((lo - start, hi - lo, tensor_id[id(p)]))
+        lamb.set_layout(hp, _pieces_to_layout(pieces, hp.numel(), n, group))
