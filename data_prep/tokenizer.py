@@ -32,6 +32,8 @@ def load(name_or_dir: str):
     path = Path(name_or_dir)
     if not path.is_dir() and (path.exists() or os.sep in name_or_dir):
         raise UserError(f"tokenizer directory {name_or_dir} does not exist; pass the --output of `bert-prep vocab`")
+    if path.is_dir() and not any((path / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
+        raise UserError(f"tokenizer directory {name_or_dir} has no vocab.txt or tokenizer.json; run `bert-prep vocab`")
     try:
         tok = transformers.BertTokenizer.from_pretrained(name_or_dir, local_files_only=True)
     except Exception as e:  # transformers raises many types for an unusable directory
@@ -41,6 +43,8 @@ def load(name_or_dir: str):
         ) from e
     if not getattr(tok, "is_fast", False):
         raise UserError(f"tokenizer {name_or_dir} has no fast (Rust) backend; pass a BERT WordPiece tokenizer")
+    if len(tok) <= len(SPECIAL_TOKENS):  # transformers builds an empty vocabulary rather than failing
+        raise UserError(f"tokenizer {name_or_dir} loads with only {len(tok)} tokens; pass a real BERT vocabulary")
     missing = [s for s in SPECIAL_TOKENS if getattr(tok, f"{s}_token_id", None) is None]
     if missing:
         raise UserError(f"tokenizer {name_or_dir} lacks the BERT special tokens {missing}; pass a BERT tokenizer")
