@@ -1,7 +1,8 @@
 """BERT pretraining samples from `PREFIX.bin/.idx/.json` datasets, masked on the fly, resumable exactly.
 
 Public interface (the training loop codes against these names):
-- `DataConfig`: what to read and how to build samples (one field per command-line flag).
+- `DataConfig`: what to read and how to build samples (one field per command-line flag);
+  `DataConfig.add_arguments(parser)` / `DataConfig.from_args(args)` for the training command.
 - `PretrainingData(cfg)`: opens the datasets; `.vocab_size`, `.special_tokens`, `.num_samples(split)`,
   `.sample(split, epoch, index)` (unmasked), `.masked_sample(split, g)`, `.batch(split, start, size)`,
   `.loader(split, micro_batch_size, rank, world_size, consumed_samples=0, num_workers=None)`.
@@ -40,6 +41,8 @@ Design choices that differ from the textbook:
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -68,7 +71,7 @@ class DataConfig:
     prefixes: list[str]
     """Dataset prefixes (`PREFIX.bin/.idx/.json`), one per dataset or shard (`--data`)."""
     weights: list[float] | None = None
-    """Mixing weights, one per prefix; None mixes in proportion to each dataset's size."""
+    """Mixing weights, one per prefix; None mixes in proportion to each dataset's size (`--data-weights`)."""
     seq_len: int = 128
     """Maximum tokens per sample including `[CLS]` and `[SEP]` (`--seq-len`)."""
     short_seq_prob: float = 0.1
@@ -86,15 +89,46 @@ class DataConfig:
     num_workers: int = 2
     """Loader worker processes per rank; 0 builds batches in the training process (`--num-workers`)."""
 
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add the data flags except `--data`, `--seq-len` and `--seed`, which the training command owns."""
+        d = {f.name: f.default for f in dataclasses.fields(cls)}
+        g = parser.add_argument_group("pretraining samples")
+        g.add_argument("--data-weights", type=float, nargs="+", metavar="W", help="mixing weight per --data prefix")
+        g.add_argument("--pair-task", choices=PAIR_TASKS, default=d["pair_task"], help="sentence-pair task")
+        g.add_argument("--short-seq-prob", type=float, default=d["short_seq_prob"], help="share of short samples")
+        g.add_argument("--mask-prob", type=float, default=d["mask_prob"], help="share of tokens given MLM labels")
+        g.add_argument("--whole-word-mask", action="store_true", help="mask a word and its ## pieces together")
+        g.add_argument("--eval-fraction", type=float, default=d["eval_fraction"], help="share of held-out documents")
+        g.add_argument("--num-workers", type=int, default=d["num_workers"], help="loader processes per rank")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DataConfig:
+        """The config of parsed flags (`add_arguments` plus `--data`, `--seq-len`, `--seed`)."""
+        return cls(
+            prefixes=list(args.data),
+            weights=args.data_weights,
+            seq_len=args.seq_len,
+            short_seq_prob=args.short_seq_prob,
+            pair_task=args.pair_task,
+            mask_prob=args.mask_prob,
+            whole_word_mask=args.whole_word_mask,
+            eval_fraction=args.eval_fraction,
+            seed=args.seed,
+            num_workers=args.num_workers,
+        )
+
     def validate(self) -> None:
         """Raise UserError naming the flag to change when a field is out of range."""
         if not self.prefixes:
             raise UserError("no dataset given; pass at least one PREFIX with --data")
         if self.weights is not None:
             if len(self.weights) != len(self.prefixes):
-                raise UserError(f"{len(self.weights)} mixing weights for {len(self.prefixes)} datasets; give one each")
+                raise UserError(
+                    f"--data-weights has {len(self.weights)} values for {len(self.prefixes)} --data prefixes"
+                )
             if any(w < 0 for w in self.weights) or sum(self.weights) <= 0:
-                raise UserError("mixing weights must be non-negative with a positive sum; fix the dataset weights")
+                raise UserError("--data-weights must be non-negative with a positive sum")
         if self.seq_len < 8:
             raise UserError(f"--seq-len {self.seq_len} is too short for [CLS] A [SEP] B [SEP]; use at least 8")
         if self.pair_task not in PAIR_TASKS:

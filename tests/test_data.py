@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -252,7 +253,7 @@ def test_errors_are_one_line_user_errors(tmp_path, corpus):
         PretrainingData(DataConfig([str(tmp_path / "missing")]))
     with pytest.raises(UserError, match="--pair-task"):
         PretrainingData(DataConfig([corpus.prefix], pair_task="mlm"))
-    with pytest.raises(UserError, match="mixing weights"):
+    with pytest.raises(UserError, match="--data-weights"):
         PretrainingData(DataConfig([corpus.prefix], weights=[1.0, 2.0]))
     other = make_corpus(tmp_path, "other", num_docs=10)
     manifest = json.loads(Path(other.prefix + ".json").read_text())
@@ -263,3 +264,19 @@ def test_errors_are_one_line_user_errors(tmp_path, corpus):
     Path(other.prefix + ".json").unlink()
     with pytest.raises(UserError, match="no tokenizer entry"):
         PretrainingData(DataConfig([other.prefix]))
+
+
+def test_command_line_flags_build_the_config(corpus):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", nargs="+")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=1234)
+    DataConfig.add_arguments(parser)
+    args = parser.parse_args(
+        ["--data", "a", "b", "--data-weights", "1", "3", "--pair-task", "sop", "--whole-word-mask"]
+    )
+    cfg = DataConfig.from_args(args)
+    assert cfg == DataConfig(["a", "b"], [1.0, 3.0], pair_task="sop", whole_word_mask=True)
+    assert DataConfig.from_args(parser.parse_args(["--data", "a"])) == DataConfig(["a"])
+    with pytest.raises(UserError, match="--mask-prob"):
+        DataConfig.from_args(parser.parse_args(["--data", "a", "--mask-prob", "1.5"])).validate()
