@@ -255,6 +255,11 @@ def test_errors_are_one_line_user_errors(tmp_path, corpus):
         PretrainingData(DataConfig([corpus.prefix], pair_task="mlm"))
     with pytest.raises(UserError, match="--data-weights"):
         PretrainingData(DataConfig([corpus.prefix], weights=[1.0, 2.0]))
+    no_eval = _data(corpus, eval_fraction=0.0)
+    with pytest.raises(UserError, match="--eval-fraction"):
+        eval_batches(no_eval, 2, 0, 1, max_samples=10)
+    with pytest.raises(UserError, match="--eval-fraction"):
+        no_eval.loader("eval", 2, 0, 1)
     other = make_corpus(tmp_path, "other", num_docs=10)
     manifest = json.loads(Path(other.prefix + ".json").read_text())
     manifest["tokenizer"]["sha256"] = "another-vocab"
