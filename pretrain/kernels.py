@@ -1,0 +1,166 @@
+"""Fast paths for pretrain/model.py, each with a plain-PyTorch fallback that tests compare it against.
+
+- `Packing` describes an unpadded batch: the T real tokens of a (B, S) batch as rows of a (T, C) tensor.
+  `Packing.from_mask(mask, unpad=False)` keeps every position, which is the plain path.
+- `attention` takes packed q|k|v rows. On CUDA with unpadding it calls variable-length flash attention
+  (the `flash-attn` package when installed, else PyTorch's `torch.nn.attention.varlen`, which has no dropout
+  and so is used only when attention dropout is off); everywhere else it re-pads q|k|v for the score matrix
+  only and runs `scaled_dot_product_attention` (or explicit softmax math when `use_sdpa` is off).
+- `dense_gelu` and `dense_residual_norm` are the pointwise tails of BERT's linear layers. Backends:
+  "plain" (F.linear with its bias, then the op: eager PyTorch's best on CPU), "compile" (the bias and
+  pointwise ops as one `torch.compile`d function), "apex" (apex's fused LayerNorm; CUDA only), and "auto"
+  (apex when importable and the tensors are on CUDA, else plain).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:  # optional CUDA packages; never required
+    from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+except ImportError:
+    fused_layer_norm_affine = None
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+
+BACKENDS = ("auto", "plain", "compile", "apex")
+
+
+@dataclass
+class Packing:
+    """Where the T kept token rows of a (B, S) batch sit; `indices is None` means all B*S positions are kept."""
+
+    batch: int
+    seq_len: int
+    indices: Tensor | None  # (T,) ascending flat positions of the kept tokens
+    key_mask: Tensor | None  # (B, 1, 1, S) bool, True = real key; None when the batch has no padding
+    cu_seqlens: Tensor  # (B + 1,) int32 row offsets of each sequence (for varlen attention)
+    max_len: int  # longest real sequence
+
+    @classmethod
+    def from_mask(cls, attention_mask: Tensor, unpad: bool) -> Packing:
+        """Pack the real tokens (mask == 1) when `unpad`, else keep every position."""
+        B, S = attention_mask.shape
+        real = attention_mask.bool()
+        lengths = real.sum(1)  # (B,)
+        has_padding = bool((lengths < S).any())
+        indices = real.flatten().nonzero().squeeze(1) if unpad and has_padding else None
+        key_mask = real[:, None, None, :] if has_padding else None
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return cls(B, S, indices, key_mask, cu_seqlens, int(lengths.max()))
+
+    def pad(self, rows: Tensor) -> Tensor:
+        """(T, C) kept rows -> (B*S, C), zeros at the removed positions."""
+        if self.indices is None:
+            return rows
+        full = rows.new_zeros(self.batch * self.seq_len, rows.shape[1])
+        return full.index_put((self.indices,), rows)
+
+    def unpad(self, full: Tensor) -> Tensor:
+        """(B*S, C) -> (T, C) kept rows."""
+        return full if self.indices is None else full[self.indices]
+
+    def rows_of(self, positions: Tensor) -> Tensor:
+        """Row numbers of flat B*S positions; each position must be a kept (real) token."""
+        return positions if self.indices is None else torch.searchsorted(self.indices, positions)
+
+    def first_rows(self) -> Tensor:
+        """(B,) rows of each sequence's first token ([CLS]; right padding assumed)."""
+        starts = torch.arange(self.batch, device=self.cu_seqlens.device) * self.seq_len
+        return self.rows_of(starts)
+
+
+def attention(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: float, use_sdpa: bool) -> Tensor:
+    """(T, 3H) packed q|k|v rows -> (T, H) attention context."""
+    T, H = qkv.shape[0], qkv.shape[1] // 3
+    if pack.indices is not None and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
+        out = _varlen_attention(qkv.view(T, 3, num_heads, H // num_heads), pack, dropout_p)
+        if out is not None:
+            return out.reshape(T, H)
+    B, S = pack.batch, pack.seq_len
+    q, k, v = pack.pad(qkv).view(B, S, 3, num_heads, H // num_heads).permute(2, 0, 3, 1, 4)  # (B, nh, S, d) each
+    if use_sdpa:
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=pack.key_mask, dropout_p=dropout_p)
+    else:
+        ctx = _plain_attention(q, k, v, pack.key_mask, dropout_p)
+    return pack.unpad(ctx.transpose(1, 2).reshape(B * S, H))  # (T, H)
+
+
+def _plain_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, dropout_p: float) -> Tensor:
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, nh, S, S)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+    probs = F.dropout(scores.softmax(-1), dropout_p)
+    return probs @ v
+
+
+def _varlen_attention(qkv: Tensor, pack: Packing, dropout_p: float) -> Tensor | None:
+    """(T, 3, nh, d) -> (T, nh, d) without touching padding, or None when no varlen kernel can do it."""
+    q, k, v = qkv.unbind(1)
+    cu, n = pack.cu_seqlens, pack.max_len
+    if flash_attn_varlen_func is not None:
+        return flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout_p)
+    if varlen_attn is not None and dropout_p == 0.0:
+        return varlen_attn(q, k, v, cu, cu, n, n)
+    return None
+
+
+def dense_gelu(x: Tensor, dense: nn.Linear, backend: str) -> Tensor:
+    """gelu(x W^T + b): BERT's intermediate layer and MLM transform."""
+    if _resolve(backend, x) == "compile":
+        return _compiled(_bias_gelu)(F.linear(x, dense.weight), dense.bias)
+    return F.gelu(dense(x))
+
+
+def dense_residual_norm(
+    x: Tensor, dense: nn.Linear, residual: Tensor, norm: nn.LayerNorm, dropout_p: float, backend: str
+) -> Tensor:
+    """LayerNorm(dropout(x W^T + b) + residual): BERT's attention output and layer output."""
+    backend = _resolve(backend, x)
+    if backend == "compile":
+        fused = _compiled(_bias_dropout_residual_norm)
+        return fused(F.linear(x, dense.weight), dense.bias, residual, norm.weight, norm.bias, norm.eps, dropout_p)
+    return layer_norm(F.dropout(dense(x), dropout_p) + residual, norm, backend)
+
+
+def layer_norm(x: Tensor, norm: nn.LayerNorm, backend: str) -> Tensor:
+    """LayerNorm over the last dimension, through apex's fused kernel when that backend is chosen."""
+    if _resolve(backend, x) == "apex":
+        return fused_layer_norm_affine(x, norm.weight, norm.bias, norm.normalized_shape, norm.eps)
+    return norm(x)
+
+
+def _resolve(backend: str, x: Tensor) -> str:
+    if backend == "auto":
+        return "apex" if fused_layer_norm_affine is not None and x.is_cuda else "plain"
+    if backend == "apex" and fused_layer_norm_affine is None:
+        raise RuntimeError("fused_ops='apex' needs NVIDIA apex; install it or set fused_ops to 'auto' or 'plain'")
+    return backend
+
+
+def _bias_gelu(y: Tensor, bias: Tensor) -> Tensor:
+    return F.gelu(y + bias)
+
+
+def _bias_dropout_residual_norm(
+    y: Tensor, bias: Tensor, residual: Tensor, weight: Tensor, norm_bias: Tensor, eps: float, dropout_p: float
+) -> Tensor:
+    return F.layer_norm(F.dropout(y + bias, dropout_p) + residual, weight.shape, weight, norm_bias, eps)
+
+
+@functools.cache
+def _compiled(fn):
+    """One torch.compile per function, dynamic in the token count (it changes every batch when unpadded)."""
+    return torch.compile(fn, dynamic=True)

@@ -1,0 +1,384 @@
+"""BERT for pretraining (MLM + NSP) with Hugging Face-compatible weights and fast paths.
+
+Every parameter has the name and shape it has in `transformers.BertForPreTraining`, so an HF state dict loads
+with strict=True and `save_hf_pretrained` writes a directory HF loads. Where this differs from the textbook
+model (each behind a `BertConfig` switch whose other setting is the plain path; fused code in kernels.py):
+- Unpadding: the encoder runs on the (T, H) rows of real tokens only; on CPU padding comes back just for the
+  attention score matrix, on CUDA varlen flash attention never sees it. Padded rows of `sequence_output`
+  are therefore zeros, not the meaningless values HF computes there.
+- The MLM head runs only on the masked positions (gather before transform and vocabulary projection), so
+  the loss never materializes (B, S, V).
+- q, k and v are projected by one GEMM on the concatenated weights; the state dict keeps HF's three.
+- Weights start from BERT's truncated normal (+-2 std) rather than HF's plain normal.
+
+Forward contract (the batch dict of docs/DESIGN.md): `masked_positions` (N,) are flat row-major indices into
+the B*S positions, `mlm_labels` (N,) the original ids there, `nsp_labels` (B,). Without `masked_positions` the
+MLM logits cover all positions, (B, S, V), and `mlm_labels` may be (B, S) with -100 where unlabelled (HF's
+convention). Batches are right-padded: position 0 ([CLS]) of every sequence is a real token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from data_prep.errors import UserError
+from pretrain import kernels
+from pretrain.kernels import Packing
+
+# name: (layers, hidden); heads = hidden / 64 and intermediate = 4 * hidden, as in Google's BERT release.
+PRESETS = {
+    "tiny": (2, 128),
+    "mini": (4, 256),
+    "small": (4, 512),
+    "medium": (8, 512),
+    "base": (12, 768),
+    "large": (24, 1024),
+}
+# HF config.json key -> BertConfig field, for the fields whose names differ.
+HF_NAMES = {
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "hidden_dropout_prob": "hidden_dropout",
+    "attention_probs_dropout_prob": "attention_dropout",
+}
+SWITCHES = ("use_sdpa", "unpad", "sparse_mlm_head", "fused_qkv", "fused_ops")  # fast paths, not part of the weights
+TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")  # HF stores these once
+
+
+@dataclass
+class BertConfig:
+    """Model shape and fast-path switches (defaults are the fast paths); JSON-serializable."""
+
+    vocab_size: int = 30522
+    """WordPiece vocabulary size (rows of the word embedding and of the MLM decoder)."""
+    hidden_size: int = 768
+    """Width H of every token representation."""
+    num_layers: int = 12
+    """Number of transformer layers L."""
+    num_heads: int = 12
+    """Attention heads per layer; must divide hidden_size."""
+    intermediate_size: int = 3072
+    """Width of the feed-forward layer (4 H in every preset)."""
+    max_position_embeddings: int = 512
+    """Longest sequence the learned position embedding covers."""
+    type_vocab_size: int = 2
+    """Segment ids (0 for sentence A, 1 for sentence B)."""
+    hidden_dropout: float = 0.1
+    """Dropout on embeddings and on each sub-layer output before its residual add."""
+    attention_dropout: float = 0.1
+    """Dropout on the attention probabilities."""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon (BERT's 1e-12)."""
+    initializer_range: float = 0.02
+    """Standard deviation of the truncated-normal weight initialization."""
+    pad_token_id: int = 0
+    """Id of [PAD]; its word embedding starts at zero and gets no gradient from the lookup (as in HF)."""
+    use_sdpa: bool = True
+    """Attention through F.scaled_dot_product_attention (False: explicit softmax math)."""
+    unpad: bool = True
+    """Run the encoder on real tokens only (False: every padded position too)."""
+    sparse_mlm_head: bool = True
+    """Run the MLM head only on masked positions (False: on every position, then gather)."""
+    fused_qkv: bool = True
+    """Project q, k and v with one GEMM (False: three)."""
+    fused_ops: str = "auto"
+    """Bias+GELU, dropout+residual and LayerNorm backend: auto (apex if on CUDA), plain, compile or apex."""
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise UserError(f"--model: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.fused_ops not in kernels.BACKENDS:
+            raise UserError(f"--model: fused_ops must be one of {', '.join(kernels.BACKENDS)}, not {self.fused_ops!r}")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> BertConfig:
+        """One of tiny, mini, small, medium, base, large, with optional field overrides."""
+        if name not in PRESETS:
+            raise UserError(f"--model: unknown preset {name!r}; use one of {', '.join(PRESETS)} or a JSON file")
+        layers, hidden = PRESETS[name]
+        shape = dict(num_layers=layers, hidden_size=hidden, num_heads=hidden // 64, intermediate_size=4 * hidden)
+        return cls(**{**shape, **overrides})
+
+    @classmethod
+    def from_hf(cls, hf) -> BertConfig:
+        """From a `transformers.BertConfig` or its config.json dict; our switches keep their defaults."""
+        d = hf if isinstance(hf, dict) else hf.to_dict()
+        if d.get("hidden_act", "gelu") != "gelu" or d.get("position_embedding_type", "absolute") != "absolute":
+            raise UserError("--model: only HF BERT configs with hidden_act 'gelu' and absolute positions are supported")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{HF_NAMES.get(k, k): v for k, v in d.items() if HF_NAMES.get(k, k) in fields})
+
+    def to_hf(self):
+        """The equivalent `transformers.BertConfig` (architectures set to BertForPreTraining)."""
+        from transformers import BertConfig as HFBertConfig
+
+        ours = {v: k for k, v in HF_NAMES.items()}
+        shape = {ours.get(k, k): v for k, v in dataclasses.asdict(self).items() if k not in SWITCHES}
+        return HFBertConfig(**shape, hidden_act="gelu", architectures=["BertForPreTraining"])
+
+    @classmethod
+    def from_json(cls, path: str) -> BertConfig:
+        """Read our JSON (see `to_json`) or a Hugging Face BERT config.json."""
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"--model: cannot read model config {path}: {e}; pass a preset name or a JSON file") from e
+        if "num_hidden_layers" in d:
+            return cls.from_hf(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise UserError(f"--model: {path} has unknown keys {sorted(unknown)}; remove them")
+        return cls(**d)
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(dataclasses.asdict(self), f, indent=2)
+
+
+def load_config(spec: str) -> BertConfig:
+    """`--model` value: a preset name or a path to a JSON file."""
+    return BertConfig.from_json(spec) if spec.endswith(".json") or os.path.sep in spec else BertConfig.preset(spec)
+
+
+def flops_per_sequence(config: BertConfig, seq_len: int, masked_positions: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of one sequence of `seq_len` real tokens.
+
+    F = 24 L s h^2 + 12 L s h i + 12 L s^2 h + 6 P h (h + V), which for i = 4h is the documented
+    72 L s h^2 + 12 L s^2 h + 6 P h (h + V); P is the number of rows the MLM head runs on.
+    Embeddings, LayerNorms, biases and the NSP head are left out (under 1%).
+    """
+    L, s, h, i, V = config.num_layers, seq_len, config.hidden_size, config.intermediate_size, config.vocab_size
+    return 24 * L * s * h * h + 12 * L * s * h * i + 12 * L * s * s * h + 6 * masked_positions * h * (h + V)
+
+
+def init_weights(module: nn.Module, std: float, pad_token_id: int | None = None) -> None:
+    """BERT's init: truncated normal (+-2 std) weights, zero biases, LayerNorm ones; apply with `.apply`."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        nn.init.zeros_(module.bias)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        nn.init.zeros_(module.weight[module.padding_idx])
+    if isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _named(**modules: nn.Module) -> nn.ModuleDict:
+    """A container whose only job is to give its children HF's parameter names."""
+    return nn.ModuleDict(modules)
+
+
+class Embeddings(nn.Module):
+    """Word + position + segment embeddings of the kept tokens, then LayerNorm and dropout."""
+
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.config = c
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor, pack: Packing) -> Tensor:
+        flat = torch.arange(input_ids.numel(), device=input_ids.device)
+        kept = flat if pack.indices is None else pack.indices  # (T,) flat positions
+        x = self.word_embeddings(input_ids.flatten()[kept])  # (T, H)
+        x = (
+            x
+            + self.position_embeddings(kept % pack.seq_len)
+            + self.token_type_embeddings(token_type_ids.flatten()[kept])
+        )
+        x = kernels.layer_norm(x, self.LayerNorm, self.config.fused_ops)
+        return F.dropout(x, self.config.hidden_dropout, self.training)
+
+
+class Layer(nn.Module):
+    """One post-LN transformer layer on packed rows; submodule names are HF's."""
+
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.config = c
+        H, inner = c.hidden_size, c.intermediate_size
+        qkv = _named(query=nn.Linear(H, H), key=nn.Linear(H, H), value=nn.Linear(H, H))
+        out = _named(dense=nn.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=c.layer_norm_eps))
+        self.attention = _named(self=qkv, output=out)
+        self.intermediate = _named(dense=nn.Linear(H, inner))
+        self.output = _named(dense=nn.Linear(inner, H), LayerNorm=nn.LayerNorm(H, eps=c.layer_norm_eps))
+
+    def forward(self, x: Tensor, pack: Packing) -> Tensor:  # x: (T, H)
+        c, p = self.config, self.config.hidden_dropout if self.training else 0.0
+        attn_p = c.attention_dropout if self.training else 0.0
+        ctx = kernels.attention(self._qkv(x), pack, c.num_heads, attn_p, c.use_sdpa)  # (T, H)
+        x = kernels.dense_residual_norm(
+            ctx, self.attention.output.dense, x, self.attention.output.LayerNorm, p, c.fused_ops
+        )
+        h = kernels.dense_gelu(x, self.intermediate.dense, c.fused_ops)  # (T, I)
+        return kernels.dense_residual_norm(h, self.output.dense, x, self.output.LayerNorm, p, c.fused_ops)
+
+    def _qkv(self, x: Tensor) -> Tensor:
+        """(T, H) -> (T, 3H) as q | k | v."""
+        q, k, v = self.attention.self.query, self.attention.self.key, self.attention.self.value
+        if self.config.fused_qkv:
+            return F.linear(x, torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]))
+        return torch.cat([q(x), k(x), v(x)], dim=1)
+
+
+class BertModel(nn.Module):
+    """The encoder: embeddings, L layers and the pooler; usable alone (fine-tuning heads sit on top)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.encoder = _named(layer=nn.ModuleList(Layer(config) for _ in range(config.num_layers)))
+        self.pooler = _named(dense=nn.Linear(config.hidden_size, config.hidden_size))
+        self.apply(partial(init_weights, std=config.initializer_range))
+
+    def forward(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """-> (sequence_output (B, S, H), pooled_output (B, H)); padded rows are zeros when unpadding."""
+        x, pack = self.encode(input_ids, token_type_ids, attention_mask)
+        return pack.pad(x).view(*input_ids.shape, -1), self.pool(x, pack)
+
+    def encode(
+        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Packing]:
+        """-> (the kept token rows (T, H), where they sit in the (B, S) batch)."""
+        token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        pack = Packing.from_mask(attention_mask, self.config.unpad)
+        x = self.embeddings(input_ids, token_type_ids, pack)  # (T, H)
+        for layer in self.encoder.layer:
+            x = layer(x, pack)
+        return x, pack
+
+    def pool(self, x: Tensor, pack: Packing) -> Tensor:
+        """tanh(dense([CLS] row)) -> (B, H)."""
+        return torch.tanh(self.pooler.dense(x[pack.first_rows()]))
+
+
+class MaskedLMHead(nn.Module):
+    """cls.predictions: dense + GELU + LayerNorm, then the decoder tied to the word embeddings."""
+
+    def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.config = config
+        H = config.hidden_size
+        self.transform = _named(dense=nn.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=config.layer_norm_eps))
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder = nn.Linear(H, config.vocab_size, bias=False, device="meta")
+        self.decoder.weight = word_embeddings.weight
+        self.decoder.bias = self.bias
+
+    def forward(self, x: Tensor) -> Tensor:  # (N, H) -> (N, V)
+        h = kernels.dense_gelu(x, self.transform.dense, self.config.fused_ops)
+        return self.decoder(kernels.layer_norm(h, self.transform.LayerNorm, self.config.fused_ops))
+
+
+@dataclass
+class PreTrainingOutput:
+    """What `BertForPreTraining.forward` returns; losses are None without the matching labels."""
+
+    mlm_logits: Tensor  # (N, V) with masked_positions, else (B, S, V)
+    nsp_logits: Tensor  # (B, 2)
+    loss: Tensor | None = None  # mlm_loss + nsp_loss (those present)
+    mlm_loss: Tensor | None = None
+    nsp_loss: Tensor | None = None
+
+
+class BertForPreTraining(nn.Module):
+    """BERT with the MLM and NSP heads, parameter for parameter `transformers.BertForPreTraining`."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        heads = _named(predictions=MaskedLMHead(config, self.bert.embeddings.word_embeddings))
+        heads.seq_relationship = nn.Linear(config.hidden_size, 2)
+        self.cls = heads
+        init = partial(init_weights, std=config.initializer_range)
+        heads.predictions.transform.apply(init)
+        heads.seq_relationship.apply(init)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        masked_positions: Tensor | None = None,
+        mlm_labels: Tensor | None = None,
+        nsp_labels: Tensor | None = None,
+    ) -> PreTrainingOutput:
+        x, pack = self.bert.encode(input_ids, token_type_ids, attention_mask)  # (T, H)
+        out = PreTrainingOutput(
+            self._mlm_logits(x, pack, masked_positions), self.cls.seq_relationship(self.bert.pool(x, pack))
+        )
+        if mlm_labels is not None:
+            logits = out.mlm_logits.flatten(0, -2).float()  # (N or B*S, V)
+            out.mlm_loss = F.cross_entropy(logits, mlm_labels.flatten(), ignore_index=-100)
+        if nsp_labels is not None:
+            out.nsp_loss = F.cross_entropy(out.nsp_logits.float(), nsp_labels)
+        losses = [loss for loss in (out.mlm_loss, out.nsp_loss) if loss is not None]
+        out.loss = sum(losses) if losses else None
+        return out
+
+    def _mlm_logits(self, x: Tensor, pack: Packing, masked_positions: Tensor | None) -> Tensor:
+        head = self.cls.predictions
+        if masked_positions is None:
+            return head(pack.pad(x)).view(pack.batch, pack.seq_len, -1)  # (B, S, V)
+        if self.config.sparse_mlm_head:
+            return head(x[pack.rows_of(masked_positions)])  # (N, V): gather first, then the head
+        return head(pack.pad(x))[masked_positions]  # (N, V) via all B*S rows
+
+    @classmethod
+    def from_hf_pretrained(cls, path: str, **switches) -> BertForPreTraining:
+        """Load a Hugging Face BERT directory (config.json + model.safetensors or pytorch_model.bin)."""
+        config = BertConfig.from_json(os.path.join(path, "config.json"))
+        model = cls(dataclasses.replace(config, **switches))
+        state = _read_hf_weights(path)
+        state.setdefault(TIED_KEYS[0], state.get("bert.embeddings.word_embeddings.weight"))
+        state.setdefault(TIED_KEYS[1], state.get("cls.predictions.bias"))
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise UserError(f"{path} does not hold BertForPreTraining weights of its config.json: {e}") from e
+        return model
+
+    def save_hf_pretrained(self, path: str) -> None:
+        """Write config.json + model.safetensors that `transformers.BertForPreTraining.from_pretrained` loads."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        self.config.to_hf().save_pretrained(path)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k not in TIED_KEYS}
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def _read_hf_weights(path: str) -> dict[str, Tensor]:
+    """State dict of an HF directory, with the legacy LayerNorm gamma/beta names mapped to weight/bias."""
+    safetensors, binary = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(safetensors):
+        from safetensors.torch import load_file
+
+        state = load_file(safetensors)
+    elif os.path.exists(binary):
+        state = torch.load(binary, map_location="cpu", weights_only=True)
+    else:
+        raise UserError(
+            f"{path} has neither model.safetensors nor pytorch_model.bin; pass a Hugging Face model directory"
+        )
+    return {
+        k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+        for k, v in state.items()
+    }
