@@ -1,0 +1,1 @@
+"""Fine-tuning on downstream tasks (`bert-finetune`): readers, heads, metrics and the training loop."""
