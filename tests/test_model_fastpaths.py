@@ -1,0 +1,107 @@
+"""Each fast-path switch of BertConfig gives the numbers of its plain-PyTorch fallback (loss, logits, grads)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from pretrain import kernels
+from pretrain.model import BertConfig, BertForPreTraining
+
+BASE = BertConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
+PLAIN = {"use_sdpa": False, "unpad": False, "sparse_mlm_head": False, "fused_qkv": False, "fused_ops": "plain"}
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def batch(B: int = 4, S: int = 24, seed: int = 0, device: str = "cpu") -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([S, 17, 9, 3][:B])
+    mask = (torch.arange(S) < lengths[:, None]).long()
+    masked = torch.cat([torch.tensor([1, 2]) + b * S for b in range(B)])
+    b = {
+        "input_ids": torch.randint(1, BASE.vocab_size, (B, S), generator=gen) * mask,
+        "token_type_ids": (torch.arange(S) >= lengths[:, None] // 2).long() * mask,
+        "attention_mask": mask,
+        "masked_positions": masked,
+        "mlm_labels": torch.randint(1, BASE.vocab_size, (len(masked),), generator=gen),
+        "nsp_labels": torch.tensor([0, 1, 1, 0][:B]),
+    }
+    return {k: v.to(device) for k, v in b.items()}
+
+
+def step(config: BertConfig, b: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):
+    """Loss, MLM logits and grads of one forward+backward from seed-0 weights, in eval mode (no dropout)."""
+    torch.manual_seed(0)
+    model = BertForPreTraining(config).to(device).eval()
+    with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+        out = model(**b)
+    out.loss.backward()
+    grads = {n: p.grad.float() for n, p in model.named_parameters()}
+    return out.loss.float(), out.mlm_logits.float(), grads
+
+
+def assert_same_step(fast, plain, **tol) -> None:
+    torch.testing.assert_close(fast[0], plain[0], **tol)
+    torch.testing.assert_close(fast[1], plain[1], **tol)
+    for name, g in plain[2].items():
+        torch.testing.assert_close(fast[2][name], g, **tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("switch", ["use_sdpa", "unpad", "sparse_mlm_head", "fused_qkv"])
+def test_each_switch_alone_matches_plain(switch):
+    plain = dataclasses.replace(BASE, **PLAIN)
+    fast = dataclasses.replace(plain, **{switch: getattr(BASE, switch)})
+    b = batch()
+    assert_same_step(step(fast, b), step(plain, b), rtol=1e-5, atol=1e-6)
+
+
+def test_all_fast_paths_together_match_plain():
+    b = batch()
+    assert_same_step(step(BASE, b), step(dataclasses.replace(BASE, **PLAIN), b), rtol=1e-5, atol=1e-6)
+
+
+def test_unpad_without_padding_and_with_dropout_in_training():
+    b = batch()
+    b["attention_mask"].fill_(1)  # nothing to remove: the packing is the identity
+    assert_same_step(step(BASE, b), step(dataclasses.replace(BASE, unpad=False), b), rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    model = BertForPreTraining(BASE).train()
+    losses = [model(**batch()).loss for _ in range(2)]
+    assert torch.isfinite(losses[0]) and losses[0] != losses[1]  # dropout is live in training
+
+
+def test_packing_round_trip():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    pack = kernels.Packing.from_mask(mask, unpad=True)
+    assert pack.indices.tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
+    assert pack.cu_seqlens.tolist() == [0, 3, 4, 8] and pack.max_len == 4
+    assert pack.first_rows().tolist() == [0, 3, 4]
+    assert pack.rows_of(torch.tensor([2, 9, 11])).tolist() == [2, 5, 7]
+    full = torch.arange(12.0)[:, None]
+    assert torch.equal(pack.pad(pack.unpad(full)).flatten(), full.flatten() * mask.flatten())
+
+
+@pytest.mark.slow
+def test_torch_compile_ops_match_plain():
+    b = batch()
+    compiled, plain = dataclasses.replace(BASE, fused_ops="compile"), dataclasses.replace(BASE, fused_ops="plain")
+    assert_same_step(step(compiled, b), step(plain, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_varlen_attention_on_cuda_matches_padded_sdpa():
+    b = batch(device="cuda")
+    unpadded = dataclasses.replace(BASE, attention_dropout=0.0)  # torch's varlen kernel has no dropout
+    fast = step(unpadded, b, "cuda", torch.bfloat16)
+    plain = step(dataclasses.replace(unpadded, unpad=False), b, "cuda", torch.bfloat16)
+    assert_same_step(fast, plain, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.skipif(kernels.fused_layer_norm_affine is None, reason="needs NVIDIA apex")
+def test_apex_ops_match_plain_on_cuda():
+    b = batch(device="cuda")
+    fast = step(dataclasses.replace(BASE, fused_ops="apex"), b, "cuda")
+    assert_same_step(fast, step(dataclasses.replace(BASE, fused_ops="plain"), b, "cuda"), rtol=1e-4, atol=1e-5)
