@@ -1,0 +1,297 @@
+"""Checkpoints: save, resume from the newest complete one, prune, convert to universal, load weights only.
+
+Layout of a `--save DIR`:
+
+    DIR/step_00000100/            one DeepSpeed tag per save (engine, optimizer and scheduler state)
+        train_state.json          TrainState + the resolved configuration (model, data, DeepSpeed JSON)
+        rng_rank{R}.pt            each rank's RNG states (dropout), so a resume replays the same masks
+        COMPLETE                  written after every rank has finished writing: marks the tag as usable
+    DIR/step_00000100_universal/  the same after `python -m pretrain.checkpoint to-universal DIR`
+    DIR/latest                    name of the newest complete tag; written last, atomically (rename)
+    DIR/metrics.jsonl             (pretrain.train)
+
+Design choices:
+- DeepSpeed's own `latest` file is not used (`save_latest=False`): it is written before the other ranks are
+  known to be done, so a crash can leave it pointing at half a checkpoint. Resume trusts the COMPLETE marker,
+  newest first, and falls back to an older tag (with a warning naming the skipped one) when a tag is
+  incomplete or fails to load.
+- Samples are a pure function of the global sample index (pretrain.data), so the data-pipeline position
+  is just `consumed_samples`; no loader state is saved.
+- `load_weights` reads any checkpoint, whatever its ZeRO stage, through the fp32 master weights
+  (`deepspeed.utils.zero_to_fp32`) when the optimizer was partitioned, else the module state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_prep.errors import UserError, run_cli
+
+TAG_RE = re.compile(r"^step_(\d{8})(_universal)?$")
+COMPLETE = "COMPLETE"
+STATE_FILE = "train_state.json"
+
+
+@dataclass
+class TrainState:
+    """Everything the loop needs to continue exactly where it stopped (beyond the engine's own state)."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    consumed_samples: int = 0
+    """Global training samples consumed: the data pipeline's position."""
+    elapsed_s: float = 0.0
+    """Training wall-clock seconds so far, summed over resumes (drives --time-budget)."""
+    world_size: int = 1
+    """Processes that wrote the checkpoint (a different count needs the universal conversion)."""
+    config: dict = field(default_factory=dict)
+    """The resolved configuration: train flags, model config, DeepSpeed JSON."""
+
+
+def tag_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rank() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def tags(save_dir: str | os.PathLike) -> list[str]:
+    """Tag directories in `save_dir`, newest step first (a universal copy before its original)."""
+    found = []
+    d = Path(save_dir)
+    if d.is_dir():
+        for p in d.iterdir():
+            m = TAG_RE.match(p.name)
+            if m and p.is_dir():
+                found.append((int(m.group(1)), bool(m.group(2)), p.name))
+    return [name for _, _, name in sorted(found, reverse=True)]
+
+
+def complete_tags(save_dir: str | os.PathLike, warn: bool = True) -> list[str]:
+    """Complete tags, newest first; incomplete ones are named in a warning."""
+    good = []
+    for tag in tags(save_dir):
+        tag_dir = Path(save_dir) / tag
+        if (tag_dir / COMPLETE).is_file() and (tag_dir / STATE_FILE).is_file():
+            good.append(tag)
+        elif warn:
+            warnings.warn(f"skipping incomplete checkpoint {tag_dir} (no {COMPLETE} marker)", stacklevel=2)
+    return good
+
+
+def read_state(tag_dir: str | os.PathLike) -> TrainState:
+    path = Path(tag_dir) / STATE_FILE
+    try:
+        return TrainState(**json.loads(path.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError) as e:
+        raise UserError(f"{path} is unreadable ({e}); delete that checkpoint directory") from e
+
+
+def save(engine, save_dir: str | os.PathLike, state: TrainState, keep_last: int | None = None) -> Path:
+    """Collective: every rank calls it. Returns the tag directory."""
+    rank, _ = _rank()
+    tag = tag_name(state.step)
+    tag_dir = Path(save_dir) / tag
+    if rank == 0 and tag_dir.exists():
+        shutil.rmtree(tag_dir)  # a leftover of a crash at this very step
+    _barrier()
+    engine.save_checkpoint(str(save_dir), tag=tag, client_state={"train_state": state.step}, save_latest=False)
+    torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        _write_atomic(tag_dir / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2))
+        _write_atomic(tag_dir / COMPLETE, "")
+        _write_atomic(Path(save_dir) / "latest", tag)
+        if keep_last:
+            prune(save_dir, keep_last)
+    _barrier()
+    return tag_dir
+
+
+def prune(save_dir: str | os.PathLike, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (and incomplete ones older than those)."""
+    keep = complete_tags(save_dir, warn=False)[:keep_last]
+    if not keep:
+        return
+    oldest_kept = int(TAG_RE.match(keep[-1]).group(1))
+    for tag in tags(save_dir):
+        if tag not in keep and int(TAG_RE.match(tag).group(1)) < oldest_kept:
+            shutil.rmtree(Path(save_dir) / tag, ignore_errors=True)
+
+
+def newest(save_dir: str | os.PathLike) -> tuple[str, TrainState] | None:
+    """(tag, state) of the newest complete checkpoint in `save_dir`, or None."""
+    for tag in complete_tags(save_dir):
+        try:
+            return tag, read_state(Path(save_dir) / tag)
+        except UserError as e:
+            warnings.warn(f"skipping unreadable checkpoint {Path(save_dir) / tag}: {e}", stacklevel=2)
+    return None
+
+
+def resume(engine, save_dir: str | os.PathLike) -> TrainState | None:
+    """Load the newest complete checkpoint that loads; None when there is none. Collective."""
+    rank, world = _rank()
+    for tag in complete_tags(save_dir, warn=rank == 0):
+        tag_dir = Path(save_dir) / tag
+        try:
+            state = read_state(tag_dir)
+            path, _ = engine.load_checkpoint(str(save_dir), tag=tag)
+            if path is None:
+                raise RuntimeError("DeepSpeed found nothing to load")
+        except (RuntimeError, OSError, KeyError, ValueError, UserError) as e:
+            if rank == 0:
+                warnings.warn(f"skipping unreadable checkpoint {tag_dir}: {e}", stacklevel=2)
+            continue
+        rng_file = tag_dir / f"rng_rank{rank}.pt"
+        if state.world_size == world and rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        return state
+    return None
+
+
+def to_universal(save_dir: str | os.PathLike, tag: str | None = None) -> Path:
+    """Convert a ZeRO checkpoint into DeepSpeed's universal format (loadable by any number of processes).
+
+    Writes `DIR/<tag>_universal` with our train state and COMPLETE marker, and points `latest` at it, so the
+    next launch (with any process count) resumes from it.
+    """
+    save_dir = Path(save_dir)
+    if tag is None:
+        found = [t for t in complete_tags(save_dir) if not t.endswith("_universal")]
+        if not found:
+            raise UserError(f"{save_dir} holds no complete checkpoint to convert; pass the --save directory of a run")
+        tag = found[0]
+    src, dst = save_dir / tag, save_dir / f"{tag}_universal"
+    state = read_state(src)
+    if not state.config.get("deepspeed", {}).get("zero_optimization", {}).get("stage", 0):
+        raise UserError(f"{src} was written with ZeRO stage 0; universal conversion needs ZeRO 1, 2 or 3")
+    if dst.exists():
+        shutil.rmtree(dst)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src)]
+    cmd += ["--output_folder", str(dst), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise UserError(f"ds_to_universal failed on {src}: {proc.stderr.strip().splitlines()[-1:]}")
+    shutil.copy(src / STATE_FILE, dst / STATE_FILE)
+    _write_atomic(dst / COMPLETE, "")
+    _write_atomic(save_dir / "latest", dst.name)
+    return dst
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(
+        (path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")
+    )
+
+
+def load_weights(path: str | os.PathLike):
+    """(BertConfig, state dict with HF BertForPreTraining key names, fp32) from a --save directory (newest
+    complete checkpoint), one checkpoint tag directory, or a Hugging Face directory."""
+    from pretrain.model import BertConfig, BertForPreTraining
+
+    p = Path(path)
+    if _is_hf_dir(p):
+        model = BertForPreTraining.from_hf_pretrained(str(p))
+        return model.config, {k: v.float() for k, v in model.state_dict().items()}
+    if not (p / STATE_FILE).is_file():
+        found = newest(p) if p.is_dir() else None
+        if found is None:
+            raise UserError(f"{p} is neither a checkpoint (--save directory or tag) nor a Hugging Face model directory")
+        p = p / found[0]
+    state = read_state(p)
+    config = BertConfig(**state.config["model"])
+    if p.name.endswith("_universal"):
+        weights = _universal_weights(p)
+    elif any(p.glob("*optim_states.pt")) and any(p.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
+    else:
+        weights = torch.load(p / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    weights = {k: v.float().clone() for k, v in weights.items()}
+    for tied, source in (
+        ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
+        ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+    ):
+        if tied not in weights and source in weights:
+            weights[tied] = weights[source]
+    return config, weights
+
+
+def _universal_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in (tag_dir / "zero").glob("*/fp32.pt"):
+        t = torch.load(f, map_location="cpu", weights_only=False)
+        out[f.parent.name] = t["param"] if isinstance(t, dict) else t
+    return out
+
+
+def _main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.checkpoint",
+        description="Checkpoint tools. to-universal: convert the newest ZeRO checkpoint of a --save directory "
+        "into DeepSpeed's universal format, so the same run can resume on a different number of processes.",
+    )
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    conv = sub.add_parser("to-universal", help="convert a ZeRO checkpoint to the universal format")
+    conv.add_argument("save_dir", help="the run's --save directory")
+    conv.add_argument("--tag", help="checkpoint tag to convert (default: newest complete)")
+    args = parser.parse_args(argv)
+    dst = to_universal(args.save_dir, args.tag)
+    print(f"wrote {dst}; relaunch the run with any number of processes to resume from it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(_main))

@@ -1,0 +1,163 @@
+"""A tiny English-like pretraining dataset for the training tests, built the way `bert-prep` builds one.
+
+Documents are generated from a small grammar (subject, verb, object, place) with per-document topics, so
+MLM has something to learn (the loss must fall) and NSP has real continuations. The vocabulary is trained
+with Hugging Face `tokenizers`' WordPiece trainer and saved as vocab.txt; sentences are encoded with
+`transformers.BertTokenizer` loaded from that directory and written with `IndexedDatasetWriter` + manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.indexed import IndexedDatasetWriter, token_dtype
+
+SUBJECTS = [
+    "the farmer",
+    "a young teacher",
+    "my neighbour",
+    "the old sailor",
+    "our doctor",
+    "the little girl",
+    "a tired soldier",
+]
+VERBS = [
+    "carried",
+    "painted",
+    "repaired",
+    "sold",
+    "bought",
+    "cleaned",
+    "found",
+    "watched",
+    "borrowed",
+    "described",
+]
+OBJECTS = [
+    "the wooden boat",
+    "a red bicycle",
+    "the broken window",
+    "an old map",
+    "the heavy basket",
+    "a silver clock",
+]
+PLACES = [
+    "near the river",
+    "in the morning",
+    "behind the school",
+    "at the market",
+    "during the storm",
+    "before dinner",
+]
+TOPICS = ["weather", "harbour", "garden", "village", "kitchen", "railway", "library", "mountain"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _documents(num_docs: int, seed: int) -> list[list[str]]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(num_docs):
+        topic = rng.choice(TOPICS)
+        subject = rng.choice(SUBJECTS)
+        sentences = []
+        for _ in range(rng.randint(4, 10)):
+            sentences.append(
+                f"{subject} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)} "
+                f"and talked about the {topic}."
+            )
+        docs.append(sentences)
+    return docs
+
+
+def build_tokenizer(directory: Path, texts: list[str], vocab_size: int = 200) -> Path:
+    """Train a WordPiece vocabulary on `texts` and save vocab.txt (+ tokenizer config) in `directory`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertTokenizer
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL))
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    (directory / "vocab.txt").write_text("\n".join(t for t, _ in vocab) + "\n")
+    BertTokenizer.from_pretrained(str(directory)).save_pretrained(str(directory))
+    return directory
+
+
+def make_dataset(root: Path, num_docs: int = 60, seed: int = 0, name: str = "corpus") -> str:
+    """Write `root/name.{bin,idx,json}` and `root/tokenizer/`; return the prefix."""
+    from transformers import BertTokenizer
+
+    docs = _documents(num_docs, seed)
+    tok_dir = build_tokenizer(root / "tokenizer", [s for d in docs for s in d])
+    tokenizer = BertTokenizer.from_pretrained(str(tok_dir))
+    vocab_size = len(tokenizer)
+    prefix = str(root / name)
+    n_sent = n_tok = 0
+    with IndexedDatasetWriter(prefix, token_dtype(vocab_size)) as w:
+        for doc in docs:
+            for sentence in doc:
+                ids = tokenizer(sentence, add_special_tokens=False)["input_ids"]
+                w.add_sequence(np.asarray(ids))
+                n_sent, n_tok = n_sent + 1, n_tok + len(ids)
+            w.end_document()
+    vocab_txt = tok_dir / "vocab.txt"
+    manifest = {
+        "format": "mmidx-bert",
+        "format_version": 1,
+        "tool_version": "0.1.0",
+        "dtype": str(token_dtype(vocab_size)),
+        "tokenizer": {
+            "path": str(tok_dir),
+            "sha256": hashlib.sha256(vocab_txt.read_bytes()).hexdigest(),
+            "vocab_size": vocab_size,
+            "lowercase": True,
+            "special_tokens": {n: tokenizer.convert_tokens_to_ids(f"[{n.upper()}]") for n in SPECIAL_NAMES},
+        },
+        "counts": {"documents": num_docs, "sentences": n_sent, "tokens": n_tok, "invalid_utf8_replaced": 0},
+        "sources": [],
+        "split_sentences": True,
+    }
+    Path(prefix + ".json").write_text(json.dumps(manifest))
+    return prefix
+
+
+SPECIAL_NAMES = ["pad", "unk", "cls", "sep", "mask"]
+
+
+def tiny_model_json(path: Path, vocab_size: int = 256, max_positions: int = 64, **overrides) -> str:
+    """A 2-layer, 64-wide BERT config (our JSON), dropout on, so resume tests also cover the RNG state."""
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=max_positions,
+    )
+    cfg.update(overrides)
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+def ds_config_json(path: Path, micro_batch: int = 4, world: int = 1, stage: int = 0, **extra) -> str:
+    """A small CPU DeepSpeed config: fp32, LAMB, warmup + polynomial decay."""
+    cfg = {
+        "train_batch_size": micro_batch * world * extra.pop("grad_accum", 1),
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "optimizer": {"type": "Lamb", "params": {"lr": 0.01, "weight_decay": 0.01, "betas": [0.9, 0.999]}},
+        "scheduler": {"type": "WarmupPolyDecay", "params": {"warmup_proportion": 0.1, "power": 1.0}},
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    cfg.update(extra)
+    path.write_text(json.dumps(cfg))
+    return str(path)
