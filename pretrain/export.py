@@ -1,0 +1,165 @@
+"""`bert-export CHECKPOINT_DIR OUT_DIR [--tag T]`: a training checkpoint to a Hugging Face directory.
+
+The output holds config.json, model.safetensors and the tokenizer files, and loads with
+`transformers.BertForPreTraining/BertModel/BertForMaskedLM.from_pretrained(OUT_DIR)` and
+`pipeline("fill-mask", model=OUT_DIR)`. Weights come through `pretrain.checkpoint.load_weights`, which
+consolidates any ZeRO stage; the tokenizer is the one the dataset was built with (the manifest's
+`tokenizer.path`, found through the data prefix the run recorded) unless `--tokenizer` names another.
+
+After writing, the export is loaded back with transformers and run next to our model on a fixed batch;
+a mismatch is an error, so a directory this command leaves behind is known to give our outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from data_prep.errors import UserError, run_cli
+from pretrain.model import TIED_KEYS, BertConfig, BertForPreTraining
+
+VERIFY_ATOL = 1e-4  # fp32 logits of the same weights through two implementations
+
+
+def build_model(config: BertConfig, state: dict[str, torch.Tensor]) -> BertForPreTraining:
+    """Our model holding `state` (HF BertForPreTraining names; the tied decoder keys may be absent)."""
+    model = BertForPreTraining(config)
+    state = dict(state)
+    state.setdefault(TIED_KEYS[0], state.get("bert.embeddings.word_embeddings.weight"))
+    state.setdefault(TIED_KEYS[1], state.get("cls.predictions.bias"))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return model.eval()
+
+
+def recorded_data_prefixes(source: Path) -> list[str]:
+    """The dataset prefixes a training run recorded in its checkpoint (`train_state.json`), if any."""
+    from pretrain import checkpoint
+
+    if (source / checkpoint.STATE_FILE).is_file():
+        state = checkpoint.read_state(source)
+    else:
+        found = checkpoint.newest(source)
+        if found is None:
+            return []
+        state = found[1]
+    data = state.config.get("train", {}).get("data", [])
+    return [data] if isinstance(data, str) else list(data)
+
+
+def tokenizer_dir(source: Path, tokenizer: str | None, data: str | None) -> str:
+    """The tokenizer to ship: --tokenizer, else the manifest of --data or of the run's recorded dataset."""
+    if tokenizer:
+        return tokenizer
+    prefixes = [data] if data else recorded_data_prefixes(source)
+    for prefix in prefixes:
+        manifest = Path(prefix + ".json")
+        if manifest.is_file():
+            path = json.loads(manifest.read_text()).get("tokenizer", {}).get("path")
+            if path and Path(path).is_dir():
+                return path
+            raise UserError(f"tokenizer {path!r} named in {manifest} is not a directory; pass --tokenizer DIR")
+    raise UserError(
+        f"cannot find the dataset manifest of {source}; pass --tokenizer DIR (or --data PREFIX) for the tokenizer"
+    )
+
+
+def save_tokenizer(src: str, out_dir: Path, config: BertConfig) -> None:
+    from transformers import BertTokenizer  # the fast tokenizer in transformers 5
+
+    try:
+        tok = BertTokenizer.from_pretrained(src)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a BERT tokenizer from {src}: {e}; pass --tokenizer DIR") from e
+    if len(tok) > config.vocab_size:
+        raise UserError(
+            f"tokenizer {src} has {len(tok)} tokens but the model only {config.vocab_size}; pass the --tokenizer "
+            "the dataset was built with"
+        )
+    tok.model_max_length = config.max_position_embeddings
+    tok.save_pretrained(str(out_dir))
+    if (Path(src) / "vocab.txt").is_file():  # transformers 5 writes tokenizer.json only; older tools want vocab.txt
+        shutil.copyfile(Path(src) / "vocab.txt", out_dir / "vocab.txt")
+
+
+@torch.no_grad()
+def verify(model: BertForPreTraining, out_dir: Path, seq_len: int = 16) -> float:
+    """Largest |difference| between our and transformers' MLM and NSP logits on a fixed batch; raises above tol."""
+    from transformers import BertForPreTraining as HFBertForPreTraining
+
+    hf = HFBertForPreTraining.from_pretrained(str(out_dir)).eval()
+    gen = torch.Generator().manual_seed(0)
+    seq_len = min(seq_len, model.config.max_position_embeddings)
+    ids = torch.randint(model.config.pad_token_id + 1, model.config.vocab_size, (2, seq_len), generator=gen)
+    types = (torch.arange(seq_len) >= seq_len // 2).long().expand(2, -1)
+    mask = torch.ones_like(ids)
+    ours = model(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    theirs = hf(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    diff = max(
+        (ours.mlm_logits - theirs.prediction_logits).abs().max().item(),
+        (ours.nsp_logits - theirs.seq_relationship_logits).abs().max().item(),
+    )
+    if not diff <= VERIFY_ATOL:
+        raise RuntimeError(f"exported model differs from ours by {diff:g} (> {VERIFY_ATOL}); export is broken")
+    return diff
+
+
+def export(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tag: str | None = None,
+    tokenizer: str | None = None,
+    data: str | None = None,
+    check: bool = True,
+) -> BertForPreTraining:
+    """Write the Hugging Face directory; returns our model with the exported weights (eval mode)."""
+    from pretrain.checkpoint import load_weights
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    source = checkpoint / tag if tag else checkpoint
+    if not source.exists():
+        raise UserError(f"checkpoint {source} does not exist; pass a training --save directory (and --tag)")
+    tok_src = tokenizer_dir(source, tokenizer, data)  # fail before the slow part
+    config, state = load_weights(str(source))
+    model = build_model(config, state)
+    model.save_hf_pretrained(str(out_dir))
+    save_tokenizer(tok_src, out_dir, config)
+    if check:
+        verify(model, out_dir)
+    return model
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bert-export",
+        description="Export a pretraining checkpoint (any ZeRO stage) to a Hugging Face directory: config.json, "
+        "model.safetensors and the tokenizer files, loadable by transformers' BertForPreTraining, BertModel, "
+        "BertForMaskedLM and the fill-mask pipeline.",
+    )
+    parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="training --save directory or checkpoint tag dir")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag inside CHECKPOINT_DIR (default: the newest)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: from the dataset manifest)")
+    parser.add_argument("--data", default=None, help="dataset prefix whose manifest names the tokenizer")
+    parser.add_argument("--no-verify", action="store_true", help="skip reloading with transformers and comparing")
+    args = parser.parse_args(argv)
+    model = export(args.checkpoint, args.out_dir, args.tag, args.tokenizer, args.data, check=not args.no_verify)
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    print(f"exported {c.num_layers}-layer, {c.hidden_size}-wide BERT ({n / 1e6:.1f}M parameters) to {args.out_dir}")
+    if not args.no_verify:
+        print("verified: transformers.BertForPreTraining gives our logits on the exported directory")
+    return 0
+
+
+def cli() -> None:
+    raise SystemExit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
