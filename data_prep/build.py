@@ -6,9 +6,10 @@ batch; the main process writes results in chunk order. Design choices:
 
 - Deterministic: results are consumed in submission order, so the output is byte-identical for any
   `--workers` (and `--workers 1` runs in-process, with no pickling at all).
-- Bounded memory: at most `2 * workers` chunks are in flight, so the text and ids held at once are about
-  `(2 * workers + 1) * chunk_mb` MB of text plus its ids (~3x that in Python objects), whatever the corpus
-  size; the index side data is spilled to disk by the writer.
+- Bounded memory: at most `2 * workers` chunks are in flight and the tokenizer works through a chunk in
+  batches of 1024 sentences, so memory depends on `--chunk-mb` and `--workers`, never on the corpus size:
+  about (2 * workers + 2) chunks of text as Python strings (~2-3x their size) on top of the baseline of each
+  process; the index side data is spilled to disk by the writer. docs/PERFORMANCE.md has measured peaks.
 - Crash safety: everything is written under `*.tmp` names and renamed at the end, `.idx` last (with the
   manifest just before it); a re-run first removes the stale `*.tmp` files of a killed run.
 - Sharding: `--shards K` deals documents round-robin to `PREFIX_00000` ... `PREFIX_{K-1}`, each a complete
@@ -52,7 +53,7 @@ class BuildConfig:
     overwrite: bool = False  # replace an existing dataset at --output
     strict: bool = False  # invalid UTF-8 is an error instead of being replaced and counted
     shards: int = 0  # 0: one dataset; K: K datasets PREFIX_00000 ... with documents dealt round-robin
-    chunk_mb: float = 4.0  # text per work item; memory is bounded by about (2 * workers + 1) chunks
+    chunk_mb: float = 1.0  # text per work item; memory is bounded by about (2 * workers + 2) chunks
     progress: bool = True  # show the progress bar
 
     def validate(self) -> None:
@@ -206,18 +207,20 @@ class _ChunkWork:
     def __init__(self, backend_json: str, dtype: np.dtype, split: bool):
         self.backend_json, self.dtype, self.split = backend_json, np.dtype(dtype), split
         self._encoder: tokenizer.Encoder | None = None
+        self._splitter: text.SentenceSplitter | None = None
 
     def __getstate__(self) -> dict:  # workers rebuild the encoder themselves
-        return {**self.__dict__, "_encoder": None}
+        return {**self.__dict__, "_encoder": None, "_splitter": None}
 
     def __call__(self, docs: list[list[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self._encoder is None:
             self._encoder = tokenizer.Encoder(self.backend_json, self.dtype)
+            self._splitter = text.SentenceSplitter(self.split)
         sents, per_doc = [], []
         for doc in docs:
             before = len(sents)
             for para in doc:
-                sents.extend(text.sentences(para, self.split))
+                sents.extend(self._splitter(para))
             per_doc.append(len(sents) - before)
         ids, lengths = self._encoder.encode(sents)
         keep = lengths > 0  # e.g. a sentence of control characters only
@@ -281,7 +284,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at PREFIX")
     p.add_argument("--strict", action="store_true", help="fail on invalid UTF-8 instead of replacing and counting")
     p.add_argument("--shards", type=int, default=0, help="write K datasets PREFIX_00000.. (documents round-robin)")
-    p.add_argument("--chunk-mb", type=float, default=4.0, help="MB of text per work item; bounds memory (default 4)")
+    p.add_argument("--chunk-mb", type=float, default=1.0, help="MB of text per work item; bounds memory (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
     return p

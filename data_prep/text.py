@@ -15,6 +15,7 @@ Design choices:
 from __future__ import annotations
 
 import bz2
+import ctypes
 import glob
 import gzip
 import io
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+import blingfire
 import zstandard
 
 from data_prep.errors import UserError
@@ -170,13 +172,28 @@ def chunked(documents: Iterator[list[str]], chunk_bytes: int) -> Iterator[list[l
         yield chunk
 
 
-def sentences(paragraph: str, split: bool) -> list[str]:
-    """The sentences of one paragraph (blingfire), or the paragraph itself when not splitting."""
-    if not split:
-        return [paragraph]
-    import blingfire
+class SentenceSplitter:
+    """blingfire's `text_to_sentences`, paragraph by paragraph, with one reused output buffer.
 
-    return [s for s in blingfire.text_to_sentences(paragraph).split("\n") if s.strip()]
+    Same C call and same result as `blingfire.text_to_sentences`; reusing the buffer instead of allocating
+    one per call makes splitting about twice as fast, which matters because it runs next to the tokenizer.
+    """
+
+    def __init__(self, split: bool = True):
+        self.split = split
+        self._buf = ctypes.create_string_buffer(1 << 16)
+
+    def __call__(self, paragraph: str) -> list[str]:
+        """The non-blank sentences of one paragraph (the paragraph itself when not splitting)."""
+        if not self.split:
+            return [paragraph]
+        raw = paragraph.encode("utf-8")
+        if 2 * len(raw) + 1 > len(self._buf):
+            self._buf = ctypes.create_string_buffer(4 * len(raw) + 1024)
+        n = blingfire.blingfire.TextToSentences(raw, len(raw), self._buf, len(self._buf))
+        if n <= 0 or n > len(self._buf):  # blingfire failed: keep the paragraph whole rather than lose it
+            return [paragraph] if paragraph.strip() else []
+        return [s for s in ctypes.string_at(self._buf, n - 1).decode("utf-8").split("\n") if s.strip()]
 
 
 def cpu_count() -> int:

@@ -13,6 +13,7 @@ Design choices:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,10 +102,18 @@ class Encoder:
         self._tok = Tokenizer.from_str(backend_json)
         self.dtype = np.dtype(dtype)
 
-    def encode(self, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Ids of all sentences back to back (no [CLS]/[SEP]) and each sentence's length."""
-        encodings = self._tok.encode_batch_fast(sentences, add_special_tokens=False)
-        ids = [e.ids for e in encodings]
-        lengths = np.fromiter(map(len, ids), np.int32, len(ids))
-        flat = np.fromiter((i for seq in ids for i in seq), self.dtype, int(lengths.sum()))
-        return flat, lengths
+    def encode(self, sentences: list[str], batch: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of all sentences back to back (no [CLS]/[SEP]) and each sentence's length.
+
+        Batches of `batch` sentences: an `Encoding` carries tokens, offsets and masks besides the ids (tens
+        of bytes per token), so converting each batch to a flat array at once keeps that cost constant.
+        """
+        flats, lengths = [], []
+        for i in range(0, len(sentences), batch):
+            ids = [e.ids for e in self._tok.encode_batch_fast(sentences[i : i + batch], add_special_tokens=False)]
+            n = np.fromiter(map(len, ids), np.int32, len(ids))
+            flats.append(np.fromiter(itertools.chain.from_iterable(ids), self.dtype, int(n.sum())))
+            lengths.append(n)
+        if not lengths:
+            return np.zeros(0, self.dtype), np.zeros(0, np.int32)
+        return np.concatenate(flats), np.concatenate(lengths)
