@@ -1,0 +1,265 @@
+"""bert-bench: time full training steps (forward, backward, AdamW step) of our BERT, optionally beside HF's.
+
+Synthetic batches (the same ones, in the same order, for both models):
+- Padding: `realistic` draws each sequence's real length as BERT's data generator shapes it: with
+  probability 0.1 (BERT's short_seq_prob) uniform in [8, S], otherwise uniform in [S/2, S] (pairs stop at a
+  sentence boundary or a document end before the target); the longest is set to S, since batches are padded
+  to their longest sequence. The mean fill is about 73% of S. `none` makes every sequence S tokens long.
+- Segments: the first half of each sequence is sentence A, the rest B; NSP labels are random.
+- Masking: 15% of each sequence's real tokens (at least one, never [CLS]) become [MASK] and carry a label.
+- 8 distinct batches are cycled, so unpadding sees changing shapes.
+
+Optimizer: torch.optim.AdamW(fused=True) for both models.
+Timing: warm-up steps first, then the timed steps in chunks of 5 that alternate between the models, so load
+from other processes hits both alike; the reported step time is the median step. FLOPs count useful work
+only (`flops_per_sequence` on each sequence's real length, P = its masked tokens), the same for both
+models, so TFLOP/s ratios equal speed ratios. HF computes its MLM logits on every position, as it does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from data_prep.errors import UserError, run_cli
+from pretrain.model import BertConfig, BertForPreTraining, flops_per_sequence, load_config
+
+# Dense peak TFLOP/s of the tensor cores (no sparsity) by device name fragment and precision.
+PEAK_TFLOPS = {
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CLS_ID, SEP_ID, MASK_ID = 101, 102, 103
+CHUNK = 5
+
+
+def synthetic_batch(config: BertConfig, batch: int, seq_len: int, padding: str, gen: torch.Generator) -> dict:
+    """One micro-batch in the docs/DESIGN.md layout, with the padding distribution of the module docstring."""
+    if padding == "realistic":
+        short = torch.rand(batch, generator=gen) < 0.1
+        low = torch.where(short, torch.full((batch,), min(8, seq_len)), torch.full((batch,), seq_len // 2))
+        lengths = low + (torch.rand(batch, generator=gen) * (seq_len - low + 1)).long().clamp(max=seq_len - low)
+        lengths[lengths.argmax()] = seq_len
+    else:
+        lengths = torch.full((batch,), seq_len)
+    positions = torch.arange(seq_len)
+    real = positions < lengths[:, None]  # (B, S)
+    input_ids = torch.randint(
+        1000 if config.vocab_size > 2000 else 5, config.vocab_size, (batch, seq_len), generator=gen
+    )
+    input_ids = torch.where(real, input_ids, config.pad_token_id)
+    input_ids[:, 0] = CLS_ID % config.vocab_size
+    masked = torch.cat([_pick_masked(int(n), seq_len, b, gen) for b, n in enumerate(lengths)])  # (N,) flat
+    mlm_labels = input_ids.flatten()[masked]
+    input_ids.view(-1)[masked] = MASK_ID % config.vocab_size
+    return {
+        "input_ids": input_ids,
+        "token_type_ids": (positions >= lengths[:, None] // 2).long() * real,
+        "attention_mask": real.long(),
+        "masked_positions": masked,
+        "mlm_labels": mlm_labels,
+        "nsp_labels": torch.randint(0, 2, (batch,), generator=gen),
+    }
+
+
+def _pick_masked(length: int, seq_len: int, row: int, gen: torch.Generator) -> torch.Tensor:
+    count = max(1, round(0.15 * length))
+    return (torch.randperm(length - 1, generator=gen)[:count] + 1).sort().values + row * seq_len
+
+
+def hf_inputs(batch: dict) -> dict:
+    """The same batch in `transformers.BertForPreTraining`'s keyword arguments (labels -100 where unmasked)."""
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels.view(-1)[batch["masked_positions"]] = batch["mlm_labels"]
+    keys = ("input_ids", "token_type_ids", "attention_mask")
+    return {**{k: batch[k] for k in keys}, "labels": labels, "next_sentence_label": batch["nsp_labels"]}
+
+
+def batch_flops(config: BertConfig, batch: dict) -> float:
+    """Useful training FLOPs of a batch: the formula on each sequence's real length and masked count."""
+    lengths = batch["attention_mask"].sum(1).tolist()
+    seq_len = batch["input_ids"].shape[1]
+    per_row = torch.bincount(batch["masked_positions"] // seq_len, minlength=len(lengths)).tolist()
+    return sum(flops_per_sequence(config, s, p) for s, p in zip(lengths, per_row))
+
+
+class Runner:
+    """One model, its AdamW optimizer and its step times; `step(batch)` is a full training step."""
+
+    def __init__(self, name: str, model: torch.nn.Module, loss_fn: Callable, precision: str, device: torch.device):
+        self.name, self.model, self.loss_fn, self.device = name, model.to(device).train(), loss_fn, device
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # fused on CPU and CUDA
+        self.autocast = precision != "fp32"
+        self.dtype = DTYPES[precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.times: list[float] = []
+        self.peak_mem = 0
+
+    def step(self, batch: dict) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
+            loss = self.loss_fn(self.model, batch)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def timed_chunk(self, batches: list[dict], start: int, count: int, record: bool) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(start, start + count):
+            t0 = time.perf_counter()
+            self.step(batches[i % len(batches)])
+            _sync(self.device)
+            if record:
+                self.times.append(time.perf_counter() - t0)
+        if self.device.type == "cuda":
+            self.peak_mem = max(self.peak_mem, torch.cuda.max_memory_allocated())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(runners: list[Runner], batches: list[dict], steps: int, warmup: int) -> None:
+    """Warm every runner up, then time `steps` steps each in alternating chunks."""
+    for r in runners:
+        r.timed_chunk(batches, 0, warmup, record=False)
+    with tqdm(total=steps * len(runners), desc="timed steps", unit="step") as bar:
+        for start in range(warmup, warmup + steps, CHUNK):
+            for r in runners:
+                count = min(CHUNK, warmup + steps - start)
+                r.timed_chunk(batches, start, count, record=True)
+                bar.update(count)
+
+
+def summarize(r: Runner, config: BertConfig, batches: list[dict], peak_tflops: float | None) -> dict:
+    step_s = statistics.median(r.times)
+    tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
+    tflops = statistics.mean(batch_flops(config, b) for b in batches) / step_s / 1e12
+    return {
+        "step_s": step_s,
+        "seq_per_s": batches[0]["input_ids"].shape[0] / step_s,
+        "tokens_per_s": tokens / step_s,
+        "tflops": tflops,
+        "mfu": tflops / peak_tflops if peak_tflops else None,
+        "peak_mem_bytes": r.peak_mem if r.device.type == "cuda" else None,
+    }
+
+
+def device_peak(device: torch.device, precision: str, override: float | None) -> float | None:
+    """Peak TFLOP/s for MFU: --peak-tflops, else the table entry for this GPU, else None (CPU)."""
+    if override is not None or device.type != "cuda":
+        return override
+    name = torch.cuda.get_device_name(device)
+    return next((peaks[precision] for key, peaks in PEAK_TFLOPS.items() if key in name), None)
+
+
+def ours_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch["ours"]).loss
+
+
+def hf_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    return model(**batch["hf"]).loss
+
+
+def build_runners(config: BertConfig, args: argparse.Namespace, device: torch.device) -> list[Runner]:
+    ours = BertForPreTraining(config)
+    runners = [Runner("ours", ours, ours_loss, args.precision, device)]
+    if args.compare_hf:
+        from transformers import BertForPreTraining as HFBertForPreTraining
+
+        hf = HFBertForPreTraining._from_config(config.to_hf(), attn_implementation="sdpa")
+        hf.load_state_dict(ours.state_dict(), strict=True)
+        runners.append(Runner("hf", hf, hf_loss, args.precision, device))
+    return runners
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bert-bench",
+        description="Time full BERT pretraining steps (forward, backward, AdamW) on synthetic MLM+NSP batches.",
+    )
+    p.add_argument("--model", default="base", help="preset (tiny|mini|small|medium|base|large) or model JSON file")
+    p.add_argument("--seq-len", type=int, default=128, help="padded sequence length S (default 128)")
+    p.add_argument("--micro-batch", type=int, default=32, help="sequences per step (default 32)")
+    p.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp16 needs CUDA)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per model (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
+    p.add_argument("--padding", choices=("realistic", "none"), default="realistic", help="length distribution")
+    p.add_argument("--compare-hf", action="store_true", help="also time transformers.BertForPreTraining (sdpa)")
+    p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
+    p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: GPU table; CPU n/a)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
+    return p.parse_args(argv)
+
+
+def validate(args: argparse.Namespace, config: BertConfig, device: torch.device) -> None:
+    if args.precision == "fp16" and device.type != "cuda":
+        raise UserError("--precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
+    if not 8 <= args.seq_len <= config.max_position_embeddings:
+        raise UserError(f"--seq-len must be in [8, {config.max_position_embeddings}] for this --model")
+    if args.micro_batch < 1 or args.steps < 1 or args.warmup < 0:
+        raise UserError("--micro-batch and --steps must be at least 1 and --warmup at least 0")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    config, device = load_config(args.model), torch.device(args.device)
+    validate(args, config, device)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    ours = [synthetic_batch(config, args.micro_batch, args.seq_len, args.padding, gen) for _ in range(8)]
+    batches = [{"ours": _to(b, device), "hf": _to(hf_inputs(b), device)} for b in ours]
+    runners = build_runners(config, args, device)
+    run(runners, batches, args.steps, args.warmup)
+    peak = device_peak(device, args.precision, args.peak_tflops)
+    results = {r.name: summarize(r, config, ours, peak) for r in runners}
+    if "hf" in results:
+        results["speedup_vs_hf"] = results["ours"]["seq_per_s"] / results["hf"]["seq_per_s"]
+    print(report(results, args, device))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**results, "args": vars(args), "config": config.__dict__}, f, indent=2)
+    return 0
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def report(results: dict, args: argparse.Namespace, device: torch.device) -> str:
+    lines = [
+        f"bert-bench --model {args.model} seq {args.seq_len} batch {args.micro_batch} {args.precision} on {device}"
+    ]
+    for name in ("ours", "hf"):
+        if name in results:
+            r = results[name]
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            mem = f"{r['peak_mem_bytes'] / 2**30:.2f} GiB" if r["peak_mem_bytes"] is not None else "n/a (CPU)"
+            lines.append(
+                f"  {name:4s} step {1000 * r['step_s']:8.1f} ms  {r['seq_per_s']:8.1f} seq/s  "
+                f"{r['tokens_per_s']:9.0f} tok/s  {r['tflops']:7.3f} TFLOP/s  MFU {mfu}  peak mem {mem}"
+            )
+    if "speedup_vs_hf" in results:
+        lines.append(f"  speedup vs HF: {results['speedup_vs_hf']:.2f}x")
+    return "\n".join(lines)
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

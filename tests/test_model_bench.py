@@ -1,0 +1,68 @@
+"""bert-bench: synthetic batches follow the documented distribution, FLOPs and the JSON report add up."""
+
+import json
+
+import pytest
+import torch
+
+from data_prep.errors import run_cli
+from pretrain import bench
+from pretrain.model import BertConfig, flops_per_sequence
+
+
+def test_synthetic_batch_layout_and_masking():
+    config = BertConfig.preset("tiny")
+    S = 128
+    gen = torch.Generator().manual_seed(0)
+    batches = [bench.synthetic_batch(config, 64, S, "realistic", gen) for _ in range(4)]
+    lengths = torch.cat([b["attention_mask"].sum(1) for b in batches])
+    assert lengths.max() == S and lengths.min() >= 8
+    assert 0.02 < (lengths < S // 2).float().mean() < 0.08  # short_seq_prob 0.1, of which 46% fall below S/2
+    assert 0.65 < lengths.float().mean() / S < 0.8
+    for b in batches:
+        rows, cols = b["masked_positions"] // S, b["masked_positions"] % S
+        assert torch.all(b["attention_mask"][rows, cols] == 1) and torch.all(cols > 0)
+        counts = torch.bincount(rows, minlength=64)
+        expected = (b["attention_mask"].sum(1) * 0.15).round().clamp(min=1)
+        assert torch.equal(counts, expected.long())
+        assert torch.all(b["input_ids"].view(-1)[b["masked_positions"]] == bench.MASK_ID)
+        assert torch.all(b["input_ids"][b["attention_mask"] == 0] == config.pad_token_id)
+        labels = bench.hf_inputs(b)["labels"].view(-1)
+        assert torch.equal(labels[b["masked_positions"]], b["mlm_labels"])
+        assert (labels != -100).sum() == len(b["masked_positions"])
+    full = bench.synthetic_batch(config, 4, S, "none", gen)
+    assert torch.all(full["attention_mask"] == 1)
+
+
+def test_batch_flops_sums_the_formula_per_sequence():
+    config = BertConfig.preset("mini")
+    b = bench.synthetic_batch(config, 3, 64, "realistic", torch.Generator().manual_seed(1))
+    lengths = b["attention_mask"].sum(1).tolist()
+    masked = [int(((b["masked_positions"] // 64) == i).sum()) for i in range(3)]
+    L, h, V = 4, 256, 30522
+    expected = sum(72 * L * s * h * h + 12 * L * s * s * h + 6 * p * h * (h + V) for s, p in zip(lengths, masked))
+    assert bench.batch_flops(config, b) == expected == sum(map(flops_per_sequence, [config] * 3, lengths, masked))
+
+
+def test_bench_end_to_end_with_hf_json(tmp_path, capsys):
+    out, model = tmp_path / "bench.json", tmp_path / "model.json"
+    BertConfig.preset("tiny", vocab_size=1000).to_json(model)
+    args = ["--model", str(model), "--seq-len", "32", "--micro-batch", "4", "--steps", "2", "--warmup", "1"]
+    assert bench.main([*args, "--compare-hf", "--peak-tflops", "1.5", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "speedup vs HF" in capsys.readouterr().out
+    for name in ("ours", "hf"):
+        r = result[name]
+        assert r["seq_per_s"] == pytest.approx(4 / r["step_s"])
+        assert r["mfu"] == pytest.approx(r["tflops"] / 1.5)
+        assert 0 < r["tokens_per_s"] <= 32 * r["seq_per_s"]
+        assert r["peak_mem_bytes"] is None  # CPU
+    assert result["speedup_vs_hf"] == pytest.approx(result["ours"]["seq_per_s"] / result["hf"]["seq_per_s"])
+
+
+@pytest.mark.parametrize(
+    "argv", [["--model", "tiny", "--precision", "fp16"], ["--model", "enormous"], ["--model", "tiny", "--seq-len", "4"]]
+)
+def test_bench_user_errors_exit_2(argv, capsys):
+    assert run_cli(bench.main, [*argv, "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
