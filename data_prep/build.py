@@ -130,8 +130,9 @@ def build(cfg: BuildConfig) -> BuildResult:
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=not cfg.progress, smoothing=0.1)
     start = time.perf_counter()
     counts = [np.zeros(3, np.int64) for _ in writers]  # documents, sentences, tokens per output
+    results = _ordered_map(work, chunks, cfg.workers)
     try:
-        for ids, lengths, doc_lengths in _ordered_map(work, chunks, cfg.workers):
+        for ids, lengths, doc_lengths in results:
             _write(writers, counts, ids, lengths, doc_lengths)
             done = np.sum(counts, axis=0)
             bar.update(reader.stats.bytes_read - bar.n)
@@ -153,6 +154,7 @@ def build(cfg: BuildConfig) -> BuildResult:
             w.abort()
         raise
     finally:
+        results.close()  # stops the worker pool at once on an error
         bar.close()
     total_counts = {k: int(sum(c[i] for c in counts)) for i, k in enumerate(("documents", "sentences", "tokens"))}
     total_counts["invalid_utf8_replaced"] = reader.stats.invalid_utf8_replaced

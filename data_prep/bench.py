@@ -1,0 +1,152 @@
+"""Benchmark `bert-prep build` against the tokenizer itself, and the reader's open and random access.
+
+    python -m data_prep.bench --workdir /tmp/prep_bench            # builds an English corpus if --input is absent
+
+Measured in one run on the same text and vocabulary:
+- raw: HF `tokenizers` batch encoding of the input paragraphs in one thread (`encode_batch` and
+  `encode_batch_fast`), the ceiling for one worker;
+- build: the whole `bert-prep build` pipeline (read, split sentences, tokenize, write, index) for each
+  `--workers` value, as tokens/s and MB/s of text, its ratio to the raw rate per worker, and its scaling;
+- read: opening a dataset of `--read-sentences` sentences and random access to single sentences.
+Prints a Markdown table for docs/PERFORMANCE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread: the raw rate is a per-core rate
+
+import numpy as np  # noqa: E402
+
+from data_prep import indexed, text, tokenizer  # noqa: E402
+from data_prep.build import BuildConfig, build  # noqa: E402
+from data_prep.errors import UserError, run_cli  # noqa: E402
+
+
+def corpus(workdir: Path, megabytes: float) -> list[str]:
+    """The built-in English corpus (`data_prep.corpus`, documentation installed on this machine)."""
+    path = workdir / f"corpus_{megabytes:g}mb.txt"
+    if not path.exists():
+        from data_prep import corpus as corpus_mod
+
+        corpus_mod.build_corpus(str(path), None, megabytes, 2)
+    return [str(path)]
+
+
+def raw_rate(files: list[str], tok_dir: str, batch: int = 1000) -> dict[str, float]:
+    """Single-thread `tokenizers` batch encoding of the paragraphs: tokens/s and MB/s, best of 2."""
+    backend = tokenizer.load(tok_dir).backend_tokenizer
+    paras = [p for doc in text.TextReader([Path(f) for f in files]).documents() for p in doc]
+    mb = sum(len(p.encode()) for p in paras) / 1e6
+    out = {}
+    for name in ("encode_batch", "encode_batch_fast"):
+        encode = getattr(backend, name)
+        best, tokens = float("inf"), 0
+        for _ in range(2):
+            start = time.perf_counter()
+            tokens = sum(
+                len(e.ids)
+                for i in range(0, len(paras), batch)
+                for e in encode(paras[i : i + batch], add_special_tokens=False)
+            )
+            best = min(best, time.perf_counter() - start)
+        out[name] = (tokens / best, mb / best)
+    return out
+
+
+def build_rate(files: list[str], tok_dir: str, out: Path, workers: int) -> tuple[float, float, int]:
+    """`bert-prep build` over the files: tokens/s, MB/s of text, tokens (best of 2)."""
+    best = None
+    for _ in range(2):
+        cfg = BuildConfig(input=files, tokenizer=tok_dir, output=str(out), workers=workers, overwrite=True,
+                          progress=False)  # fmt: skip
+        r = build(cfg)
+        if best is None or r.seconds < best.seconds:
+            best = r
+    return best.counts["tokens"] / best.seconds, best.text_bytes / 1e6 / best.seconds, best.counts["tokens"]
+
+
+READ_PROBE = """
+import sys, time, numpy as np
+from data_prep.indexed import IndexedDataset
+t0 = time.perf_counter()
+ds = IndexedDataset(sys.argv[1])
+t1 = time.perf_counter()
+idx = np.random.default_rng(0).integers(0, len(ds), 200_000)
+t2 = time.perf_counter()
+s = 0
+for i in idx.tolist():
+    s += len(ds[i])
+t3 = time.perf_counter()
+print(len(ds), t1 - t0, (t3 - t2) / len(idx), s)
+"""
+
+
+def read_rates(workdir: Path, n: int) -> tuple[int, float, float]:
+    """Write `n` random sentences (1-32 tokens), then in a fresh process: open time, random access time."""
+    prefix = workdir / f"read_{n}"
+    if not indexed.paths(prefix)[1].exists():
+        rng = np.random.default_rng(0)
+        with indexed.IndexedDatasetWriter(prefix, np.uint16) as w:
+            for start in range(0, n, 1_000_000):
+                lengths = rng.integers(1, 33, min(1_000_000, n - start)).astype(np.int32)
+                docs = np.full(max(len(lengths) // 10, 1), 10)
+                docs[-1] += len(lengths) - docs.sum()
+                w.add_documents(rng.integers(5, 30000, int(lengths.sum())).astype(np.uint16), lengths, docs)
+    r = subprocess.run([sys.executable, "-c", READ_PROBE, str(prefix)], capture_output=True, text=True, check=True)
+    count, open_s, access_s, _ = r.stdout.split()
+    return int(count), float(open_s), float(access_s)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", nargs="+", help="text files (txt convention); default: the built-in English corpus")
+    p.add_argument("--corpus-mb", type=float, default=8.0, help="size of the built-in corpus when --input is absent")
+    p.add_argument("--workdir", default="/tmp/bert_prep_bench", help="scratch directory (corpus, vocab, outputs)")
+    p.add_argument("--vocab-size", type=int, default=30522, help="WordPiece vocabulary trained on the input")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
+    p.add_argument("--read-sentences", type=int, default=10_000_000, help="sentences in the read benchmark")
+    args = p.parse_args(argv)
+    if min(args.workers) < 1:
+        raise UserError("--workers values must be at least 1")
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = args.input or corpus(workdir, args.corpus_mb)
+    tok_dir = workdir / f"vocab_{args.vocab_size}"
+    if not (tok_dir / "vocab.txt").exists():
+        from data_prep.vocab import train_vocab
+
+        train_vocab(files, args.vocab_size, tok_dir)
+    tok_dir = str(tok_dir)
+    mb = sum(Path(f).stat().st_size for f in files) / 1e6
+    print(f"input {mb:.1f} MB in {len(files)} files; vocabulary {len(tokenizer.load(tok_dir))} tokens; "
+          f"load average {os.getloadavg()[0]:.2f} on {text.cpu_count()} cores", flush=True)  # fmt: skip
+    raw = raw_rate(files, tok_dir)
+    ceiling = raw["encode_batch_fast"][0]
+    rows = [f"| raw `tokenizers` `{k}`, 1 thread | {t:,.0f} | {m:.2f} | 1.00x | |" for k, (t, m) in raw.items()]
+    rows[-1] = rows[-1].replace("1.00x", "1.00x (ceiling)")
+    one = None
+    for w in args.workers:
+        tps, mbs, _ = build_rate(files, tok_dir, workdir / "out", w)
+        one = one or (tps if w == 1 else None)
+        scaling = f"{tps / one:.2f}x vs 1 worker" if one and w > 1 else ""
+        rows.append(
+            f"| `bert-prep build --workers {w}` | {tps:,.0f} | {mbs:.2f} | {tps / w / ceiling:.2f}x | {scaling} |"
+        )
+    print("\n| pipeline | tokens/s | MB/s of text | per worker vs raw | scaling |\n|---|---|---|---|---|")
+    print("\n".join(rows))
+    n, open_s, access_s = read_rates(workdir, args.read_sentences)
+    print(f"\nread: opening {n:,} sentences took {open_s * 1e3:.1f} ms (fresh process, warm page cache); "
+          f"random access {access_s * 1e6:.2f} us per sentence (`ds[i]`, 200k random i)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

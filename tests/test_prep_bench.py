@@ -1,0 +1,21 @@
+"""The data-prep benchmark runs end to end on a tiny input and reports every row of its table."""
+
+from __future__ import annotations
+
+import re
+
+from fixtures_prep import documents, txt
+
+from data_prep import bench
+
+
+def test_bench_prints_the_throughput_table(tmp_path, capsys):
+    src = tmp_path / "a.txt"
+    src.write_text(txt(documents(150, seed=30)), encoding="utf-8")
+    args = ["--input", str(src), "--workdir", str(tmp_path / "w"), "--vocab-size", 300, "--workers", 1]
+    assert bench.main([str(a) for a in args] + ["--read-sentences", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "encode_batch_fast" in out and "`bert-prep build --workers 1`" in out
+    rates = re.findall(r"\| ([\d,]+) \| ([\d.]+) \|", out)
+    assert len(rates) == 3 and all(float(t.replace(",", "")) > 0 for t, _ in rates)
+    assert re.search(r"opening 2,000 sentences took [\d.]+ ms", out)
