@@ -89,31 +89,24 @@ class FinetuneConfig:
 
 def load_pretrained(cfg: FinetuneConfig):
     """(BertConfig, BertForPreTraining state dict, tokenizer directory) of --init-from."""
-    config, state = _load_weights(cfg.init_from)
+    from pretrain.checkpoint import load_weights
+
+    config, state = load_weights(cfg.init_from)
     if cfg.seq_len > config.max_position_embeddings:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's {config.max_position_embeddings} positions")
     if cfg.tokenizer:
         return config, state, cfg.tokenizer
     init = Path(cfg.init_from)
-    for d in (init, init.parent):
-        if any((d / f).is_file() for f in TOKENIZER_FILES):
-            return config, state, str(d)
-    from pretrain.export import tokenizer_dir
+    if any((init / f).is_file() for f in TOKENIZER_FILES):  # an HF directory (e.g. from bert-export)
+        return config, state, str(init)
+    from pretrain.export import tokenizer_dir  # a checkpoint: the tokenizer of the dataset it trained on
 
-    return config, state, tokenizer_dir(init, None, None)
-
-
-def _load_weights(path: str):
     try:
-        from pretrain.checkpoint import load_weights
-    except ImportError:  # TEMPORARY until pretrain/checkpoint.py lands: HF directories only
-        from pretrain.model import BertForPreTraining
-
-        if not Path(path, "config.json").is_file():
-            raise UserError(f"--init-from {path} is not a Hugging Face BERT directory") from None
-        model = BertForPreTraining.from_hf_pretrained(path)
-        return model.config, model.state_dict()
-    return load_weights(path)
+        return config, state, tokenizer_dir(init, None, None)
+    except UserError:
+        raise UserError(
+            f"--init-from {init} holds no tokenizer and records no dataset manifest naming one; pass --tokenizer DIR"
+        ) from None
 
 
 def read_task(cfg: FinetuneConfig):
