@@ -31,7 +31,9 @@ def load(name_or_dir: str):
     import transformers
 
     path = Path(name_or_dir)
-    if not path.is_dir() and (path.exists() or os.sep in name_or_dir):
+    if path.is_file():
+        raise UserError(f"tokenizer {name_or_dir} is a file; pass its directory (the --output of `bert-prep vocab`)")
+    if not path.is_dir() and os.sep in name_or_dir:
         raise UserError(f"tokenizer directory {name_or_dir} does not exist; pass the --output of `bert-prep vocab`")
     if path.is_dir() and not any((path / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
         raise UserError(f"tokenizer directory {name_or_dir} has no vocab.txt or tokenizer.json; run `bert-prep vocab`")

@@ -62,6 +62,7 @@ def test_unloadable_tokenizer_and_existing_output(tmp_path, capsys, prep_tokeniz
     broken.mkdir()
     (broken / "tokenizer.json").write_text("{not json")
     fails(capsys, *build_args(broken, tmp_path / "d", good), match="broken_tok does not load")
+    fails(capsys, *build_args(prep_tokenizer / "vocab.txt", tmp_path / "d", good), match="vocab.txt is a file")
     (tmp_path / "empty_tok").mkdir()
     fails(capsys, *build_args(tmp_path / "empty_tok", tmp_path / "d", good), match="empty_tok has no vocab.txt")
     assert run_cli(*build_args(prep_tokenizer, tmp_path / "d", good)) == 0
@@ -142,3 +143,15 @@ def test_inspect_rejects_truncated_or_corrupted_files(dataset, capsys):
     restore()
     fails(capsys, "inspect", dataset.with_name("nothing"), match="nothing.idx does not exist")
     assert run_cli("inspect", dataset, "--verify") == 0
+
+
+def test_bad_vocab_inputs(tmp_path, capsys, good):
+    out = tmp_path / "tok"
+    fails(capsys, "vocab", "--input", tmp_path / "nope", "--vocab-size", 100, "--output", out, match="nope")
+    (tmp_path / "bin.txt").write_bytes(b"abc\x00def\n")
+    fails(capsys, "vocab", "--input", good, tmp_path / "bin.txt", "--vocab-size", 100, "--output", out,
+          match="bin.txt looks binary")  # fmt: skip
+    (tmp_path / "empty.txt").write_text("\n\n")
+    fails(capsys, "vocab", "--input", tmp_path / "empty.txt", "--vocab-size", 100, "--output", out, match="no text")
+    fails(capsys, "vocab", "--input", good, "--vocab-size", 3, "--output", out, match="--vocab-size")
+    assert not out.exists()
