@@ -70,3 +70,23 @@ def test_truncated_index_is_a_clear_error(tmp_path):
     idx.write_bytes(idx.read_bytes()[:-3])
     with pytest.raises(IndexedDatasetError, match="truncated"):
         IndexedDataset(tmp_path / "x")
+
+
+def test_add_documents_equals_sequence_by_sequence_writes(tmp_path):
+    docs = _docs(seed=2)
+    with IndexedDatasetWriter(tmp_path / "one", np.uint16) as w:
+        for doc in docs:
+            for sent in doc:
+                w.add_sequence(sent)
+            w.end_document()
+    with IndexedDatasetWriter(tmp_path / "bulk", np.uint16) as w:
+        w.add_sequence(docs[0][0])  # an open document is closed before the bulk documents start
+        for sent in docs[0][1:]:
+            w.add_sequence(sent)
+        rest = docs[1:]
+        sents = [s for doc in rest for s in doc]
+        w.add_documents(np.concatenate(sents), [len(s) for s in sents], [len(doc) for doc in rest])
+        with pytest.raises(ValueError):
+            w.add_documents(np.zeros(3), [3], [2])
+    for ext in (".bin", ".idx"):
+        assert (tmp_path / f"one{ext}").read_bytes() == (tmp_path / f"bulk{ext}").read_bytes()
