@@ -7,6 +7,7 @@ Measured in one run on the same text and vocabulary:
   `encode_batch_fast`), the ceiling for one worker;
 - build: the whole `bert-prep build` pipeline (read, split sentences, tokenize, write, index) for each
   `--workers` value, as tokens/s and MB/s of text, its ratio to the raw rate per worker, and its scaling;
+- memory: peak RSS of a default build (main process and largest worker) for each `--workers` value;
 - read: opening a dataset of `--read-sentences` sentences and random access to single sentences.
 Prints a Markdown table for docs/PERFORMANCE.md.
 """
@@ -28,6 +29,8 @@ import numpy as np  # noqa: E402
 from data_prep import indexed, text, tokenizer  # noqa: E402
 from data_prep.build import BuildConfig, build  # noqa: E402
 from data_prep.errors import UserError, run_cli  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]  # so the probe subprocesses import this checkout
 
 
 def corpus(workdir: Path, megabytes: float) -> list[str]:
@@ -100,9 +103,28 @@ def read_rates(workdir: Path, n: int) -> tuple[int, float, float]:
                 docs = np.full(max(len(lengths) // 10, 1), 10)
                 docs[-1] += len(lengths) - docs.sum()
                 w.add_documents(rng.integers(5, 30000, int(lengths.sum())).astype(np.uint16), lengths, docs)
-    r = subprocess.run([sys.executable, "-c", READ_PROBE, str(prefix)], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", READ_PROBE, str(prefix)], capture_output=True, text=True, check=True, cwd=ROOT
+    )
     count, open_s, access_s, _ = r.stdout.split()
     return int(count), float(open_s), float(access_s)
+
+
+PEAK_PROBE = """
+import resource, sys
+from data_prep.cli import main
+assert main(sys.argv[1:]) == 0
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+"""
+
+
+def peak_rss_mb(files: list[str], tok_dir: str, out: Path, workers: int) -> tuple[float, float]:
+    """Peak RSS (MB) of the main process and of the largest worker for a default `bert-prep build`."""
+    argv = ["build", "--input", *files, "--tokenizer", tok_dir, "--output", str(out), "--overwrite", "--no-progress"]
+    argv += ["--workers", str(workers)]
+    r = subprocess.run([sys.executable, "-c", PEAK_PROBE, *argv], capture_output=True, text=True, check=True, cwd=ROOT)
+    main_kb, child_kb = r.stdout.split()[-2:]
+    return int(main_kb) / 1024, int(child_kb) / 1024
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -142,6 +164,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print("\n| pipeline | tokens/s | MB/s of text | per worker vs raw | scaling |\n|---|---|---|---|---|")
     print("\n".join(rows))
+    for w in args.workers:
+        main_mb, worker_mb = peak_rss_mb(files, tok_dir, workdir / "peak", w)
+        workers_note = f", largest worker {worker_mb:.0f} MB" if w > 1 else ""
+        print(f"peak RSS, --workers {w} --chunk-mb 1 (default): main process {main_mb:.0f} MB{workers_note}")
     n, open_s, access_s = read_rates(workdir, args.read_sentences)
     print(f"\nread: opening {n:,} sentences took {open_s * 1e3:.1f} ms (fresh process, warm page cache); "
           f"random access {access_s * 1e6:.2f} us per sentence (`ds[i]`, 200k random i)")  # fmt: skip
