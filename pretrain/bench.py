@@ -8,6 +8,7 @@ Synthetic batches (the same ones, in the same order, for both models):
 - Segments: the first half of each sequence is sentence A, the rest B; NSP labels are random.
 - Masking: 15% of each sequence's real tokens (at least one, never [CLS]) become [MASK] and carry a label.
 - 8 distinct batches are cycled, so unpadding sees changing shapes.
+`--data PREFIX` times the first 8 micro-batches of a real dataset instead (pretrain.data).
 
 Optimizer: torch.optim.AdamW(fused=True) for both models.
 Timing: warm-up steps first, then the timed steps in chunks of 5 that alternate between the models, so load
@@ -75,6 +76,16 @@ def synthetic_batch(config: BertConfig, batch: int, seq_len: int, padding: str, 
 def _pick_masked(length: int, seq_len: int, row: int, gen: torch.Generator) -> torch.Tensor:
     count = max(1, round(0.15 * length))
     return (torch.randperm(length - 1, generator=gen)[:count] + 1).sort().values + row * seq_len
+
+
+def data_batches(prefix: str, config: BertConfig, micro_batch: int, seq_len: int, seed: int) -> list[dict]:
+    """The first 8 training micro-batches of a `bert-prep build` dataset (pretrain.data, NSP, 15% masking)."""
+    from pretrain.data import DataConfig, PretrainingData
+
+    data = PretrainingData(DataConfig(prefixes=[prefix], seq_len=seq_len, seed=seed, num_workers=0))
+    if data.vocab_size > config.vocab_size:
+        raise UserError(f"--data {prefix} has {data.vocab_size} token ids but --model only {config.vocab_size}")
+    return [data.batch("train", i * micro_batch, micro_batch) for i in range(8)]
 
 
 def hf_inputs(batch: dict) -> dict:
@@ -196,7 +207,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp16 needs CUDA)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per model (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
-    p.add_argument("--padding", choices=("realistic", "none"), default="realistic", help="length distribution")
+    p.add_argument(
+        "--padding", choices=("realistic", "none"), default="realistic", help="synthetic length distribution"
+    )
+    p.add_argument("--data", metavar="PREFIX", help="time on batches of this dataset instead of synthetic ones")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers.BertForPreTraining (sdpa)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: GPU table; CPU n/a)")
@@ -220,7 +234,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     validate(args, config, device)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    ours = [synthetic_batch(config, args.micro_batch, args.seq_len, args.padding, gen) for _ in range(8)]
+    if args.data:
+        ours = data_batches(args.data, config, args.micro_batch, args.seq_len, args.seed)
+    else:
+        ours = [synthetic_batch(config, args.micro_batch, args.seq_len, args.padding, gen) for _ in range(8)]
     batches = [{"ours": _to(b, device), "hf": _to(hf_inputs(b), device)} for b in ours]
     runners = build_runners(config, args, device)
     run(runners, batches, args.steps, args.warmup)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from fixtures_data import make_corpus
 
 from data_prep.errors import run_cli
 from pretrain import bench
@@ -66,3 +67,15 @@ def test_bench_end_to_end_with_hf_json(tmp_path, capsys):
 def test_bench_user_errors_exit_2(argv, capsys):
     assert run_cli(bench.main, [*argv, "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_bench_on_real_data(tmp_path):
+    corpus = make_corpus(tmp_path, num_docs=30, vocab_size=2000)
+    model, out = tmp_path / "model.json", tmp_path / "bench.json"
+    BertConfig.preset("tiny", vocab_size=2000).to_json(model)
+    args = ["--model", str(model), "--data", corpus.prefix, "--seq-len", "32", "--micro-batch", "4", "--steps", "1"]
+    assert bench.main([*args, "--warmup", "0", "--json", str(out)]) == 0
+    batches = bench.data_batches(corpus.prefix, BertConfig.preset("tiny", vocab_size=2000), 4, 32, 0)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
+    ours = json.loads(out.read_text())["ours"]
+    assert ours["tokens_per_s"] == pytest.approx(tokens / ours["step_s"])
