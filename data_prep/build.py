@@ -102,7 +102,7 @@ def _existing_outputs(output: str) -> list[str]:
 
 
 def _remove_stale(output: str) -> None:
-    """Delete `*.tmp` leftovers of a killed run (and, with --overwrite, the old dataset)."""
+    """Delete the `*.tmp` leftovers of a killed run."""
     escaped = glob.escape(output)
     for pattern in (f"{escaped}.*.tmp", f"{escaped}_[0-9][0-9][0-9][0-9][0-9].*.tmp"):
         for name in glob.glob(pattern):
@@ -120,29 +120,16 @@ def build(cfg: BuildConfig) -> BuildResult:
     info = tokenizer.describe(tok, cfg.tokenizer)
     dtype = indexed.token_dtype(info.vocab_size)
     _remove_stale(cfg.output)
-
     reader = text.TextReader(files, cfg.format, cfg.jsonl_key, cfg.strict)
-    chunks = text.chunked(reader.documents(), int(cfg.chunk_mb * 1e6))
     work = _ChunkWork(tok.backend_tokenizer.to_str(), dtype, cfg.split_sentences)
     prefixes = output_prefixes(cfg.output, cfg.shards)
     writers = [indexed.IndexedDatasetWriter(p, dtype) for p in prefixes]
-    total = sum(f.stat().st_size for f in files)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=not cfg.progress, smoothing=0.1)
     start = time.perf_counter()
-    counts = [np.zeros(3, np.int64) for _ in writers]  # documents, sentences, tokens per output
-    results = _ordered_map(work, chunks, cfg.workers)
     try:
-        for ids, lengths, doc_lengths in results:
-            _write(writers, counts, ids, lengths, doc_lengths)
-            done = np.sum(counts, axis=0)
-            bar.update(reader.stats.bytes_read - bar.n)
-            rate = done[2] / max(time.perf_counter() - start, 1e-9)
-            bar.set_postfix(docs=f"{done[0]:,}", tokens=f"{done[2]:,}", tok_s=f"{rate:,.0f}", refresh=False)
-        bar.update(total - bar.n)
-        empty = [p for p, c in zip(prefixes, counts) if c[0] == 0]
-        if len(empty) == len(prefixes):
+        counts = _tokenize_into(writers, reader, work, cfg)
+        if not any(c[0] for c in counts):
             raise UserError(f"the inputs hold no text that tokenizes to anything ({files[0]} ...); check --input")
-        if empty:
+        if not all(c[0] for c in counts):
             raise UserError(f"only {int(sum(c[0] for c in counts))} documents, fewer than --shards; lower --shards")
         manifests = [_manifest(info, dtype, c, reader.stats, cfg) for c in counts]
         for name in existing:  # --overwrite: the old dataset goes only once the new one is complete
@@ -153,12 +140,30 @@ def build(cfg: BuildConfig) -> BuildResult:
         for w in writers:
             w.abort()
         raise
+    totals = {k: int(sum(c[i] for c in counts)) for i, k in enumerate(("documents", "sentences", "tokens"))}
+    totals["invalid_utf8_replaced"] = reader.stats.invalid_utf8_replaced
+    return BuildResult(prefixes, manifests, time.perf_counter() - start, reader.stats.text_bytes, totals)
+
+
+def _tokenize_into(writers, reader: text.TextReader, work: _ChunkWork, cfg: BuildConfig) -> list[np.ndarray]:
+    """Stream every chunk through the workers into the writers; (documents, sentences, tokens) per writer."""
+    counts = [np.zeros(3, np.int64) for _ in writers]
+    total = sum(f.stat().st_size for f in reader.files)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=not cfg.progress, smoothing=0.1)
+    start = time.perf_counter()
+    results = _ordered_map(work, text.chunked(reader.documents(), int(cfg.chunk_mb * 1e6)), cfg.workers)
+    try:
+        for ids, lengths, doc_lengths in results:
+            _write(writers, counts, ids, lengths, doc_lengths)
+            done = np.sum(counts, axis=0)
+            rate = done[2] / max(time.perf_counter() - start, 1e-9)
+            bar.update(reader.stats.bytes_read - bar.n)
+            bar.set_postfix(docs=f"{done[0]:,}", tokens=f"{done[2]:,}", tok_s=f"{rate:,.0f}", refresh=False)
+        bar.update(total - bar.n)
     finally:
-        results.close()  # stops the worker pool at once on an error
+        results.close()  # on an error, stops the worker pool at once
         bar.close()
-    total_counts = {k: int(sum(c[i] for c in counts)) for i, k in enumerate(("documents", "sentences", "tokens"))}
-    total_counts["invalid_utf8_replaced"] = reader.stats.invalid_utf8_replaced
-    return BuildResult(prefixes, manifests, time.perf_counter() - start, reader.stats.text_bytes, total_counts)
+    return counts
 
 
 def _write(writers, counts, ids: np.ndarray, lengths: np.ndarray, doc_lengths: np.ndarray) -> None:
