@@ -304,6 +304,7 @@ class PretrainingData:
             num_workers=workers,
             collate_fn=functools.partial(collate, pad_id=self.special_tokens["pad"]),
             prefetch_factor=4 if workers else None,
+            worker_init_fn=_ignore_stop_signals,
             pin_memory=torch.cuda.is_available(),
         )
         return iter(loader)
@@ -504,6 +505,14 @@ def _continuation_ids(path: str, vocab_size: int, prefix: str) -> np.ndarray:
     n = min(len(tokens), vocab_size)
     flags[:n] = [t is not None and t.startswith("##") for t in tokens[:n]]
     return flags
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the training process, which stops at a step boundary and saves."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _MaskedSamples(Dataset):
