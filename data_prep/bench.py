@@ -7,6 +7,8 @@ Measured in one run on the same text and vocabulary:
   `encode_batch_fast`), the ceiling for one worker;
 - build: the whole `bert-prep build` pipeline (read, split sentences, tokenize, write, index) for each
   `--workers` value, as tokens/s and MB/s of text, its ratio to the raw rate per worker, and its scaling;
+- CPU efficiency: tokens per CPU-second of all processes (main and workers), which other jobs on a shared
+  machine disturb far less than wall-clock rates;
 - memory: peak RSS of a default build (main process and largest worker) for each `--workers` value;
 - read: opening a dataset of `--read-sentences` sentences and random access to single sentences.
 Prints a Markdown table for docs/PERFORMANCE.md.
@@ -16,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread: the raw rate is a per-core rate
@@ -43,37 +47,63 @@ def corpus(workdir: Path, megabytes: float) -> list[str]:
     return [str(path)]
 
 
-def raw_rate(files: list[str], tok_dir: str, batch: int = 1000) -> dict[str, float]:
-    """Single-thread `tokenizers` batch encoding of the paragraphs: tokens/s and MB/s, best of 2."""
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the build's worker pool)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@dataclass
+class Rate:
+    """One measured row: best wall time of two runs, and the CPU seconds of that run."""
+
+    tokens: int
+    megabytes: float
+    seconds: float
+    cpu: float
+
+    def row(self, name: str, ceiling: Rate | None, workers: int, one: Rate | None) -> str:
+        per_worker = self.tokens / self.seconds / workers / (ceiling.tokens / ceiling.seconds) if ceiling else 1.0
+        per_cpu = self.tokens / self.cpu / (ceiling.tokens / ceiling.cpu) if ceiling else 1.0
+        scaling = f"{one.seconds / self.seconds:.2f}x" if one and workers > 1 else ""
+        return (
+            f"| {name} | {self.tokens / self.seconds:,.0f} | {self.megabytes / self.seconds:.2f} | "
+            f"{per_worker:.2f}x | {self.tokens / self.cpu:,.0f} | {per_cpu:.2f}x | {scaling} |"
+        )
+
+
+def _best(runs: list[Rate]) -> Rate:
+    return min(runs, key=lambda r: r.seconds)
+
+
+def raw_rates(files: list[str], tok_dir: str, batch: int = 1000) -> dict[str, Rate]:
+    """Single-thread `tokenizers` batch encoding of the paragraphs, best of 2."""
     backend = tokenizer.load(tok_dir).backend_tokenizer
     paras = [p for doc in text.TextReader([Path(f) for f in files]).documents() for p in doc]
     mb = sum(len(p.encode()) for p in paras) / 1e6
     out = {}
     for name in ("encode_batch", "encode_batch_fast"):
         encode = getattr(backend, name)
-        best, tokens = float("inf"), 0
+        runs = []
         for _ in range(2):
-            start = time.perf_counter()
-            tokens = sum(
-                len(e.ids)
-                for i in range(0, len(paras), batch)
-                for e in encode(paras[i : i + batch], add_special_tokens=False)
-            )
-            best = min(best, time.perf_counter() - start)
-        out[name] = (tokens / best, mb / best)
+            wall, cpu = time.perf_counter(), cpu_seconds()
+            batches = (encode(paras[i : i + batch], add_special_tokens=False) for i in range(0, len(paras), batch))
+            tokens = sum(len(e.ids) for encodings in batches for e in encodings)
+            runs.append(Rate(tokens, mb, time.perf_counter() - wall, cpu_seconds() - cpu))
+        out[name] = _best(runs)
     return out
 
 
-def build_rate(files: list[str], tok_dir: str, out: Path, workers: int) -> tuple[float, float, int]:
-    """`bert-prep build` over the files: tokens/s, MB/s of text, tokens (best of 2)."""
-    best = None
+def build_rate(files: list[str], tok_dir: str, out: Path, workers: int) -> Rate:
+    """The whole `bert-prep build` (read, split, tokenize, write, index), best of 2."""
+    runs = []
     for _ in range(2):
         cfg = BuildConfig(input=files, tokenizer=tok_dir, output=str(out), workers=workers, overwrite=True,
                           progress=False)  # fmt: skip
+        cpu = cpu_seconds()
         r = build(cfg)
-        if best is None or r.seconds < best.seconds:
-            best = r
-    return best.counts["tokens"] / best.seconds, best.text_bytes / 1e6 / best.seconds, best.counts["tokens"]
+        runs.append(Rate(r.counts["tokens"], r.text_bytes / 1e6, r.seconds, cpu_seconds() - cpu))
+    return _best(runs)
 
 
 READ_PROBE = """
@@ -150,19 +180,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     mb = sum(Path(f).stat().st_size for f in files) / 1e6
     print(f"input {mb:.1f} MB in {len(files)} files; vocabulary {len(tokenizer.load(tok_dir))} tokens; "
           f"load average {os.getloadavg()[0]:.2f} on {text.cpu_count()} cores", flush=True)  # fmt: skip
-    raw = raw_rate(files, tok_dir)
-    ceiling = raw["encode_batch_fast"][0]
-    rows = [f"| raw `tokenizers` `{k}`, 1 thread | {t:,.0f} | {m:.2f} | 1.00x | |" for k, (t, m) in raw.items()]
-    rows[-1] = rows[-1].replace("1.00x", "1.00x (ceiling)")
+    raw = raw_rates(files, tok_dir)
+    ceiling = raw["encode_batch_fast"]
+    rows = [r.row(f"raw `tokenizers` `{k}`, 1 thread", ceiling, 1, None) for k, r in raw.items()]
     one = None
     for w in args.workers:
-        tps, mbs, _ = build_rate(files, tok_dir, workdir / "out", w)
-        one = one or (tps if w == 1 else None)
-        scaling = f"{tps / one:.2f}x vs 1 worker" if one and w > 1 else ""
-        rows.append(
-            f"| `bert-prep build --workers {w}` | {tps:,.0f} | {mbs:.2f} | {tps / w / ceiling:.2f}x | {scaling} |"
-        )
-    print("\n| pipeline | tokens/s | MB/s of text | per worker vs raw | scaling |\n|---|---|---|---|---|")
+        rate = build_rate(files, tok_dir, workdir / "out", w)
+        one = one or (rate if w == 1 else None)
+        rows.append(rate.row(f"`bert-prep build --workers {w}`", ceiling, w, one))
+    print(
+        "\n| pipeline | tokens/s | MB/s of text | per worker vs raw | tokens per CPU-s | per CPU-s vs raw "
+        "| scaling vs 1 worker |\n|---|---|---|---|---|---|---|"
+    )
     print("\n".join(rows))
     for w in args.workers:
         main_mb, worker_mb = peak_rss_mb(files, tok_dir, workdir / "peak", w)

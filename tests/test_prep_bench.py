@@ -17,5 +17,5 @@ def test_bench_prints_the_throughput_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "encode_batch_fast" in out and "`bert-prep build --workers 1`" in out
     rates = re.findall(r"\| ([\d,]+) \| ([\d.]+) \|", out)
-    assert len(rates) == 3 and all(float(t.replace(",", "")) > 0 for t, _ in rates)
+    assert len(rates) >= 3 and all(float(t.replace(",", "")) > 0 for t, _ in rates)
     assert re.search(r"opening 2,000 sentences took [\d.]+ ms", out)
