@@ -119,7 +119,7 @@ def _varlen_attention(qkv: Tensor, pack: Packing, dropout_p: float) -> Tensor | 
 
 def dense_gelu(x: Tensor, dense: nn.Linear, backend: str) -> Tensor:
     """gelu(x W^T + b): BERT's intermediate layer and MLM transform."""
-    if _resolve(backend, x) == "compile":
+    if _resolve(backend, x) == "compile" and not partitioned(dense.weight):
         return _compiled(_bias_gelu)(F.linear(x, dense.weight), dense.bias)
     return F.gelu(dense(x))
 
@@ -129,7 +129,7 @@ def dense_residual_norm(
 ) -> Tensor:
     """LayerNorm(dropout(x W^T + b) + residual): BERT's attention output and layer output."""
     backend = _resolve(backend, x)
-    if backend == "compile":
+    if backend == "compile" and not partitioned(dense.weight):
         fused = _compiled(_bias_dropout_residual_norm)
         return fused(F.linear(x, dense.weight), dense.bias, residual, norm.weight, norm.bias, norm.eps, dropout_p)
     return layer_norm(F.dropout(dense(x), dropout_p) + residual, norm, backend)
@@ -140,6 +140,12 @@ def layer_norm(x: Tensor, norm: nn.LayerNorm, backend: str) -> Tensor:
     if _resolve(backend, x) == "apex":
         return fused_layer_norm_affine(x, norm.weight, norm.bias, norm.normalized_shape, norm.eps)
     return norm(x)
+
+
+def partitioned(weight: Tensor) -> bool:
+    """True under DeepSpeed ZeRO-3, which gathers a module's weights only while that module is called: code that
+    reads `module.weight` without calling the module must then take the plain path."""
+    return hasattr(weight, "ds_status")
 
 
 def _resolve(backend: str, x: Tensor) -> str:

@@ -8,7 +8,8 @@ model (each behind a `BertConfig` switch whose other setting is the plain path; 
   are therefore zeros, not the meaningless values HF computes there.
 - The MLM head runs only on the masked positions (gather before transform and vocabulary projection), so
   the loss never materializes (B, S, V).
-- q, k and v are projected by one GEMM on the concatenated weights; the state dict keeps HF's three.
+- q, k and v are projected by one GEMM on the concatenated weights; the state dict keeps HF's three
+  (under ZeRO-3, which gathers weights per called module, the three modules are called instead).
 - Weights start from BERT's truncated normal (+-2 std) rather than HF's plain normal.
 
 Forward contract (the batch dict of docs/DESIGN.md): `masked_positions` (N,) are flat row-major indices into
@@ -228,7 +229,7 @@ class Layer(nn.Module):
     def _qkv(self, x: Tensor) -> Tensor:
         """(T, H) -> (T, 3H) as q | k | v."""
         q, k, v = self.attention.self.query, self.attention.self.key, self.attention.self.value
-        if self.config.fused_qkv:
+        if self.config.fused_qkv and not kernels.partitioned(q.weight):
             return F.linear(x, torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]))
         return torch.cat([q(x), k(x), v(x)], dim=1)
 
