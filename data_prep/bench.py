@@ -179,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tok_dir = str(tok_dir)
     mb = sum(Path(f).stat().st_size for f in files) / 1e6
     print(f"input {mb:.1f} MB in {len(files)} files; vocabulary {len(tokenizer.load(tok_dir))} tokens; "
-          f"load average {os.getloadavg()[0]:.2f} on {text.cpu_count()} cores", flush=True)  # fmt: skip
+          f"load average {os.getloadavg()[0]:.2f} on {len(os.sched_getaffinity(0))} cores", flush=True)  # fmt: skip
     raw = raw_rates(files, tok_dir)
     ceiling = raw["encode_batch_fast"]
     rows = [r.row(f"raw `tokenizers` `{k}`, 1 thread", ceiling, 1, None) for k, r in raw.items()]

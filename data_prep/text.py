@@ -21,7 +21,6 @@ import gzip
 import io
 import json
 import lzma
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,8 +193,3 @@ class SentenceSplitter:
         if n <= 0 or n > len(self._buf):  # blingfire failed: keep the paragraph whole rather than lose it
             return [paragraph] if paragraph.strip() else []
         return [s for s in ctypes.string_at(self._buf, n - 1).decode("utf-8").split("\n") if s.strip()]
-
-
-def cpu_count() -> int:
-    """Cores this process may use (respects taskset/cgroups where the OS reports it)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
