@@ -145,7 +145,11 @@ def save(engine, save_dir: str | os.PathLike, state: TrainState, keep_last: int 
     if rank == 0 and tag_dir.exists():
         shutil.rmtree(tag_dir)  # a leftover of a crash at this very step
     _barrier()
-    engine.save_checkpoint(str(save_dir), tag=tag, client_state={"train_state": state.step}, save_latest=False)
+    from deepspeed.checkpoint import constants as ds
+
+    # what ds_to_universal needs to know about the model (no tensor parallelism here: the version only)
+    client = {"train_step": state.step, ds.UNIVERSAL_CHECKPOINT_INFO: {ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.4}}
+    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client, save_latest=False)
     torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
     _barrier()
     if rank == 0:

@@ -376,7 +376,9 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
         _log(f"resumed from {cfg.save} at step {state.step} ({state.consumed_samples} samples)")
 
     metrics = Metrics(cfg, resolved, state.step)
+    rng = checkpoint.rng_state()  # starting a loader draws worker seeds; keep dropout's stream untouched
     loader = data.loader("train", micro_batch, rank, world, consumed_samples=state.consumed_samples)
+    checkpoint.set_rng_state(rng)
     evals = eval_batches(data, micro_batch, rank, world, cfg.eval_samples) if cfg.eval_every else None
     global_batch = micro_batch * grad_accum * world
     result = {"step": state.step, "stopped_by": None}

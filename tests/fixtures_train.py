@@ -161,3 +161,45 @@ def ds_config_json(path: Path, micro_batch: int = 4, world: int = 1, stage: int 
     cfg.update(extra)
     path.write_text(json.dumps(cfg))
     return str(path)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_env() -> dict:
+    """Environment for training subprocesses: CPU DeepSpeed, one thread (bitwise-reproducible sums)."""
+    import os
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    env.pop("RANK", None)
+    return env
+
+
+def train_args(setup: dict, save: Path, steps: int, *extra: str) -> list[str]:
+    """`pretrain.train` flags for a `setup` made by `make_setup`."""
+    args = ["--deepspeed_config", setup["ds"], "--model", setup["model"], "--data", setup["prefix"]]
+    args += ["--seq-len", "48", "--train-steps", str(steps), "--save", str(save), "--eval-fraction", "0.1"]
+    return args + ["--num-workers", "1", "--log-every", "1", *extra]
+
+
+def make_setup(root: Path, stage: int = 0, dropout: float = 0.1, micro_batch: int = 4, world: int = 1) -> dict:
+    """Dataset, model JSON and DeepSpeed JSON under `root` (dataset shared between setups in one root)."""
+    prefix = root / "data" / "corpus"
+    if not Path(str(prefix) + ".json").exists():
+        make_dataset(root / "data")
+    tag = f"s{stage}_d{dropout}_w{world}"
+    model = tiny_model_json(
+        root / f"model_{tag}.json", vocab_size=200, hidden_dropout=dropout, attention_dropout=dropout
+    )
+    ds = ds_config_json(root / f"ds_{tag}.json", micro_batch=micro_batch, world=world, stage=stage)
+    return {"prefix": str(prefix), "model": model, "ds": ds}
+
+
+def losses(save: Path) -> dict[int, float]:
+    """step -> training loss from SAVE/metrics.jsonl."""
+    out = {}
+    for line in (save / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "split" not in r:
+            out[r["step"]] = r["loss"]
+    return out

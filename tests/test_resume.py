@@ -1,0 +1,106 @@
+"""Exact resume after SIGTERM (1 and 2 processes) and resume on another process count (universal checkpoint).
+
+Each run is a real `python -m pretrain.train` / `deepspeed --module pretrain.train` launch. A run interrupted
+by SIGTERM at whatever step it has reached and then relaunched must log the same per-step losses as a run
+that was never interrupted: bitwise in fp32 on CPU with the same process count (dropout on, so the saved RNG
+states matter), and within float32 rounding after a universal conversion from 2 processes to 1.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from fixtures_train import ROOT, losses, make_setup, run_env, train_args
+
+from pretrain import checkpoint
+
+STEPS = 60
+
+
+def launch(setup: dict, save: Path, world: int, port: int, steps: int = STEPS, stage_cmd=None) -> subprocess.Popen:
+    args = train_args(setup, save, steps)
+    if world == 1:
+        cmd = [sys.executable, "-m", "pretrain.train", *args]
+    else:
+        cmd = ["deepspeed", "--num_gpus", str(world), "--master_port", str(port), "--module", "pretrain.train", *args]
+    log = open(save.parent / f"{save.name}.log", "a")
+    return subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, save: Path, timeout: float = 240) -> None:
+    rc = proc.wait(timeout=timeout)
+    assert rc == 0, (save.parent / f"{save.name}.log").read_text()[-4000:]
+
+
+def interrupt_when(proc: subprocess.Popen, save: Path, min_step: int) -> None:
+    """SIGTERM every process of the launch (as a batch scheduler does) once `min_step` steps are logged;
+    return when all of them have exited."""
+    metrics = save / "metrics.jsonl"
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(losses(save)) >= min_step:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be interrupted; raise STEPS"
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    while time.monotonic() < deadline:  # the deepspeed runner exits at once; its launcher and ranks follow
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the interrupted launch did not exit")
+
+
+def check_stopped_early(save: Path) -> int:
+    tag, state = checkpoint.newest(save)
+    assert 0 < state.step < STEPS, f"the signal did not stop the run early ({tag})"
+    return state.step
+
+
+def test_exact_resume_after_sigterm_one_process(tmp_path):
+    setup = make_setup(tmp_path, stage=0, dropout=0.1)
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    finish(launch(setup, straight, 1, 0), straight)
+    proc = launch(setup, interrupted, 1, 0)
+    interrupt_when(proc, interrupted, 5)
+    assert proc.returncode == 0, "a SIGTERM'd run must save and exit 0"
+    assert "stopping at step" in (tmp_path / "interrupted.log").read_text()
+    stopped = check_stopped_early(interrupted)
+    finish(launch(setup, interrupted, 1, 0), interrupted)
+    want, got = losses(straight), losses(interrupted)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == want, f"resumed at step {stopped}: losses differ"
+    assert want[STEPS] < want[1]
+
+
+@pytest.mark.slow
+def test_exact_resume_two_processes_and_universal_to_one(tmp_path):
+    """ZeRO-2, dropout off (a different process count draws different dropout masks)."""
+    setup = make_setup(tmp_path, stage=2, dropout=0.0, world=2)
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    finish(launch(setup, straight, 2, 29621), straight)
+    proc = launch(setup, interrupted, 2, 29622)
+    interrupt_when(proc, interrupted, 5)
+    stopped = check_stopped_early(interrupted)
+    universal = tmp_path / "universal"
+    shutil.copytree(interrupted, universal)
+
+    finish(launch(setup, interrupted, 2, 29623), interrupted)
+    want = losses(straight)
+    assert losses(interrupted) == want, f"2-process resume at step {stopped}: losses differ"
+
+    checkpoint.to_universal(universal)
+    finish(launch(setup, universal, 1, 0), universal)
+    got = losses(universal)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got[stopped + 1] == pytest.approx(want[stopped + 1], rel=1e-5)
+    assert [got[s] for s in range(stopped + 1, STEPS + 1)] == pytest.approx(
+        [want[s] for s in range(stopped + 1, STEPS + 1)], rel=1e-3
+    )
