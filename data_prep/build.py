@@ -123,10 +123,12 @@ def build(cfg: BuildConfig) -> BuildResult:
     reader = text.TextReader(files, cfg.format, cfg.jsonl_key, cfg.strict)
     work = _ChunkWork(tok.backend_tokenizer.to_str(), dtype, cfg.split_sentences)
     prefixes = output_prefixes(cfg.output, cfg.shards)
-    writers = [indexed.IndexedDatasetWriter(p, dtype) for p in prefixes]
+    router = _Router([indexed.IndexedDatasetWriter(p, dtype) for p in prefixes])
+    writers = router.writers
     start = time.perf_counter()
     try:
-        counts = _tokenize_into(writers, reader, work, cfg)
+        _tokenize_into(router, reader, work, cfg)
+        counts = router.counts()
         if not any(c[0] for c in counts):
             raise UserError(f"the inputs hold no text that tokenizes to anything ({files[0]} ...); check --input")
         if not all(c[0] for c in counts):
@@ -145,17 +147,17 @@ def build(cfg: BuildConfig) -> BuildResult:
     return BuildResult(prefixes, manifests, time.perf_counter() - start, reader.stats.text_bytes, totals)
 
 
-def _tokenize_into(writers, reader: text.TextReader, work: _ChunkWork, cfg: BuildConfig) -> list[np.ndarray]:
-    """Stream every chunk through the workers into the writers; (documents, sentences, tokens) per writer."""
-    counts = [np.zeros(3, np.int64) for _ in writers]
+def _tokenize_into(router: _Router, reader: text.TextReader, work: _ChunkWork, cfg: BuildConfig) -> None:
+    """Stream every chunk through the workers into the writers, with a progress bar."""
     total = sum(f.stat().st_size for f in reader.files)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=not cfg.progress, smoothing=0.1)
     start = time.perf_counter()
-    results = _ordered_map(work, text.chunked(reader.documents(), int(cfg.chunk_mb * 1e6)), cfg.workers)
+    chunk_bytes = int(cfg.chunk_mb * 1e6)
+    results = _ordered_map(work, text.chunked(reader.parts(chunk_bytes), chunk_bytes), cfg.workers)
     try:
-        for ids, lengths, doc_lengths in results:
-            _write(writers, counts, ids, lengths, doc_lengths)
-            done = np.sum(counts, axis=0)
+        for result in results:
+            router.write(*result)
+            done = np.sum(router.counts(), axis=0)
             rate = done[2] / max(time.perf_counter() - start, 1e-9)
             bar.update(reader.stats.bytes_read - bar.n)
             bar.set_postfix(docs=f"{done[0]:,}", tokens=f"{done[2]:,}", tok_s=f"{rate:,.0f}", refresh=False)
@@ -163,28 +165,39 @@ def _tokenize_into(writers, reader: text.TextReader, work: _ChunkWork, cfg: Buil
     finally:
         results.close()  # on an error, stops the worker pool at once
         bar.close()
-    return counts
 
 
-def _write(writers, counts, ids: np.ndarray, lengths: np.ndarray, doc_lengths: np.ndarray) -> None:
-    """Append one chunk's documents; with shards, document j of the corpus goes to shard j % K."""
-    if len(doc_lengths) == 0:
-        return
-    if len(writers) == 1:
-        writers[0].add_documents(ids, lengths, doc_lengths)
-        counts[0] += (len(doc_lengths), len(lengths), len(ids))
-        return
-    k = len(writers)
-    first = int(sum(c[0] for c in counts))  # global index of this chunk's first document
-    doc_shard = (first + np.arange(len(doc_lengths))) % k
-    sent_shard = np.repeat(doc_shard, doc_lengths)
-    tok_shard = np.repeat(sent_shard, lengths)
-    for s, (w, c) in enumerate(zip(writers, counts)):
-        d = doc_lengths[doc_shard == s]
-        if len(d):
-            sl = lengths[sent_shard == s]
-            w.add_documents(ids[tok_shard == s], sl, d)
-            c += (len(d), len(sl), int(sl.sum()))
+@dataclass
+class _Router:
+    """Sends each chunk's documents to the writers; with K shards, document j of the corpus goes to shard j % K."""
+
+    writers: list[indexed.IndexedDatasetWriter]
+    next_document: int = 0  # global index of the next chunk's first document (counting its open part)
+
+    def write(self, ids: np.ndarray, lengths: np.ndarray, per_part: np.ndarray, ends: np.ndarray) -> None:
+        if len(per_part) == 0:
+            return
+        part_doc = self.next_document + np.cumsum(ends) - ends  # global document index of each part
+        docs, inverse = np.unique(part_doc, return_inverse=True)
+        doc_lengths = np.bincount(inverse, weights=per_part, minlength=len(docs)).astype(np.int64)
+        open_last = not ends[-1]  # the last document continues in the next chunk
+        self.next_document += int(ends.sum())
+        k = len(self.writers)
+        if k == 1:
+            self.writers[0].add_documents(ids, lengths, doc_lengths, open_last)
+            return
+        doc_shard = docs % k
+        sent_shard = np.repeat(doc_shard[inverse], per_part)
+        tok_shard = np.repeat(sent_shard, lengths)
+        for s, w in enumerate(self.writers):
+            mine = doc_shard == s
+            if mine.any():
+                keep = tok_shard == s
+                w.add_documents(ids[keep], lengths[sent_shard == s], doc_lengths[mine], open_last and mine[-1])
+
+    def counts(self) -> list[tuple[int, int, int]]:
+        """(documents, sentences, tokens) of each writer."""
+        return [(w.num_documents, w.num_sequences, w.num_tokens) for w in self.writers]
 
 
 def _manifest(info: tokenizer.TokenizerInfo, dtype: np.dtype, counts, stats: text.ReadStats, cfg) -> dict:
@@ -209,7 +222,10 @@ def _manifest(info: tokenizer.TokenizerInfo, dtype: np.dtype, counts, stats: tex
 
 
 class _ChunkWork:
-    """Chunk of documents -> (ids, sentence lengths, sentences per document); empty sentences are dropped."""
+    """Chunk of document parts -> (ids, sentence lengths, sentences per part, part ends a document).
+
+    Sentences that tokenize to nothing (e.g. only control characters) are dropped.
+    """
 
     def __init__(self, backend_json: str, dtype: np.dtype, split: bool):
         self.backend_json, self.dtype, self.split = backend_json, np.dtype(dtype), split
@@ -219,24 +235,24 @@ class _ChunkWork:
     def __getstate__(self) -> dict:  # workers rebuild the encoder themselves
         return {**self.__dict__, "_encoder": None, "_splitter": None}
 
-    def __call__(self, docs: list[list[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, parts: list[tuple[list[str], bool]]) -> tuple[np.ndarray, ...]:
         if self._encoder is None:
             self._encoder = tokenizer.Encoder(self.backend_json, self.dtype)
             self._splitter = text.SentenceSplitter(self.split)
-        sents, per_doc = [], []
-        for doc in docs:
+        sents, per_part = [], []
+        for paras, _ in parts:
             before = len(sents)
-            for para in doc:
+            for para in paras:
                 sents.extend(self._splitter(para))
-            per_doc.append(len(sents) - before)
+            per_part.append(len(sents) - before)
         ids, lengths = self._encoder.encode(sents)
-        keep = lengths > 0  # e.g. a sentence of control characters only
+        per_part = np.asarray(per_part, np.int64)
+        keep = lengths > 0
         if not keep.all():
-            doc_of_sentence = np.repeat(np.arange(len(per_doc)), per_doc)
-            per_doc = np.bincount(doc_of_sentence[keep], minlength=len(per_doc))
+            part_of_sentence = np.repeat(np.arange(len(per_part)), per_part)
+            per_part = np.bincount(part_of_sentence[keep], minlength=len(per_part)).astype(np.int64)
             lengths = lengths[keep]
-        per_doc = np.asarray(per_doc, np.int64)
-        return ids, lengths, per_doc[per_doc > 0]
+        return ids, lengths, per_part, np.array([ends for _, ends in parts], bool)
 
 
 _WORK: list[Callable] = []  # the pool worker's own copy of the chunk function, set once by _init_worker

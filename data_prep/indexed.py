@@ -194,17 +194,26 @@ class IndexedDatasetWriter:
         self.num_sequences += len(lengths)
         self.num_tokens += len(ids)
 
-    def add_documents(self, ids: np.ndarray, lengths: np.ndarray, document_lengths: np.ndarray) -> None:
-        """Append whole documents at once: ids, each sequence's length, each document's sequence count."""
+    def add_documents(
+        self, ids: np.ndarray, lengths: np.ndarray, document_lengths: np.ndarray, open_last: bool = False
+    ) -> None:
+        """Append whole documents at once: ids, each sequence's length, each document's sequence count.
+
+        Like `add_sequence` then `end_document` per document: the first document continues one left open
+        by earlier calls, documents without sequences are skipped, and with `open_last` the last document
+        stays open for the next call.
+        """
         document_lengths = np.asarray(document_lengths, dtype=np.int64)
-        if int(document_lengths.sum()) != len(lengths) or (document_lengths <= 0).any():
-            raise ValueError("document_lengths must be positive and add up to the number of sequences")
-        self.end_document()
-        start = self.num_sequences
+        if int(document_lengths.sum()) != len(lengths) or (document_lengths < 0).any():
+            raise ValueError("document_lengths must be non-negative and add up to the number of sequences")
+        ends = self.num_sequences + np.cumsum(document_lengths)
         self.add_sequences(ids, lengths)
-        self._docs.write((start + np.cumsum(document_lengths)).tobytes())
-        self.num_documents += len(document_lengths)
-        self._doc_end = self.num_sequences
+        ends = np.unique(ends[:-1] if open_last else ends)
+        ends = ends[ends > self._doc_end]
+        self._docs.write(ends.tobytes())
+        self.num_documents += len(ends)
+        if len(ends):
+            self._doc_end = int(ends[-1])
 
     def end_document(self) -> None:
         """Close the current document (a no-op when it holds no sequence)."""

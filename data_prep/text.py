@@ -5,8 +5,10 @@ Conventions (those of the original BERT data tools):
 - `jsonl`: one JSON object per line; its text under `--jsonl-key` is one document, its lines paragraphs.
 
 Design choices:
-- Everything streams: files are read line by line through the decompressor, and documents are grouped
-  into chunks of about `chunk_bytes` of text, so memory never depends on the corpus size.
+- Everything streams: files are read line by line through the decompressor, documents longer than a
+  chunk are cut into parts (flagged, so they are stored as one document), and parts are grouped into
+  chunks of about `chunk_bytes` of text, so memory depends on neither the corpus nor the document size
+  (only a single line must fit in memory).
 - Input bytes are decoded line by line; invalid UTF-8 is replaced with U+FFFD and counted (or is an
   error with `strict`), so one bad byte in a 100 GB crawl neither kills the run nor passes silently.
 - A NUL byte means a binary file was passed by mistake: that is an error naming the file, never text.
@@ -95,33 +97,45 @@ class TextReader:
 
     def documents(self) -> Iterator[list[str]]:
         """Every non-empty document of every file, as its list of non-blank paragraphs."""
+        for paras, _ in self.parts():
+            yield paras
+
+    def parts(self, max_bytes: int = 0) -> Iterator[tuple[list[str], bool]]:
+        """Documents as `(paragraphs, ends)`, in file order.
+
+        With `max_bytes`, a document holding more text than that comes in several parts, all but the last
+        with `ends=False` (the last may be empty), so no document, however long, is held whole in memory.
+        """
         for path in self.files:
             size = path.stat().st_size
             self.stats.sources.append({"path": str(path), "bytes": size})
             done = self.stats.bytes_read
-            yield from self._file_documents(path, done)
+            yield from self._file_parts(path, done, max_bytes)
             self.stats.bytes_read = done + size
 
-    def _file_documents(self, path: Path, done: int) -> Iterator[list[str]]:
+    def _file_parts(self, path: Path, done: int, max_bytes: int) -> Iterator[tuple[list[str], bool]]:
         stream, raw = open_binary(path)
         doc: list[str] = []
+        size, is_open = 0, False  # is_open: parts of the current document were already yielded
         try:
             for lineno, line in enumerate(stream, 1):
                 self.stats.text_bytes += len(line)
                 text = self._decode(line, path, lineno)
                 if self.fmt == "jsonl":
-                    paras = self._jsonl_paragraphs(text, path, lineno)
-                    if paras:
-                        yield paras
+                    yield from _split_parts(self._jsonl_paragraphs(text, path, lineno), max_bytes)
                 elif text.strip():
                     doc.append(text.strip())
-                elif doc:
-                    yield doc
-                    doc = []
+                    size += len(doc[-1])
+                    if max_bytes and size >= max_bytes:
+                        yield doc, False
+                        doc, size, is_open = [], 0, True
+                elif doc or is_open:
+                    yield doc, True
+                    doc, size, is_open = [], 0, False
                 if lineno % 256 == 0:
                     self.stats.bytes_read = done + raw.tell()
-            if doc:
-                yield doc
+            if doc or is_open:
+                yield doc, True
         except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as e:
             raise UserError(f"{path} could not be read or decompressed ({e}); check that the file is intact") from e
         finally:
@@ -157,13 +171,27 @@ class TextReader:
         return [p.strip() for p in obj[self.jsonl_key].splitlines() if p.strip()]
 
 
-def chunked(documents: Iterator[list[str]], chunk_bytes: int) -> Iterator[list[list[str]]]:
-    """Group documents into lists holding about `chunk_bytes` characters of text (at least one document)."""
-    chunk: list[list[str]] = []
+def _split_parts(paras: list[str], max_bytes: int) -> Iterator[tuple[list[str], bool]]:
+    """One document's paragraphs as parts of about `max_bytes` (one part when 0)."""
+    part: list[str] = []
     size = 0
-    for doc in documents:
-        chunk.append(doc)
-        size += sum(len(p) for p in doc)
+    for i, para in enumerate(paras):
+        part.append(para)
+        size += len(para)
+        if max_bytes and size >= max_bytes and i < len(paras) - 1:
+            yield part, False
+            part, size = [], 0
+    if part:
+        yield part, True
+
+
+def chunked(parts: Iterator[tuple[list[str], bool]], chunk_bytes: int) -> Iterator[list[tuple[list[str], bool]]]:
+    """Group document parts into lists holding about `chunk_bytes` characters of text (at least one part)."""
+    chunk: list[tuple[list[str], bool]] = []
+    size = 0
+    for part in parts:
+        chunk.append(part)
+        size += sum(len(p) for p in part[0])
         if size >= chunk_bytes:
             yield chunk
             chunk, size = [], 0

@@ -80,12 +80,15 @@ def test_add_documents_equals_sequence_by_sequence_writes(tmp_path):
                 w.add_sequence(sent)
             w.end_document()
     with IndexedDatasetWriter(tmp_path / "bulk", np.uint16) as w:
-        w.add_sequence(docs[0][0])  # an open document is closed before the bulk documents start
-        for sent in docs[0][1:]:
-            w.add_sequence(sent)
-        rest = docs[1:]
-        sents = [s for doc in rest for s in doc]
-        w.add_documents(np.concatenate(sents), [len(s) for s in sents], [len(doc) for doc in rest])
+        w.add_sequence(docs[0][0])  # the first bulk document continues the open one
+        first = docs[0][1:]
+        w.add_documents(np.concatenate(first or [np.zeros(0)]), [len(s) for s in first], [len(first)])
+        # documents 1-9 in one call, the last left open and finished by the next call with an empty one
+        sents = [s for doc in docs[1:10] for s in doc]
+        w.add_documents(np.concatenate(sents), [len(s) for s in sents], [len(d) for d in docs[1:10]], open_last=True)
+        w.add_documents(np.zeros(0), [], [0, 0])  # closes document 9; an empty document is skipped
+        sents = [s for doc in docs[10:] for s in doc]
+        w.add_documents(np.concatenate(sents), [len(s) for s in sents], [len(d) for d in docs[10:]])
         with pytest.raises(ValueError):
             w.add_documents(np.zeros(3), [3], [2])
     for ext in (".bin", ".idx"):

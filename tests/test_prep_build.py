@@ -92,6 +92,28 @@ def test_output_is_identical_for_any_worker_count_and_chunk_size(tmp_path, prep_
     assert one.manifest["counts"] == two.manifest["counts"]
 
 
+@pytest.mark.parametrize("fmt", ["txt", "jsonl"])
+def test_documents_longer_than_a_chunk_stay_whole(tmp_path, prep_tokenizer, fmt):
+    """A document is cut into parts to bound memory, yet stored as one document, whatever the chunk size."""
+    docs = documents(6, seed=12)
+    docs[2] = [p for doc in documents(40, seed=13) for p in doc]  # one long document, ~40x the others
+    render = txt if fmt == "txt" else jsonl
+    src = _write(tmp_path / f"a.{fmt}", render(docs))
+    ref = build(prep_tokenizer, tmp_path / "ref", src, extra=["--format", fmt])
+    assert ref.num_documents == 6 and len(ref.document(2)) > 100
+    for chunk_mb in (0.002, 0.00001):  # smaller than the long document; smaller than any paragraph
+        for shards in (0, 2):
+            out = tmp_path / f"c{chunk_mb}_{shards}"
+            args = ["--input", src, "--tokenizer", prep_tokenizer, "--output", out, "--format", fmt]
+            assert run_cli("build", *args, "--chunk-mb", chunk_mb, "--shards", shards) == 0
+            if shards == 0:
+                for ext in (".bin", ".idx"):
+                    assert (tmp_path / f"ref{ext}").read_bytes() == out.with_name(out.name + ext).read_bytes()
+            else:
+                for k in range(2):
+                    assert contents(IndexedDataset(f"{out}_{k:05d}")) == contents(ref)[k::2]
+
+
 def test_shards_deal_documents_round_robin(tmp_path, prep_tokenizer):
     src = _write(tmp_path / "a.txt", txt(documents(23, seed=9)))
     whole = contents(build(prep_tokenizer, tmp_path / "all", src))

@@ -16,12 +16,16 @@ from data_prep.indexed import IndexedDataset
 pytestmark = pytest.mark.slow
 
 
-def _corpus(path, megabytes: float, seed: int) -> None:
-    """Repeat a block of distinct documents until the file holds `megabytes` of text."""
+def _corpus(path, megabytes: float, seed: int, giant_document: bool = False) -> None:
+    """Repeat a block of distinct documents until the file holds `megabytes` of text.
+
+    With `giant_document`, the second half has no blank lines: one document of `megabytes / 2`.
+    """
     block = txt(documents(400, seed=seed)).encode()
+    repeats = max(1, round(megabytes * 1e6 / len(block)))
     with open(path, "wb") as f:
-        for _ in range(max(1, round(megabytes * 1e6 / len(block)))):
-            f.write(block)
+        for i in range(repeats):
+            f.write(block.replace(b"\n\n", b"\n") if giant_document and i >= repeats // 2 else block)
 
 
 def test_killed_build_leaves_no_dataset_and_a_rerun_completes(tmp_path, prep_tokenizer):
@@ -67,18 +71,20 @@ def _peak_rss_mb(*argv) -> float:
 
 
 def test_memory_is_bounded_by_the_chunk_not_the_corpus(tmp_path, prep_tokenizer):
-    """A 3 MB corpus peaks within 2 MB of a 0.3 MB one when chunks are 0.05 MB.
+    """A 3 MB corpus (half of it one document) peaks within 2 MB of a 0.3 MB one when chunks are 0.05 MB.
 
     Holding the corpus would cost far more than 2 MB: a 1.7 MB corpus read as one chunk was measured at
     +11 MB peak RSS over small chunks, as its paragraphs and sentences are Python strings.
     """
     small, large = tmp_path / "small.txt", tmp_path / "large.txt"
     _corpus(small, 0.3, seed=21)
-    _corpus(large, 3, seed=21)
+    _corpus(large, 3, seed=21, giant_document=True)
     peaks = {}
     for src in (small, large):
         args = ["build", "--input", src, "--tokenizer", prep_tokenizer, "--output", tmp_path / src.stem]
         peaks[src.stem] = _peak_rss_mb(*args, "--chunk-mb", 0.05, "--no-progress")
-    assert IndexedDataset(tmp_path / "large").num_tokens > 8 * IndexedDataset(tmp_path / "small").num_tokens
+    big = IndexedDataset(tmp_path / "large")
+    assert big.num_tokens > 8 * IndexedDataset(tmp_path / "small").num_tokens
+    assert len(big.document(big.num_documents - 1)) > len(big) // 3  # the giant document is stored whole
     assert large.stat().st_size > 8 * small.stat().st_size
     assert peaks["large"] - peaks["small"] < 2.0, peaks
