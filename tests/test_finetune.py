@@ -108,6 +108,25 @@ def test_tag_learns_entities_and_hf_agrees(task):
     assert hf == result["report"]
 
 
+def test_early_stopping_keeps_the_best_epoch(task, tmp_path):
+    """With a learning rate too small to change a prediction, epoch 2 is no better: patience 1 stops there."""
+    cfg = FinetuneConfig(
+        "classify",
+        str(task["train_csv"]),
+        str(task["dev_csv"]),
+        str(task["ckpt"]),
+        str(tmp_path),
+        epochs=5,
+        lr=1e-9,
+        seq_len=32,
+        patience=1,
+        batch=32,
+    )
+    result = main(cfg)
+    assert [h["epoch"] for h in result["history"]] == [1, 2] and result["best_epoch"] == 1
+    assert result["history"][0]["accuracy"] == result["history"][1]["accuracy"]
+
+
 @pytest.mark.parametrize("task_name", ["classify", "tag"])
 def test_saved_directory_matches_transformers_logits(tmp_path, task_name):
     import transformers
