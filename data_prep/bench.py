@@ -94,12 +94,12 @@ def raw_rates(files: list[str], tok_dir: str, batch: int = 1000) -> dict[str, Ra
     return out
 
 
-def build_rate(files: list[str], tok_dir: str, out: Path, workers: int) -> Rate:
+def build_rate(files: list[str], tok_dir: str, out: Path, workers: int, split: bool = True) -> Rate:
     """The whole `bert-prep build` (read, split, tokenize, write, index), best of 2."""
     runs = []
     for _ in range(2):
         cfg = BuildConfig(input=files, tokenizer=tok_dir, output=str(out), workers=workers, overwrite=True,
-                          progress=False)  # fmt: skip
+                          split_sentences=split, progress=False)  # fmt: skip
         cpu = cpu_seconds()
         r = build(cfg)
         runs.append(Rate(r.counts["tokens"], r.text_bytes / 1e6, r.seconds, cpu_seconds() - cpu))
@@ -188,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rate = build_rate(files, tok_dir, workdir / "out", w)
         one = one or (rate if w == 1 else None)
         rows.append(rate.row(f"`bert-prep build --workers {w}`", ceiling, w, one))
+    # the same pipeline without blingfire: what reading, batching and writing cost on top of the tokenizer
+    no_split = build_rate(files, tok_dir, workdir / "out", 1, split=False)
+    rows.append(no_split.row("`bert-prep build --workers 1 --no-split-sentences`", ceiling, 1, None))
     print(
         "\n| pipeline | tokens/s | MB/s of text | per worker vs raw | tokens per CPU-s | per CPU-s vs raw "
         "| scaling vs 1 worker |\n|---|---|---|---|---|---|---|"

@@ -15,7 +15,7 @@ def test_bench_prints_the_throughput_table(tmp_path, capsys):
     args = ["--input", str(src), "--workdir", str(tmp_path / "w"), "--vocab-size", 300, "--workers", 1]
     assert bench.main([str(a) for a in args] + ["--read-sentences", "2000"]) == 0
     out = capsys.readouterr().out
-    assert "encode_batch_fast" in out and "`bert-prep build --workers 1`" in out
+    assert "encode_batch_fast" in out and "`bert-prep build --workers 1`" in out and "--no-split-sentences" in out
     rates = re.findall(r"\| ([\d,]+) \| ([\d.]+) \|", out)
     assert len(rates) >= 3 and all(float(t.replace(",", "")) > 0 for t, _ in rates)
     assert re.search(r"opening 2,000 sentences took [\d.]+ ms", out)
