@@ -46,7 +46,7 @@ def train_vocab(
         min_frequency=min_frequency,
         special_tokens=SPECIALS,
         continuing_subword_prefix="##",
-        show_progress=False,
+        show_progress=True,
     )
     tok.train_from_iterator((p for doc in reader.documents() for p in doc), trainer)
     if tok.get_vocab_size() <= len(SPECIALS):
