@@ -143,6 +143,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def run(args: argparse.Namespace) -> int:
     if args.show < 0:
         raise UserError(f"--show must be 0 or more, got {args.show}")
+    shard = f"{args.prefix}_00000"
+    if not indexed.exists(args.prefix) and indexed.exists(shard):
+        raise UserError(f"{args.prefix} was written with --shards; inspect each shard, e.g. {shard}")
     ds = indexed.IndexedDataset(args.prefix)
     print("\n".join(report(ds)))
     if args.show:

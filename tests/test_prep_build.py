@@ -120,6 +120,7 @@ def test_shards_deal_documents_round_robin(tmp_path, prep_tokenizer):
     args = ["--input", src, "--tokenizer", prep_tokenizer, "--output", tmp_path / "sh", "--shards", 3]
     assert run_cli("build", *args, "--chunk-mb", 0.001) == 0
     assert not (tmp_path / "sh.bin").exists()
+    assert run_cli("inspect", tmp_path / "sh") == 2  # points at the shards
     for k in range(3):
         shard = IndexedDataset(tmp_path / f"sh_{k:05d}")
         assert contents(shard) == whole[k::3]
