@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 from data_prep import text
@@ -57,10 +58,13 @@ def train_vocab(
     )
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    fast = transformers.BertTokenizer(tokenizer_object=tok, do_lower_case=not cased)
-    fast.save_pretrained(str(out))
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:  # files appear complete or not at all
+        fast = transformers.BertTokenizer(tokenizer_object=tok, do_lower_case=not cased)
+        fast.save_pretrained(tmp)
+        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+        (Path(tmp) / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
+        for f in sorted(Path(tmp).iterdir(), key=lambda f: f.name == "vocab.txt"):  # vocab.txt last
+            os.replace(f, out / f.name)
     return out
 
 

@@ -42,6 +42,7 @@ def assert_dataset_matches_hf(prefix, docs, tok_dir, split: bool = True) -> None
 
 
 def test_vocab_loads_in_transformers_and_matches_vocab_txt(prep_tokenizer):
+    assert sorted(p.name for p in prep_tokenizer.iterdir()) == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
     hf = BertTokenizerFast.from_pretrained(str(prep_tokenizer))
     lines = (prep_tokenizer / "vocab.txt").read_text(encoding="utf-8").splitlines()
     assert len(lines) == len(hf) and 300 < len(lines) <= 600
