@@ -48,7 +48,7 @@ def test_vocab_loads_in_transformers_and_matches_vocab_txt(prep_tokenizer):
     assert len(lines) == len(hf) and 300 < len(lines) <= 600
     assert lines[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert hf.convert_ids_to_tokens(list(range(len(lines)))) == lines
-    # A Google-style directory holding only vocab.txt tokenizes the same way (BERT's uncased pipeline).
+    # BERT's uncased pipeline: accents stripped, lowercased, [CLS] ... [SEP] around a single sequence.
     enc = hf("Café NAÏVE 東京 the river", add_special_tokens=True)["input_ids"]
     assert enc[0] == hf.cls_token_id and enc[-1] == hf.sep_token_id
     assert hf.decode(enc[1:-1]).split()[:2] == ["cafe", "naive"]
