@@ -1,0 +1,83 @@
+"""scripts/demo.sh end to end, shortened: every step runs for real, with the launcher, the interruption and
+the resume, and leaves everything under its output directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+
+import pytest
+import torch
+
+from pretrain.checkpoint import load_weights
+from pretrain.export import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(
+        os.environ,
+        DEMO_STEPS="12",
+        DEMO_SAVE_EVERY="3",
+        DEMO_EVAL_EVERY="4",
+        DEMO_CORPUS_MB="0.3",
+        DEMO_VOCAB="2000",
+        DEMO_MASTER_PORT=str(free_port()),
+    )
+    env.pop("RANK", None)
+    proc = subprocess.run(
+        ["bash", "scripts/demo.sh", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+
+    # 2-3: corpus, tokenizer and dataset
+    corpus = (out / "corpus.txt").read_text()
+    assert 300_000 <= len(corpus.encode()) < 400_000 and ">>>" not in corpus
+    assert "corpus: " in log and " MB -> " in log
+    assert sum(1 for _ in open(out / "tokenizer" / "vocab.txt")) == 2000
+    manifest = json.loads((out / "data" / "corpus.json").read_text())
+    assert manifest["tokenizer"]["path"] == str(out / "tokenizer")
+
+    # 4: the first launch was stopped by SIGTERM after a checkpoint and the relaunch resumed from its stop
+    stopped = [line for line in log.splitlines() if line.startswith("stopping at step")]
+    assert len(stopped) == 1 and "(signal)" in stopped[0]
+    step = int(stopped[0].split()[3])
+    assert 3 <= step < 12
+    assert f"resumed from {out / 'run'} at step {step}" in log
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "split" not in r] == list(range(1, 13))  # each step once, in order
+    assert (out / "run" / "latest").read_text() == "step_00000012"
+    state = json.loads((out / "run" / "step_00000012" / "train_state.json").read_text())
+    assert state["world_size"] == 2
+
+    # 5: held-out accuracy, trained vs untrained, as printed
+    evals = [r for r in records if r.get("split") == "eval"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 12
+    assert f"untrained (step 0) {evals[0]['mlm_acc']:>13.4f} {evals[0]['nsp_acc']:>13.4f}" in log
+    assert f"trained (step 12) {evals[-1]['mlm_acc']:>13.4f} {evals[-1]['nsp_acc']:>13.4f}" in log
+
+    # 6: the export holds the final weights and fill-mask ran on it
+    hf = out / "hf"
+    _, weights = load_weights(str(out / "run"))
+    ours = build_model(*load_weights(str(hf)))
+    for name, tensor in ours.state_dict().items():
+        torch.testing.assert_close(tensor, weights[name], atol=0, rtol=0)
+    assert "Return the [MASK] of the list." in log and "verified" in log
+
+    # 7: curves, and the closing summary points at everything, all under the output directory
+    assert (out / "run" / "curves.png").stat().st_size > 10_000
+    assert f"everything is under {out}" in log
+    for path in ("corpus.txt", "tokenizer", "data/corpus.{bin,idx,json}", "run", "hf", "run/curves.png"):
+        assert str(out / path) in log
