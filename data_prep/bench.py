@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import resource
 import subprocess
 import sys
@@ -104,6 +105,19 @@ def build_rate(files: list[str], tok_dir: str, out: Path, workers: int, split: b
         r = build(cfg)
         runs.append(Rate(r.counts["tokens"], r.text_bytes / 1e6, r.seconds, cpu_seconds() - cpu))
     return _best(runs)
+
+
+def feed_rate(files: list[str], chunk_bytes: int = 10**6) -> float:
+    """MB of text per CPU-second that the main process reads, chunks and pickles for the workers.
+
+    With `--workers N` the main process must feed N tokenizers; this rate over the per-worker rate is how
+    many workers it can keep busy.
+    """
+    cpu = time.process_time()
+    reader = text.TextReader([Path(f) for f in files])
+    for chunk in text.chunked(reader.parts(chunk_bytes), chunk_bytes):
+        pickle.dumps(chunk)
+    return reader.stats.text_bytes / 1e6 / (time.process_time() - cpu)
 
 
 READ_PROBE = """
@@ -196,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "| scaling vs 1 worker |\n|---|---|---|---|---|---|---|"
     )
     print("\n".join(rows))
+    feed = feed_rate(files)
+    print(f"main process feeding rate (read, chunk, pickle): {feed:.1f} MB of text per CPU-s, enough for "
+          f"{feed / (ceiling.megabytes / ceiling.cpu):.0f} workers at the raw per-CPU rate")  # fmt: skip
     for w in args.workers:
         main_mb, worker_mb = peak_rss_mb(files, tok_dir, workdir / "peak", w)
         workers_note = f", largest worker {worker_mb:.0f} MB" if w > 1 else ""
