@@ -6,8 +6,10 @@ batch; the main process writes results in chunk order. Design choices:
 
 - Deterministic: results are consumed in submission order, so the output is byte-identical for any
   `--workers` (and `--workers 1` runs in-process, with no pickling at all).
-- Bounded memory: at most `2 * workers` chunks are in flight and the tokenizer works through a chunk in
-  batches of 1024 sentences, so memory depends on `--chunk-mb` and `--workers`, never on the corpus size:
+- Bounded memory: at most `2 * workers` chunks are in flight, a document longer than a chunk travels in
+  parts (stored as one document), and the tokenizer works through a chunk in batches of 1024 sentences,
+  so memory depends on `--chunk-mb` and `--workers`, never on the corpus or document size (a single
+  line must fit in memory):
   about (2 * workers + 2) chunks of text as Python strings (~2-3x their size) on top of the baseline of each
   process; the index side data is spilled to disk by the writer. docs/PERFORMANCE.md has measured peaks.
 - Crash safety: everything is written under `*.tmp` names and renamed at the end, `.idx` last (with the
