@@ -186,6 +186,7 @@ def newest(save_dir: str | os.PathLike) -> tuple[str, TrainState] | None:
 def resume(engine, save_dir: str | os.PathLike) -> TrainState | None:
     """Load the newest complete checkpoint that loads; None when there is none. Collective."""
     rank, world = _rank()
+    tried = []
     for tag in complete_tags(save_dir, warn=rank == 0):
         tag_dir = Path(save_dir) / tag
         try:
@@ -193,14 +194,20 @@ def resume(engine, save_dir: str | os.PathLike) -> TrainState | None:
             path, _ = engine.load_checkpoint(str(save_dir), tag=tag)
             if path is None:
                 raise RuntimeError("DeepSpeed found nothing to load")
-        except (RuntimeError, OSError, KeyError, ValueError, UserError) as e:
+        except Exception as e:  # whatever a damaged file raises (unpickling, zip, shapes): try the previous one
             if rank == 0:
-                warnings.warn(f"skipping unreadable checkpoint {tag_dir}: {e}", stacklevel=2)
+                warnings.warn(f"skipping unreadable checkpoint {tag_dir}: {type(e).__name__}: {e}", stacklevel=2)
+            tried.append(tag)
             continue
         rng_file = tag_dir / f"rng_rank{rank}.pt"
         if state.world_size == world and rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=False))
         return state
+    if tried:
+        raise UserError(
+            f"no checkpoint in {save_dir} could be loaded (tried {', '.join(tried)}); "
+            "move the damaged ones away to start afresh, or pass a new --save directory"
+        )
     return None
 
 

@@ -263,11 +263,12 @@ def _prepare(cfg: TrainConfig):
     """All user-input checks, before any compute. Returns (model config, data, DeepSpeed config, checkpoint)."""
     from pretrain import checkpoint
     from pretrain.data import DataConfig, PretrainingData
-    from pretrain.engine import load_ds_config
+    from pretrain.engine import load_ds_config, resolve_batch
     from pretrain.model import load_config
 
     cfg.validate()
     ds_cfg = load_ds_config(cfg.deepspeed_config)
+    resolve_batch(ds_cfg, int(os.environ.get("WORLD_SIZE", "1")))
     model_cfg = load_config(cfg.model)
     if cfg.seq_len > model_cfg.max_position_embeddings:
         raise UserError(

@@ -146,12 +146,12 @@ def tiny_model_json(path: Path, vocab_size: int = 256, max_positions: int = 64, 
     return str(path)
 
 
-def ds_config_json(path: Path, micro_batch: int = 4, world: int = 1, stage: int = 0, **extra) -> str:
+def ds_config_json(path: Path, micro_batch: int = 4, world: int = 1, stage: int = 0, lr: float = 0.01, **extra) -> str:
     """A small CPU DeepSpeed config: fp32, LAMB, warmup + polynomial decay."""
     cfg = {
         "train_batch_size": micro_batch * world * extra.pop("grad_accum", 1),
         "train_micro_batch_size_per_gpu": micro_batch,
-        "optimizer": {"type": "Lamb", "params": {"lr": 0.01, "weight_decay": 0.01, "betas": [0.9, 0.999]}},
+        "optimizer": {"type": "Lamb", "params": {"lr": lr, "weight_decay": 0.01, "betas": [0.9, 0.999]}},
         "scheduler": {"type": "WarmupPolyDecay", "params": {"warmup_proportion": 0.1, "power": 1.0}},
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": stage},
@@ -182,7 +182,9 @@ def train_args(setup: dict, save: Path, steps: int, *extra: str) -> list[str]:
     return args + ["--num-workers", "1", "--log-every", "1", *extra]
 
 
-def make_setup(root: Path, stage: int = 0, dropout: float = 0.1, micro_batch: int = 4, world: int = 1) -> dict:
+def make_setup(
+    root: Path, stage: int = 0, dropout: float = 0.1, micro_batch: int = 4, world: int = 1, lr: float = 0.01
+) -> dict:
     """Dataset, model JSON and DeepSpeed JSON under `root` (dataset shared between setups in one root)."""
     prefix = root / "data" / "corpus"
     if not Path(str(prefix) + ".json").exists():
@@ -191,7 +193,7 @@ def make_setup(root: Path, stage: int = 0, dropout: float = 0.1, micro_batch: in
     model = tiny_model_json(
         root / f"model_{tag}.json", vocab_size=200, hidden_dropout=dropout, attention_dropout=dropout
     )
-    ds = ds_config_json(root / f"ds_{tag}.json", micro_batch=micro_batch, world=world, stage=stage)
+    ds = ds_config_json(root / f"ds_{tag}.json", micro_batch=micro_batch, world=world, stage=stage, lr=lr)
     return {"prefix": str(prefix), "model": model, "ds": ds}
 
 

@@ -1,0 +1,234 @@
+"""pretrain.train.main in-process (one process, fp32 CPU): learning, metrics, checkpoints, weights in and out,
+and every bad input rejected with one line before any compute."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_train import ds_config_json, make_setup, tiny_model_json
+
+from data_prep.errors import UserError
+from pretrain import checkpoint
+from pretrain.train import TrainConfig, cli, evaluate, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return make_setup(tmp_path_factory.mktemp("train"), stage=0, dropout=0.0, lr=0.1)
+
+
+def config(setup: dict, save: Path, steps: int = 8, **kw) -> TrainConfig:
+    base = dict(
+        deepspeed_config=setup["ds"],
+        model=setup["model"],
+        data=[setup["prefix"]],
+        save=str(save),
+        seq_len=48,
+        train_steps=steps,
+        eval_fraction=0.1,
+        num_workers=0,
+        log_every=0,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained(setup, tmp_path_factory):
+    """60 steps with evaluation at 0, every 30 and at the end; checkpoints every 20, keep the last 2."""
+    save = tmp_path_factory.mktemp("run") / "save"
+    result = main(config(setup, save, steps=60, eval_every=30, save_every=20, keep_last=2, eval_samples=64))
+    return save, result
+
+
+def records(save: Path) -> list[dict]:
+    return [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_decreases_and_eval_beats_the_untrained_baseline(trained):
+    save, result = trained
+    train = [r for r in records(save) if "split" not in r]
+    first, last = sum(r["loss"] for r in train[:10]) / 10, sum(r["loss"] for r in train[-10:]) / 10
+    assert last < first - 0.5, (first, last)
+    evals = {r["step"]: r for r in records(save) if r.get("split") == "eval"}
+    assert sorted(evals) == [0, 30, 60]
+    assert evals[60]["mlm_loss"] < evals[0]["mlm_loss"] - 0.5
+    assert evals[60]["mlm_acc"] > evals[0]["mlm_acc"]
+    assert result["step"] == 60 and result["eval"]["step"] == 60
+
+
+def test_metrics_jsonl_has_one_record_per_step_with_the_issue_fields(trained):
+    save, _ = trained
+    train = [r for r in records(save) if "split" not in r]
+    assert [r["step"] for r in train] == list(range(1, 61))
+    for key in ("loss", "mlm_loss", "nsp_loss", "lr", "samples", "seq_per_s"):
+        assert all(isinstance(r[key], float | int) for r in train), key
+    assert train[-1]["samples"] == 60 * 4
+    assert all(abs(r["loss"] - r["mlm_loss"] - r["nsp_loss"]) < 1e-4 for r in train)
+    lrs = [r["lr"] for r in train]
+    peak = max(lrs)
+    assert lrs.index(peak) == 6 and lrs[0] == 0.0 and lrs[-1] < peak / 50  # warmup 10% of 60, then decay
+
+
+def test_checkpoints_are_pruned_complete_and_carry_the_resolved_config(trained):
+    save, _ = trained
+    assert checkpoint.tags(save) == ["step_00000060", "step_00000040"]
+    assert (save / "latest").read_text() == "step_00000060"
+    state = checkpoint.read_state(save / "step_00000060")
+    assert state.step == 60 and state.consumed_samples == 240
+    assert state.config["model"]["hidden_size"] == 64 and state.config["deepspeed"]["train_batch_size"] == 4
+
+
+def test_evaluate_matches_an_independent_count_with_hugging_face(trained, setup):
+    """Our eval metrics vs transformers.BertForPreTraining on the exported weights, batch by batch."""
+    from transformers import BertForPreTraining as HFBert
+
+    from pretrain.data import DataConfig, PretrainingData, eval_batches
+    from pretrain.model import BertForPreTraining
+
+    save, _ = trained
+    cfg, weights = checkpoint.load_weights(save)
+    ours = BertForPreTraining(cfg)
+    ours.load_state_dict(weights)
+    hf = HFBert(cfg.to_hf()).eval()
+    hf.load_state_dict(weights, strict=False)
+    data = PretrainingData(DataConfig([setup["prefix"]], seq_len=48, eval_fraction=0.1, num_workers=0))
+    batches = eval_batches(data, 4, 0, 1, 32)
+    got = evaluate(ours, batches)
+    correct = total = nsp_ok = nsp_n = 0
+    loss = 0.0
+    with torch.no_grad():
+        for b in batches:
+            out = hf(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+            logits = out.prediction_logits.reshape(-1, cfg.vocab_size)[b["masked_positions"]]
+            correct += (logits.argmax(-1) == b["mlm_labels"]).sum().item()
+            total += len(b["mlm_labels"])
+            loss += torch.nn.functional.cross_entropy(logits, b["mlm_labels"], reduction="sum").item()
+            nsp_ok += (out.seq_relationship_logits.argmax(-1) == b["nsp_labels"]).sum().item()
+            nsp_n += len(b["nsp_labels"])
+    assert got["mlm_acc"] == pytest.approx(correct / total)
+    assert got["mlm_loss"] == pytest.approx(loss / total, rel=1e-4)
+    assert got["nsp_acc"] == pytest.approx(nsp_ok / nsp_n)
+
+
+def test_load_weights_from_save_dir_tag_and_hf_dir_agree(trained, tmp_path):
+    from pretrain.model import BertForPreTraining
+
+    save, _ = trained
+    cfg, from_dir = checkpoint.load_weights(save)
+    _, from_tag = checkpoint.load_weights(save / "step_00000060")
+    module = torch.load(save / "step_00000060" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert from_dir.keys() == from_tag.keys() >= module.keys()
+    assert all(torch.equal(from_dir[k], module[k]) for k in module)
+    model = BertForPreTraining(cfg)
+    model.load_state_dict(from_dir)
+    model.save_hf_pretrained(str(tmp_path / "hf"))
+    _, from_hf = checkpoint.load_weights(tmp_path / "hf")
+    assert all(torch.equal(from_hf[k], from_dir[k]) for k in from_dir)
+
+
+def test_init_from_loads_weights_only_with_a_fresh_schedule(trained, setup, tmp_path):
+    save, _ = trained
+    _, weights = checkpoint.load_weights(save)
+    run = tmp_path / "phase2"
+    main(config(setup, run, steps=1, init_from=str(save), eval_every=1, eval_samples=64))
+    evals = [r for r in records(run) if r.get("split") == "eval"]
+    trained_eval = [r for r in records(save) if r.get("split") == "eval"][-1]
+    assert evals[0]["step"] == 0 and evals[0]["mlm_loss"] == pytest.approx(trained_eval["mlm_loss"], rel=1e-5)
+    assert [r["lr"] for r in records(run) if "split" not in r] == [0.0]  # step 1 of a fresh warmup
+    assert checkpoint.read_state(run / "step_00000001").consumed_samples == 4
+
+
+def test_incomplete_and_unreadable_checkpoints_are_skipped_with_a_warning(setup, tmp_path):
+    save = tmp_path / "run"
+    main(config(setup, save, steps=4, save_every=2))
+    (save / "step_00000004" / checkpoint.COMPLETE).unlink()  # as if killed while saving step 4
+    with pytest.warns(UserWarning, match="step_00000004"):
+        state = checkpoint.newest(save)
+    assert state[0] == "step_00000002"
+    (save / "step_00000004" / checkpoint.COMPLETE).write_text("")
+    (save / "step_00000004" / "mp_rank_00_model_states.pt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*step_00000004"):
+        result = main(config(setup, save, steps=6))
+    assert result["step"] == 6
+    steps = [r["step"] for r in records(save) if "split" not in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 2; what the run logged after step 2 was replaced
+    (save / "step_00000006" / "mp_rank_00_model_states.pt").write_bytes(b"garbage")
+    (save / "step_00000002" / "mp_rank_00_model_states.pt").write_bytes(b"garbage")
+    with pytest.warns(UserWarning), pytest.raises(UserError, match="no checkpoint .* could be loaded"):
+        main(config(setup, save, steps=8))
+
+
+def test_time_budget_stops_with_a_checkpoint(setup, tmp_path):
+    save = tmp_path / "run"
+    result = main(config(setup, save, steps=1000, time_budget=1e-7))
+    assert result["stopped_by"] == "time budget" and result["step"] == 1
+    assert checkpoint.newest(save)[1].step == 1
+
+
+def test_nonfinite_losses_stop_and_leave_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+    from pretrain.model import BertForPreTraining
+
+    forward = BertForPreTraining.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 3 and self.training:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(BertForPreTraining, "forward", poisoned)
+    save = tmp_path / "run"
+    with pytest.raises(UserError, match="non-finite for 3 consecutive steps"):
+        main(config(setup, save, steps=20, save_every=2, max_nonfinite=3))
+    assert checkpoint.tags(save) == ["step_00000002"]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_data", "does not exist"),
+        ("vocab_too_large", "larger than the model's vocab_size"),
+        ("seq_len_too_long", "exceeds the model's max_position_embeddings"),
+        ("bad_batch", "train_batch_size"),
+        ("fp16_on_cpu", "fp16"),
+        ("other_model_in_save", "different model shape"),
+    ],
+)
+def test_bad_input_is_one_line_before_compute(setup, trained, tmp_path, capsys, case, message):
+    save, _ = trained
+    args = ["--deepspeed_config", setup["ds"], "--model", setup["model"], "--data", setup["prefix"]]
+    args += ["--seq-len", "48", "--train-steps", "2", "--save", str(tmp_path / "new"), "--num-workers", "0"]
+
+    def put(flag, value):
+        args[args.index(flag) + 1] = value
+
+    if case == "missing_data":
+        put("--data", str(tmp_path / "nope"))
+    elif case == "vocab_too_large":
+        put("--model", tiny_model_json(tmp_path / "m.json", vocab_size=100))
+    elif case == "seq_len_too_long":
+        put("--seq-len", "128")
+    elif case == "bad_batch":
+        put("--deepspeed_config", ds_config_json(tmp_path / "ds.json", train_batch_size=6, micro_batch=4))
+    elif case == "fp16_on_cpu":
+        put("--deepspeed_config", ds_config_json(tmp_path / "ds.json", fp16={"enabled": True}))
+    elif case == "other_model_in_save":
+        put("--model", tiny_model_json(tmp_path / "m.json", vocab_size=200, hidden_size=32, intermediate_size=64))
+        put("--save", str(save))
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "new").exists()
+
+
+def test_help_lists_the_issue_flags(capsys):
+    with pytest.raises(SystemExit):
+        cli(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--deepspeed_config", "--save-every", "--keep-last", "--eval-every", "--init-from", "--time-budget"):
+        assert flag in out
