@@ -216,6 +216,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: GPU table; CPU n/a)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     return p.parse_args(argv)
 
 
@@ -232,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config, device = load_config(args.model), torch.device(args.device)
     validate(args, config, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     if args.data:

@@ -61,6 +61,12 @@ class Packing:
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
         return cls(B, S, indices, key_mask, cu_seqlens, int(lengths.max()))
 
+    def kept_positions(self) -> Tensor:
+        """(T,) flat positions of the kept tokens."""
+        if self.indices is None:
+            return torch.arange(self.batch * self.seq_len, device=self.cu_seqlens.device)
+        return self.indices
+
     def pad(self, rows: Tensor) -> Tensor:
         """(T, C) kept rows -> (B*S, C), zeros at the removed positions."""
         if self.indices is None:

@@ -15,7 +15,8 @@ model (each behind a `BertConfig` switch whose other setting is the plain path; 
 Forward contract (the batch dict of docs/DESIGN.md): `masked_positions` (N,) are flat row-major indices into
 the B*S positions, `mlm_labels` (N,) the original ids there, `nsp_labels` (B,). Without `masked_positions` the
 MLM logits cover all positions, (B, S, V), and `mlm_labels` may be (B, S) with -100 where unlabelled (HF's
-convention). Batches are right-padded: position 0 ([CLS]) of every sequence is a real token.
+convention). Label -100 is ignored everywhere; `nsp_labels` all -100 (pair task "none") gives nsp_loss 0.
+Batches are right-padded: position 0 ([CLS]) of every sequence is a real token.
 """
 
 from __future__ import annotations
@@ -161,8 +162,8 @@ def flops_per_sequence(config: BertConfig, seq_len: int, masked_positions: int) 
     return 24 * L * s * h * h + 12 * L * s * h * i + 12 * L * s * s * h + 6 * masked_positions * h * (h + V)
 
 
-def init_weights(module: nn.Module, std: float, pad_token_id: int | None = None) -> None:
-    """BERT's init: truncated normal (+-2 std) weights, zero biases, LayerNorm ones; apply with `.apply`."""
+def init_weights(module: nn.Module, std: float) -> None:
+    """BERT's init: truncated normal (+-2 std) weights, zero biases and [PAD] row, LayerNorm ones; use `.apply`."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
     if isinstance(module, nn.Linear) and module.bias is not None:
@@ -191,14 +192,9 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor, pack: Packing) -> Tensor:
-        flat = torch.arange(input_ids.numel(), device=input_ids.device)
-        kept = flat if pack.indices is None else pack.indices  # (T,) flat positions
-        x = self.word_embeddings(input_ids.flatten()[kept])  # (T, H)
-        x = (
-            x
-            + self.position_embeddings(kept % pack.seq_len)
-            + self.token_type_embeddings(token_type_ids.flatten()[kept])
-        )
+        kept = pack.kept_positions()  # (T,) flat positions into B*S
+        x = self.word_embeddings(input_ids.flatten()[kept]) + self.position_embeddings(kept % pack.seq_len)
+        x = x + self.token_type_embeddings(token_type_ids.flatten()[kept])  # (T, H)
         x = kernels.layer_norm(x, self.LayerNorm, self.config.fused_ops)
         return F.dropout(x, self.config.hidden_dropout, self.training)
 
@@ -326,10 +322,9 @@ class BertForPreTraining(nn.Module):
             self._mlm_logits(x, pack, masked_positions), self.cls.seq_relationship(self.bert.pool(x, pack))
         )
         if mlm_labels is not None:
-            logits = out.mlm_logits.flatten(0, -2).float()  # (N or B*S, V)
-            out.mlm_loss = F.cross_entropy(logits, mlm_labels.flatten(), ignore_index=-100)
+            out.mlm_loss = cross_entropy(out.mlm_logits.flatten(0, -2), mlm_labels.flatten())
         if nsp_labels is not None:
-            out.nsp_loss = F.cross_entropy(out.nsp_logits.float(), nsp_labels)
+            out.nsp_loss = cross_entropy(out.nsp_logits, nsp_labels)
         losses = [loss for loss in (out.mlm_loss, out.nsp_loss) if loss is not None]
         out.loss = sum(losses) if losses else None
         return out
@@ -364,6 +359,12 @@ class BertForPreTraining(nn.Module):
         self.config.to_hf().save_pretrained(path)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k not in TIED_KEYS}
         save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean fp32 cross-entropy over the labels that are not -100; 0, not NaN, when all are (NSP off)."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)
 
 
 def _read_hf_weights(path: str) -> dict[str, Tensor]:

@@ -240,3 +240,16 @@ def test_fill_mask_pipeline_on_saved_directory(tmp_path):
     top = logits.softmax(-1).topk(3)
     assert [p["token"] for p in predictions] == top.indices.tolist()
     assert [p["score"] for p in predictions] == pytest.approx(top.values.tolist(), rel=1e-4)
+
+
+def test_ignored_labels_drop_out_of_the_loss():
+    config = CONFIGS["two_layers"]
+    model = BertForPreTraining(config).eval()
+    b = padded_batch(config)
+    inputs = {k: b[k] for k in ("input_ids", "token_type_ids", "attention_mask", "masked_positions", "mlm_labels")}
+    with torch.no_grad():
+        off = model(**inputs, nsp_labels=torch.full((3,), -100))  # pair task "none": NSP contributes nothing
+        assert off.nsp_loss == 0 and off.loss == off.mlm_loss
+        some = model(**inputs, nsp_labels=torch.tensor([-100, 1, 0]))
+        ref = torch.nn.functional.cross_entropy(some.nsp_logits[1:], torch.tensor([1, 0]))
+        torch.testing.assert_close(some.nsp_loss, ref)
