@@ -189,3 +189,23 @@ def test_two_processes_through_the_deepspeed_launcher(task, tmp_path):
     assert report["accuracy"] >= 0.9, report["history"]
     gold = [ex.label for ex in data.read_classify(str(task["dev_csv"]), "text", "label")]
     assert metrics.classification_report(gold, hf_predictions(out, task["dev_csv"], "classify"))["accuracy"] >= 0.9
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_on_gpu_learns_the_task(task, tmp_path):
+    ds = json.loads((ROOT / "ds_configs" / "finetune_cpu.json").read_text())
+    ds["fp16"] = {"enabled": True, "initial_scale_power": 12}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = FinetuneConfig(
+        "classify",
+        str(task["train_csv"]),
+        str(task["dev_csv"]),
+        str(task["ckpt"]),
+        str(tmp_path / "out"),
+        epochs=3,
+        lr=1e-3,
+        seq_len=32,
+        deepspeed_config=str(tmp_path / "ds.json"),
+    )
+    assert main(cfg)["accuracy"] >= 0.9
