@@ -72,6 +72,8 @@ class TrainConfig:
     """Weights only, from a checkpoint or HF directory; fresh optimizer and schedule (`--init-from`)."""
     seed: int = 1234
     """Seed of weights, samples, masks and dropout (`--seed`)."""
+    data_weights: list[float] | None = None
+    """Mixing weight per --data prefix; None mixes by size (`--data-weights`)."""
     pair_task: str = "nsp"
     """nsp, sop or none (`--pair-task`)."""
     mask_prob: float = 0.15
@@ -109,6 +111,8 @@ class TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pretrain.data import DataConfig
+
     p = argparse.ArgumentParser(
         prog="bert-pretrain",
         description="Pretrain BERT (MLM + NSP) with DeepSpeed. Batch size, optimizer, precision and ZeRO stage "
@@ -126,20 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-last", type=int, default=0, help="keep the newest K checkpoints (0: all)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps, at 0 and at the end (0: off)")
     p.add_argument("--eval-samples", type=int, default=1024, help="held-out samples per evaluation")
-    p.add_argument("--eval-fraction", type=float, default=0.01, help="share of documents held out")
     p.add_argument("--init-from", help="weights from a checkpoint or HF dir; fresh optimizer (phase 2)")
     p.add_argument("--seed", type=int, default=1234, help="seed of weights, samples, masks and dropout")
-    p.add_argument("--pair-task", default="nsp", choices=["nsp", "sop", "none"], help="sentence-pair task")
-    p.add_argument("--mask-prob", type=float, default=0.15, help="MLM masking probability")
-    p.add_argument("--whole-word-mask", action="store_true", help="mask whole words")
-    p.add_argument("--short-seq-prob", type=float, default=0.1, help="probability of a shorter target length")
-    p.add_argument("--num-workers", type=int, default=2, help="data loader workers per process")
     p.add_argument("--log-every", type=int, default=10, help="log line every N steps when not on a terminal")
     p.add_argument("--time-budget", type=float, default=0.0, help="wall-clock hours that drive the LR schedule")
     p.add_argument("--max-nonfinite", type=int, default=10, help="stop after K consecutive non-finite losses")
     p.add_argument("--wandb-project", help="log to this Weights & Biases project (offline without a key)")
     p.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to SAVE/tensorboard")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    DataConfig.add_arguments(p)
     return p
 
 
@@ -211,7 +210,7 @@ def evaluate(engine_or_model, batches) -> dict[str, float]:
     return {
         "mlm_acc": correct / max(total, 1),
         "mlm_loss": loss_sum / max(total, 1),
-        "nsp_acc": nsp_correct / nsp_total if nsp_total else float("nan"),
+        "nsp_acc": nsp_correct / nsp_total if nsp_total else None,  # None: no pair task (--pair-task none)
     }
 
 
@@ -280,6 +279,7 @@ def _prepare(cfg: TrainConfig):
             raise UserError(f"dataset {prefix}.bin/.idx does not exist; pass a PREFIX written by `bert-prep build`")
     data_cfg = DataConfig(
         prefixes=list(cfg.data),
+        weights=cfg.data_weights,
         seq_len=cfg.seq_len,
         short_seq_prob=cfg.short_seq_prob,
         pair_task=cfg.pair_task,
@@ -388,7 +388,7 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
         record = {"step": state.step, "split": "eval", **evaluate(engine, evals)}
         metrics.write(record)
         result["eval"] = record
-        _log(f"eval step {state.step}: " + " ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "split"))
+        _log(f"eval step {state.step}: " + " ".join(f"{k}={v}" for k, v in _rounded(record).items()))
 
     if evals is not None and state.step == 0:
         run_eval()
@@ -440,6 +440,10 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
         bar.close()
     metrics.close()
     return result
+
+
+def _rounded(record: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items() if k not in ("step", "split")}
 
 
 def _progress_bar(cfg: TrainConfig, start: int):

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from fixtures_train import ROOT, losses, make_setup, run_env, train_args
 
 from pretrain import checkpoint
@@ -97,6 +98,11 @@ def test_exact_resume_two_processes_and_universal_to_one(tmp_path):
     assert losses(interrupted) == want, f"2-process resume at step {stopped}: losses differ"
 
     checkpoint.to_universal(universal)
+    # load_weights reads both formats (zero_to_fp32 for the ZeRO-2 tag, per-parameter files for the universal one)
+    _, from_zero = checkpoint.load_weights(universal / checkpoint.tag_name(stopped))
+    _, from_universal = checkpoint.load_weights(universal / f"{checkpoint.tag_name(stopped)}_universal")
+    assert from_zero.keys() == from_universal.keys()
+    assert all(torch.equal(from_zero[k], from_universal[k]) for k in from_zero)
     finish(launch(setup, universal, 1, 0), universal)
     got = losses(universal)
     assert sorted(got) == list(range(1, STEPS + 1))
