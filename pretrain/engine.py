@@ -288,6 +288,9 @@ def _attach_lamb_layouts(engine, lamb: Lamb, tensor_id: dict[int, int]) -> None:
     elif zopt is lamb or getattr(zopt, "optimizer", None) is lamb:
         if all(id(p) in tensor_id for g in lamb.param_groups for p in g["params"]):
             return  # whole tensors: nothing flattened
+        lp, hp = getattr(zopt, "fp16_groups", None), getattr(zopt, "fp32_groups", None)
+        if lp and hp and all(a.shape == b.shape for x, y in zip(lp, hp) for a, b in zip(x, y)):
+            return  # FP16_UnfusedOptimizer (fp16/bf16 at stage 0): one fp32 copy per tensor
         raise RuntimeError(f"{type(zopt).__name__} flattened the parameters in a way pretrain.engine cannot map")
     else:
         raise RuntimeError(f"unsupported DeepSpeed optimizer wrapper {type(zopt).__name__} for per-tensor LAMB")

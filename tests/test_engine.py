@@ -19,6 +19,7 @@ from data_prep.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, WORLD, MB = 3, 2, 4
 STAGES = [0, 1, 2, 3]
+BF16_STAGES = [0, 2]  # DeepSpeed's bf16 optimizer (flat, ZeRO-1 style) and ZeRO-2 with bf16
 
 
 def ds_config(stage: int, bf16: bool = False) -> dict:
@@ -56,8 +57,16 @@ def batch(step: int, rank: int):
 
 
 def full_weights(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 weights: the fp32 master copy under bf16, gathered under ZeRO-3."""
     import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
 
+    if engine.bfloat16_enabled() and engine.zero_optimization_stage() == 0:  # one fp32 copy per tensor
+        opt = engine.optimizer
+        master = {id(a): b for x, y in zip(opt.fp16_groups, opt.fp32_groups) for a, b in zip(x, y)}
+        return {k: master[id(v)].detach().clone() for k, v in engine.module.named_parameters()}
+    if engine.bfloat16_enabled():
+        return {k: safe_get_full_fp32_param(v).clone() for k, v in engine.module.named_parameters()}
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
         return {k: v.detach().float().clone() for k, v in engine.module.named_parameters()}
@@ -68,12 +77,15 @@ def worker(out: str) -> None:
     from pretrain import engine as eng
 
     results = {}
-    for stage in STAGES:
-        engine = eng.initialize(Tiny(), ds_config(stage), total_steps=STEPS)
+    for stage in [*STAGES, *(f"bf16-{s}" for s in BF16_STAGES)]:
+        bf16 = isinstance(stage, str)
+        engine = eng.initialize(Tiny(), ds_config(int(str(stage)[-1]), bf16=bf16), total_steps=STEPS)
         rank = engine.global_rank
         history = []
         for step in range(STEPS):
-            loss = engine(*batch(step, rank))
+            x, y = batch(step, rank)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = engine(x, y)
             engine.backward(loss)
             engine.step()
             history.append(full_weights(engine))
@@ -128,6 +140,16 @@ def test_zero_stage_makes_the_same_lamb_updates_as_stage0(two_process_runs, stag
     for step, (got, want) in enumerate(zip(two_process_runs[stage], two_process_runs[0])):
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"stage {stage} step {step} {k}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run, tol", [("bf16-0", 0.25), ("bf16-2", 0.1)])
+def test_bf16_runs_make_the_fp32_updates_up_to_bf16_rounding(two_process_runs, run, tol):
+    """bf16 compute with fp32 master weights (stage 0: bf16 gradient accumulation, hence the looser bound)."""
+    got, want = two_process_runs[run], two_process_runs[0]
+    for k in want[0]:
+        moved, moved_bf16 = want[-1][k] - want[0][k], got[-1][k] - got[0][k]
+        assert (moved_bf16 - moved).norm() < tol * moved.norm(), k
 
 
 def test_weights_actually_move_so_the_comparisons_mean_something(two_process_runs):
