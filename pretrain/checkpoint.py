@@ -270,7 +270,7 @@ def load_weights(path: str | os.PathLike):
         weights = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
     else:
         weights = torch.load(p / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    weights = {k: v.float().clone() for k, v in weights.items()}
+    weights = {k: v.detach().float().clone() for k, v in weights.items()}
     for tied, source in (
         ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
         ("cls.predictions.decoder.bias", "cls.predictions.bias"),

@@ -39,7 +39,8 @@ def config(setup: dict, save: Path, steps: int = 8, **kw) -> TrainConfig:
 def trained(setup, tmp_path_factory):
     """60 steps with evaluation at 0, every 30 and at the end; checkpoints every 20, keep the last 2."""
     save = tmp_path_factory.mktemp("run") / "save"
-    result = main(config(setup, save, steps=60, eval_every=30, save_every=20, keep_last=2, eval_samples=64))
+    cfg = config(setup, save, steps=60, eval_every=30, save_every=20, keep_last=2, eval_samples=64, tensorboard=True)
+    result = main(cfg)
     return save, result
 
 
@@ -67,6 +68,7 @@ def test_metrics_jsonl_has_one_record_per_step_with_the_issue_fields(trained):
         assert all(isinstance(r[key], float | int) for r in train), key
     assert train[-1]["samples"] == 60 * 4
     assert all(abs(r["loss"] - r["mlm_loss"] - r["nsp_loss"]) < 1e-4 for r in train)
+    assert list((save / "tensorboard").glob("events.out.tfevents.*"))
     lrs = [r["lr"] for r in train]
     peak = max(lrs)
     assert lrs.index(peak) == 6 and lrs[0] == 0.0 and lrs[-1] < peak / 50  # warmup 10% of 60, then decay
