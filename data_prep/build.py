@@ -103,6 +103,15 @@ def _existing_outputs(output: str) -> list[str]:
     return sorted(names)
 
 
+def _is_output(path: Path, out: Path) -> bool:
+    """Whether `path` is one of the files `--output out` writes (dataset, shard or temporary file)."""
+    if path.parent != out.parent or not path.name.startswith(out.name):
+        return False
+    rest = path.name[len(out.name) :]
+    rest = rest[6:] if len(rest) > 6 and rest[0] == "_" and rest[1:6].isdigit() else rest
+    return rest.split(".tmp")[0] in (".bin", ".idx", ".json", ".idx.lengths", ".idx.docs")
+
+
 def _remove_stale(output: str) -> None:
     """Delete the `*.tmp` leftovers of a killed run."""
     escaped = glob.escape(output)
@@ -117,7 +126,11 @@ def build(cfg: BuildConfig) -> BuildResult:
     existing = _existing_outputs(cfg.output)
     if existing and not cfg.overwrite:
         raise UserError(f"output {existing[0]} already exists; pass --overwrite or choose another --output")
-    files = text.resolve_inputs(cfg.input)
+    out = Path(cfg.output).resolve()
+    # an --input directory that also holds the output (or the leftovers of a killed run) must not read it
+    files = [f for f in text.resolve_inputs(cfg.input) if not _is_output(f, out)]
+    if not files:
+        raise UserError(f"the only --input files are outputs of --output {cfg.output}; pass the text files")
     tok = tokenizer.load(cfg.tokenizer)
     info = tokenizer.describe(tok, cfg.tokenizer)
     dtype = indexed.token_dtype(info.vocab_size)

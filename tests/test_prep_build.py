@@ -148,6 +148,10 @@ def test_overwrite_replaces_and_empty_lines_make_no_empty_documents(tmp_path, pr
     ds = build(prep_tokenizer, tmp_path / "d", src, extra=["--overwrite"])
     assert ds.num_documents == 1 and json.loads((tmp_path / "d.json").read_text())["counts"]["sentences"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d.bin", "d.idx", "d.json"]
+    # the input directory holds the output: the dataset's own files are not read as text
+    (tmp_path / "d.bin.tmp").write_bytes(b"\x00")  # and a leftover of a killed run
+    ds = build(prep_tokenizer, tmp_path / "d", tmp_path, extra=["--overwrite"])
+    assert ds.num_documents == 1 and [s["path"] for s in ds.manifest["sources"]] == [str(src.resolve())]
 
 
 def _write(path, content, compress=lambda b: b):
