@@ -393,6 +393,7 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
     if evals is not None and state.step == 0:
         run_eval()
     bar = _progress_bar(cfg, state.step)
+    clock["loop"], clock["loop_step"] = time.monotonic(), state.step
     nonfinite = 0
     while state.step < cfg.train_steps:
         t0 = time.perf_counter()
@@ -417,7 +418,8 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
         record.update(lr=lr, samples=state.consumed_samples, seq_per_s=global_batch / dt)
         metrics.write(record)
         result.update(step=state.step, loss=loss)
-        _report(bar, cfg, record)
+        eta = (time.monotonic() - clock["loop"]) / (state.step - clock["loop_step"]) * (cfg.train_steps - state.step)
+        _report(bar, cfg, record, eta)
         nonfinite = nonfinite + 1 if reduced[3] else 0
         if nonfinite >= max(cfg.max_nonfinite, 1):
             metrics.close()
@@ -454,14 +456,15 @@ def _progress_bar(cfg: TrainConfig, start: int):
     return tqdm(total=cfg.train_steps, initial=start, unit="step", dynamic_ncols=True)
 
 
-def _report(bar, cfg: TrainConfig, r: dict) -> None:
+def _report(bar, cfg: TrainConfig, r: dict, eta_s: float) -> None:
     if bar is not None:
         bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", seq_s=f"{r['seq_per_s']:.1f}")
         bar.update(1)
     elif cfg.log_every and (r["step"] % cfg.log_every == 0 or r["step"] == cfg.train_steps):
         _log(
             f"step {r['step']}/{cfg.train_steps} loss {r['loss']:.4f} mlm {r['mlm_loss']:.4f} "
-            f"nsp {r['nsp_loss']:.4f} lr {r['lr']:.3e} {r['seq_per_s']:.1f} seq/s"
+            f"nsp {r['nsp_loss']:.4f} lr {r['lr']:.3e} {r['seq_per_s']:.1f} seq/s "
+            f"ETA {int(eta_s // 3600)}:{int(eta_s % 3600 // 60):02d}:{int(eta_s % 60):02d}"
         )
 
 
