@@ -2,10 +2,12 @@
 
 - `Packing` describes an unpadded batch: the T real tokens of a (B, S) batch as rows of a (T, C) tensor.
   `Packing.from_mask(mask, unpad=False)` keeps every position, which is the plain path.
-- `attention` takes packed q|k|v rows. On CUDA with unpadding it calls variable-length flash attention
+- `attention` takes packed q|k|v rows. Unpadded on CPU it runs each sequence on its own rows (one SDPA call
+  per sequence: no padding, no mask). Unpadded on CUDA in fp16/bf16 it calls variable-length flash attention
   (the `flash-attn` package when installed, else PyTorch's `torch.nn.attention.varlen`, which has no dropout
-  and so is used only when attention dropout is off); everywhere else it re-pads q|k|v for the score matrix
-  only and runs `scaled_dot_product_attention` (or explicit softmax math when `use_sdpa` is off).
+  and so is used only when attention dropout is off). Otherwise it re-pads q|k|v for the score matrix only
+  and runs batched `scaled_dot_product_attention` with a key mask. `use_sdpa=False` swaps SDPA for explicit
+  softmax math everywhere except inside the varlen kernels.
 - `dense_gelu` and `dense_residual_norm` are the pointwise tails of BERT's linear layers. Backends:
   "plain" (F.linear with its bias, then the op: eager PyTorch's best on CPU), "compile" (the bias and
   pointwise ops as one `torch.compile`d function), "apex" (apex's fused LayerNorm; CUDA only), and "auto"
@@ -47,6 +49,7 @@ class Packing:
     indices: Tensor | None  # (T,) ascending flat positions of the kept tokens
     key_mask: Tensor | None  # (B, 1, 1, S) bool, True = real key; None when the batch has no padding
     cu_seqlens: Tensor  # (B + 1,) int32 row offsets of each sequence (for varlen attention)
+    lengths: list[int]  # real tokens per sequence
     max_len: int  # longest real sequence
 
     @classmethod
@@ -55,11 +58,12 @@ class Packing:
         B, S = attention_mask.shape
         real = attention_mask.bool()
         lengths = real.sum(1)  # (B,)
-        has_padding = bool((lengths < S).any())
+        as_list = lengths.tolist()
+        has_padding = min(as_list) < S
         indices = real.flatten().nonzero().squeeze(1) if unpad and has_padding else None
         key_mask = real[:, None, None, :] if has_padding else None
         cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        return cls(B, S, indices, key_mask, cu_seqlens, int(lengths.max()))
+        return cls(B, S, indices, key_mask, cu_seqlens, as_list, max(as_list))
 
     def kept_positions(self) -> Tensor:
         """(T,) flat positions of the kept tokens."""
@@ -90,18 +94,35 @@ class Packing:
 
 def attention(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: float, use_sdpa: bool) -> Tensor:
     """(T, 3H) packed q|k|v rows -> (T, H) attention context."""
-    T, H = qkv.shape[0], qkv.shape[1] // 3
-    if pack.indices is not None and qkv.is_cuda and qkv.dtype in (torch.float16, torch.bfloat16):
-        out = _varlen_attention(qkv.view(T, 3, num_heads, H // num_heads), pack, dropout_p)
+    if pack.indices is not None and not qkv.is_cuda:
+        return _attention_per_sequence(qkv, pack, num_heads, dropout_p, use_sdpa)
+    if pack.indices is not None and qkv.dtype in (torch.float16, torch.bfloat16):
+        out = _varlen_attention(qkv.view(qkv.shape[0], 3, num_heads, -1), pack, dropout_p)  # (T, nh, d)
         if out is not None:
-            return out.reshape(T, H)
-    B, S = pack.batch, pack.seq_len
-    q, k, v = pack.pad(qkv).view(B, S, 3, num_heads, H // num_heads).permute(2, 0, 3, 1, 4)  # (B, nh, S, d) each
+            return out.flatten(1)
+    q, k, v = _split_heads(pack.pad(qkv), pack.batch, num_heads)  # (B, nh, S, d) each
+    return pack.unpad(_core(q, k, v, pack.key_mask, dropout_p, use_sdpa))  # (T, H)
+
+
+def _attention_per_sequence(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: float, use_sdpa: bool) -> Tensor:
+    """CPU varlen: each sequence attends over its own rows, so no FLOP, mask or dropout draw is spent on padding;
+    B small SDPA calls beat one masked (B, nh, S, S) call on CPU, most of all at seq 512."""
+    rows = qkv.split(pack.lengths)  # (s_b, 3H) per sequence
+    return torch.cat([_core(*_split_heads(r, 1, num_heads), None, dropout_p, use_sdpa) for r in rows])  # (T, H)
+
+
+def _split_heads(qkv: Tensor, batch: int, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(batch * S, 3H) -> q, k, v of shape (batch, nh, S, d)."""
+    return qkv.view(batch, -1, 3, num_heads, qkv.shape[1] // 3 // num_heads).permute(2, 0, 3, 1, 4)
+
+
+def _core(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, dropout_p: float, use_sdpa: bool) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v over (B, nh, S, d) heads -> (B * S, H) rows."""
     if use_sdpa:
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=pack.key_mask, dropout_p=dropout_p)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
     else:
-        ctx = _plain_attention(q, k, v, pack.key_mask, dropout_p)
-    return pack.unpad(ctx.transpose(1, 2).reshape(B * S, H))  # (T, H)
+        ctx = _plain_attention(q, k, v, key_mask, dropout_p)
+    return ctx.transpose(1, 2).flatten(0, 1).flatten(1)
 
 
 def _plain_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, dropout_p: float) -> Tensor:
@@ -113,7 +134,7 @@ def _plain_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, d
 
 
 def _varlen_attention(qkv: Tensor, pack: Packing, dropout_p: float) -> Tensor | None:
-    """(T, 3, nh, d) -> (T, nh, d) without touching padding, or None when no varlen kernel can do it."""
+    """CUDA: (T, 3, nh, d) -> (T, nh, d) without touching padding, or None when no varlen kernel can do it."""
     q, k, v = qkv.unbind(1)
     cu, n = pack.cu_seqlens, pack.max_len
     if flash_attn_varlen_func is not None:
