@@ -20,6 +20,7 @@ models, so TFLOP/s ratios equal speed ratios. HF computes its MLM logits on ever
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -137,6 +138,73 @@ class Runner:
             self.peak_mem = max(self.peak_mem, torch.cuda.max_memory_allocated())
 
 
+class EngineRunner(Runner):
+    """A Runner whose step goes through a DeepSpeed engine: optimizer, precision and ZeRO stage from the JSON."""
+
+    def __init__(self, name: str, model: torch.nn.Module, loss_fn: Callable, ds_config: dict, device: torch.device):
+        from pretrain import engine as eng
+
+        self.name, self.loss_fn, self.device = name, loss_fn, device
+        self.engine = eng.initialize(model.to(device), copy.deepcopy(ds_config), total_steps=10**9)
+        self.model = self.engine
+        self.times, self.peak_mem = [], 0
+
+    def step(self, batch: dict) -> None:
+        loss = self.loss_fn(self.engine, batch)
+        self.engine.backward(loss)
+        self.engine.step()
+
+
+def loader_throughput(prefix: str, seq_len: int, micro_batch: int, seed: int, batches: int = 50) -> float:
+    """Samples/s that the training data loader alone sustains on this rank (no model), after one warm-up batch."""
+    from pretrain.data import DataConfig, PretrainingData
+
+    rank, world = _rank_world()
+    data = PretrainingData(DataConfig(prefixes=[prefix], seq_len=seq_len, seed=seed, num_workers=0))
+    loader = data.loader("train", micro_batch, rank, world)
+    next(loader)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        next(loader)
+    return batches * micro_batch / (time.perf_counter() - t0)
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Sum (or max) `values` over the ranks of a launcher job; unchanged in a single process."""
+    import torch.distributed as dist
+
+    if _rank_world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def aggregate(result: dict, peak_tflops: float | None) -> dict:
+    """Whole-job numbers under the launcher: rates summed over ranks, the slowest step, the largest memory."""
+    world = _rank_world()[1]
+    if world == 1:
+        return result
+    seq, tok, tflops = _reduce([result["seq_per_s"], result["tokens_per_s"], result["tflops"]])
+    step_s, mem = _reduce([result["step_s"], float(result["peak_mem_bytes"] or 0)], op="max")
+    return {
+        **result,
+        "step_s": step_s,
+        "seq_per_s": seq,
+        "tokens_per_s": tok,
+        "tflops": tflops,
+        "mfu": tflops / (peak_tflops * world) if peak_tflops else None,
+        "peak_mem_bytes": int(mem) if result["peak_mem_bytes"] is not None else None,
+        "world_size": world,
+    }
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -146,7 +214,7 @@ def run(runners: list[Runner], batches: list[dict], steps: int, warmup: int) -> 
     """Warm every runner up, then time `steps` steps each in alternating chunks."""
     for r in runners:
         r.timed_chunk(batches, 0, warmup, record=False)
-    with tqdm(total=steps * len(runners), desc="timed steps", unit="step") as bar:
+    with tqdm(total=steps * len(runners), desc="timed steps", unit="step", disable=_rank_world()[0] != 0) as bar:
         for start in range(warmup, warmup + steps, CHUNK):
             for r in runners:
                 count = min(CHUNK, warmup + steps - start)
@@ -184,15 +252,26 @@ def hf_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(**batch["hf"]).loss
 
 
-def build_runners(config: BertConfig, args: argparse.Namespace, device: torch.device) -> list[Runner]:
+def build_runners(
+    config: BertConfig, args: argparse.Namespace, device: torch.device, ds_config: dict | None = None
+) -> list[Runner]:
+    """Ours (and HF's with --compare-hf) with the same weights; through DeepSpeed engines when `ds_config`."""
+
+    def runner(name: str, model: torch.nn.Module, loss_fn: Callable) -> Runner:
+        if ds_config is not None:
+            return EngineRunner(name, model, loss_fn, ds_config, device)
+        return Runner(name, model, loss_fn, args.precision, device)
+
     ours = BertForPreTraining(config)
-    runners = [Runner("ours", ours, ours_loss, args.precision, device)]
+    hf = None
     if args.compare_hf:
         from transformers import BertForPreTraining as HFBertForPreTraining
 
         hf = HFBertForPreTraining._from_config(config.to_hf(), attn_implementation="sdpa")
         hf.load_state_dict(ours.state_dict(), strict=True)
-        runners.append(Runner("hf", hf, hf_loss, args.precision, device))
+    runners = [runner("ours", ours, ours_loss)]
+    if hf is not None:
+        runners.append(runner("hf", hf, hf_loss))
     return runners
 
 
@@ -217,6 +296,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        metavar="X.json",
+        help="step through DeepSpeed engines built from this JSON (its micro-batch, optimizer, precision and ZeRO "
+        "stage); under the deepspeed launcher, rates are summed over all ranks",
+    )
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -235,6 +322,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     validate(args, config, device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    ds_config = None
+    if args.deepspeed_config:
+        from pretrain import engine as eng
+
+        ds_config = eng.load_ds_config(args.deepspeed_config)
+        eng.init_distributed()
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        args.micro_batch = eng.resolve_batch(ds_config, _rank_world()[1])[1]
+        args.precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else args.precision
+        args.precision = "fp16" if ds_config.get("fp16", {}).get("enabled") else args.precision
+    rank, world = _rank_world()
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     if args.data:
@@ -242,13 +341,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         ours = [synthetic_batch(config, args.micro_batch, args.seq_len, args.padding, gen) for _ in range(8)]
     batches = [{"ours": _to(b, device), "hf": _to(hf_inputs(b), device)} for b in ours]
-    runners = build_runners(config, args, device)
+    runners = build_runners(config, args, device, ds_config)
     run(runners, batches, args.steps, args.warmup)
     peak = device_peak(device, args.precision, args.peak_tflops)
-    results = {r.name: summarize(r, config, ours, peak) for r in runners}
+    results = {r.name: aggregate(summarize(r, config, ours, peak), peak) for r in runners}
     if "hf" in results:
         results["speedup_vs_hf"] = results["ours"]["seq_per_s"] / results["hf"]["seq_per_s"]
-    print(report(results, args, device))
+    if args.data:
+        loader = loader_throughput(args.data, args.seq_len, args.micro_batch, args.seed)
+        results["loader_samples_per_s"] = _reduce([loader])[0]
+    if rank != 0:
+        return 0
+    print(report(results, args, device) + (f"  ({world} ranks, rates summed)" if world > 1 else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**results, "args": vars(args), "config": config.__dict__}, f, indent=2)
@@ -274,6 +378,8 @@ def report(results: dict, args: argparse.Namespace, device: torch.device) -> str
             )
     if "speedup_vs_hf" in results:
         lines.append(f"  speedup vs HF: {results['speedup_vs_hf']:.2f}x")
+    if "loader_samples_per_s" in results:
+        lines.append(f"  data loader alone: {results['loader_samples_per_s']:.0f} samples/s (no model)")
     return "\n".join(lines)
 
 

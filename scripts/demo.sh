@@ -3,14 +3,16 @@
 #   1 set up  2 built-in corpus  3 vocabulary + dataset  4 pretrain (deepspeed, interrupted and resumed)
 #   5 held-out MLM/NSP accuracy vs the untrained model  6 Hugging Face export + fill-mask  7 curves PNG
 # Everything goes under one directory: runs/demo, or the first argument / $DEMO_DIR.
-# About 10-12 minutes on 2 CPU cores; on a GPU box it uses every GPU.
-# Knobs (environment): DEMO_STEPS (training steps), DEMO_CORPUS_MB (cap on the corpus), DEMO_VOCAB (vocabulary
-# size), DEMO_SAVE_EVERY / DEMO_EVAL_EVERY (steps), DEMO_MASTER_PORT (rendezvous port of the launcher).
+# About 10 minutes on 2 CPU cores (training has a wall-clock budget); on a GPU box it uses every GPU.
+# Knobs (environment): DEMO_MINUTES (training budget, default 6), DEMO_STEPS (cap on steps), DEMO_CORPUS_MB
+# (cap on the corpus), DEMO_VOCAB (vocabulary size), DEMO_SAVE_EVERY / DEMO_EVAL_EVERY (steps),
+# DEMO_MASTER_PORT (rendezvous port of the launcher).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 out=${1:-${DEMO_DIR:-runs/demo}}
-steps=${DEMO_STEPS:-600}
+minutes=${DEMO_MINUTES:-6}
+steps=${DEMO_STEPS:-20000}
 corpus_mb=${DEMO_CORPUS_MB:-8}
 vocab_size=${DEMO_VOCAB:-8192}
 save_every=${DEMO_SAVE_EVERY:-100}
@@ -44,13 +46,14 @@ bert-prep build --input "$out/corpus.txt" --tokenizer "$out/tokenizer" --output 
   --overwrite
 bert-prep inspect "$out/data/corpus"
 
-say "[4/7] pretrain a small BERT with the deepspeed launcher ($procs processes)"
+say "[4/7] pretrain a small BERT for $minutes minutes with the deepspeed launcher ($procs processes)"
 # BERT-tiny's shape (2 layers, 128 wide) with the vocabulary just trained
 python -c "from pretrain.model import BertConfig as C; C.preset('tiny', vocab_size=$vocab_size).to_json('$out/model.json')"
 rm -rf "$out/run"  # a fresh run each time, so the interruption below happens
 train=(deepspeed --num_gpus "$procs" --master_port "$port" --log_level warning --module pretrain.train
   --deepspeed_config ds_configs/demo.json --model "$out/model.json" --data "$out/data/corpus" --seq-len 128
-  --train-steps "$steps" --save "$out/run" --save-every "$save_every" --eval-every "$eval_every"
+  --train-steps "$steps" --time-budget "$(python -c "print($minutes / 60)")" --save "$out/run"
+  --save-every "$save_every" --eval-every "$eval_every"
   --eval-samples 1024 --eval-fraction 0.05 --num-workers 0)
 echo "+ ${train[*]}"
 set -m  # the background launch gets its own process group, so one signal reaches every rank

@@ -51,8 +51,8 @@ def test_demo_end_to_end(tmp_path):
     assert manifest["tokenizer"]["path"] == str(out / "tokenizer")
 
     # 4: the first launch was stopped by SIGTERM after a checkpoint and the relaunch resumed from its stop
-    stopped = [line for line in log.splitlines() if line.startswith("stopping at step")]
-    assert len(stopped) == 1 and "(signal)" in stopped[0]
+    stopped = [line for line in log.splitlines() if line.startswith("stopping at step") and "(signal)" in line]
+    assert len(stopped) == 1
     step = int(stopped[0].split()[3])
     assert 3 <= step < 12
     assert f"resumed from {out / 'run'} at step {step}" in log
