@@ -33,20 +33,21 @@ import zstandard
 
 from data_prep.errors import UserError
 
-COMPRESSED = (".gz", ".xz", ".bz2", ".zst")
 FORMATS = ("txt", "jsonl")
 _REPLACEMENT_UTF8 = "\ufffd".encode()
 
 
 def resolve_inputs(specs: Sequence[str]) -> list[Path]:
-    """Files named by `specs` (files, directories searched recursively, or globs), sorted, absolute, unique."""
+    """Files named by `specs` (files; directories, recursively, skipping hidden entries; globs), sorted, unique."""
     files: list[Path] = []
     for spec in specs:
         p = Path(spec)
         if p.is_file():
             found = [p]
         elif p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and not q.name.startswith("."))
+            found = sorted(
+                q for q in p.rglob("*") if q.is_file() and not any(s.startswith(".") for s in q.relative_to(p).parts)
+            )
         else:
             found = sorted(Path(q) for q in glob.glob(spec, recursive=True) if Path(q).is_file())
             if not found:
