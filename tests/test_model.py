@@ -143,7 +143,7 @@ def test_hf_state_dict_loads_strict_and_decoder_is_tied():
 
 
 def test_initialization_statistics():
-    config = BertConfig.preset("small", vocab_size=5000)
+    config = BertConfig.preset("mini", vocab_size=5000)
     model = BertForPreTraining(config)
     std = config.initializer_range
     truncated_std = std * 0.8796  # std of N(0, std^2) truncated at +-2 std
