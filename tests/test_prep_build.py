@@ -13,6 +13,7 @@ import torch
 import zstandard
 from fixtures_prep import documents, jsonl, prep_tokenizer_fixture, run_cli, txt  # noqa: F401
 
+from data_prep.cli import main as prep_main
 from data_prep.indexed import IndexedDataset
 
 megatron = pytest.importorskip("megatron.core.datasets.indexed_dataset")
@@ -158,3 +159,16 @@ def _write(path, content, compress=lambda b: b):
     data = content.encode("utf-8") if isinstance(content, str) else content
     path.write_bytes(compress(data))
     return path
+
+
+def test_progress_bar_and_summary(tmp_path, prep_tokenizer, capsys):
+    src = _write(tmp_path / "a.txt", txt(documents(30, seed=14)))
+    assert (
+        prep_main(["build", "--input", str(src), "--tokenizer", str(prep_tokenizer), "--output", str(tmp_path / "d")])
+        == 0
+    )
+    out, err = capsys.readouterr()
+    ds = IndexedDataset(tmp_path / "d")
+    assert f"docs={ds.num_documents:,}" in err and f"tokens={ds.num_tokens:,}" in err and "tok_s=" in err
+    assert f"{ds.num_documents:,} documents, {len(ds):,} sentences, {ds.num_tokens:,} tokens" in out
+    assert "tokens/s" in out and "MB/s" in out
