@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def train_vocab(
     )
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:  # files appear complete or not at all
         fast = transformers.BertTokenizer(tokenizer_object=tok, do_lower_case=not cased)
         fast.save_pretrained(tmp)
