@@ -42,6 +42,8 @@ def test_bad_build_inputs_name_the_file_and_write_nothing(tmp_path, capsys, prep
     fails(capsys, *build_args(prep_tokenizer, out, tmp_path / "empty.txt"), match="no text")
     (tmp_path / "bin.txt").write_bytes(b"The river.\n" + bytes(range(256)) * 4)
     fails(capsys, *build_args(prep_tokenizer, out, good, tmp_path / "bin.txt"), match="bin.txt looks binary")
+    fails(capsys, *build_args(prep_tokenizer, out, good, tmp_path / "bin.txt", extra=["--workers", 2]),
+          match="bin.txt looks binary")  # fmt: skip
     (tmp_path / "utf.txt").write_bytes(b"The river.\n\nThe ri\xffver.\n")
     fails(capsys, *build_args(prep_tokenizer, out, tmp_path / "utf.txt", extra=["--strict"]), match="utf.txt line 3")
     (tmp_path / "cut.txt.gz").write_bytes(gzip.compress(good.read_bytes())[:-40])
