@@ -301,7 +301,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--deepspeed-config",
         metavar="X.json",
         help="step through DeepSpeed engines built from this JSON (its micro-batch, optimizer, precision and ZeRO "
-        "stage); under the deepspeed launcher, rates are summed over all ranks",
+        "stage; gradient accumulation is set to 1); under the deepspeed launcher, rates are summed over all ranks",
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -331,6 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
         args.micro_batch = eng.resolve_batch(ds_config, _rank_world()[1])[1]
+        # a timed step is a full optimizer step: accumulation would hide the optimizer in the median step time
+        ds_config.update(gradient_accumulation_steps=1, train_batch_size=args.micro_batch * _rank_world()[1])
         args.precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else args.precision
         args.precision = "fp16" if ds_config.get("fp16", {}).get("enabled") else args.precision
     rank, world = _rank_world()
