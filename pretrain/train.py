@@ -323,7 +323,6 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
     from pretrain import checkpoint
     from pretrain import engine as eng
     from pretrain.data import eval_batches
-    from pretrain.model import BertForPreTraining
 
     eng.init_distributed()
     import torch.distributed as dist
@@ -348,18 +347,7 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
     }
     _log("resolved configuration:\n" + json.dumps(resolved, indent=2))
 
-    torch.manual_seed(cfg.seed)
-    model = BertForPreTraining(model_cfg)
-    if cfg.init_from and found is None:
-        init_cfg, weights = checkpoint.load_weights(cfg.init_from)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise UserError(
-                f"--init-from {cfg.init_from} does not match --model ({len(missing)} missing, "
-                f"{len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[:2]}); use the same model shape"
-            )
-        _log(f"initialized weights from {cfg.init_from}")
-
+    model = _build_model(cfg, model_cfg, init=cfg.init_from if found is None else None)
     state = checkpoint.TrainState(world_size=world, config=resolved)
     clock = {"start": time.monotonic(), "before": 0.0}
 
@@ -398,14 +386,7 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
     while state.step < cfg.train_steps:
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
-        sums = [0.0, 0.0, 0.0]
-        for _ in range(grad_accum):
-            batch = {k: v.to(engine.device) for k, v in next(loader).items()}
-            out = engine(**batch)
-            engine.backward(out.loss)
-            engine.step()
-            nsp = out.nsp_loss.item() if out.nsp_loss is not None else 0.0
-            sums = [s + x / grad_accum for s, x in zip(sums, (out.loss.item(), out.mlm_loss.item(), nsp))]
+        sums = _optimizer_step(engine, loader, grad_accum)
         spent_budget = budget_s and elapsed() >= budget_s
         reduced = _all_reduce([*sums, float(not all(map(math.isfinite, sums)))])
         flags = _all_reduce([float(stop.signal is not None), float(bool(spent_budget))], op="max")
@@ -446,6 +427,38 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
 
 def _rounded(record: dict) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items() if k not in ("step", "split")}
+
+
+def _build_model(cfg: TrainConfig, model_cfg, init: str | None):
+    """A fresh model from `--seed`, or with the weights of `--init-from` (not when resuming)."""
+    from pretrain.checkpoint import load_weights
+    from pretrain.model import BertForPreTraining
+
+    torch.manual_seed(cfg.seed)
+    model = BertForPreTraining(model_cfg)
+    if init:
+        _, weights = load_weights(init)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if missing or unexpected:
+            raise UserError(
+                f"--init-from {init} does not match --model ({len(missing)} missing, {len(unexpected)} unexpected "
+                f"tensors, e.g. {(missing + unexpected)[:2]}); use the same model shape"
+            )
+        _log(f"initialized weights from {init}")
+    return model
+
+
+def _optimizer_step(engine, loader, grad_accum: int) -> list[float]:
+    """`grad_accum` micro-batches and one optimizer step; this rank's (loss, mlm_loss, nsp_loss) means."""
+    sums = [0.0, 0.0, 0.0]
+    for _ in range(grad_accum):
+        batch = {k: v.to(engine.device) for k, v in next(loader).items()}
+        out = engine(**batch)
+        engine.backward(out.loss)
+        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        nsp = out.nsp_loss.item() if out.nsp_loss is not None else 0.0
+        sums = [s + x / grad_accum for s, x in zip(sums, (out.loss.item(), out.mlm_loss.item(), nsp))]
+    return sums
 
 
 def _progress_bar(cfg: TrainConfig, start: int):
