@@ -13,12 +13,14 @@
 #                  node by hand (run the script on every node with its own --node_rank), "--num_gpus 4"
 #   MASTER_ADDR    address of the first host (default: first host of HOSTFILE; 127.0.0.1 for --no_ssh tests)
 #   MASTER_PORT    rendezvous port (default 29500)
+# SIGTERM/SIGINT to this script go to the whole launch: every rank stops at the same step, saves, and the
+# script exits 0; relaunch the same command to resume.
 # Exported to every node (through a DeepSpeed env file): PATH, VIRTUAL_ENV, PYTHONPATH, and every NCCL_*,
 # DS_*, OMP_*, CUDA_*, WANDB_*, HF_*, TORCH_* variable set here (e.g. NCCL_SOCKET_IFNAME, NCCL_IB_HCA).
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -h || $1 == --help ]]; then
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
     exit 0
 fi
 hostfile=$1
@@ -49,9 +51,22 @@ read -r -a extra <<<"${LAUNCHER_ARGS:-}"
 cmd=(deepspeed --hostfile "$hostfile" --launcher "${LAUNCHER:-pdsh}" --master_addr "${MASTER_ADDR:-$first_host}"
     --master_port "${MASTER_PORT:-29500}" "${extra[@]}" --module pretrain.train "$@")
 echo "launching: ${cmd[*]}" >&2
+# The launcher runs in its own process group and SIGTERM/SIGINT sent to this script go to all of it:
+# DeepSpeed's local runner does not forward them, and every rank must see one to stop and save.
 set +e
-"${cmd[@]}" 2>&1 | tee "$log"
-rc=${PIPESTATUS[0]}
+set -m
+"${cmd[@]}" > >(trap '' TERM INT; exec tee "$log") 2>&1 & # tee outlives the ranks' last words
+pid=$!
+set +m
+stopped=
+trap 'stopped=1; kill -TERM -- -"$pid" 2>/dev/null' TERM INT
+wait "$pid"
+rc=$?
+while kill -0 "$pid" 2>/dev/null; do # a trapped signal interrupted `wait`: the ranks are still saving
+    wait "$pid"
+    rc=$?
+done
+while kill -0 -- -"$pid" 2>/dev/null; do sleep 1; done # the launcher's children (ranks) exit after it
 set -e
 
 # pdsh prefixes each remote line with "host: " and has been known to exit 0 when a remote rank failed, so
@@ -68,6 +83,11 @@ done
 if [[ -n $failed ]]; then
     echo "error: training failed on node(s): ${failed% } (log: $log)" >&2
     exit $((rc == 0 ? 1 : rc))
+fi
+if [[ -n $stopped ]]; then
+    echo "stopped by a signal: every rank saved at the same step; relaunch the same command to resume" >&2
+    rm -f "$log"
+    exit 0
 fi
 if [[ $rc -ne 0 ]]; then
     echo "error: training failed on node $node with exit code $rc (log: $log)" >&2

@@ -2,10 +2,14 @@
 node with `--no_ssh --node_rank 0|1` (master 127.0.0.1), must log the same losses as one node with two
 processes; a rank failing on one node must fail that node's launch with a message naming the node."""
 
+import signal
 import subprocess
+import time
 
 import pytest
 from fixtures_train import ROOT, losses, make_setup, run_env, train_args
+
+from pretrain import checkpoint
 
 STEPS = 6
 SCRIPT = str(ROOT / "scripts" / "launch_multinode.sh")
@@ -47,3 +51,22 @@ def test_failing_node_is_named_and_fails_the_launch(tmp_path):
     assert proc.returncode != 0
     assert "error: training failed on node node-b" in out
     assert "missing.bin/.idx does not exist" in out
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_script_reaches_every_rank_which_save_and_exit_0(tmp_path):
+    """DeepSpeed's local runner does not forward signals; the script sends them to the whole launch."""
+    setup = make_setup(tmp_path, stage=0, world=2)
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    save = tmp_path / "run"
+    proc = node_launch(hostfile, 0, train_args(setup, save, 400), 29634)
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and not ((save / "metrics.jsonl").exists() and len(losses(save)) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping at step" in out and "relaunch the same command to resume" in out
+    tag, state = checkpoint.newest(save)
+    assert 3 <= state.step < 400 and sorted(losses(save)) == list(range(1, state.step + 1))
