@@ -27,6 +27,11 @@ class Parsed(Exception):
     """Raised instead of running the command once its arguments parsed."""
 
 
+def is_wrapper(words: list[str]) -> bool:
+    """`python -m MODULE ...` and `scripts/launch_multinode.sh HOSTFILE <training flags>`."""
+    return words[:2] == ["python", "-m"] or words[0].endswith("launch_multinode.sh")
+
+
 def readme_commands() -> list[list[str]]:
     text = (ROOT / "README.md").read_text()
     commands = []
@@ -37,7 +42,7 @@ def readme_commands() -> list[list[str]]:
             words = shlex.split(line) if line else []
             while words and "=" in words[0] and not words[0].startswith("-"):  # VAR=value prefixes
                 words = words[1:]
-            if words and (words[0] in ENTRY_POINTS or words[0] == "deepspeed"):
+            if words and (words[0] in ENTRY_POINTS or words[0] == "deepspeed" or is_wrapper(words)):
                 commands.append(words)
     return commands
 
@@ -56,6 +61,13 @@ def parse(words: list[str], monkeypatch) -> argparse.Namespace:
             module = ".".join(script.with_suffix("").parts)
         entry = next((ep for ep in ENTRY_POINTS.values() if ep[0] == module), (module, "main"))
         argv = [module, *launcher.user_args]
+    elif words[0].endswith("launch_multinode.sh"):
+        assert (ROOT / words[0]).is_file(), f"{words[0]} does not exist"
+        entry, argv = ("pretrain.train", "cli"), ["pretrain.train", *words[2:]]
+    elif words[:2] == ["python", "-m"]:
+        module = importlib.import_module(words[2])
+        name = next(n for n in ("cli", "main", "_main") if hasattr(module, n))
+        entry, argv = (words[2], name), words[2:]
     else:
         entry = ENTRY_POINTS[words[0]]
         argv = words
