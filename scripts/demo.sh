@@ -28,9 +28,9 @@ venv=${VENV:-$root/.venv}
 export PATH="$venv/bin:$PATH" TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -gt 0 ]; then
-  procs=$gpus
+  procs=$gpus workers=2
 else
-  procs=2
+  procs=2 workers=0  # on 2 cores, loader worker processes only compete with the two ranks
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1  # one core per process
 fi
 mkdir -p "$out"
@@ -54,7 +54,7 @@ train=(deepspeed --num_gpus "$procs" --master_port "$port" --log_level warning -
   --deepspeed_config ds_configs/demo.json --model "$out/model.json" --data "$out/data/corpus" --seq-len 128
   --train-steps "$steps" --time-budget "$(python -c "print($minutes / 60)")" --save "$out/run"
   --save-every "$save_every" --eval-every "$eval_every"
-  --eval-samples 1024 --eval-fraction 0.05 --num-workers 0)
+  --eval-samples 1024 --eval-fraction 0.05 --num-workers "$workers")
 echo "+ ${train[*]}"
 set -m  # the background launch gets its own process group, so one signal reaches every rank
 "${train[@]}" &
