@@ -11,8 +11,8 @@ Synthetic batches (the same ones, in the same order, for both models):
 `--data PREFIX` times the first 8 micro-batches of a real dataset instead (pretrain.data).
 
 Optimizer: torch.optim.AdamW(fused=True) for both models.
-Timing: warm-up steps first, then the timed steps in chunks of 5 that alternate between the models, so load
-from other processes hits both alike; the reported step time is the median step. FLOPs count useful work
+Timing: warm-up steps first, then the timed steps alternate between the models step by step, so load from
+other processes hits both alike; the reported step time is the median step. FLOPs count useful work
 only (`flops_per_sequence` on each sequence's real length, P = its masked tokens), the same for both
 models, so TFLOP/s ratios equal speed ratios. HF computes its MLM logits on every position, as it does.
 """
@@ -42,7 +42,7 @@ PEAK_TFLOPS = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CLS_ID, SEP_ID, MASK_ID = 101, 102, 103
-CHUNK = 5
+CHUNK = 1  # timed steps per turn: the models alternate step by step
 
 
 def synthetic_batch(config: BertConfig, batch: int, seq_len: int, padding: str, gen: torch.Generator) -> dict:
