@@ -74,12 +74,9 @@ class Lamb(torch.optim.Optimizer):
             raise ValueError(f"layout covers {int(layout.lengths.sum())} elements, flat tensor has {flat.numel()}")
         self._layouts[id(flat)] = (flat, layout)
 
-    def _layout(self, p: torch.Tensor) -> FlatLayout:
+    def _layout(self, p: torch.Tensor) -> FlatLayout | None:
         held = self._layouts.get(id(p))
-        if held is not None and held[0] is p:
-            return held[1]
-        one = torch.ones(1, dtype=torch.long)
-        return FlatLayout(tensor_ids=one * 0, lengths=one * p.numel(), num_tensors=1)
+        return held[1] if held is not None and held[0] is p else None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -116,8 +113,13 @@ class Lamb(torch.optim.Optimizer):
         p.view(-1).addcmul_(ratio, update.view(-1), value=-step_size)
 
     def _trust_ratios(self, p: torch.Tensor, update: torch.Tensor, group: dict) -> torch.Tensor:
-        """Per-element trust ratio: each element gets the ratio of the original tensor it belongs to."""
+        """Per-element trust ratio: each element gets the ratio of the original tensor it belongs to
+        (a 0-d tensor when `p` is a whole tensor)."""
         layout = self._layout(p)
+        if layout is None:
+            w_norm, u_norm = p.detach().float().norm(), update.float().norm()
+            ratio = (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"])
+            return torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio)).to(p.dtype)
         tids = layout.tensor_ids.to(p.device)
         lengths = layout.lengths.to(p.device)
         flat_p, flat_u = p.detach().view(-1).float(), update.view(-1).float()
