@@ -53,7 +53,7 @@ rm -rf "$out/run"  # a fresh run each time, so the interruption below happens
 train=(deepspeed --num_gpus "$procs" --master_port "$port" --log_level warning --module pretrain.train
   --deepspeed_config ds_configs/demo.json --model "$out/model.json" --data "$out/data/corpus" --seq-len 128
   --train-steps "$steps" --time-budget "$(python -c "print($minutes / 60)")" --save "$out/run"
-  --save-every "$save_every" --eval-every "$eval_every"
+  --save-every "$save_every" --keep-last 3 --eval-every "$eval_every"
   --eval-samples 1024 --eval-fraction 0.05 --num-workers "$workers")
 echo "+ ${train[*]}"
 set -m  # the background launch gets its own process group, so one signal reaches every rank
