@@ -351,15 +351,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "between documents (one document per source file). Same machine, same corpus."
         ),
     )
-    p.add_argument("--output", required=True, help="text file to write (txt convention)")
-    p.add_argument("--max-mb", type=float, default=None, help="stop once the corpus reaches this many MB")
+    p.add_argument("--output", required=True, metavar="FILE", help="text file to write (txt convention)")
+    p.add_argument("--max-mb", type=float, default=None, metavar="MB", help="stop once the corpus reaches this many MB")
     p.add_argument(
         "--roots",
         nargs="+",
         default=None,
+        metavar="DIR",
         help="directories to read instead of this interpreter's standard library and site-packages",
     )
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="parallel file readers")
+    p.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N", help="parallel file readers"
+    )
     p.set_defaults(func=run)
     return p
 

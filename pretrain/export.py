@@ -144,8 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="training --save directory or checkpoint tag dir")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
     parser.add_argument("--tag", default=None, help="checkpoint tag inside CHECKPOINT_DIR (default: the newest)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer directory (default: from the dataset manifest)")
-    parser.add_argument("--data", default=None, help="dataset prefix whose manifest names the tokenizer")
+    parser.add_argument(
+        "--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default: from the dataset manifest)"
+    )
+    parser.add_argument(
+        "--data", default=None, metavar="PREFIX", help="dataset prefix whose manifest names the tokenizer"
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip reloading with transformers and comparing")
     args = parser.parse_args(argv)
     model = export(args.checkpoint, args.out_dir, args.tag, args.tokenizer, args.data, check=not args.no_verify)

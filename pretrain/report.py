@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the step from a run's metrics.jsonl, and print a short summary.",
     )
     parser.add_argument("run", metavar="RUN_DIR", help="a training --save directory, or a metrics.jsonl file")
-    parser.add_argument("--output", default=None, help="PNG to write (default: RUN_DIR/curves.png)")
+    parser.add_argument("--output", default=None, metavar="FILE", help="PNG to write (default: RUN_DIR/curves.png)")
     args = parser.parse_args(argv)
     path = metrics_path(args.run)
     output = Path(args.output) if args.output else path.parent / "curves.png"
