@@ -60,11 +60,13 @@ set -m  # the background launch gets its own process group, so one signal reache
 "${train[@]}" &
 pgid=$!
 set +m
+trap 'kill -TERM -- -"$pgid" 2>/dev/null; exit 130' INT TERM  # Ctrl-C here must reach the background group too
 while [ ! -s "$out/run/latest" ] && kill -0 "$pgid" 2>/dev/null; do sleep 0.2; done
 kill -0 "$pgid" 2>/dev/null || { echo "training exited before its first checkpoint"; exit 1; }
 say "checkpoint $(cat "$out/run/latest") is written: interrupting training with SIGTERM (as a scheduler would)"
 kill -TERM -- -"$pgid"
 while kill -0 -- -"$pgid" 2>/dev/null; do sleep 0.5; done  # every rank saves at a step boundary and exits
+trap - INT TERM
 say "relaunching the same command: it resumes from $(cat "$out/run/latest")"
 "${train[@]}"
 
