@@ -209,3 +209,33 @@ def test_fp16_on_gpu_learns_the_task(task, tmp_path):
         deepspeed_config=str(tmp_path / "ds.json"),
     )
     assert main(cfg)["accuracy"] >= 0.9
+
+
+@pytest.mark.slow
+def test_from_a_pretraining_save_directory(task, tmp_path):
+    """--init-from a `bert-pretrain --save` directory: weights via load_weights, tokenizer via the dataset manifest."""
+    from fixtures_train import make_setup, run_env, train_args
+
+    from pretrain.checkpoint import load_weights
+
+    setup = make_setup(tmp_path)
+    save = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pretrain.train", *train_args(setup, save, 3)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    cfg = FinetuneConfig(
+        "classify", str(task["train_csv"]), str(task["dev_csv"]), str(save), str(out), epochs=1, lr=1e-9, seq_len=32
+    )
+    main(cfg)
+    _, pretrained = load_weights(save)
+    from safetensors.torch import load_file
+
+    tuned = load_file(out / "model.safetensors")
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.1.output.dense.weight"):
+        torch.testing.assert_close(tuned[name], pretrained[name], atol=1e-6, rtol=0)
+    manifest = json.loads(Path(setup["prefix"] + ".json").read_text())
+    import transformers
+
+    shipped = transformers.AutoTokenizer.from_pretrained(out).get_vocab()
+    assert shipped == transformers.AutoTokenizer.from_pretrained(manifest["tokenizer"]["path"]).get_vocab()
