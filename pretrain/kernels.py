@@ -2,12 +2,12 @@
 
 - `Packing` describes an unpadded batch: the T real tokens of a (B, S) batch as rows of a (T, C) tensor.
   `Packing.from_mask(mask, unpad=False)` keeps every position, which is the plain path.
-- `attention` takes packed q|k|v rows. Unpadded on CPU it runs each sequence on its own rows (one SDPA call
-  per sequence: no padding, no mask). Unpadded on CUDA in fp16/bf16 it calls variable-length flash attention
-  (the `flash-attn` package when installed, else PyTorch's `torch.nn.attention.varlen`, which has no dropout
-  and so is used only when attention dropout is off). Otherwise it re-pads q|k|v for the score matrix only
-  and runs batched `scaled_dot_product_attention` with a key mask. `use_sdpa=False` swaps SDPA for explicit
-  softmax math everywhere except inside the varlen kernels.
+- `attention` takes packed q|k|v rows. Unpadded on CPU it runs small groups of consecutive sequences, each
+  padded only to its own longest member (long sequences alone, unmasked). Unpadded on CUDA in fp16/bf16 it
+  calls variable-length flash attention (the `flash-attn` package when installed, else PyTorch's
+  `torch.nn.attention.varlen`, which has no dropout and so is used only when attention dropout is off).
+  Otherwise it re-pads q|k|v for the score matrix only and runs batched `scaled_dot_product_attention` with
+  a key mask. `use_sdpa=False` swaps SDPA for explicit softmax math everywhere but inside varlen kernels.
 - `dense_gelu` and `dense_residual_norm` are the pointwise tails of BERT's linear layers. Backends:
   "plain" (F.linear with its bias, then the op: eager PyTorch's best on CPU), "compile" (the bias and
   pointwise ops as one `torch.compile`d function), "apex" (apex's fused LayerNorm; CUDA only), and "auto"
@@ -17,7 +17,9 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +40,7 @@ except ImportError:
     varlen_attn = None
 
 BACKENDS = ("auto", "plain", "compile", "apex")
+SCORE_BUDGET = 1 << 17  # padded score entries per head in one CPU attention call (8 x 128^2, 2 x 256^2, 1 x 362^2)
 
 
 @dataclass
@@ -105,10 +108,30 @@ def attention(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: float, use_
 
 
 def _attention_per_sequence(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: float, use_sdpa: bool) -> Tensor:
-    """CPU varlen: each sequence attends over its own rows, so no FLOP, mask or dropout draw is spent on padding;
-    B small SDPA calls beat one masked (B, nh, S, S) call on CPU, most of all at seq 512."""
-    rows = qkv.split(pack.lengths)  # (s_b, 3H) per sequence
-    return torch.cat([_core(*_split_heads(r, 1, num_heads), None, dropout_p, use_sdpa) for r in rows])  # (T, H)
+    """CPU varlen: runs of consecutive sequences share one SDPA call, padded only to their own longest member,
+    while (sequences x longest^2) stays under SCORE_BUDGET; a long sequence goes alone, unmasked. Small,
+    cache-sized score matrices and little padding beat one masked (B, nh, S, S) call on CPU, and grouping
+    keeps the number of calls (each a thread barrier) low when the batch holds many short sequences."""
+    offsets = [0, *itertools.accumulate(pack.lengths)]
+    out = []
+    for first, last in _groups(pack.lengths):
+        rows = qkv[offsets[first] : offsets[last]]  # (sum of lengths, 3H)
+        lengths = torch.tensor(pack.lengths[first:last], device=qkv.device)
+        group = Packing.from_mask(torch.arange(max(pack.lengths[first:last])) < lengths[:, None], unpad=True)
+        q, k, v = _split_heads(group.pad(rows), last - first, num_heads)  # (g, nh, longest, d) each
+        out.append(group.unpad(_core(q, k, v, group.key_mask, dropout_p, use_sdpa)))
+    return torch.cat(out)  # (T, H)
+
+
+def _groups(lengths: list[int]) -> Iterator[tuple[int, int]]:
+    """[first, last) runs of consecutive sequences with (last - first) * longest^2 <= SCORE_BUDGET."""
+    first, longest = 0, 0
+    for i, n in enumerate(lengths):
+        if i > first and (i - first + 1) * max(longest, n) ** 2 > SCORE_BUDGET:
+            yield first, i
+            first, longest = i, 0
+        longest = max(longest, n)
+    yield first, len(lengths)
 
 
 def _split_heads(qkv: Tensor, batch: int, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:

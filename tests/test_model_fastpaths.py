@@ -142,3 +142,18 @@ def test_fused_qkv_under_zero3_trains_like_stage0():
     assert run.returncode == 0, run.stderr[-3000:]
     losses = json.loads(run.stdout.strip().splitlines()[-1])
     assert losses["3"] == pytest.approx(losses["0"], rel=1e-5)
+
+
+def test_cpu_varlen_groups_match_padded_attention():
+    """Long sequences alone, short ones grouped (see kernels.SCORE_BUDGET): same context and grads as padded SDPA."""
+    S, lengths = 400, torch.tensor([400, 380, 30, 20, 10])
+    assert list(kernels._groups(lengths.tolist())) == [(0, 1), (1, 2), (2, 5)]
+    mask = (torch.arange(S) < lengths[:, None]).long()
+    packed, padded = kernels.Packing.from_mask(mask, unpad=True), kernels.Packing.from_mask(mask, unpad=False)
+    qkv = torch.randn(int(lengths.sum()), 3 * 32, dtype=torch.float64, requires_grad=True)
+    grouped = kernels.attention(qkv, packed, 4, 0.0, use_sdpa=True)
+    (g1,) = torch.autograd.grad((grouped * grouped).sum(), qkv)
+    full = kernels.attention(packed.pad(qkv), padded, 4, 0.0, use_sdpa=False)[packed.indices]
+    (g2,) = torch.autograd.grad((full * full).sum(), qkv)
+    torch.testing.assert_close(grouped, full)
+    torch.testing.assert_close(g1, g2)
