@@ -351,7 +351,8 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
 
     model = _build_model(cfg, model_cfg, init=cfg.init_from if found is None else None)
     state = checkpoint.TrainState(world_size=world, config=resolved)
-    clock = {"start": time.monotonic(), "before": 0.0}
+    # elapsed time of a resumed run is needed before resume: loading the LR scheduler evaluates the time budget
+    clock = {"start": time.monotonic(), "before": found[1].elapsed_s if found is not None else 0.0}
 
     def elapsed() -> float:
         return clock["before"] + time.monotonic() - clock["start"]
