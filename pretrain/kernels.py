@@ -98,7 +98,7 @@ class Packing:
 def attention(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: float, use_sdpa: bool) -> Tensor:
     """(T, 3H) packed q|k|v rows -> (T, H) attention context."""
     if pack.indices is not None and not qkv.is_cuda:
-        return _attention_per_sequence(qkv, pack, num_heads, dropout_p, use_sdpa)
+        return _attention_grouped(qkv, pack, num_heads, dropout_p, use_sdpa)
     if pack.indices is not None and qkv.dtype in (torch.float16, torch.bfloat16):
         out = _varlen_attention(qkv.view(qkv.shape[0], 3, num_heads, -1), pack, dropout_p)  # (T, nh, d)
         if out is not None:
@@ -107,7 +107,7 @@ def attention(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: float, use_
     return pack.unpad(_core(q, k, v, pack.key_mask, dropout_p, use_sdpa))  # (T, H)
 
 
-def _attention_per_sequence(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: float, use_sdpa: bool) -> Tensor:
+def _attention_grouped(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: float, use_sdpa: bool) -> Tensor:
     """CPU varlen: runs of consecutive sequences share one SDPA call, padded only to their own longest member,
     while (sequences x longest^2) stays under SCORE_BUDGET; a long sequence goes alone, unmasked. Small,
     cache-sized score matrices and little padding beat one masked (B, nh, S, S) call on CPU, and grouping
