@@ -403,6 +403,8 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
         metrics.write(record)
         result.update(step=state.step, loss=loss)
         eta = (time.monotonic() - clock["loop"]) / (state.step - clock["loop_step"]) * (cfg.train_steps - state.step)
+        if budget_s:  # the budget ends the run first when it is the shorter of the two
+            eta = min(eta, max(budget_s - state.elapsed_s, 0.0))
         _report(bar, cfg, record, eta)
         nonfinite = nonfinite + 1 if reduced[3] else 0
         if nonfinite >= max(cfg.max_nonfinite, 1):

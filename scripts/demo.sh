@@ -23,7 +23,7 @@ start=$SECONDS
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "[1/7] setup"
+say "[1/8] setup"
 bash scripts/setup.sh
 venv=${VENV:-$root/.venv}
 export PATH="$venv/bin:$PATH" TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1
@@ -38,16 +38,16 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 echo "output directory: $out ($procs training processes, $gpus GPUs)"
 
-say "[2/7] built-in corpus: documentation of the installed Python standard library and packages"
+say "[2/8] built-in corpus: documentation of the installed Python standard library and packages"
 bert-prep corpus --output "$out/corpus.txt" --max-mb "$corpus_mb"
 
-say "[3/7] WordPiece vocabulary and the indexed dataset"
+say "[3/8] WordPiece vocabulary and the indexed dataset"
 bert-prep vocab --input "$out/corpus.txt" --vocab-size "$vocab_size" --output "$out/tokenizer"
 bert-prep build --input "$out/corpus.txt" --tokenizer "$out/tokenizer" --output "$out/data/corpus" --workers 2 \
   --overwrite
 bert-prep inspect "$out/data/corpus"
 
-say "[4/7] pretrain a small BERT for $minutes minutes with the deepspeed launcher ($procs processes)"
+say "[4/8] pretrain a small BERT for $minutes minutes with the deepspeed launcher ($procs processes)"
 # BERT-tiny's shape (2 layers, 128 wide) with the vocabulary just trained
 python -c "from pretrain.model import BertConfig as C; C.preset('tiny', vocab_size=$vocab_size).to_json('$out/model.json')"
 rm -rf "$out/run"  # a fresh run each time, so the interruption below happens
@@ -71,7 +71,7 @@ trap - INT TERM
 say "relaunching the same command: it resumes from $(cat "$out/run/latest")"
 "${train[@]}"
 
-say "[5/7] held-out accuracy: trained vs untrained (step 0) on the same held-out documents"
+say "[5/8] held-out accuracy: trained vs untrained (step 0) on the same held-out documents"
 python - "$out/run/metrics.jsonl" <<'EOF'
 import json, sys
 evals = {}
@@ -84,7 +84,7 @@ for name, rec in ((f"untrained (step {first['step']})", first), (f"trained (step
     print(f"{name:>22} {rec['mlm_acc']:>13.4f} {rec['nsp_acc']:>13.4f}")
 EOF
 
-say "[6/7] export to a Hugging Face directory and run transformers' fill-mask pipeline"
+say "[6/8] export to a Hugging Face directory and run transformers' fill-mask pipeline"
 bert-export "$out/run" "$out/hf"
 python - "$out/hf" <<'EOF'
 import sys
@@ -101,10 +101,10 @@ for text in [
     print(f"{text:<55} -> {guesses}")
 EOF
 
-say "[7/7] loss and accuracy curves"
+say "[7/8] loss and accuracy curves"
 bert-report "$out/run"
 
-say "[8] fine-tune on a task from the same documentation: which standard-library package a paragraph is from"
+say "[8/8] fine-tune on a task from the same documentation: which standard-library package a paragraph is from"
 python -m finetune.tasks packages --output "$out/task" --per-class 150
 finetune=(deepspeed --num_gpus "$procs" --master_port "$port" --log_level warning --module finetune.run
   --task classify --train "$out/task/train.csv" --eval "$out/task/eval.csv" --seq-len 128 --epochs 3 --lr 1e-3)
