@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,13 @@ def ds_config_json(path: Path, micro_batch: int = 4, world: int = 1, stage: int 
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A rendezvous port nothing listens on now (fixed ports collide with anything else on the machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_env() -> dict:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 
 import pytest
-from fixtures_train import ROOT, ds_config_json, make_setup, run_env
+from fixtures_train import ROOT, ds_config_json, free_port, make_setup, run_env
 
 
 @pytest.mark.slow
@@ -15,9 +14,7 @@ def test_bench_through_launcher_sums_ranks(tmp_path):
     setup = make_setup(tmp_path, micro_batch=3, world=2)
     # accumulation 2 in the JSON: the bench still times one optimizer step per micro-batch
     setup["ds"] = ds_config_json(tmp_path / "ds_accum.json", micro_batch=3, world=2, grad_accum=2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "bench.json"
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), "--module", "pretrain.bench"]
     cmd += ["--model", setup["model"], "--seq-len", "48", "--micro-batch", "32", "--steps", "3", "--warmup", "1"]

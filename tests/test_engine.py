@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures_train import free_port
 
 from data_prep.errors import UserError
 
@@ -99,7 +100,7 @@ def worker(out: str) -> None:
 def two_process_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("engine") / "weights.pt"
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = ["deepspeed", "--num_gpus", str(WORLD), "--master_port", "29613", __file__, "--out", str(out)]
+    cmd = ["deepspeed", "--num_gpus", str(WORLD), "--master_port", str(free_port()), __file__, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(out)

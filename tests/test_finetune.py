@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_finetune import build_tokenizer, classify_rows, tag_sentences, tiny_checkpoint, write_conll, write_csv
+from fixtures_train import free_port
 
 from finetune import data, metrics
 from finetune.model import BertClassifier, save_hf
@@ -179,7 +180,7 @@ def test_two_processes_through_the_deepspeed_launcher(task, tmp_path):
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     out = tmp_path / "out"
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29671"]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port())]
     cmd += ["--module", "finetune.run", "--task", "classify", "--train", str(task["train_csv"])]
     cmd += ["--eval", str(task["dev_csv"]), "--init-from", str(task["ckpt"]), "--output", str(out)]
     cmd += ["--epochs", "4", "--lr", "1e-3", "--seq-len", "32", "--deepspeed_config", str(tmp_path / "ds.json")]

@@ -16,19 +16,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_train import ROOT, losses, make_setup, run_env, train_args
+from fixtures_train import ROOT, free_port, losses, make_setup, run_env, train_args
 
 from pretrain import checkpoint
 
 STEPS = 60
 
 
-def launch(setup: dict, save: Path, world: int, port: int, steps: int = STEPS, stage_cmd=None) -> subprocess.Popen:
+def launch(setup: dict, save: Path, world: int, steps: int = STEPS, stage_cmd=None) -> subprocess.Popen:
     args = train_args(setup, save, steps)
     if world == 1:
         cmd = [sys.executable, "-m", "pretrain.train", *args]
     else:
-        cmd = ["deepspeed", "--num_gpus", str(world), "--master_port", str(port), "--module", "pretrain.train", *args]
+        port = str(free_port())
+        cmd = ["deepspeed", "--num_gpus", str(world), "--master_port", port, "--module", "pretrain.train", *args]
     log = open(save.parent / f"{save.name}.log", "a")
     return subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -68,13 +69,13 @@ def check_stopped_early(save: Path) -> int:
 def test_exact_resume_after_sigterm_one_process(tmp_path):
     setup = make_setup(tmp_path, stage=0, dropout=0.1)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    finish(launch(setup, straight, 1, 0), straight)
-    proc = launch(setup, interrupted, 1, 0)
+    finish(launch(setup, straight, 1), straight)
+    proc = launch(setup, interrupted, 1)
     interrupt_when(proc, interrupted, 5)
     assert proc.returncode == 0, "a SIGTERM'd run must save and exit 0"
     assert "stopping at step" in (tmp_path / "interrupted.log").read_text()
     stopped = check_stopped_early(interrupted)
-    finish(launch(setup, interrupted, 1, 0), interrupted)
+    finish(launch(setup, interrupted, 1), interrupted)
     want, got = losses(straight), losses(interrupted)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert got == want, f"resumed at step {stopped}: losses differ"
@@ -86,14 +87,14 @@ def test_exact_resume_two_processes_and_universal_to_one(tmp_path):
     """ZeRO-2, dropout off (a different process count draws different dropout masks)."""
     setup = make_setup(tmp_path, stage=2, dropout=0.0, world=2)
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    finish(launch(setup, straight, 2, 29621), straight)
-    proc = launch(setup, interrupted, 2, 29622)
+    finish(launch(setup, straight, 2), straight)
+    proc = launch(setup, interrupted, 2)
     interrupt_when(proc, interrupted, 5)
     stopped = check_stopped_early(interrupted)
     universal = tmp_path / "universal"
     shutil.copytree(interrupted, universal)
 
-    finish(launch(setup, interrupted, 2, 29623), interrupted)
+    finish(launch(setup, interrupted, 2), interrupted)
     want = losses(straight)
     assert losses(interrupted) == want, f"2-process resume at step {stopped}: losses differ"
 
@@ -103,7 +104,7 @@ def test_exact_resume_two_processes_and_universal_to_one(tmp_path):
     _, from_universal = checkpoint.load_weights(universal / f"{checkpoint.tag_name(stopped)}_universal")
     assert from_zero.keys() == from_universal.keys()
     assert all(torch.equal(from_zero[k], from_universal[k]) for k in from_zero)
-    finish(launch(setup, universal, 1, 0), universal)
+    finish(launch(setup, universal, 1), universal)
     got = losses(universal)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert got[stopped + 1] == pytest.approx(want[stopped + 1], rel=1e-5)
