@@ -309,7 +309,12 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    raise SystemExit(run_cli(_main, argv))
+    rc = run_cli(_main, argv)
+    if rc == 0:
+        from pretrain.engine import shutdown
+
+        shutdown()
+    raise SystemExit(rc)
 
 
 if __name__ == "__main__":

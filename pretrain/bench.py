@@ -386,7 +386,12 @@ def report(results: dict, args: argparse.Namespace, device: torch.device) -> str
 
 
 def cli() -> None:
-    sys.exit(run_cli(main))
+    rc = run_cli(main)
+    if rc == 0:
+        from pretrain.engine import shutdown
+
+        shutdown()
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

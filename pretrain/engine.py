@@ -203,6 +203,17 @@ def _ensure_dist_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def shutdown() -> None:
+    """Leave the process group cleanly once a run succeeded: every rank meets, then tears the group down.
+
+    A rank that exits with the group alive can abort in the backend's destructor ("terminate called without
+    an active exception") while a peer is still talking to it, turning a finished run into a failed launch.
+    """
+    if ds_dist.is_initialized():
+        ds_dist.barrier()
+        ds_dist.destroy_process_group()
+
+
 def init_distributed() -> None:
     _ensure_dist_env()
     if not ds_dist.is_initialized():

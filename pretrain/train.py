@@ -493,7 +493,12 @@ def _cli_main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """Console entry point (`bert-pretrain`), also run by `deepspeed --module pretrain.train`."""
-    return run_cli(_cli_main, argv)
+    rc = run_cli(_cli_main, argv)
+    if rc == 0:
+        from pretrain.engine import shutdown
+
+        shutdown()
+    return rc
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def worker(out: str) -> None:
         engine.destroy()
     if rank == 0:
         torch.save(results, out)
+    eng.shutdown()
 
 
 @pytest.fixture(scope="module")
