@@ -1,6 +1,7 @@
 """Shared test setup: CPU DeepSpeed, quiet logs. Area-specific fixtures live in tests/fixtures_*.py."""
 
 import os
+import sys
 
 import pytest
 
@@ -8,6 +9,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# DeepSpeed JIT-builds its CPU comm op into one cache shared by every virtualenv, rebuilding it whenever another
+# venv used it last; a build per venv keeps test launches from loading a library another checkout is rewriting.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 @pytest.fixture(autouse=True)
