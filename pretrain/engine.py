@@ -211,7 +211,17 @@ def shutdown() -> None:
     """
     if ds_dist.is_initialized():
         ds_dist.barrier()
+        if not on_gpu():
+            _unlink_shm_buffer(ds_dist.get_rank())
         ds_dist.destroy_process_group()
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU comm op leaves a 69 MB `/dev/shm` buffer per rank and run (named as in its shm.cpp) and
+    never removes it; after the barrier every peer has mapped it, so the name can go and the memory with it."""
+    env = os.environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def init_distributed() -> None:

@@ -101,9 +101,12 @@ def worker(out: str) -> None:
 def two_process_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("engine") / "weights.pt"
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = ["deepspeed", "--num_gpus", str(WORLD), "--master_port", str(free_port()), __file__, "--out", str(out)]
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(WORLD), "--master_port", str(port), __file__, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # engine.shutdown removed the 69 MB shared-memory buffer DeepSpeed's CPU comm op made for each rank
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return torch.load(out)
 
 
