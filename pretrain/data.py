@@ -103,8 +103,9 @@ class DataConfig:
         g.add_argument("--num-workers", type=int, default=d["num_workers"], help="loader processes per rank")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> DataConfig:
-        """The config of parsed flags (`add_arguments` plus `--data`, `--seq-len`, `--seed`)."""
+    def from_args(cls, args: argparse.Namespace | object) -> DataConfig:
+        """The config of parsed flags (`add_arguments` plus `--data`, `--seq-len`, `--seed`), or of any object
+        carrying the same attribute names, such as `pretrain.train.TrainConfig`."""
         return cls(
             prefixes=list(args.data),
             weights=args.data_weights,

@@ -279,19 +279,7 @@ def _prepare(cfg: TrainConfig):
     for prefix in cfg.data:
         if not Path(prefix + ".idx").is_file() or not Path(prefix + ".bin").is_file():
             raise UserError(f"dataset {prefix}.bin/.idx does not exist; pass a PREFIX written by `bert-prep build`")
-    data_cfg = DataConfig(
-        prefixes=list(cfg.data),
-        weights=cfg.data_weights,
-        seq_len=cfg.seq_len,
-        short_seq_prob=cfg.short_seq_prob,
-        pair_task=cfg.pair_task,
-        mask_prob=cfg.mask_prob,
-        whole_word_mask=cfg.whole_word_mask,
-        eval_fraction=cfg.eval_fraction,
-        seed=cfg.seed,
-        num_workers=cfg.num_workers,
-    )
-    data = PretrainingData(data_cfg)
+    data = PretrainingData(DataConfig.from_args(cfg))
     if data.vocab_size > model_cfg.vocab_size:
         raise UserError(
             f"the data's vocabulary ({data.vocab_size} ids, {cfg.data[0]}.json) is larger than the model's "
