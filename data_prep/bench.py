@@ -4,7 +4,8 @@
 
 Measured in one run on the same text and vocabulary:
 - raw: HF `tokenizers` batch encoding of the input paragraphs in one thread (`encode_batch` and
-  `encode_batch_fast`), the ceiling for one worker;
+  `encode_batch_fast`), the ceiling for one worker that the ratios are taken against; and the same
+  paragraphs through `tokenizer.Encoder` with its ASCII fast path (same ids, cheaper normalizer);
 - build: the whole `bert-prep build` pipeline (read, split sentences, tokenize, write, index) for each
   `--workers` value, as tokens/s and MB/s of text, its ratio to the raw rate per worker, and its scaling;
 - CPU efficiency: tokens per CPU-second of all processes (main and workers), which other jobs on a shared
@@ -78,7 +79,7 @@ def _best(runs: list[Rate]) -> Rate:
 
 
 def raw_rates(files: list[str], tok_dir: str, batch: int = 1000) -> dict[str, Rate]:
-    """Single-thread `tokenizers` batch encoding of the paragraphs, best of 2."""
+    """Single-thread `tokenizers` batch encoding of the paragraphs, and `tokenizer.Encoder`'s; best of 2."""
     backend = tokenizer.load(tok_dir).backend_tokenizer
     paras = [p for doc in text.TextReader([Path(f) for f in files]).documents() for p in doc]
     mb = sum(len(p.encode()) for p in paras) / 1e6
@@ -92,15 +93,22 @@ def raw_rates(files: list[str], tok_dir: str, batch: int = 1000) -> dict[str, Ra
             tokens = sum(len(e.ids) for encodings in batches for e in encodings)
             runs.append(Rate(tokens, mb, time.perf_counter() - wall, cpu_seconds() - cpu))
         out[name] = _best(runs)
+    encoder = tokenizer.Encoder(backend.to_str(), np.int32, fast_path=True)
+    runs = []
+    for _ in range(2):
+        wall, cpu = time.perf_counter(), cpu_seconds()
+        tokens = len(encoder.encode(paras, batch)[0])
+        runs.append(Rate(tokens, mb, time.perf_counter() - wall, cpu_seconds() - cpu))
+    out["Encoder"] = _best(runs)
     return out
 
 
-def build_rate(files: list[str], tok_dir: str, out: Path, workers: int, split: bool = True) -> Rate:
+def build_rate(files: list[str], tok_dir: str, out: Path, workers: int, split: bool = True, fast: bool = True) -> Rate:
     """The whole `bert-prep build` (read, split, tokenize, write, index), best of 2."""
     runs = []
     for _ in range(2):
         cfg = BuildConfig(input=files, tokenizer=tok_dir, output=str(out), workers=workers, overwrite=True,
-                          split_sentences=split, progress=False)  # fmt: skip
+                          split_sentences=split, ascii_fast_path=fast, progress=False)  # fmt: skip
         cpu = cpu_seconds()
         r = build(cfg)
         runs.append(Rate(r.counts["tokens"], r.text_bytes / 1e6, r.seconds, cpu_seconds() - cpu))
@@ -196,7 +204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"load average {os.getloadavg()[0]:.2f} on {len(os.sched_getaffinity(0))} cores", flush=True)  # fmt: skip
     raw = raw_rates(files, tok_dir)
     ceiling = raw["encode_batch_fast"]
-    rows = [r.row(f"raw `tokenizers` `{k}`, 1 thread", ceiling, 1, None) for k, r in raw.items()]
+    names = {k: f"raw `tokenizers` `{k}`, 1 thread" for k in ("encode_batch", "encode_batch_fast")}
+    names["Encoder"] = "`data_prep.tokenizer.Encoder` (ASCII fast path), 1 thread"
+    rows = [r.row(names[k], ceiling, 1, None) for k, r in raw.items()]
     one = None
     for w in args.workers:
         rate = build_rate(files, tok_dir, workdir / "out", w)
@@ -205,6 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the same pipeline without blingfire: what reading, batching and writing cost on top of the tokenizer
     no_split = build_rate(files, tok_dir, workdir / "out", 1, split=False)
     rows.append(no_split.row("`bert-prep build --workers 1 --no-split-sentences`", ceiling, 1, None))
+    # the same pipeline with every sentence through the full normalizer: its overhead over the raw tokenizer
+    no_fast = build_rate(files, tok_dir, workdir / "out", 1, fast=False)
+    rows.append(no_fast.row("`bert-prep build --workers 1 --no-ascii-fast-path`", ceiling, 1, None))
     print(
         "\n| pipeline | tokens/s | MB/s of text | per worker vs raw | tokens per CPU-s | per CPU-s vs raw "
         "| scaling vs 1 worker |\n|---|---|---|---|---|---|---|"

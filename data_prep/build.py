@@ -52,6 +52,7 @@ class BuildConfig:
     format: str = "txt"  # txt: paragraph per line, blank line between documents; jsonl: document per line
     jsonl_key: str = "text"  # field holding the text in --format jsonl
     split_sentences: bool = True  # False: each paragraph (line) is one sequence
+    ascii_fast_path: bool = True  # ASCII sentences skip the full normalizer (same ids; see tokenizer.Encoder)
     overwrite: bool = False  # replace an existing dataset at --output
     strict: bool = False  # invalid UTF-8 is an error instead of being replaced and counted
     shards: int = 0  # 0: one dataset; K: K datasets PREFIX_00000 ... with documents dealt round-robin
@@ -136,7 +137,7 @@ def build(cfg: BuildConfig) -> BuildResult:
     dtype = indexed.token_dtype(info.vocab_size)
     _remove_stale(cfg.output)
     reader = text.TextReader(files, cfg.format, cfg.jsonl_key, cfg.strict)
-    work = _ChunkWork(tok.backend_tokenizer.to_str(), dtype, cfg.split_sentences)
+    work = _ChunkWork(tok.backend_tokenizer.to_str(), dtype, cfg.split_sentences, cfg.ascii_fast_path)
     prefixes = output_prefixes(cfg.output, cfg.shards)
     router = _Router([indexed.IndexedDatasetWriter(p, dtype) for p in prefixes])
     writers = router.writers
@@ -242,8 +243,8 @@ class _ChunkWork:
     Sentences that tokenize to nothing (e.g. only control characters) are dropped.
     """
 
-    def __init__(self, backend_json: str, dtype: np.dtype, split: bool):
-        self.backend_json, self.dtype, self.split = backend_json, np.dtype(dtype), split
+    def __init__(self, backend_json: str, dtype: np.dtype, split: bool, fast_path: bool = True):
+        self.backend_json, self.dtype, self.split, self.fast_path = backend_json, np.dtype(dtype), split, fast_path
         self._encoder: tokenizer.Encoder | None = None
         self._splitter: text.SentenceSplitter | None = None
 
@@ -252,7 +253,7 @@ class _ChunkWork:
 
     def __call__(self, parts: list[tuple[list[str], bool]]) -> tuple[np.ndarray, ...]:
         if self._encoder is None:
-            self._encoder = tokenizer.Encoder(self.backend_json, self.dtype)
+            self._encoder = tokenizer.Encoder(self.backend_json, self.dtype, self.fast_path)
             self._splitter = text.SentenceSplitter(self.split)
         sents, per_part = [], []
         for paras, _ in parts:
@@ -319,6 +320,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--format", choices=text.FORMATS, default="txt", help="input format (default txt)")
     p.add_argument("--jsonl-key", default="text", help="field holding the document text in jsonl (default text)")
     p.add_argument("--no-split-sentences", action="store_true", help="store each paragraph as one sequence")
+    p.add_argument(
+        "--no-ascii-fast-path",
+        action="store_true",
+        help="tokenize ASCII sentences through the full normalizer too (slower; the ids are the same)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at PREFIX")
     p.add_argument("--strict", action="store_true", help="fail on invalid UTF-8 instead of replacing and counting")
     p.add_argument("--shards", type=int, default=0, help="write K datasets PREFIX_00000.. (documents round-robin)")
@@ -337,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
         format=args.format,
         jsonl_key=args.jsonl_key,
         split_sentences=not args.no_split_sentences,
+        ascii_fast_path=not args.no_ascii_fast_path,
         overwrite=args.overwrite,
         strict=args.strict,
         shards=args.shards,

@@ -16,7 +16,8 @@ def test_bench_prints_the_throughput_table(tmp_path, capsys):
     assert bench.main([str(a) for a in args] + ["--read-sentences", "2000"]) == 0
     out = capsys.readouterr().out
     assert "encode_batch_fast" in out and "`bert-prep build --workers 1`" in out and "--no-split-sentences" in out
+    assert "ASCII fast path" in out and "--no-ascii-fast-path" in out
     rates = re.findall(r"\| ([\d,]+) \| ([\d.]+) \|", out)
-    assert len(rates) >= 3 and all(float(t.replace(",", "")) > 0 for t, _ in rates)
+    assert len(rates) == 6 and all(float(t.replace(",", "")) > 0 for t, _ in rates)
     assert re.search(r"opening 2,000 sentences took [\d.]+ ms", out)
     assert re.search(r"feeding rate .*: [\d.]+ MB of text per CPU-s", out)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
 
 import blingfire
 import numpy as np
 import pytest
 import transformers
-from fixtures_prep import documents, jsonl, prep_tokenizer_fixture, run_cli, txt  # noqa: F401
+from fixtures_prep import WORDS, documents, jsonl, prep_tokenizer_fixture, run_cli, txt  # noqa: F401
 
+from data_prep import tokenizer
 from data_prep.indexed import IndexedDataset
 
 BertTokenizerFast = getattr(transformers, "BertTokenizerFast", transformers.BertTokenizer)
@@ -100,3 +102,65 @@ def test_google_style_vocab_txt_directory_and_int32_for_large_vocabularies(tmp_p
     assert ds.dtype == np.int32 and ds.manifest["tokenizer"]["vocab_size"] == 70000
     assert ds[len(ds) - 1][:2].tolist() == [69999, 5000]
     assert_dataset_matches_hf(tmp_path / "d", docs, tok_dir)
+
+
+def ascii_texts(n: int, seed: int) -> list[str]:
+    """ASCII strings that stress the fast path: every control character, special tokens in any case, tabs,
+    words over WordPiece's 100-character limit, and raw character soup over all 128 code points."""
+    rng = random.Random(seed)
+    pieces = [*WORDS, "[MASK]", "[mask]", "[Mask]", "[SEP]", "[XTRA]", "MiXed", "mixed", "newword", "NEWWORD"]
+    pieces += ["##ing", "don't", "U.S.", "e-mail", "3.14", "x" * 120, "\t", "\x08", "\x0b", "\x0c", "\x1f", "\x7f"]
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.3:
+            out.append("".join(chr(rng.randrange(128)) for _ in range(rng.randint(1, 40))))
+        else:
+            words = [rng.choice(pieces) for _ in range(rng.randint(1, 15))]
+            out.append(" ".join(w.upper() if rng.random() < 0.2 else w for w in words))
+    return out
+
+
+@pytest.mark.parametrize("cased", [False, True])
+def test_ascii_fast_path_gives_bert_tokenizer_fast_ids(tmp_path, prep_tokenizer, cased):
+    """`Encoder`'s cheaper normalizer for ASCII text equals BertTokenizerFast on hostile ASCII, with added
+    tokens both normalized and not; and leaving out its control-character rule would break that."""
+    tok_dir = prep_tokenizer
+    if cased:
+        (tmp_path / "train.txt").write_text(txt(documents(150, seed=3)), encoding="utf-8")
+        assert run_cli("vocab", "--input", tmp_path / "train.txt", "--vocab-size", 500, "--output", tmp_path / "tok",
+                       "--cased") == 0  # fmt: skip
+        tok_dir = tmp_path / "tok"
+    hf = BertTokenizerFast.from_pretrained(str(tok_dir))
+    hf.add_tokens(["MiXed", "newword"])
+    hf.add_tokens(["[XTRA]"], special_tokens=True)
+    hf.save_pretrained(str(tmp_path / "added"))
+    hf = BertTokenizerFast.from_pretrained(str(tmp_path / "added"))
+    backend_json = tokenizer.load(str(tmp_path / "added")).backend_tokenizer.to_str()
+    encoder = tokenizer.Encoder(backend_json, np.int32)
+    assert encoder._fast is not None
+    texts = ascii_texts(3000, seed=7) + [" ".join(documents(5, seed=8)[i]) for i in range(5)]  # + non-ASCII
+    ids, lengths = encoder.encode(texts, batch=256)
+    got = [a.tolist() for a in np.split(ids, np.cumsum(lengths)[:-1])]
+    expected = hf(texts, add_special_tokens=False)["input_ids"]
+    assert got == expected
+    assert tokenizer.Encoder(backend_json, np.int32, fast_path=False)._fast is None
+    unguarded = [e.ids for e in encoder._fast.encode_batch_fast(texts, add_special_tokens=False)]
+    assert unguarded != expected  # control characters (and non-ASCII) need the full normalizer
+
+
+def test_ascii_fast_path_only_for_bert_normalizer(prep_tokenizer):
+    spec = json.loads(tokenizer.load(str(prep_tokenizer)).backend_tokenizer.to_str())
+    assert tokenizer.ascii_normalizer(json.dumps(spec)) is not None
+    for other in (None, {"type": "Sequence", "normalizers": [{"type": "NFD"}, {"type": "Lowercase"}]}):
+        spec["normalizer"] = other
+        assert tokenizer.ascii_normalizer(json.dumps(spec)) is None
+        assert tokenizer.Encoder(json.dumps(spec), np.int32)._fast is None
+
+
+def test_no_ascii_fast_path_writes_the_same_bytes(tmp_path, prep_tokenizer):
+    (tmp_path / "a.txt").write_text(txt(documents(80, seed=9)), encoding="utf-8")
+    for name, extra in (("fast", []), ("full", ["--no-ascii-fast-path"])):
+        args = ["build", "--input", tmp_path / "a.txt", "--tokenizer", prep_tokenizer, "--output", tmp_path / name]
+        assert run_cli(*args, *extra) == 0
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"fast.{ext}").read_bytes() == (tmp_path / f"full.{ext}").read_bytes()
