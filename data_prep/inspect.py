@@ -5,6 +5,10 @@ the memory maps (chunked, so a dataset larger than RAM is fine) and stops at the
 a one-line error: pointers must be the running sum of the lengths, the last sequence must end exactly at
 the end of `.bin`, document boundaries must be increasing from 0 to the sequence count, every id must be
 below the vocabulary size, and the counts and dtype must equal the manifest's.
+
+Data written by Megatron's `preprocess_data.py` has no manifest: `--verify` then checks the index against
+the `.bin`, and the ids against `--tokenizer`'s vocabulary when one is given; `--write-manifest` adds the
+manifest (`adopted: true`, no sources) so `bert-pretrain` can train on it.
 """
 
 from __future__ import annotations
@@ -33,8 +37,11 @@ def histogram(lengths: np.ndarray, width: int = 40) -> list[str]:
     return rows
 
 
-def verify(ds: indexed.IndexedDataset) -> None:
-    """Raise UserError naming the first inconsistency between the index, the `.bin` and the manifest."""
+def verify(ds: indexed.IndexedDataset, vocab_size: int | None = None) -> None:
+    """Raise UserError naming the first inconsistency between the index, the `.bin` and the manifest.
+
+    Without a manifest, ids are checked against `vocab_size` when it is given.
+    """
     bin_path, idx_path, json_path = indexed.paths(ds.prefix)
     n, item = len(ds), ds.dtype.itemsize
     lengths, pointers, docs = ds.sequence_lengths, ds.sequence_pointers, ds.document_indices
@@ -59,10 +66,10 @@ def verify(ds: indexed.IndexedDataset) -> None:
         raise UserError(
             f"{idx_path}: document boundaries must increase from 0 to {n}; the index is corrupt, rebuild it"
         )
-    manifest = ds.manifest
-    if not manifest:
-        raise UserError(f"{json_path} is missing; without a manifest the dataset cannot be checked, rebuild it")
-    _verify_manifest(ds, manifest, json_path)
+    if ds.manifest:
+        _verify_manifest(ds, ds.manifest, json_path)
+    elif vocab_size is not None:
+        _verify_ids(ds, vocab_size)
 
 
 def _verify_manifest(ds: indexed.IndexedDataset, manifest: dict, json_path) -> None:
@@ -78,6 +85,10 @@ def _verify_manifest(ds: indexed.IndexedDataset, manifest: dict, json_path) -> N
             raise UserError(f"{json_path} says {counts.get(key)} {key}, the dataset holds {value}; rebuild it")
     if dtype != ds.dtype.name:
         raise UserError(f"{json_path} says dtype {dtype}, the index says {ds.dtype.name}; rebuild the dataset")
+    _verify_ids(ds, vocab_size)
+
+
+def _verify_ids(ds: indexed.IndexedDataset, vocab_size: int) -> None:
     top = -1
     for i in range(0, len(ds.tokens), _CHUNK):
         top = max(top, int(ds.tokens[i : i + _CHUNK].max(initial=0)))
@@ -111,14 +122,8 @@ def report(ds: indexed.IndexedDataset) -> list[str]:
     return lines
 
 
-def samples(ds: indexed.IndexedDataset, n: int) -> list[str]:
-    """`n` sentences spread evenly over the dataset, decoded with the manifest's tokenizer."""
-    from data_prep import tokenizer
-
-    path = ds.manifest.get("tokenizer", {}).get("path")
-    if not path:
-        raise UserError(f"{ds.prefix}.json names no tokenizer, so --show cannot decode; drop --show")
-    tok = tokenizer.load(path)
+def samples(ds: indexed.IndexedDataset, n: int, tok) -> list[str]:
+    """`n` sentences spread evenly over the dataset, decoded with `tok`."""
     picks = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(np.int64)) if len(ds) else []
     return [f"[{int(i)}] {tok.decode(ds[int(i)].tolist())}" for i in picks]
 
@@ -136,8 +141,45 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("prefix", metavar="PREFIX", help="dataset prefix (PREFIX.bin, PREFIX.idx, PREFIX.json)")
     p.add_argument("--verify", action="store_true", help="check index, .bin and manifest for consistency")
     p.add_argument("--show", type=int, default=0, metavar="N", help="decode N sample sentences")
+    p.add_argument(
+        "--tokenizer",
+        metavar="DIR_OR_NAME",
+        help="tokenizer for --show and --verify (default: the manifest's; needed for data written by Megatron)",
+    )
+    p.add_argument(
+        "--write-manifest",
+        action="store_true",
+        help="after --verify passes, write PREFIX.json for data without one (needs --tokenizer), so "
+        "bert-pretrain can train on it",
+    )
     p.set_defaults(func=run)
     return p
+
+
+def _tokenizer(ds: indexed.IndexedDataset, name: str | None):
+    """The tokenizer named by --tokenizer, else the manifest's."""
+    from data_prep import tokenizer
+
+    name = name or ds.manifest.get("tokenizer", {}).get("path")
+    if not name:
+        raise UserError(f"{ds.prefix} has no manifest naming its tokenizer; pass --tokenizer")
+    return tokenizer.load(name), name
+
+
+def adopted_manifest(ds: indexed.IndexedDataset, tok, name: str) -> dict:
+    """The manifest of a dataset written by another tool (Megatron), for `--write-manifest`."""
+    from data_prep import build, tokenizer
+
+    return {
+        "format": build.FORMAT_NAME,
+        "format_version": build.FORMAT_VERSION,
+        "tool_version": build.TOOL_VERSION,
+        "dtype": ds.dtype.name,
+        "tokenizer": tokenizer.describe(tok, name).to_json(),
+        "counts": {"documents": ds.num_documents, "sentences": len(ds), "tokens": ds.num_tokens},
+        "sources": [],
+        "adopted": True,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,12 +188,25 @@ def run(args: argparse.Namespace) -> int:
     shard = f"{args.prefix}_00000"
     if not indexed.exists(args.prefix) and indexed.exists(shard):
         raise UserError(f"{args.prefix} was written with --shards; inspect each shard, e.g. {shard}")
+    if args.write_manifest and not (args.verify and args.tokenizer):
+        raise UserError("--write-manifest needs --verify and --tokenizer (the vocabulary the ids come from)")
     ds = indexed.IndexedDataset(args.prefix)
+    if args.write_manifest and ds.manifest:
+        raise UserError(f"{indexed.paths(args.prefix)[2]} already exists; --write-manifest is for data without one")
     print("\n".join(report(ds)))
+    tok = name = None
+    if args.show or (args.tokenizer and args.verify):
+        tok, name = _tokenizer(ds, args.tokenizer)
     if args.show:
         print("samples:")
-        print("\n".join(samples(ds, args.show)))
+        print("\n".join(samples(ds, args.show, tok)))
     if args.verify:
-        verify(ds)
-        print(f"verify    ok: {len(ds):,} index entries consistent with the .bin and the manifest")
+        verify(ds, len(tok) if tok is not None else None)
+        checked = "the manifest" if ds.manifest else f"the vocabulary of {name}" if tok else "nothing else"
+        print(f"verify    ok: {len(ds):,} index entries consistent with the .bin and {checked}")
+        if not ds.manifest and tok is None:
+            print("          no manifest: counts and ids unchecked (pass --tokenizer to check the ids)")
+    if args.write_manifest:
+        indexed.write_json_atomic(indexed.paths(args.prefix)[2], adopted_manifest(ds, tok, name))
+        print(f"wrote     {indexed.paths(args.prefix)[2]}")
     return 0
