@@ -104,8 +104,7 @@ class DataConfig:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace | object) -> DataConfig:
-        """The config of parsed flags (`add_arguments` plus `--data`, `--seq-len`, `--seed`), or of any object
-        carrying the same attribute names, such as `pretrain.train.TrainConfig`."""
+        """The config of parsed flags: `add_arguments` plus `--data`, `--seq-len` and `--seed`."""
         return cls(
             prefixes=list(args.data),
             weights=args.data_weights,

@@ -49,6 +49,8 @@ def recorded_data_prefixes(source: Path) -> list[str]:
             return []
         state = found[1]
     data = state.config.get("train", {}).get("data", [])
+    if isinstance(data, dict):  # TrainConfig.data is a DataConfig (older checkpoints hold the prefix list)
+        data = data.get("prefixes", [])
     return [data] if isinstance(data, str) else list(data)
 
 

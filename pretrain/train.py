@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from data_prep.errors import UserError, run_cli
+from pretrain.data import DataConfig, PretrainingData, eval_batches
 
 # Model config fields that fix the weights' shapes (the rest are fast-path switches and dropout).
 SHAPE_FIELDS = (
@@ -48,14 +49,12 @@ class TrainConfig:
 
     deepspeed_config: str
     """DeepSpeed JSON: batch sizes, optimizer, precision, ZeRO stage, schedule (`--deepspeed_config`)."""
-    data: list[str]
-    """Dataset prefixes written by `bert-prep build` (`--data`)."""
+    data: DataConfig
+    """Datasets and how samples are built from them: `--data`, `--seq-len`, `--seed` and the sample flags."""
     save: str
     """Directory for checkpoints and metrics.jsonl; relaunching resumes from it (`--save`)."""
     model: str = "base"
     """Preset name (tiny ... large) or a model JSON (`--model`)."""
-    seq_len: int = 128
-    """Maximum sequence length (`--seq-len`)."""
     train_steps: int = 1000
     """Optimizer steps; the schedule decays to zero here (`--train-steps`)."""
     save_every: int = 0
@@ -66,24 +65,8 @@ class TrainConfig:
     """Evaluate every N steps, at step 0 and at the end; 0 never (`--eval-every`)."""
     eval_samples: int = 1024
     """Held-out samples per evaluation (`--eval-samples`)."""
-    eval_fraction: float = 0.01
-    """Share of documents held out for evaluation (`--eval-fraction`)."""
     init_from: str | None = None
     """Weights only, from a checkpoint or HF directory; fresh optimizer and schedule (`--init-from`)."""
-    seed: int = 1234
-    """Seed of weights, samples, masks and dropout (`--seed`)."""
-    data_weights: list[float] | None = None
-    """Mixing weight per --data prefix; None mixes by size (`--data-weights`)."""
-    pair_task: str = "nsp"
-    """nsp, sop or none (`--pair-task`)."""
-    mask_prob: float = 0.15
-    """MLM masking probability (`--mask-prob`)."""
-    whole_word_mask: bool = False
-    """Mask whole words (`--whole-word-mask`)."""
-    short_seq_prob: float = 0.1
-    """Probability of a shorter target length (`--short-seq-prob`)."""
-    num_workers: int = 2
-    """Data loader worker processes per rank (`--num-workers`)."""
     log_every: int = 10
     """Plain log line every N steps when not on a terminal (`--log-every`)."""
     time_budget: float = 0.0
@@ -95,11 +78,16 @@ class TrainConfig:
     tensorboard: bool = False
     """Write TensorBoard events to SAVE/tensorboard (`--tensorboard`)."""
 
+    @property
+    def seed(self) -> int:
+        """`--seed`: of the weights and dropout here, of samples and masks in `data`."""
+        return self.data.seed
+
     @classmethod
     def from_args(cls, argv=None) -> TrainConfig:
         args = build_parser().parse_args(argv)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in vars(args).items() if k in fields})
+        own = {f.name for f in dataclasses.fields(cls)} - {"data"}
+        return cls(data=DataConfig.from_args(args), **{k: v for k, v in vars(args).items() if k in own})
 
     def validate(self) -> None:
         for name in ("train_steps",):
@@ -111,8 +99,6 @@ class TrainConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pretrain.data import DataConfig
-
     p = argparse.ArgumentParser(
         prog="bert-pretrain",
         description="Pretrain BERT (MLM + NSP) with DeepSpeed. Batch size, optimizer, precision and ZeRO stage "
@@ -263,7 +249,6 @@ class Metrics:
 def _prepare(cfg: TrainConfig):
     """All user-input checks, before any compute. Returns (model config, data, DeepSpeed config, checkpoint)."""
     from pretrain import checkpoint
-    from pretrain.data import DataConfig, PretrainingData
     from pretrain.engine import load_ds_config, resolve_batch
     from pretrain.model import load_config
 
@@ -271,18 +256,18 @@ def _prepare(cfg: TrainConfig):
     ds_cfg = load_ds_config(cfg.deepspeed_config)
     resolve_batch(ds_cfg, int(os.environ.get("WORLD_SIZE", "1")))
     model_cfg = load_config(cfg.model)
-    if cfg.seq_len > model_cfg.max_position_embeddings:
+    if cfg.data.seq_len > model_cfg.max_position_embeddings:
         raise UserError(
-            f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+            f"--seq-len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
             f"{model_cfg.max_position_embeddings}; lower --seq-len or use a larger --model"
         )
-    for prefix in cfg.data:
+    for prefix in cfg.data.prefixes:
         if not Path(prefix + ".idx").is_file() or not Path(prefix + ".bin").is_file():
             raise UserError(f"dataset {prefix}.bin/.idx does not exist; pass a PREFIX written by `bert-prep build`")
-    data = PretrainingData(DataConfig.from_args(cfg))
+    data = PretrainingData(cfg.data)
     if data.vocab_size > model_cfg.vocab_size:
         raise UserError(
-            f"the data's vocabulary ({data.vocab_size} ids, {cfg.data[0]}.json) is larger than the model's "
+            f"the data's vocabulary ({data.vocab_size} ids, {cfg.data.prefixes[0]}.json) is larger than the model's "
             f"vocab_size {model_cfg.vocab_size}; set vocab_size >= {data.vocab_size} in the --model JSON"
         )
     found = checkpoint.newest(cfg.save)
@@ -312,7 +297,6 @@ def main(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFlag) -> dict:
     from pretrain import checkpoint
     from pretrain import engine as eng
-    from pretrain.data import eval_batches
 
     eng.init_distributed()
     import torch.distributed as dist

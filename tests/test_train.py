@@ -10,6 +10,7 @@ from fixtures_train import ds_config_json, make_setup, tiny_model_json
 
 from data_prep.errors import UserError
 from pretrain import checkpoint
+from pretrain.data import DataConfig
 from pretrain.train import TrainConfig, cli, evaluate, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,18 +22,9 @@ def setup(tmp_path_factory):
 
 
 def config(setup: dict, save: Path, steps: int = 8, **kw) -> TrainConfig:
-    base = dict(
-        deepspeed_config=setup["ds"],
-        model=setup["model"],
-        data=[setup["prefix"]],
-        save=str(save),
-        seq_len=48,
-        train_steps=steps,
-        eval_fraction=0.1,
-        num_workers=0,
-        log_every=0,
-    )
-    return TrainConfig(**{**base, **kw})
+    data = DataConfig([setup["prefix"]], seq_len=48, eval_fraction=0.1, num_workers=0)
+    base = dict(deepspeed_config=setup["ds"], model=setup["model"], data=data, save=str(save), train_steps=steps)
+    return TrainConfig(**{**base, "log_every": 0, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +79,7 @@ def test_evaluate_matches_an_independent_count_with_hugging_face(trained, setup)
     """Our eval metrics vs transformers.BertForPreTraining on the exported weights, batch by batch."""
     from transformers import BertForPreTraining as HFBert
 
-    from pretrain.data import DataConfig, PretrainingData, eval_batches
+    from pretrain.data import PretrainingData, eval_batches
     from pretrain.model import BertForPreTraining
 
     save, _ = trained
