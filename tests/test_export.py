@@ -114,3 +114,13 @@ def test_user_errors(tmp_path, capsys):
     argv = [str(tmp_path / "run"), str(tmp_path / "out"), "--data", str(tmp_path / "data")]
     assert run_cli(export.main, argv) == 2
     assert "is not a directory; pass --tokenizer DIR" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("data", [["a", "b"], {"prefixes": ["a", "b"], "seq_len": 128}, "a"])
+def test_recorded_data_prefixes_reads_every_checkpoint_layout(tmp_path, data):
+    """`train.data` is a DataConfig now, the prefix list (or one prefix) in older checkpoints."""
+    from pretrain import checkpoint
+
+    state = {"step": 1, "config": {"train": {"data": data}}}
+    (tmp_path / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    assert export.recorded_data_prefixes(tmp_path) == (["a"] if data == "a" else ["a", "b"])
