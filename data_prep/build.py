@@ -13,7 +13,12 @@ batch; the main process writes results in chunk order. Design choices:
   about (2 * workers + 2) chunks of text as Python strings (~2-3x their size) on top of the baseline of each
   process; the index side data is spilled to disk by the writer. docs/PERFORMANCE.md has measured peaks.
 - Crash safety: everything is written under `*.tmp` names and renamed at the end, `.idx` last (with the
-  manifest just before it); a re-run first removes the stale `*.tmp` files of a killed run.
+  manifest just before it), so a killed run never leaves a valid-looking dataset.
+- Restartable: every `JOURNAL_SECONDS` the writers are fsynced and `PREFIX.journal.tmp` records how many
+  chunks they hold. Re-running the same command after a kill, Ctrl-C or crash (same inputs, sizes and
+  mtimes, tokenizer and options; any `--workers`) cuts the temporary files back to the journal, re-reads
+  the inputs up to that chunk without tokenizing them, and continues: the result is byte-identical to an
+  uninterrupted run. Anything else (no journal, another command, bad input) starts over.
 - Sharding: `--shards K` deals documents round-robin to `PREFIX_00000` ... `PREFIX_{K-1}`, each a complete
   dataset with its own manifest.
 """
@@ -22,8 +27,12 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
+import itertools
+import json
 import multiprocessing
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +48,7 @@ from data_prep.errors import UserError
 FORMAT_NAME = "mmidx-bert"
 FORMAT_VERSION = 1
 TOOL_VERSION = "0.1.0"
+JOURNAL_SECONDS = 30.0  # how often a build records its position for a restart (an fsync and a small JSON)
 
 
 @dataclass
@@ -81,15 +91,17 @@ class BuildResult:
     seconds: float
     text_bytes: int
     counts: dict = field(default_factory=dict)
+    resumed_tokens: int = 0  # tokens an interrupted run had written (not counted in the rates)
 
     def summary(self) -> str:
         c, s = self.counts, max(self.seconds, 1e-9)
         where = self.prefixes[0] if len(self.prefixes) == 1 else f"{len(self.prefixes)} shards {self.prefixes[0]}..."
+        resumed = f"; resumed after {self.resumed_tokens:,} tokens of an interrupted run" if self.resumed_tokens else ""
         return (
             f"wrote {where}: {c['documents']:,} documents, {c['sentences']:,} sentences, {c['tokens']:,} tokens "
             f"from {self.text_bytes / 1e6:.1f} MB of text in {s:.1f}s "
-            f"({c['tokens'] / s:,.0f} tokens/s, {self.text_bytes / 1e6 / s:.2f} MB/s); "
-            f"{c['invalid_utf8_replaced']} invalid UTF-8 sequences replaced"
+            f"({(c['tokens'] - self.resumed_tokens) / s:,.0f} tokens/s, {self.text_bytes / 1e6 / s:.2f} MB/s); "
+            f"{c['invalid_utf8_replaced']} invalid UTF-8 sequences replaced{resumed}"
         )
 
 
@@ -110,7 +122,7 @@ def _is_output(path: Path, out: Path) -> bool:
         return False
     rest = path.name[len(out.name) :]
     rest = rest[6:] if len(rest) > 6 and rest[0] == "_" and rest[1:6].isdigit() else rest
-    return rest.split(".tmp")[0] in (".bin", ".idx", ".json", ".idx.lengths", ".idx.docs")
+    return rest.split(".tmp")[0] in (".bin", ".idx", ".json", ".idx.lengths", ".idx.docs", ".journal")
 
 
 def _remove_stale(output: str) -> None:
@@ -135,15 +147,17 @@ def build(cfg: BuildConfig) -> BuildResult:
     tok = tokenizer.load(cfg.tokenizer)
     info = tokenizer.describe(tok, cfg.tokenizer)
     dtype = indexed.token_dtype(info.vocab_size)
-    _remove_stale(cfg.output)
+    backend_json = tok.backend_tokenizer.to_str()
+    journal = _Journal(cfg.output, _fingerprint(cfg, files, backend_json, dtype))
     reader = text.TextReader(files, cfg.format, cfg.jsonl_key, cfg.strict)
-    work = _ChunkWork(tok.backend_tokenizer.to_str(), dtype, cfg.split_sentences, cfg.ascii_fast_path)
+    work = _ChunkWork(backend_json, dtype, cfg.split_sentences, cfg.ascii_fast_path)
     prefixes = output_prefixes(cfg.output, cfg.shards)
-    router = _Router([indexed.IndexedDatasetWriter(p, dtype) for p in prefixes])
+    router = _Router(journal.open_writers(prefixes, dtype))
     writers = router.writers
+    resumed_tokens = sum(w.num_tokens for w in writers)
     start = time.perf_counter()
     try:
-        _tokenize_into(router, reader, work, cfg)
+        _tokenize_into(router, reader, work, cfg, journal)
         counts = router.counts()
         if not any(c[0] for c in counts):
             raise UserError(f"the inputs hold no text that tokenizes to anything ({files[0]} ...); check --input")
@@ -154,33 +168,106 @@ def build(cfg: BuildConfig) -> BuildResult:
             os.unlink(name)
         for w, m in zip(writers, manifests):
             w.close(manifest=m)
-    except BaseException:
-        for w in writers:
-            w.abort()
+        journal.remove()
+    except BaseException as e:
+        if isinstance(e, UserError) or not journal.exists():
+            for w in writers:
+                w.abort()
+            journal.remove()
+        else:  # interrupted or crashed after a journal: keep the temporary files for a restart
+            for w in writers:
+                w.detach()
+            print(f"build interrupted; re-run the same command to continue from {journal.path}", file=sys.stderr)
         raise
     totals = {k: int(sum(c[i] for c in counts)) for i, k in enumerate(("documents", "sentences", "tokens"))}
     totals["invalid_utf8_replaced"] = reader.stats.invalid_utf8_replaced
-    return BuildResult(prefixes, manifests, time.perf_counter() - start, reader.stats.text_bytes, totals)
+    seconds = time.perf_counter() - start
+    return BuildResult(prefixes, manifests, seconds, reader.stats.text_bytes, totals, resumed_tokens)
 
 
-def _tokenize_into(router: _Router, reader: text.TextReader, work: _ChunkWork, cfg: BuildConfig) -> None:
-    """Stream every chunk through the workers into the writers, with a progress bar."""
+def _tokenize_into(
+    router: _Router, reader: text.TextReader, work: _ChunkWork, cfg: BuildConfig, journal: _Journal
+) -> None:
+    """Stream every chunk through the workers into the writers, with a progress bar and the journal."""
     total = sum(f.stat().st_size for f in reader.files)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="build", disable=not cfg.progress, smoothing=0.1)
-    start = time.perf_counter()
     chunk_bytes = int(cfg.chunk_mb * 1e6)
-    results = _ordered_map(work, text.chunked(reader.parts(chunk_bytes), chunk_bytes), cfg.workers)
+    chunks = text.chunked(reader.parts(chunk_bytes), chunk_bytes)
+    for chunk in itertools.islice(chunks, journal.chunks):  # written by the interrupted run: only re-read
+        router.next_document += sum(ends for _, ends in chunk)
+    if journal.chunks:
+        print(f"resuming {cfg.output} after {journal.chunks} chunks ({reader.stats.bytes_read / 1e6:,.1f} MB of "
+              "input) written by an interrupted run", file=sys.stderr)  # fmt: skip
+    before = np.sum(router.counts(), axis=0)
+    start = last_journal = time.perf_counter()
+    results = _ordered_map(work, chunks, cfg.workers)
     try:
         for result in results:
             router.write(*result)
+            journal.chunks += 1
+            if time.perf_counter() - last_journal >= JOURNAL_SECONDS:
+                journal.write(router.writers)
+                last_journal = time.perf_counter()
             done = np.sum(router.counts(), axis=0)
-            rate = done[2] / max(time.perf_counter() - start, 1e-9)
+            rate = (done[2] - before[2]) / max(time.perf_counter() - start, 1e-9)
             bar.update(reader.stats.bytes_read - bar.n)
             bar.set_postfix(docs=f"{done[0]:,}", tokens=f"{done[2]:,}", tok_s=f"{rate:,.0f}", refresh=False)
         bar.update(total - bar.n)
     finally:
         results.close()  # on an error, stops the worker pool at once
         bar.close()
+
+
+def _fingerprint(cfg: BuildConfig, files: list[Path], backend_json: str, dtype: np.dtype) -> str:
+    """What fixes the output bytes: inputs (path, size, mtime), tokenizer and options; not --workers."""
+    spec = {
+        "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "tokenizer": hashlib.sha256(backend_json.encode()).hexdigest(),
+        "options": [cfg.format, cfg.jsonl_key, cfg.split_sentences, cfg.strict, cfg.shards, cfg.chunk_mb],
+        "dtype": np.dtype(dtype).name,
+        "versions": [FORMAT_VERSION, TOOL_VERSION],
+    }
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+class _Journal:
+    """`PREFIX.journal.tmp`: how many chunks the writers hold, and their state, for a restart."""
+
+    def __init__(self, output: str, fingerprint: str):
+        self.output, self.fingerprint = output, fingerprint
+        self.path = Path(f"{output}.journal.tmp")
+        self.chunks = 0  # chunks written to the writers (by this run and the interrupted one)
+
+    def open_writers(self, prefixes: list[str], dtype: np.dtype) -> list[indexed.IndexedDatasetWriter]:
+        """Writers resumed from an interrupted run of the same build, else fresh ones (stale files removed)."""
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("fingerprint") == self.fingerprint and len(saved.get("writers", [])) == len(prefixes):
+            writers: list[indexed.IndexedDatasetWriter] = []
+            try:
+                for p, state in zip(prefixes, saved["writers"]):
+                    writers.append(indexed.IndexedDatasetWriter(p, dtype, resume=state))
+                self.chunks = int(saved["chunks"])
+                return writers
+            except (indexed.ResumeError, KeyError, TypeError, ValueError):
+                for w in writers:
+                    w.detach()
+        _remove_stale(self.output)
+        return [indexed.IndexedDatasetWriter(p, dtype) for p in prefixes]
+
+    def write(self, writers: list[indexed.IndexedDatasetWriter]) -> None:
+        states = [w.state(sync=True) for w in writers]  # data on disk before the journal that points to it
+        indexed.write_json_atomic(
+            self.path, {"fingerprint": self.fingerprint, "chunks": self.chunks, "writers": states}
+        )
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -310,7 +397,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "Split documents into sentences, tokenize them with a BERT WordPiece tokenizer and write a "
             "Megatron-compatible MMIDIDX dataset: one sequence per sentence, grouped into documents, plus a "
             "JSON manifest. txt input: one paragraph per line, a blank line between documents. jsonl input: "
-            "one document per line. Inputs may be files, directories or globs, plain or .gz/.xz/.bz2/.zst."
+            "one document per line. Inputs may be files, directories or globs, plain or .gz/.xz/.bz2/.zst. "
+            "Re-running the same command after a kill or Ctrl-C resumes the build from its journal."
         ),
     )
     p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="input files, directories or globs")

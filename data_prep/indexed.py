@@ -50,6 +50,10 @@ class IndexedDatasetError(UserError):
     """A `.bin`/`.idx` pair that is missing, truncated or inconsistent."""
 
 
+class ResumeError(Exception):
+    """The temporary files of a killed writer cannot be resumed (the caller starts over)."""
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits (Megatron's rule: vocabulary below 65500), int32 otherwise."""
     return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
@@ -155,7 +159,11 @@ class IndexedDatasetWriter:
     On a clean exit the files are renamed into place; on an exception the temporary files are removed.
     """
 
-    def __init__(self, prefix: str | os.PathLike, dtype: np.dtype | type, tmp_suffix: str = ".tmp"):
+    def __init__(
+        self, prefix: str | os.PathLike, dtype: np.dtype | type, tmp_suffix: str = ".tmp", resume: dict | None = None
+    ):
+        """With `resume` (a `state()` of a writer of the same prefix that was killed later), its temporary
+        files are reopened and cut back to that state; `ResumeError` when they no longer hold it."""
         self.prefix = str(prefix)
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF_DTYPE:
@@ -165,15 +173,44 @@ class IndexedDatasetWriter:
         self._final = (bin_path, idx_path)
         self._tmp = [Path(str(p) + tmp_suffix) for p in (bin_path, idx_path)]
         self._side = [Path(str(idx_path) + s + tmp_suffix) for s in (".lengths", ".docs")]
-        self._bin = open(self._tmp[0], "wb")
-        self._lengths = open(self._side[0], "wb")
-        self._docs = open(self._side[1], "wb")
-        self._docs.write(np.int64(0).tobytes())
-        self.num_sequences = 0
-        self.num_documents = 0
-        self.num_tokens = 0
-        self._doc_end = 0
+        state = resume or {"sequences": 0, "documents": 0, "tokens": 0, "doc_end": 0}
+        self.num_sequences, self.num_documents = int(state["sequences"]), int(state["documents"])
+        self.num_tokens, self._doc_end = int(state["tokens"]), int(state["doc_end"])
         self._closed = False
+        if resume is None:
+            self._bin, self._lengths, self._docs = (open(p, "wb") for p in (self._tmp[0], *self._side))
+            self._docs.write(np.int64(0).tobytes())
+            return
+        sizes = self._sizes()
+        if any(not p.is_file() or p.stat().st_size < n for p, n in zip((self._tmp[0], *self._side), sizes)):
+            raise ResumeError(f"the temporary files of {self.prefix} are missing or shorter than recorded")
+        self._bin, self._lengths, self._docs = (open(p, "r+b") for p in (self._tmp[0], *self._side))
+        for f, n in zip((self._bin, self._lengths, self._docs), sizes):
+            f.truncate(n)
+            f.seek(n)
+
+    def _sizes(self) -> tuple[int, int, int]:
+        """Bytes of `.bin`, of the lengths and of the document boundaries written so far."""
+        return self.num_tokens * self.dtype.itemsize, 4 * self.num_sequences, 8 * (self.num_documents + 1)
+
+    def state(self, sync: bool = False) -> dict:
+        """Where the writer is, for `resume` after a kill; flushes (and with `sync` fsyncs) its files first."""
+        for f in (self._bin, self._lengths, self._docs):
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        return {
+            "sequences": self.num_sequences,
+            "documents": self.num_documents,
+            "tokens": self.num_tokens,
+            "doc_end": self._doc_end,
+        }
+
+    def detach(self) -> None:
+        """Close the files but keep them (an interrupted build that can be resumed)."""
+        for f in (self._bin, self._lengths, self._docs):
+            f.close()
+        self._closed = True
 
     def add_sequence(self, ids: np.ndarray | list[int]) -> None:
         """Append one sequence (for BERT data: one sentence of WordPiece ids)."""

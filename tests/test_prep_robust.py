@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,28 +29,49 @@ def _corpus(path, megabytes: float, seed: int, giant_document: bool = False) -> 
             f.write(block.replace(b"\n\n", b"\n") if giant_document and i >= repeats // 2 else block)
 
 
-def test_killed_build_leaves_no_dataset_and_a_rerun_completes(tmp_path, prep_tokenizer):
+BUILD_JOURNALING = """
+import sys
+from data_prep import build
+from data_prep.cli import main
+build.JOURNAL_SECONDS = 0.05  # record the position every few chunks, so a kill lands between journals
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_build_leaves_no_dataset_and_a_rerun_resumes_to_the_same_bytes(tmp_path, prep_tokenizer, capsys):
     src = tmp_path / "big.txt"
     _corpus(src, 2, seed=20)
     args = ["build", "--input", src, "--tokenizer", prep_tokenizer, "--output", tmp_path / "d", "--no-progress"]
     args += ["--workers", "2", "--chunk-mb", "0.05"]
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep.cli", *map(str, args)], cwd=ROOT, start_new_session=True)
-    tmp_bin = tmp_path / "d.bin.tmp"
+    cmd = [sys.executable, "-c", BUILD_JOURNALING, *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    tmp_bin, journal = tmp_path / "d.bin.tmp", tmp_path / "d.journal.tmp"
     deadline = time.monotonic() + 60
-    while not (tmp_bin.exists() and tmp_bin.stat().st_size > 20_000) and proc.poll() is None:
-        assert time.monotonic() < deadline, "build never started writing"
-        time.sleep(0.02)
+    while not (journal.exists() and tmp_bin.stat().st_size > 200_000) and proc.poll() is None:
+        assert time.monotonic() < deadline, "build never recorded a journal"
+        time.sleep(0.01)
     assert proc.poll() is None, "build finished before it could be killed; make the corpus larger"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     names = {p.name for p in tmp_path.iterdir()}
     assert not names & {"d.bin", "d.idx", "d.json"}, names  # nothing valid-looking
-    assert "d.bin.tmp" in names
-    # A plain re-run (no --overwrite needed) cleans the leftovers and gives the same dataset as a clean run.
-    assert run_cli(*args) == 0
-    assert run_cli("build", "--input", src, "--tokenizer", prep_tokenizer, "--output", tmp_path / "clean") == 0
+    assert {"d.bin.tmp", "d.journal.tmp"} <= names
+    recorded = json.loads(journal.read_text())["writers"][0]["tokens"]
+    assert recorded > 0 and tmp_bin.stat().st_size >= 2 * recorded
+    for name in ("d.bin.tmp", "d.idx.lengths.tmp", "d.idx.docs.tmp"):  # as if killed mid-write after the journal
+        with open(tmp_path / name, "ab") as f:
+            f.write(b"\x07" * 13)
+    # A plain re-run (no --overwrite, one worker this time) continues from the journal.
+    capsys.readouterr()
+    assert run_cli(*args[:-4], "--workers", "1", "--chunk-mb", "0.05") == 0
+    captured = capsys.readouterr()
+    assert "resuming" in captured.err and f"resumed after {recorded:,} tokens" in captured.out
+    assert run_cli("build", "--input", src, "--tokenizer", prep_tokenizer, "--output", tmp_path / "clean",
+                   "--chunk-mb", "0.05") == 0  # fmt: skip
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"d{ext}").read_bytes() == (tmp_path / f"clean{ext}").read_bytes()
+    manifests = [json.loads((tmp_path / f"{n}.json").read_text()) for n in ("d", "clean")]
+    assert manifests[0] == manifests[1]
     assert not list(tmp_path.glob("*.tmp"))
     assert run_cli("inspect", tmp_path / "d", "--verify") == 0
 
