@@ -11,6 +11,8 @@ Measured in one run on the same text and vocabulary:
 - CPU efficiency: tokens per CPU-second of all processes (main and workers), which other jobs on a shared
   machine disturb far less than wall-clock rates;
 - memory: peak RSS of a default build (main process and largest worker) for each `--workers` value;
+- restart: a one-worker build SIGKILLed once its journal holds 3/4 of the chunks, then resumed (the
+  resume re-reads that text without tokenizing it), against the same build uninterrupted;
 - read: opening a dataset of `--read-sentences` sentences and random access to single sentences.
 Prints a Markdown table for docs/PERFORMANCE.md.
 """
@@ -162,6 +164,47 @@ def read_rates(workdir: Path, n: int) -> tuple[int, float, float]:
     return int(count), float(open_s), float(access_s)
 
 
+KILLABLE_BUILD = """
+import os, signal, sys
+from data_prep import build
+from data_prep.cli import main
+build.JOURNAL_SECONDS = 0.0  # a journal after every chunk
+kill_at, calls, real = int(sys.argv[1]), [], build._ChunkWork.__call__
+def work(self, parts):  # SIGKILL as chunk kill_at + 1 starts
+    calls.append(1)
+    if len(calls) > kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, parts)
+build._ChunkWork.__call__ = work
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def resume_seconds(files: list[str], tok_dir: str, out: Path, fraction: float = 0.75) -> tuple[float, float, int, int]:
+    """Wall seconds of a one-worker build uninterrupted and of its re-run after a SIGKILL once `fraction` of
+    its chunks (at least 8 of them) were written, and (chunks done, chunks in all)."""
+    mb = sum(Path(f).stat().st_size for f in files) / 1e6
+    chunk_mb = min(1.0, mb / 8)
+    cfg = BuildConfig(input=files, tokenizer=tok_dir, output=str(out), overwrite=True, progress=False,
+                      chunk_mb=chunk_mb)  # fmt: skip
+    reader = text.TextReader([Path(f) for f in files])
+    total = sum(1 for _ in text.chunked(reader.parts(int(chunk_mb * 1e6)), int(chunk_mb * 1e6)))
+    full = min(_timed_build(cfg) for _ in range(2))
+    kill_at = int(fraction * total)
+    argv = ["build", "--input", *files, "--tokenizer", tok_dir, "--output", str(out), "--overwrite"]
+    argv += ["--no-progress", "--chunk-mb", str(chunk_mb)]
+    subprocess.run([sys.executable, "-c", KILLABLE_BUILD, str(kill_at), *argv], cwd=ROOT, capture_output=True)
+    if not Path(f"{out}.journal.tmp").exists():
+        raise UserError(f"the killed build left no journal in {out}.journal.tmp; the restart was not measured")
+    return full, _timed_build(cfg), kill_at, total
+
+
+def _timed_build(cfg: BuildConfig) -> float:
+    wall = time.perf_counter()
+    build(cfg)
+    return time.perf_counter() - wall
+
+
 PEAK_PROBE = """
 import resource, sys
 from data_prep.cli import main
@@ -230,6 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         main_mb, worker_mb = peak_rss_mb(files, tok_dir, workdir / "peak", w)
         workers_note = f", largest worker {worker_mb:.0f} MB" if w > 1 else ""
         print(f"peak RSS, --workers {w} --chunk-mb 1 (default): main process {main_mb:.0f} MB{workers_note}")
+    full, resumed, done, total = resume_seconds(files, tok_dir, workdir / "resume")
+    print(f"restart: uninterrupted --workers 1 build {full:.2f} s; SIGKILLed after {done} of {total} chunks, "
+          f"the re-run took {resumed:.2f} s ({resumed / full:.0%} of a full build)")  # fmt: skip
     n, open_s, access_s = read_rates(workdir, args.read_sentences)
     print(f"\nread: opening {n:,} sentences took {open_s * 1e3:.1f} ms (fresh process, warm page cache); "
           f"random access {access_s * 1e6:.2f} us per sentence (`ds[i]`, 200k random i)")  # fmt: skip

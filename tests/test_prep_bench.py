@@ -20,4 +20,5 @@ def test_bench_prints_the_throughput_table(tmp_path, capsys):
     rates = re.findall(r"\| ([\d,]+) \| ([\d.]+) \|", out)
     assert len(rates) == 6 and all(float(t.replace(",", "")) > 0 for t, _ in rates)
     assert re.search(r"opening 2,000 sentences took [\d.]+ ms", out)
+    assert re.search(r"SIGKILLed after 6 of 8 chunks, the re-run took [\d.]+ s", out)
     assert re.search(r"feeding rate .*: [\d.]+ MB of text per CPU-s", out)
