@@ -281,6 +281,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Time full BERT pretraining steps (forward, backward, AdamW) on synthetic MLM+NSP batches.",
     )
     p.add_argument("--model", default="base", help="preset (tiny|mini|small|medium|base|large) or model JSON file")
+    p.add_argument(
+        "--model-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model config field, e.g. fused_ops=compile or unpad=false (repeatable)",
+    )
     p.add_argument("--seq-len", type=int, default=128, help="padded sequence length S (default 128)")
     p.add_argument("--micro-batch", type=int, default=32, help="sequences per step (default 32)")
     p.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp16 needs CUDA)")
@@ -318,7 +325,7 @@ def validate(args: argparse.Namespace, config: BertConfig, device: torch.device)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    config, device = load_config(args.model), torch.device(args.device)
+    config, device = load_config(args.model, args.model_set), torch.device(args.device)
     validate(args, config, device)
     if args.threads:
         torch.set_num_threads(args.threads)

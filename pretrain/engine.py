@@ -16,9 +16,11 @@ Design choices:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,7 +105,25 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def _uses_fused_lamb(cfg: dict) -> bool:
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    return on_gpu() and stage == 0 and not cfg.get("bf16", {}).get("enabled")
+    return on_gpu() and stage == 0 and not cfg.get("bf16", {}).get("enabled") and fused_lamb_loads()
+
+
+@functools.cache
+def fused_lamb_loads() -> bool:
+    """Whether DeepSpeed's fused LAMB kernel loads (it is built just in time, which needs nvcc and ninja);
+    where it does not, `pretrain.lamb.Lamb` runs the same update instead, with a warning that says why."""
+    try:
+        from deepspeed.ops.op_builder import FusedLambBuilder
+
+        FusedLambBuilder().load(verbose=False)
+        return True
+    except Exception as e:  # a failed JIT build raises anything from RuntimeError to ImportError
+        warnings.warn(
+            f"DeepSpeed's fused LAMB did not load ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "using pretrain.lamb.Lamb, the same update in plain PyTorch",
+            stacklevel=2,
+        )
+        return False
 
 
 def build_optimizer(model: torch.nn.Module, cfg: dict) -> tuple[torch.optim.Optimizer | None, list[dict]]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -146,9 +147,21 @@ class BertConfig:
             json.dump(dataclasses.asdict(self), f, indent=2)
 
 
-def load_config(spec: str) -> BertConfig:
-    """`--model` value: a preset name or a path to a JSON file."""
-    return BertConfig.from_json(spec) if spec.endswith(".json") or os.path.sep in spec else BertConfig.preset(spec)
+def load_config(spec: str, overrides: Sequence[str] = ()) -> BertConfig:
+    """`--model` value (a preset name or a path to a JSON file), then `--model-set KEY=VALUE` field overrides."""
+    config = BertConfig.from_json(spec) if spec.endswith(".json") or os.path.sep in spec else BertConfig.preset(spec)
+    changes = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        kind = type(getattr(config, key, None))
+        try:
+            if not hasattr(config, key) or "=" not in item or (kind is bool and value not in ("true", "false")):
+                raise ValueError
+            changes[key] = value == "true" if kind is bool else kind(value)
+        except ValueError:
+            fields = ", ".join(f.name for f in dataclasses.fields(BertConfig))
+            raise UserError(f"--model-set {item!r}: use KEY=VALUE (booleans true/false), KEY one of {fields}") from None
+    return dataclasses.replace(config, **changes)
 
 
 def flops_per_sequence(config: BertConfig, seq_len: int, masked_positions: int) -> float:

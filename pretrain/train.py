@@ -55,6 +55,8 @@ class TrainConfig:
     """Directory for checkpoints and metrics.jsonl; relaunching resumes from it (`--save`)."""
     model: str = "base"
     """Preset name (tiny ... large) or a model JSON (`--model`)."""
+    model_set: list[str] = dataclasses.field(default_factory=list)
+    """Model config overrides KEY=VALUE, e.g. fused_ops=compile or vocab_size=8192 (`--model-set`, repeatable)."""
     train_steps: int = 1000
     """Optimizer steps; the schedule decays to zero here (`--train-steps`)."""
     save_every: int = 0
@@ -108,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, help="DeepSpeed JSON (ds_configs/)")
     p.add_argument("--model", default="base", help="preset (tiny, mini, small, medium, base, large) or model JSON")
+    p.add_argument(
+        "--model-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model config field, e.g. fused_ops=compile or vocab_size=8192 (repeatable)",
+    )
     p.add_argument("--data", nargs="+", required=True, metavar="PREFIX", help="dataset prefixes from bert-prep")
     p.add_argument("--seq-len", type=int, default=128, help="maximum tokens per sample")
     p.add_argument("--train-steps", type=int, default=1000, help="optimizer steps; LR reaches zero here")
@@ -255,7 +264,7 @@ def _prepare(cfg: TrainConfig):
     cfg.validate()
     ds_cfg = load_ds_config(cfg.deepspeed_config)
     resolve_batch(ds_cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    model_cfg = load_config(cfg.model)
+    model_cfg = load_config(cfg.model, cfg.model_set)
     if cfg.data.seq_len > model_cfg.max_position_embeddings:
         raise UserError(
             f"--seq-len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
@@ -372,6 +381,7 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
         dt = time.perf_counter() - t0
         record = {"step": state.step, "loss": loss, "mlm_loss": mlm, "nsp_loss": nsp}
         record.update(lr=lr, samples=state.consumed_samples, seq_per_s=global_batch / dt)
+        record.update(_loss_scaling(engine))
         metrics.write(record)
         result.update(step=state.step, loss=loss)
         eta = (time.monotonic() - clock["loop"]) / (state.step - clock["loop_step"]) * (cfg.train_steps - state.step)
@@ -438,6 +448,13 @@ def _optimizer_step(engine, loader, grad_accum: int) -> list[float]:
     return sums
 
 
+def _loss_scaling(engine) -> dict:
+    """fp16 only: the dynamic loss scale after this step and the optimizer steps skipped on overflow so far."""
+    if not engine.fp16_enabled():
+        return {}
+    return {"loss_scale": float(engine.optimizer.loss_scale), "skipped_steps": int(engine.skipped_steps)}
+
+
 def _progress_bar(cfg: TrainConfig, start: int):
     if not (_is_rank0() and sys.stderr.isatty()):
         return None
@@ -448,12 +465,14 @@ def _progress_bar(cfg: TrainConfig, start: int):
 
 def _report(bar, cfg: TrainConfig, r: dict, eta_s: float) -> None:
     if bar is not None:
-        bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", seq_s=f"{r['seq_per_s']:.1f}")
+        scaling = {"scale": f"{r['loss_scale']:g}", "skipped": r["skipped_steps"]} if "loss_scale" in r else {}
+        bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}", seq_s=f"{r['seq_per_s']:.1f}", **scaling)
         bar.update(1)
     elif cfg.log_every and (r["step"] % cfg.log_every == 0 or r["step"] == cfg.train_steps):
+        scaling = f"scale {r['loss_scale']:g} skipped {r['skipped_steps']} " if "loss_scale" in r else ""
         _log(
             f"step {r['step']}/{cfg.train_steps} loss {r['loss']:.4f} mlm {r['mlm_loss']:.4f} "
-            f"nsp {r['nsp_loss']:.4f} lr {r['lr']:.3e} {r['seq_per_s']:.1f} seq/s "
+            f"nsp {r['nsp_loss']:.4f} lr {r['lr']:.3e} {scaling}{r['seq_per_s']:.1f} seq/s "
             f"ETA {int(eta_s // 3600)}:{int(eta_s % 3600 // 60):02d}:{int(eta_s % 60):02d}"
         )
 

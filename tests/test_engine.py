@@ -199,6 +199,27 @@ def test_cpu_gets_our_lamb_with_the_json_hyperparameters():
     assert opt.defaults["max_coeff"] == 5.0 and opt.defaults["min_coeff"] == 0.1 and opt.defaults["eps"] == 1e-6
 
 
+def test_gpu_stage0_lamb_is_deepspeeds_kernel_or_ours_when_the_kernel_does_not_load(monkeypatch):
+    """On a GPU, stage-0 fp32/fp16 LAMB goes to DeepSpeed's fused kernel; where that JIT build fails (no nvcc,
+    say) training must not die: our Lamb takes over with the same hyperparameters and a warning says why."""
+    from pretrain import engine as eng
+    from pretrain.lamb import Lamb
+
+    monkeypatch.setattr(eng, "on_gpu", lambda: True)
+    monkeypatch.setattr(eng, "fused_lamb_loads", lambda: True)
+    cfg = ds_config(0)
+    opt, _ = eng.build_optimizer(Tiny(), cfg)
+    assert opt is None and cfg["optimizer"]["type"] == "Lamb"  # left to DeepSpeed
+
+    monkeypatch.undo()
+    monkeypatch.setattr(eng, "on_gpu", lambda: True)
+    eng.fused_lamb_loads.cache_clear()  # the real probe: on this CPU machine the kernel cannot load
+    with pytest.warns(UserWarning, match="fused LAMB did not load"):
+        opt, _ = eng.build_optimizer(Tiny(), cfg)
+    eng.fused_lamb_loads.cache_clear()
+    assert isinstance(opt, Lamb) and "optimizer" not in cfg and opt.defaults["weight_decay"] == 0.01
+
+
 @pytest.mark.parametrize(
     "patch, words",
     [

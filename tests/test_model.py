@@ -200,6 +200,15 @@ def test_config_presets_json_and_hf(tmp_path):
         BertConfig(hidden_size=100, num_heads=3)
 
 
+def test_model_set_overrides_fields_with_their_types():
+    got = load_config("mini", ["vocab_size=8192", "unpad=false", "fused_ops=compile", "hidden_dropout=0.0"])
+    assert got == BertConfig.preset("mini", vocab_size=8192, unpad=False, fused_ops="compile", hidden_dropout=0.0)
+    assert load_config("mini", ["use_sdpa=true"]).use_sdpa is True
+    for bad in ("colour=red", "unpad=no", "vocab_size=big", "vocab_size", "fused_ops=turbo", "num_heads=3"):
+        with pytest.raises(UserError, match="--model"):
+            load_config("mini", [bad])
+
+
 def test_flops_formula_matches_counted_matmuls():
     """The documented formula against torch's FLOP counter on a forward+backward of one sequence (MLM loss only).
 
