@@ -1,11 +1,13 @@
-"""Shared test setup: CPU DeepSpeed, quiet logs. Area-specific fixtures live in tests/fixtures_*.py."""
+"""Shared test setup: CPU DeepSpeed where there is no GPU, quiet logs. Area fixtures: tests/fixtures_*.py."""
 
 import os
 import sys
 
 import pytest
+import torch
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not torch.cuda.is_available():  # on a GPU box the gpu-marked tests run DeepSpeed on CUDA
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -176,8 +180,6 @@ def free_port() -> int:
 
 def run_env() -> dict:
     """Environment for training subprocesses: CPU DeepSpeed, one thread (bitwise-reproducible sums)."""
-    import os
-
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
     return env
@@ -213,3 +215,29 @@ def losses(save: Path) -> dict[int, float]:
         if "split" not in r:
             out[r["step"]] = r["loss"]
     return out
+
+
+def finish(proc: subprocess.Popen, save: Path, timeout: float = 240) -> None:
+    rc = proc.wait(timeout=timeout)
+    assert rc == 0, (save.parent / f"{save.name}.log").read_text()[-4000:]
+
+
+def interrupt_when(proc: subprocess.Popen, save: Path, min_step: int) -> None:
+    """SIGTERM every process of the launch (as a batch scheduler does) once `min_step` steps are logged;
+    return when all of them have exited."""
+    metrics = save / "metrics.jsonl"
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(losses(save)) >= min_step:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be interrupted; raise STEPS"
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    while time.monotonic() < deadline:  # the deepspeed runner exits at once; its launcher and ranks follow
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the interrupted launch did not exit")

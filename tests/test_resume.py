@@ -6,17 +6,14 @@ that was never interrupted: bitwise in fp32 on CPU with the same process count (
 states matter), and within float32 rounding after a universal conversion from 2 processes to 1.
 """
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from fixtures_train import ROOT, free_port, losses, make_setup, run_env, train_args
+from fixtures_train import ROOT, finish, free_port, interrupt_when, losses, make_setup, run_env, train_args
 
 from pretrain import checkpoint
 
@@ -32,32 +29,6 @@ def launch(setup: dict, save: Path, world: int, steps: int = STEPS, stage_cmd=No
         cmd = ["deepspeed", "--num_gpus", str(world), "--master_port", port, "--module", "pretrain.train", *args]
     log = open(save.parent / f"{save.name}.log", "a")
     return subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, save: Path, timeout: float = 240) -> None:
-    rc = proc.wait(timeout=timeout)
-    assert rc == 0, (save.parent / f"{save.name}.log").read_text()[-4000:]
-
-
-def interrupt_when(proc: subprocess.Popen, save: Path, min_step: int) -> None:
-    """SIGTERM every process of the launch (as a batch scheduler does) once `min_step` steps are logged;
-    return when all of them have exited."""
-    metrics = save / "metrics.jsonl"
-    deadline = time.monotonic() + 200
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and len(losses(save)) >= min_step:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run finished before it could be interrupted; raise STEPS"
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=120)
-    while time.monotonic() < deadline:  # the deepspeed runner exits at once; its launcher and ranks follow
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    raise AssertionError("the interrupted launch did not exit")
 
 
 def check_stopped_early(save: Path) -> int:
