@@ -270,6 +270,8 @@ def build_runners(
         hf = HFBertForPreTraining._from_config(config.to_hf(), attn_implementation="sdpa")
         hf.load_state_dict(ours.state_dict(), strict=True)
     runners = [runner("ours", ours, ours_loss)]
+    if args.compile:
+        runners[0].model.compile()  # the model, or DeepSpeed's engine (engine.compile), in place
     if hf is not None:
         runners.append(runner("hf", hf, hf_loss))
     return runners
@@ -298,6 +300,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--data", metavar="PREFIX", help="time on batches of this dataset instead of synthetic ones")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers.BertForPreTraining (sdpa)")
+    p.add_argument("--compile", action="store_true", help="torch.compile our model (HF's stays eager)")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
     p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: GPU table; CPU n/a)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -375,6 +378,7 @@ def _to(batch: dict, device: torch.device) -> dict:
 def report(results: dict, args: argparse.Namespace, device: torch.device) -> str:
     lines = [
         f"bert-bench --model {args.model} seq {args.seq_len} batch {args.micro_batch} {args.precision} on {device}"
+        + (" (ours compiled)" if args.compile else "")
     ]
     for name in ("ours", "hf"):
         if name in results:

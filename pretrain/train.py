@@ -79,6 +79,8 @@ class TrainConfig:
     """Log to Weights & Biases (offline without an API key) (`--wandb-project`)."""
     tensorboard: bool = False
     """Write TensorBoard events to SAVE/tensorboard (`--tensorboard`)."""
+    compile: bool = False
+    """torch.compile the whole model through DeepSpeed's `engine.compile()` (`--compile`)."""
 
     @property
     def seed(self) -> int:
@@ -132,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-nonfinite", type=int, default=10, help="stop after K consecutive non-finite losses")
     p.add_argument("--wandb-project", help="log to this Weights & Biases project (offline without a key)")
     p.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to SAVE/tensorboard")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the whole model (the first steps compile, then run faster)",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     DataConfig.add_arguments(p)
     return p
@@ -341,6 +348,8 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
     budget_s = cfg.time_budget * 3600.0
     progress = (lambda step: elapsed() / budget_s) if budget_s else None
     engine = eng.initialize(model, ds_cfg, total_steps=cfg.train_steps, progress=progress)
+    if cfg.compile:
+        engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints are unchanged
     torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per rank
     resumed = checkpoint.resume(engine, cfg.save) if found is not None else None
     if resumed is not None:

@@ -91,6 +91,8 @@ if [ "$part" != correctness ]; then
       --compare-hf
     bench large_s128_bf16_compile --model $large --seq-len $s128 --micro-batch $mb128 --precision bf16 \
       --padding none --model-set fused_ops=compile
+    bench large_s128_bf16_compiled_model --model $large --seq-len $s128 --micro-batch $mb128 --precision bf16 \
+      --padding none --compile
   fi
   # end to end: real batches through the DeepSpeed engine (its JSON: LAMB, ZeRO-2, bf16), beside the bare step
   # on the same batches and micro-batch (--data without the engine)

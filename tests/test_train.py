@@ -155,6 +155,22 @@ def test_incomplete_and_unreadable_checkpoints_are_skipped_with_a_warning(setup,
         main(config(setup, save, steps=8))
 
 
+@pytest.mark.slow
+def test_compile_trains_like_eager_and_its_checkpoints_resume_eagerly(setup, tmp_path):
+    """--compile (DeepSpeed's engine.compile, in place): the same losses as eager (dropout off here), and a
+    checkpoint whose tensor names are the eager model's, so an eager relaunch resumes from it."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    main(config(setup, eager, steps=6))
+    torch._dynamo.utils.counters.clear()
+    main(config(setup, compiled, steps=6, compile=True))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did go through torch.compile
+    want = [r["loss"] for r in records(eager)]
+    torch.testing.assert_close([r["loss"] for r in records(compiled)], want, rtol=1e-4, atol=1e-5)
+    assert set(checkpoint.load_weights(str(compiled))[1]) == set(checkpoint.load_weights(str(eager))[1])
+    assert main(config(setup, compiled, steps=8))["step"] == 8  # an eager relaunch resumes at step 6
+    assert [r["step"] for r in records(compiled)] == list(range(1, 9))
+
+
 def test_time_budget_stops_with_a_checkpoint(setup, tmp_path):
     save = tmp_path / "run"
     result = main(config(setup, save, steps=1000, time_budget=1e-7))
