@@ -5,8 +5,8 @@
 #                dynamic loss scaling (an injected overflow; 300 steps of tiny and base on real text), ZeRO-1/2
 #                checkpoint + resume on one GPU;
 #   bench:       bert-bench at the settings docs/PERFORMANCE.md tracks, each beside Hugging Face's
-#                BertForPreTraining (SDPA) on the same GPU, batch and precision, plus one end-to-end row
-#                (real data loader + DeepSpeed engine) next to the bare step it should match.
+#                BertForPreTraining (SDPA) on the same GPU, batch and precision; then real data three ways:
+#                the bare step, the DeepSpeed engine step, and bert-pretrain end to end (loader included).
 # Usage: scripts/gpu_check.sh [correctness|bench|all] [--out DIR] [--data PREFIX] [--quick] [--smoke]
 #   --out DIR      logs, JUnit XML and bench JSON go here (default gpu_check_out/)
 #   --data PREFIX  a bert-prep dataset of real text; without it one is built from `bert-prep corpus` in DIR
@@ -101,6 +101,30 @@ if [ "$part" != correctness ]; then
     --precision bf16 --data "$data"
   bench large_s128_data_engine --model $large --model-set "vocab_size=$vocab" --seq-len $s128 --data "$data" \
     --deepspeed_config $engine_cfg
+  # end to end through bert-pretrain itself (loader, engine, logging; 4 micro-batches per optimizer step):
+  # seq/s is the median over the logged steps after the first 10
+  echo "== bench large_s128_pretrain_e2e"
+  rm -rf "$out/e2e_run"
+  $py - "$engine_cfg" "$out/e2e_ds.json" "$mbdata" <<'EOF'
+import json, sys
+cfg = json.load(open(sys.argv[1]))
+mb = int(sys.argv[3])
+cfg.update(train_batch_size=4 * mb, train_micro_batch_size_per_gpu=mb, steps_per_print=10**9)
+cfg.pop("gradient_accumulation_steps", None)
+json.dump(cfg, open(sys.argv[2], "w"), indent=2)
+EOF
+  $py -m pretrain.train --deepspeed_config "$out/e2e_ds.json" --model $large --model-set "vocab_size=$vocab" \
+    --data "$data" --seq-len $s128 --train-steps 40 --save "$out/e2e_run" --log-every 10 2>&1 \
+    | grep -E "^step|error" | tee "$out/bench_large_s128_pretrain_e2e.log" || status=1
+  $py - "$out" <<'EOF' || status=1
+import json, os, statistics, sys
+out = sys.argv[1]
+steps = [json.loads(line) for line in open(os.path.join(out, "e2e_run", "metrics.jsonl")) if '"split"' not in line]
+rate = statistics.median(r["seq_per_s"] for r in steps if r["step"] > 10)
+result = {"ours": {"seq_per_s": rate, "mfu": None, "peak_mem_bytes": None}, "steps": len(steps)}
+json.dump(result, open(os.path.join(out, "bench_large_s128_pretrain_e2e.json"), "w"), indent=2)
+print(f"bert-pretrain end to end: {rate:.1f} seq/s (median of steps 11-{len(steps)})")
+EOF
   $py - "$out" <<'EOF' | tee "$out/bench_summary.txt"
 import glob, json, os, sys
 print(f"{'run':34s} {'ours seq/s':>10s} {'MFU':>6s} {'HF seq/s':>9s} {'speedup':>7s} {'peak GiB':>8s}")
