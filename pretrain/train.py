@@ -284,7 +284,7 @@ def _prepare(cfg: TrainConfig):
     if data.vocab_size > model_cfg.vocab_size:
         raise UserError(
             f"the data's vocabulary ({data.vocab_size} ids, {cfg.data.prefixes[0]}.json) is larger than the model's "
-            f"vocab_size {model_cfg.vocab_size}; set vocab_size >= {data.vocab_size} in the --model JSON"
+            f"vocab_size {model_cfg.vocab_size}; pass --model-set vocab_size={data.vocab_size} (or more)"
         )
     found = checkpoint.newest(cfg.save)
     if found is not None:
@@ -336,6 +336,11 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
         "data": {"vocab_size": data.vocab_size, "train_samples": data.num_samples("train")},
     }
     _log("resolved configuration:\n" + json.dumps(resolved, indent=2))
+    if model_cfg.vocab_size - data.vocab_size > 64:  # more than rounding up to a multiple of 64 (30522 -> 30528)
+        _log(
+            f"note: the model's vocab_size {model_cfg.vocab_size} exceeds the data's {data.vocab_size} ids; the extra "
+            f"rows are never a target but cost MLM-decoder compute: --model-set vocab_size={data.vocab_size}"
+        )
 
     model = _build_model(cfg, model_cfg, init=cfg.init_from if found is None else None)
     state = checkpoint.TrainState(world_size=world, config=resolved)

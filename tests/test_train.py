@@ -171,6 +171,13 @@ def test_compile_trains_like_eager_and_its_checkpoints_resume_eagerly(setup, tmp
     assert [r["step"] for r in records(compiled)] == list(range(1, 9))
 
 
+def test_a_model_vocabulary_larger_than_the_data_gets_a_note(setup, tmp_path, capsys):
+    main(config(setup, tmp_path / "fits", steps=1))
+    assert "note: the model's vocab_size" not in capsys.readouterr().out
+    main(config(setup, tmp_path / "wide", steps=1, model_set=["vocab_size=1000"]))
+    assert "--model-set vocab_size=" in capsys.readouterr().out
+
+
 def test_time_budget_stops_with_a_checkpoint(setup, tmp_path):
     save = tmp_path / "run"
     result = main(config(setup, save, steps=1000, time_budget=1e-7))
