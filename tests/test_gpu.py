@@ -27,7 +27,6 @@ from pretrain import kernels
 from pretrain.model import BertConfig, BertForPreTraining
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-gpu = [pytest.mark.gpu, needs_cuda]
 
 PLAIN = {"use_sdpa": False, "unpad": False, "sparse_mlm_head": False, "fused_qkv": False, "fused_ops": "plain"}
 FAST = {  # each fused path alone on top of the plain model, then all of them (the default config)
