@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from data_prep.errors import UserError, run_cli
-from pretrain.model import BertConfig, BertForPreTraining, flops_per_sequence, load_config
+from pretrain.model import BertConfig, BertForPreTraining, add_model_arguments, flops_per_sequence, load_config
 
 # Dense peak TFLOP/s of the tensor cores (no sparsity) by device name fragment and precision.
 PEAK_TFLOPS = {
@@ -282,14 +282,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="bert-bench",
         description="Time full BERT pretraining steps (forward, backward, AdamW) on synthetic MLM+NSP batches.",
     )
-    p.add_argument("--model", default="base", help="preset (tiny|mini|small|medium|base|large) or model JSON file")
-    p.add_argument(
-        "--model-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a model config field, e.g. fused_ops=compile or unpad=false (repeatable)",
-    )
+    add_model_arguments(p)
     p.add_argument("--seq-len", type=int, default=128, help="padded sequence length S (default 128)")
     p.add_argument("--micro-batch", type=int, default=32, help="sequences per step (default 32)")
     p.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp16 needs CUDA)")

@@ -21,6 +21,7 @@ Batches are right-padded: position 0 ([CLS]) of every sequence is a real token.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -145,6 +146,18 @@ class BertConfig:
     def to_json(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--model` and `--model-set`, whose values `load_config` takes."""
+    parser.add_argument("--model", default="base", help=f"preset ({', '.join(PRESETS)}) or model JSON file")
+    parser.add_argument(
+        "--model-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a model config field, e.g. fused_ops=compile, unpad=false or vocab_size=8192 (repeatable)",
+    )
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> BertConfig:

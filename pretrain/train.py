@@ -30,6 +30,7 @@ import torch
 
 from data_prep.errors import UserError, run_cli
 from pretrain.data import DataConfig, PretrainingData, eval_batches
+from pretrain.model import add_model_arguments, load_config
 
 # Model config fields that fix the weights' shapes (the rest are fast-path switches and dropout).
 SHAPE_FIELDS = (
@@ -111,14 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, help="DeepSpeed JSON (ds_configs/)")
-    p.add_argument("--model", default="base", help="preset (tiny, mini, small, medium, base, large) or model JSON")
-    p.add_argument(
-        "--model-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a model config field, e.g. fused_ops=compile or vocab_size=8192 (repeatable)",
-    )
+    add_model_arguments(p)
     p.add_argument("--data", nargs="+", required=True, metavar="PREFIX", help="dataset prefixes from bert-prep")
     p.add_argument("--seq-len", type=int, default=128, help="maximum tokens per sample")
     p.add_argument("--train-steps", type=int, default=1000, help="optimizer steps; LR reaches zero here")
@@ -266,7 +260,6 @@ def _prepare(cfg: TrainConfig):
     """All user-input checks, before any compute. Returns (model config, data, DeepSpeed config, checkpoint)."""
     from pretrain import checkpoint
     from pretrain.engine import load_ds_config, resolve_batch
-    from pretrain.model import load_config
 
     cfg.validate()
     ds_cfg = load_ds_config(cfg.deepspeed_config)
