@@ -7,7 +7,8 @@
 # About 10 minutes on 2 CPU cores (training has a wall-clock budget); on a GPU box it uses every GPU.
 # Knobs (environment): DEMO_MINUTES (training budget, default 6), DEMO_STEPS (cap on steps), DEMO_CORPUS_MB
 # (cap on the corpus), DEMO_VOCAB (vocabulary size), DEMO_SAVE_EVERY / DEMO_EVAL_EVERY (steps),
-# DEMO_MASTER_PORT (rendezvous port of the launcher).
+# DEMO_MASTER_PORT (rendezvous port of the launcher; fine-tuning also uses the next one), DEMO_FT_SEEDS
+# (fine-tuning seeds, default "1 2 3").
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -106,20 +107,51 @@ bert-report "$out/run"
 
 say "[8/8] fine-tune on a task from the same documentation: which standard-library package a paragraph is from"
 python -m finetune.tasks packages --output "$out/task" --per-class 150
-finetune=(deepspeed --num_gpus "$procs" --master_port "$port" --log_level warning --module finetune.run
-  --task classify --train "$out/task/train.csv" --eval "$out/task/eval.csv" --seq-len 128 --epochs 3 --lr 1e-3)
-echo "+ ${finetune[*]} --init-from $out/hf [--random-init]"
-"${finetune[@]}" --init-from "$out/hf" --output "$out/finetune/pretrained" 2>&1 | tee "$out/finetune-pretrained.log"
-"${finetune[@]}" --init-from "$out/hf" --random-init --output "$out/finetune/random" 2>&1 \
-  | tee "$out/finetune-random.log"
-python - "$out/finetune" <<'EOF'
-import json, sys
-runs = {name: json.load(open(f"{sys.argv[1]}/{name}/eval_report.json")) for name in ("random", "pretrained")}
-print(f"{'initialization':>16} {'accuracy':>9} {'macro-F1':>9} {'best epoch':>11}")
-for name, r in runs.items():
-    print(f"{name:>16} {r['report']['accuracy']:>9.4f} {r['report']['macro_f1']:>9.4f} {r['best_epoch']:>11}")
-gain = runs["pretrained"]["report"]["accuracy"] - runs["random"]["report"]["accuracy"]
-print(f"pretraining adds {100 * gain:+.1f} accuracy points on this task")
+# One process per fine-tuning run (the task is small: more ranks only add synchronization), the pretrained and
+# the randomly initialized run side by side, once per seed: a single pair of runs differs by up to ~10 points
+# from the seed alone, so the comparison is the mean over seeds.
+read -r -a seeds <<<"${DEMO_FT_SEEDS:-1 2 3}"
+finetune=(--module finetune.run --task classify --train "$out/task/train.csv" --eval "$out/task/eval.csv"
+  --seq-len 128 --epochs 3 --lr 1e-3 --batch 16)
+echo "+ deepspeed --num_gpus 1 ${finetune[*]} --init-from $out/hf [--random-init] --seed S" \
+  "--output $out/finetune/{pretrained,random}/seedS"
+echo "  for S in ${seeds[*]}; logs in $out/finetune/*.log"
+mkdir -p "$out/finetune"
+finetune_run() { # init seed port [flags]: one run, its output in a log that is shown if it fails
+  local log="$out/finetune/$1-seed$2.log"
+  if ! deepspeed --num_gpus 1 --master_port "$3" --log_level warning "${finetune[@]}" --seed "$2" \
+    --init-from "$out/hf" "${@:4}" --output "$out/finetune/$1/seed$2" >"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "error: fine-tuning ($1, seed $2) failed; its log: $log" >&2
+    return 1
+  fi
+}
+for seed in "${seeds[@]}"; do
+  finetune_run pretrained "$seed" "$port" &
+  pretrained_pid=$!
+  finetune_run random "$seed" "$((port + 1))" --random-init &
+  random_pid=$!
+  failed=0
+  wait "$pretrained_pid" || failed=1
+  wait "$random_pid" || failed=1
+  [ "$failed" = 0 ] || exit 1
+  grep -h "^best eval accuracy" "$out/finetune/pretrained-seed$seed.log" "$out/finetune/random-seed$seed.log"
+done
+python - "$out/finetune" "${seeds[@]}" <<'EOF'
+import json, statistics, sys
+root, seeds = sys.argv[1], sys.argv[2:]
+acc = {
+    init: [json.load(open(f"{root}/{init}/seed{s}/eval_report.json"))["report"]["accuracy"] for s in seeds]
+    for init in ("pretrained", "random")
+}
+gains = [100 * (p - r) for p, r in zip(acc["pretrained"], acc["random"])]
+print(f"{'seed':>6} {'pretrained':>11} {'random init':>12} {'gain (points)':>14}")
+for s, p, r, g in zip(seeds, acc["pretrained"], acc["random"], gains):
+    print(f"{s:>6} {p:>11.4f} {r:>12.4f} {g:>+14.1f}")
+mean = {init: statistics.mean(a) for init, a in acc.items()}
+print(f"{'mean':>6} {mean['pretrained']:>11.4f} {mean['random']:>12.4f} {statistics.mean(gains):>+14.1f}")
+print(f"pretraining adds {statistics.mean(gains):+.1f} accuracy points on this task (mean of {len(seeds)} seeds; "
+      f"per seed {min(gains):+.1f} to {max(gains):+.1f})")
 EOF
 
 say "done in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s; everything is under $out"
@@ -130,5 +162,5 @@ cat <<EOF
   checkpoints     $out/run   (and metrics.jsonl)
   Hugging Face    $out/hf
   curves          $out/run/curves.png
-  fine-tuning     $out/finetune/{pretrained,random}   (eval_report.json, HF directories)
+  fine-tuning     $out/finetune/{pretrained,random}/seed*   (eval_report.json, HF directories)
 EOF

@@ -28,6 +28,7 @@ def test_demo_end_to_end(tmp_path):
         DEMO_CORPUS_MB="0.3",
         DEMO_VOCAB="2000",
         DEMO_MASTER_PORT=str(free_port()),
+        DEMO_FT_SEEDS="1 2",
     )
     env.pop("RANK", None)
     proc = subprocess.run(
@@ -75,3 +76,16 @@ def test_demo_end_to_end(tmp_path):
     assert f"everything is under {out}" in log
     for path in ("corpus.txt", "tokenizer", "data/corpus.{bin,idx,json}", "run", "hf", "run/curves.png"):
         assert str(out / path) in log
+
+    # 8: per seed, fine-tuning from the export and from random weights; the printed gain is their mean difference
+    acc = {
+        (init, seed): json.loads((out / "finetune" / init / f"seed{seed}" / "eval_report.json").read_text())
+        for init in ("pretrained", "random")
+        for seed in (1, 2)
+    }
+    acc = {key: report["report"]["accuracy"] for key, report in acc.items()}
+    gains = [100 * (acc[("pretrained", s)] - acc[("random", s)]) for s in (1, 2)]
+    assert (
+        f"pretraining adds {sum(gains) / 2:+.1f} accuracy points on this task (mean of 2 seeds; "
+        f"per seed {min(gains):+.1f} to {max(gains):+.1f})" in log
+    )
