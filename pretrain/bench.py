@@ -298,7 +298,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: GPU table; CPU n/a)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores, shared by local ranks)")
     p.add_argument(
         "--deepspeed_config",
         "--deepspeed-config",
@@ -323,8 +323,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config, device = load_config(args.model, args.model_set), torch.device(args.device)
     validate(args, config, device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     ds_config = None
     if args.deepspeed_config:
         from pretrain import engine as eng
@@ -338,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ds_config.update(gradient_accumulation_steps=1, train_batch_size=args.micro_batch * _rank_world()[1])
         args.precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else args.precision
         args.precision = "fp16" if ds_config.get("fp16", {}).get("enabled") else args.precision
+    if args.threads:  # after init_distributed, whose share of the cores per local rank it overrides
+        torch.set_num_threads(args.threads)
     rank, world = _rank_world()
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)

@@ -244,8 +244,27 @@ def _unlink_shm_buffer(rank: int) -> None:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+def share_cpu_cores() -> None:
+    """Several CPU ranks on one machine: each gets its share of the cores, unless `OMP_NUM_THREADS` is set.
+
+    torch gives every process a thread per core, so N ranks on C cores would run N x C threads that wait on
+    one another at every op: two ranks on two cores fine-tuned 4.6x slower so (docs/PERFORMANCE.md).
+    The rank count comes from the `deepspeed` launcher (`LOCAL_SIZE`) or torchrun (`LOCAL_WORLD_SIZE`).
+    """
+    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    if on_gpu() or local < 2 or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // local)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"{local} CPU ranks on {cores} cores: {threads} torch thread(s) each (OMP_NUM_THREADS overrides)")
+
+
 def init_distributed() -> None:
     _ensure_dist_env()
+    share_cpu_cores()
     if not ds_dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if not on_gpu() else "nccl")
 

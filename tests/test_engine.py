@@ -199,6 +199,32 @@ def test_cpu_gets_our_lamb_with_the_json_hyperparameters():
     assert opt.defaults["max_coeff"] == 5.0 and opt.defaults["min_coeff"] == 0.1 and opt.defaults["eps"] == 1e-6
 
 
+@pytest.mark.parametrize(
+    ("env", "shared"),
+    [
+        ({"LOCAL_SIZE": "2"}, True),  # the deepspeed launcher's two local ranks
+        ({"LOCAL_WORLD_SIZE": "2"}, True),  # torchrun's
+        ({"LOCAL_SIZE": "1"}, False),
+        ({}, False),
+        ({"LOCAL_SIZE": "2", "OMP_NUM_THREADS": "3"}, False),  # the user's setting stands
+    ],
+)
+def test_local_cpu_ranks_share_the_cores(monkeypatch, env, shared):
+    from pretrain.engine import share_cpu_cores
+
+    for name in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(13)
+        share_cpu_cores()
+        assert torch.get_num_threads() == (max(1, len(os.sched_getaffinity(0)) // 2) if shared else 13)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_gpu_stage0_lamb_is_deepspeeds_kernel_or_ours_when_the_kernel_does_not_load(monkeypatch):
     """On a GPU, stage-0 fp32/fp16 LAMB goes to DeepSpeed's fused kernel; where that JIT build fails (no nvcc,
     say) training must not die: our Lamb takes over with the same hyperparameters and a warning says why."""
