@@ -108,8 +108,8 @@ bert-report "$out/run"
 say "[8/8] fine-tune on a task from the same documentation: which standard-library package a paragraph is from"
 python -m finetune.tasks packages --output "$out/task" --per-class 150
 # One process per fine-tuning run (the task is small: more ranks only add synchronization), the pretrained and
-# the randomly initialized run side by side, once per seed: a single pair of runs differs by up to ~10 points
-# from the seed alone, so the comparison is the mean over seeds.
+# the randomly initialized run side by side, once per seed: the seed alone moves one run by 10-20 points,
+# more than pretraining changes it, so the comparison is the mean over seeds.
 read -r -a seeds <<<"${DEMO_FT_SEEDS:-1 2 3}"
 finetune=(--module finetune.run --task classify --train "$out/task/train.csv" --eval "$out/task/eval.csv"
   --seq-len 128 --epochs 3 --lr 1e-3 --batch 16)
