@@ -158,8 +158,27 @@ def save(engine, save_dir: str | os.PathLike, state: TrainState, keep_last: int 
         _write_atomic(Path(save_dir) / "latest", tag)
         if keep_last:
             prune(save_dir, keep_last)
+        low = low_disk_warning(save_dir, tag_dir)
+        if low:
+            warnings.warn(low, stacklevel=2)
     _barrier()
     return tag_dir
+
+
+def low_disk_warning(save_dir: str | os.PathLike, tag_dir: Path) -> str | None:
+    """A warning when the file system of `save_dir` lacks room for one more checkpoint like `tag_dir`.
+
+    A new checkpoint is written before older ones are pruned, so the next save needs a checkpoint's size free;
+    saying so at the save before, and not when the disk is full days into a run, leaves time to act.
+    """
+    size = sum(f.stat().st_size for f in tag_dir.rglob("*") if f.is_file())
+    free = shutil.disk_usage(save_dir).free
+    if free >= size:
+        return None
+    return (
+        f"{free / 2**30:.2f} GiB free under {save_dir} but a checkpoint takes {size / 2**30:.2f} GiB: the next save "
+        "is likely to fail; free space there or lower --keep-last (the newest complete checkpoint stays usable)"
+    )
 
 
 def prune(save_dir: str | os.PathLike, keep_last: int) -> None:

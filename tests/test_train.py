@@ -2,6 +2,7 @@
 and every bad input rejected with one line before any compute."""
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,25 @@ def test_a_model_vocabulary_larger_than_the_data_gets_a_note(setup, tmp_path, ca
     assert "note: the model's vocab_size" not in capsys.readouterr().out
     main(config(setup, tmp_path / "wide", steps=1, model_set=["vocab_size=1000"]))
     assert "--model-set vocab_size=" in capsys.readouterr().out
+
+
+def test_a_checkpoint_that_would_not_fit_again_is_warned_about(setup, tmp_path, monkeypatch):
+    save = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(config(setup, save, steps=2, save_every=1))
+    assert not [w for w in caught if "a checkpoint takes" in str(w.message)]
+    tag_dir = save / checkpoint.tag_name(2)
+    size = sum(f.stat().st_size for f in tag_dir.rglob("*") if f.is_file())
+    assert checkpoint.low_disk_warning(save, tag_dir) is None
+
+    usage = checkpoint.shutil.disk_usage(save)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=size // 2))
+    with pytest.warns(UserWarning, match=r"GiB free under .* but a checkpoint takes .* GiB") as caught:
+        main(config(setup, tmp_path / "full", steps=1))
+    assert sum("a checkpoint takes" in str(w.message) for w in caught) == 1
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=size))
+    assert checkpoint.low_disk_warning(save, tag_dir) is None
 
 
 def test_time_budget_stops_with_a_checkpoint(setup, tmp_path):
