@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from tqdm import tqdm
 
 from data_prep.errors import UserError, run_cli
-from pretrain.model import BertConfig, BertForPreTraining, add_model_arguments, flops_per_sequence, load_config
+from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
+from pretrain.model import BertConfig, BertForPreTraining, ModelFlags, flops_per_sequence
 
 # Dense peak TFLOP/s of the tensor cores (no sparsity) by device name fragment and precision.
 PEAK_TFLOPS = {
@@ -253,7 +257,7 @@ def hf_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 def build_runners(
-    config: BertConfig, args: argparse.Namespace, device: torch.device, ds_config: dict | None = None
+    config: BertConfig, args: BenchConfig, device: torch.device, ds_config: dict | None = None
 ) -> list[Runner]:
     """Ours (and HF's with --compare-hf) with the same weights; through DeepSpeed engines when `ds_config`."""
 
@@ -277,40 +281,56 @@ def build_runners(
     return runners
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+@dataclass(kw_only=True)
+class BenchConfig(ModelFlags):
+    """One benchmark: every field is a flag of `bert-bench` (data_prep.flags)."""
+
+    seq_len: int = 128
+    """Padded sequence length S."""
+    micro_batch: int = 32
+    """Sequences per step."""
+    precision: Literal["bf16", "fp16", "fp32"] = "fp32"
+    """Autocast dtype (fp16 needs CUDA)."""
+    steps: int = 20
+    """Timed steps per model."""
+    warmup: int = 3
+    """Untimed steps per model first."""
+    padding: Literal["realistic", "none"] = "realistic"
+    """Synthetic length distribution (module docstring of pretrain.bench)."""
+    data: str | None = option(None, metavar="PREFIX")
+    """Time on batches of this dataset instead of synthetic ones."""
+    compare_hf: bool = False
+    """Also time transformers.BertForPreTraining (sdpa) on the same batches."""
+    compile: bool = False
+    """torch.compile our model (HF's stays eager)."""
+    json: str | None = option(None, metavar="OUT")
+    """Write the results as JSON to OUT."""
+    peak_tflops: float | None = None
+    """Device peak TFLOP/s for MFU (default: the GPU table; none on CPU)."""
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    """Torch device."""
+    seed: int = 0
+    """Seed for weights and batches."""
+    threads: int | None = None
+    """CPU threads for torch (default: all cores, shared by local ranks)."""
+    deepspeed_config: str | None = option(
+        None, flag="--deepspeed_config", aliases=("--deepspeed-config",), metavar="X.json"
+    )
+    """Step through DeepSpeed engines built from this JSON (its micro-batch, optimizer, precision and ZeRO stage;
+    gradient accumulation is set to 1); under the deepspeed launcher, rates are summed over all ranks."""
+
+
+def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     p = argparse.ArgumentParser(
         prog="bert-bench",
         description="Time full BERT pretraining steps (forward, backward, AdamW) on synthetic MLM+NSP batches.",
     )
-    add_model_arguments(p)
-    p.add_argument("--seq-len", type=int, default=128, help="padded sequence length S (default 128)")
-    p.add_argument("--micro-batch", type=int, default=32, help="sequences per step (default 32)")
-    p.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp16 needs CUDA)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per model (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
-    p.add_argument(
-        "--padding", choices=("realistic", "none"), default="realistic", help="synthetic length distribution"
-    )
-    p.add_argument("--data", metavar="PREFIX", help="time on batches of this dataset instead of synthetic ones")
-    p.add_argument("--compare-hf", action="store_true", help="also time transformers.BertForPreTraining (sdpa)")
-    p.add_argument("--compile", action="store_true", help="torch.compile our model (HF's stays eager)")
-    p.add_argument("--json", metavar="OUT", help="write the results as JSON to OUT")
-    p.add_argument("--peak-tflops", type=float, help="device peak TFLOP/s for MFU (default: GPU table; CPU n/a)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights and batches")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: all cores, shared by local ranks)")
-    p.add_argument(
-        "--deepspeed_config",
-        "--deepspeed-config",
-        metavar="X.json",
-        help="step through DeepSpeed engines built from this JSON (its micro-batch, optimizer, precision and ZeRO "
-        "stage; gradient accumulation is set to 1); under the deepspeed launcher, rates are summed over all ranks",
-    )
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    add_arguments(p, BenchConfig)
+    accept_launcher_arguments(p)
+    return from_args(BenchConfig, p.parse_args(argv))
 
 
-def validate(args: argparse.Namespace, config: BertConfig, device: torch.device) -> None:
+def validate(args: BenchConfig, config: BertConfig, device: torch.device) -> None:
     if args.precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     if not 8 <= args.seq_len <= config.max_position_embeddings:
@@ -321,7 +341,7 @@ def validate(args: argparse.Namespace, config: BertConfig, device: torch.device)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    config, device = load_config(args.model, args.model_set), torch.device(args.device)
+    config, device = args.model_config(), torch.device(args.device)
     validate(args, config, device)
     ds_config = None
     if args.deepspeed_config:
@@ -360,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report(results, args, device) + (f"  ({world} ranks, rates summed)" if world > 1 else ""))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**results, "args": vars(args), "config": config.__dict__}, f, indent=2)
+            json.dump({**results, "args": dataclasses.asdict(args), "config": config.__dict__}, f, indent=2)
     return 0
 
 
@@ -368,7 +388,7 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def report(results: dict, args: argparse.Namespace, device: torch.device) -> str:
+def report(results: dict, args: BenchConfig, device: torch.device) -> str:
     lines = [
         f"bert-bench --model {args.model} seq {args.seq_len} batch {args.micro_batch} {args.precision} on {device}"
         + (" (ours compiled)" if args.compile else "")

@@ -1,8 +1,8 @@
 """BERT pretraining samples from `PREFIX.bin/.idx/.json` datasets, masked on the fly, resumable exactly.
 
 Public interface (the training loop codes against these names):
-- `DataConfig`: what to read and how to build samples (one field per command-line flag);
-  `DataConfig.add_arguments(parser)` / `DataConfig.from_args(args)` for the training command.
+- `DataConfig`: what to read and how to build samples; each field is a flag of the training command
+  (`data_prep.flags`).
 - `PretrainingData(cfg)`: opens the datasets; `.vocab_size`, `.special_tokens`, `.num_samples(split)`,
   `.sample(split, epoch, index)` (unmasked), `.masked_sample(split, g)`, `.batch(split, start, size)`,
   `.loader(split, micro_batch_size, rank, world_size, consumed_samples=0, num_workers=None)`.
@@ -41,24 +41,25 @@ Design choices that differ from the textbook:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_prep.errors import UserError
+from data_prep.flags import option
 from data_prep.indexed import IndexedDataset
 from data_prep.indexed import exists as dataset_exists
 from pretrain.masking import Masker
 
 SPLITS = {"train": 0, "eval": 1}
-PAIR_TASKS = ("nsp", "sop", "none")
+PairTask = Literal["nsp", "sop", "none"]
+PAIR_TASKS = get_args(PairTask)
 IGNORE_INDEX = -100
 _REQUIRED_SPECIALS = ("pad", "cls", "sep", "mask")
 _U64 = (1 << 64) - 1
@@ -68,55 +69,26 @@ _U64 = (1 << 64) - 1
 class DataConfig:
     """How pretraining samples are read, paired and masked."""
 
-    prefixes: list[str]
-    """Dataset prefixes (`PREFIX.bin/.idx/.json`), one per dataset or shard (`--data`)."""
-    weights: list[float] | None = None
-    """Mixing weights, one per prefix; None mixes in proportion to each dataset's size (`--data-weights`)."""
+    prefixes: list[str] = option(flag="--data", metavar="PREFIX")
+    """Dataset prefixes from `bert-prep build` (PREFIX.bin/.idx/.json), one per dataset or shard."""
+    weights: list[float] | None = option(None, flag="--data-weights", metavar="W")
+    """Mixing weight per --data prefix; default: in proportion to each dataset's size."""
     seq_len: int = 128
-    """Maximum tokens per sample including `[CLS]` and `[SEP]` (`--seq-len`)."""
+    """Maximum tokens per sample, [CLS] and [SEP] included."""
     short_seq_prob: float = 0.1
-    """Probability that a sample targets a random shorter length (`--short-seq-prob`)."""
-    pair_task: str = "nsp"
-    """Sentence-pair task: nsp, sop (sentence order) or none (MLM only, packed segments) (`--pair-task`)."""
+    """Share of samples that target a random shorter length."""
+    pair_task: PairTask = "nsp"
+    """Sentence-pair task: nsp, sop (sentence order) or none (MLM only, packed segments)."""
     mask_prob: float = 0.15
-    """Share of non-special tokens that get an MLM label (`--mask-prob`)."""
+    """Share of non-special tokens given an MLM label."""
     whole_word_mask: bool = False
-    """Mask whole words (a token and its `##` continuations) together (`--whole-word-mask`)."""
+    """Mask a word and its ## pieces together."""
     eval_fraction: float = 0.01
-    """Share of documents held out for evaluation, chosen deterministically from the seed (`--eval-fraction`)."""
+    """Share of documents held out for evaluation, chosen from the seed."""
     seed: int = 1234
-    """Seed of every sample, pair and mask (`--seed`)."""
+    """Seed of the weights, samples, masks and dropout."""
     num_workers: int = 2
-    """Loader worker processes per rank; 0 builds batches in the training process (`--num-workers`)."""
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """Add the data flags except `--data`, `--seq-len` and `--seed`, which the training command owns."""
-        d = {f.name: f.default for f in dataclasses.fields(cls)}
-        g = parser.add_argument_group("pretraining samples")
-        g.add_argument("--data-weights", type=float, nargs="+", metavar="W", help="mixing weight per --data prefix")
-        g.add_argument("--pair-task", choices=PAIR_TASKS, default=d["pair_task"], help="sentence-pair task")
-        g.add_argument("--short-seq-prob", type=float, default=d["short_seq_prob"], help="share of short samples")
-        g.add_argument("--mask-prob", type=float, default=d["mask_prob"], help="share of tokens given MLM labels")
-        g.add_argument("--whole-word-mask", action="store_true", help="mask a word and its ## pieces together")
-        g.add_argument("--eval-fraction", type=float, default=d["eval_fraction"], help="share of held-out documents")
-        g.add_argument("--num-workers", type=int, default=d["num_workers"], help="loader processes per rank")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace | object) -> DataConfig:
-        """The config of parsed flags: `add_arguments` plus `--data`, `--seq-len` and `--seed`."""
-        return cls(
-            prefixes=list(args.data),
-            weights=args.data_weights,
-            seq_len=args.seq_len,
-            short_seq_prob=args.short_seq_prob,
-            pair_task=args.pair_task,
-            mask_prob=args.mask_prob,
-            whole_word_mask=args.whole_word_mask,
-            eval_fraction=args.eval_fraction,
-            seed=args.seed,
-            num_workers=args.num_workers,
-        )
+    """Loader worker processes per rank; 0 builds batches in the training process."""
 
     def validate(self) -> None:
         """Raise UserError naming the flag to change when a field is out of range."""

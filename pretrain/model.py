@@ -21,7 +21,6 @@ Batches are right-padded: position 0 ([CLS]) of every sequence is a real token.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_prep.errors import UserError
+from data_prep.flags import fields_in, option, parse_value
 from pretrain import kernels
 from pretrain.kernels import Packing
 
@@ -53,7 +53,6 @@ HF_NAMES = {
     "hidden_dropout_prob": "hidden_dropout",
     "attention_probs_dropout_prob": "attention_dropout",
 }
-SWITCHES = ("use_sdpa", "unpad", "sparse_mlm_head", "fused_qkv", "fused_ops")  # fast paths, not part of the weights
 TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")  # HF stores these once
 
 
@@ -61,19 +60,19 @@ TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")  
 class BertConfig:
     """Model shape and fast-path switches (defaults are the fast paths); JSON-serializable."""
 
-    vocab_size: int = 30522
+    vocab_size: int = option(30522, group="shape")
     """WordPiece vocabulary size (rows of the word embedding and of the MLM decoder)."""
-    hidden_size: int = 768
+    hidden_size: int = option(768, group="shape")
     """Width H of every token representation."""
-    num_layers: int = 12
+    num_layers: int = option(12, group="shape")
     """Number of transformer layers L."""
-    num_heads: int = 12
+    num_heads: int = option(12, group="shape")
     """Attention heads per layer; must divide hidden_size."""
-    intermediate_size: int = 3072
+    intermediate_size: int = option(3072, group="shape")
     """Width of the feed-forward layer (4 H in every preset)."""
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = option(512, group="shape")
     """Longest sequence the learned position embedding covers."""
-    type_vocab_size: int = 2
+    type_vocab_size: int = option(2, group="shape")
     """Segment ids (0 for sentence A, 1 for sentence B)."""
     hidden_dropout: float = 0.1
     """Dropout on embeddings and on each sub-layer output before its residual add."""
@@ -85,15 +84,15 @@ class BertConfig:
     """Standard deviation of the truncated-normal weight initialization."""
     pad_token_id: int = 0
     """Id of [PAD]; its word embedding starts at zero and gets no gradient from the lookup (as in HF)."""
-    use_sdpa: bool = True
+    use_sdpa: bool = option(True, group="switch")
     """Attention through F.scaled_dot_product_attention (False: explicit softmax math)."""
-    unpad: bool = True
+    unpad: bool = option(True, group="switch")
     """Run the encoder on real tokens only (False: every padded position too)."""
-    sparse_mlm_head: bool = True
+    sparse_mlm_head: bool = option(True, group="switch")
     """Run the MLM head only on masked positions (False: on every position, then gather)."""
-    fused_qkv: bool = True
+    fused_qkv: bool = option(True, group="switch")
     """Project q, k and v with one GEMM (False: three)."""
-    fused_ops: str = "auto"
+    fused_ops: str = option("auto", group="switch")
     """Bias+GELU, dropout+residual and LayerNorm backend: auto (apex if on CUDA), plain, compile or apex."""
 
     def __post_init__(self):
@@ -124,8 +123,8 @@ class BertConfig:
         """The equivalent `transformers.BertConfig` (architectures set to BertForPreTraining)."""
         from transformers import BertConfig as HFBertConfig
 
-        ours = {v: k for k, v in HF_NAMES.items()}
-        shape = {ours.get(k, k): v for k, v in dataclasses.asdict(self).items() if k not in SWITCHES}
+        ours, switches = {v: k for k, v in HF_NAMES.items()}, fields_in(BertConfig, "switch")
+        shape = {ours.get(k, k): v for k, v in dataclasses.asdict(self).items() if k not in switches}
         return HFBertConfig(**shape, hidden_act="gelu", architectures=["BertForPreTraining"])
 
     @classmethod
@@ -148,16 +147,17 @@ class BertConfig:
             json.dump(dataclasses.asdict(self), f, indent=2)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add `--model` and `--model-set`, whose values `load_config` takes."""
-    parser.add_argument("--model", default="base", help=f"preset ({', '.join(PRESETS)}) or model JSON file")
-    parser.add_argument(
-        "--model-set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a model config field, e.g. fused_ops=compile, unpad=false or vocab_size=8192 (repeatable)",
-    )
+@dataclass(kw_only=True)
+class ModelFlags:
+    """`--model` and `--model-set`: the model flags of every command that builds a model from scratch."""
+
+    model: str = "base"
+    """Preset (tiny, mini, small, medium, base, large) or a model JSON (ours or a Hugging Face config.json)."""
+    model_set: list[str] = option(default_factory=list, action="append", metavar="KEY=VALUE")
+    """Override one model config field, e.g. fused_ops=compile, unpad=false or vocab_size=8192 (repeatable)."""
+
+    def model_config(self) -> BertConfig:
+        return load_config(self.model, self.model_set)
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> BertConfig:
@@ -166,11 +166,10 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> BertConfig:
     changes = {}
     for item in overrides:
         key, _, value = item.partition("=")
-        kind = type(getattr(config, key, None))
         try:
-            if not hasattr(config, key) or "=" not in item or (kind is bool and value not in ("true", "false")):
+            if "=" not in item:
                 raise ValueError
-            changes[key] = value == "true" if kind is bool else kind(value)
+            changes[key] = parse_value(BertConfig, key, value)
         except ValueError:
             fields = ", ".join(f.name for f in dataclasses.fields(BertConfig))
             raise UserError(f"--model-set {item!r}: use KEY=VALUE (booleans true/false), KEY one of {fields}") from None

@@ -29,59 +29,46 @@ from pathlib import Path
 import torch
 
 from data_prep.errors import UserError, run_cli
+from data_prep.flags import accept_launcher_arguments, add_arguments, fields_in, from_args, option
 from pretrain.data import DataConfig, PretrainingData, eval_batches
-from pretrain.model import add_model_arguments, load_config
-
-# Model config fields that fix the weights' shapes (the rest are fast-path switches and dropout).
-SHAPE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_layers",
-    "num_heads",
-    "intermediate_size",
-    "max_position_embeddings",
-    "type_vocab_size",
-)
+from pretrain.model import BertConfig, ModelFlags
 
 
-@dataclass
-class TrainConfig:
-    """One pretraining run (flags of `bert-pretrain`)."""
+@dataclass(kw_only=True)
+class TrainConfig(ModelFlags):
+    """One pretraining run: every field is a flag of `bert-pretrain` (data_prep.flags)."""
 
-    deepspeed_config: str
-    """DeepSpeed JSON: batch sizes, optimizer, precision, ZeRO stage, schedule (`--deepspeed_config`)."""
+    deepspeed_config: str = option(flag="--deepspeed_config", aliases=("--deepspeed-config",), metavar="X.json")
+    """DeepSpeed JSON (ds_configs/): batch sizes, optimizer, precision, ZeRO stage, schedule."""
     data: DataConfig
-    """Datasets and how samples are built from them: `--data`, `--seq-len`, `--seed` and the sample flags."""
+    """Pretraining samples: the datasets and how samples are built from them."""
     save: str
-    """Directory for checkpoints and metrics.jsonl; relaunching resumes from it (`--save`)."""
-    model: str = "base"
-    """Preset name (tiny ... large) or a model JSON (`--model`)."""
-    model_set: list[str] = dataclasses.field(default_factory=list)
-    """Model config overrides KEY=VALUE, e.g. fused_ops=compile or vocab_size=8192 (`--model-set`, repeatable)."""
+    """Directory for checkpoints and metrics.jsonl; relaunching with it resumes exactly."""
     train_steps: int = 1000
-    """Optimizer steps; the schedule decays to zero here (`--train-steps`)."""
+    """Optimizer steps; the learning rate reaches zero here."""
     save_every: int = 0
-    """Checkpoint every N steps; 0 saves only at the end and on a signal (`--save-every`)."""
+    """Checkpoint every N steps; 0 saves only at the end and on a signal."""
     keep_last: int = 0
-    """Keep only the newest K checkpoints; 0 keeps all (`--keep-last`)."""
+    """Keep only the newest K checkpoints; 0 keeps all."""
     eval_every: int = 0
-    """Evaluate every N steps, at step 0 and at the end; 0 never (`--eval-every`)."""
+    """Evaluate every N steps, at step 0 and at the end; 0 never."""
     eval_samples: int = 1024
-    """Held-out samples per evaluation (`--eval-samples`)."""
+    """Held-out samples per evaluation."""
     init_from: str | None = None
-    """Weights only, from a checkpoint or HF directory; fresh optimizer and schedule (`--init-from`)."""
+    """Weights only, from a checkpoint or a Hugging Face directory; fresh optimizer and schedule (phase 2)."""
     log_every: int = 10
-    """Plain log line every N steps when not on a terminal (`--log-every`)."""
+    """Plain log line every N steps when not on a terminal."""
     time_budget: float = 0.0
-    """Wall-clock hours; drives the schedule and stops with a checkpoint when spent; 0 = none (`--time-budget`)."""
+    """Wall-clock hours that drive the schedule; the run stops with a checkpoint when they are spent; 0: none."""
     max_nonfinite: int = 10
-    """Stop after this many consecutive non-finite losses (`--max-nonfinite`)."""
+    """Stop after this many consecutive non-finite losses."""
     wandb_project: str | None = None
-    """Log to Weights & Biases (offline without an API key) (`--wandb-project`)."""
+    """Log to this Weights & Biases project (offline without an API key)."""
     tensorboard: bool = False
-    """Write TensorBoard events to SAVE/tensorboard (`--tensorboard`)."""
+    """Write TensorBoard events to SAVE/tensorboard."""
     compile: bool = False
-    """torch.compile the whole model through DeepSpeed's `engine.compile()` (`--compile`)."""
+    """torch.compile the whole model through DeepSpeed's engine.compile() (the first steps compile, then run
+    faster; checkpoints keep the eager names)."""
 
     @property
     def seed(self) -> int:
@@ -90,9 +77,7 @@ class TrainConfig:
 
     @classmethod
     def from_args(cls, argv=None) -> TrainConfig:
-        args = build_parser().parse_args(argv)
-        own = {f.name for f in dataclasses.fields(cls)} - {"data"}
-        return cls(data=DataConfig.from_args(args), **{k: v for k, v in vars(args).items() if k in own})
+        return from_args(cls, build_parser().parse_args(argv))
 
     def validate(self) -> None:
         for name in ("train_steps",):
@@ -109,32 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain BERT (MLM + NSP) with DeepSpeed. Batch size, optimizer, precision and ZeRO stage "
         "come from --deepspeed_config. Relaunching with the same --save resumes exactly. Multi-process: "
         "deepspeed [--hostfile H] [--num_gpus N] --module pretrain.train <these flags>.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--deepspeed_config", "--deepspeed-config", required=True, help="DeepSpeed JSON (ds_configs/)")
-    add_model_arguments(p)
-    p.add_argument("--data", nargs="+", required=True, metavar="PREFIX", help="dataset prefixes from bert-prep")
-    p.add_argument("--seq-len", type=int, default=128, help="maximum tokens per sample")
-    p.add_argument("--train-steps", type=int, default=1000, help="optimizer steps; LR reaches zero here")
-    p.add_argument("--save", required=True, help="checkpoint + metrics directory; relaunch to resume")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: end and signals only)")
-    p.add_argument("--keep-last", type=int, default=0, help="keep the newest K checkpoints (0: all)")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps, at 0 and at the end (0: off)")
-    p.add_argument("--eval-samples", type=int, default=1024, help="held-out samples per evaluation")
-    p.add_argument("--init-from", help="weights from a checkpoint or HF dir; fresh optimizer (phase 2)")
-    p.add_argument("--seed", type=int, default=1234, help="seed of weights, samples, masks and dropout")
-    p.add_argument("--log-every", type=int, default=10, help="log line every N steps when not on a terminal")
-    p.add_argument("--time-budget", type=float, default=0.0, help="wall-clock hours that drive the LR schedule")
-    p.add_argument("--max-nonfinite", type=int, default=10, help="stop after K consecutive non-finite losses")
-    p.add_argument("--wandb-project", help="log to this Weights & Biases project (offline without a key)")
-    p.add_argument("--tensorboard", action="store_true", help="write TensorBoard events to SAVE/tensorboard")
-    p.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the whole model (the first steps compile, then run faster)",
-    )
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    DataConfig.add_arguments(p)
+    add_arguments(p, TrainConfig)
+    accept_launcher_arguments(p)
     return p
 
 
@@ -264,7 +226,7 @@ def _prepare(cfg: TrainConfig):
     cfg.validate()
     ds_cfg = load_ds_config(cfg.deepspeed_config)
     resolve_batch(ds_cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    model_cfg = load_config(cfg.model, cfg.model_set)
+    model_cfg = cfg.model_config()
     if cfg.data.seq_len > model_cfg.max_position_embeddings:
         raise UserError(
             f"--seq-len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
@@ -283,7 +245,7 @@ def _prepare(cfg: TrainConfig):
     if found is not None:
         saved = found[1].config.get("model", {})
         ours = dataclasses.asdict(model_cfg)
-        diff = [k for k in SHAPE_FIELDS if saved.get(k) != ours.get(k)]
+        diff = [k for k in fields_in(BertConfig, "shape") if saved.get(k) != ours.get(k)]
         if diff:
             raise UserError(
                 f"--save {cfg.save} holds a checkpoint of a different model shape ({', '.join(diff)} differ); "

@@ -12,6 +12,7 @@ import pytest
 import torch
 from fixtures_data import SPECIALS, Corpus, make_corpus
 
+from data_prep import flags
 from data_prep.errors import UserError
 from pretrain.data import DataConfig, PretrainingData, _pair_lengths, eval_batches, permute
 
@@ -273,15 +274,12 @@ def test_errors_are_one_line_user_errors(tmp_path, corpus):
 
 def test_command_line_flags_build_the_config(corpus):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", nargs="+")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=1234)
-    DataConfig.add_arguments(parser)
+    flags.add_arguments(parser, DataConfig)
     args = parser.parse_args(
-        ["--data", "a", "b", "--data-weights", "1", "3", "--pair-task", "sop", "--whole-word-mask"]
+        ["--data", "a", "b", "--data-weights", "1", "3", "--pair-task", "sop", "--whole-word-mask", "--seq-len", "64"]
     )
-    cfg = DataConfig.from_args(args)
-    assert cfg == DataConfig(["a", "b"], [1.0, 3.0], pair_task="sop", whole_word_mask=True)
-    assert DataConfig.from_args(parser.parse_args(["--data", "a"])) == DataConfig(["a"])
+    cfg = flags.from_args(DataConfig, args)
+    assert cfg == DataConfig(["a", "b"], [1.0, 3.0], seq_len=64, pair_task="sop", whole_word_mask=True)
+    assert flags.from_args(DataConfig, parser.parse_args(["--data", "a"])) == DataConfig(["a"])
     with pytest.raises(UserError, match="--mask-prob"):
-        DataConfig.from_args(parser.parse_args(["--data", "a", "--mask-prob", "1.5"])).validate()
+        flags.from_args(DataConfig, parser.parse_args(["--data", "a", "--mask-prob", "1.5"])).validate()

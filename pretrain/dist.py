@@ -1,0 +1,55 @@
+"""Rank, world size and the few collectives the training code runs itself (DeepSpeed runs the rest).
+
+Design choices:
+- Every collective's tensor lives on the accelerator's current device (`device()`): a process group made
+  by `init_process_group("nccl")` has no CPU backend, so a CPU tensor there fails ("No backend type
+  associated with device type cpu"), while gloo (CPU runs) takes CPU tensors.
+- Collectives run at world size 1 too (whenever a process group exists), so a one-GPU run exercises the
+  same calls as a 64-GPU one; without a process group they return their input.
+- Nothing else in the project calls `torch.distributed` collectives directly (a test checks the sources).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if initialized() else 1
+
+
+def is_rank0() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    """The accelerator's current device (DeepSpeed's accelerator: `cpu` under DS_ACCELERATOR=cpu)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """`values` reduced element-wise over all ranks (`op`: sum, max or min), in float64."""
+    if not initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=_OPS[op])
+    return t.tolist()
+
+
+def barrier() -> None:
+    """Every rank waits for every other (on the accelerator's device under NCCL)."""
+    if initialized():
+        all_reduce([0.0])
