@@ -308,6 +308,14 @@ def initialize(
     return engine
 
 
+def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The model's whole state dict, whatever the ZeRO stage. Collective under ZeRO-3 (every rank calls it;
+    rank 0 gets the gathered weights, in the training precision, the others None); elsewhere each rank's own."""
+    if engine.zero_optimization_stage() == 3:
+        return engine._zero3_consolidated_16bit_state_dict()
+    return engine.module.state_dict()
+
+
 def _pieces_to_layout(pieces: list[tuple[int, int, int]], numel: int, num_tensors: int, group) -> FlatLayout:
     """Sorted (offset, length, tensor id) pieces of a flat tensor -> a layout with the gaps marked as padding."""
     ids, lengths, pos = [], [], 0
