@@ -19,13 +19,21 @@ setup(
         "numpy>=1.26,<2.6",
         "blingfire>=0.1.8,<0.2",
         "zstandard>=0.22",
+        "pyarrow>=15",
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "hjson>=3.1",
     ],
     extras_require={
         "logging": ["tensorboard>=2.16", "wandb>=0.17"],
-        "dev": ["pytest>=8", "ruff==0.17.5", "megatron-core==0.16.1", "scikit-learn>=1.4", "seqeval==1.2.2"],
+        "dev": [
+            "pytest>=8",
+            "ruff==0.17.5",
+            "megatron-core==0.16.1",
+            "scikit-learn>=1.4",
+            "seqeval==1.2.2",
+            "datasets==5.2.0",
+        ],
     },
     entry_points={
         "console_scripts": [
