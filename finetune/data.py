@@ -30,6 +30,8 @@ class ClassifyExample:
     text: str
     label: str
     pair: str | None = None
+    index: str = ""
+    """The example's id in a test file (GLUE's index column)."""
 
 
 @dataclass
@@ -45,14 +47,17 @@ class Encoded:
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]]
-    labels: list[int] | list[list[int]]
+    labels: list
+    """Per example: a class id, a float (regression), a [start, end] pair (qa), or per token class ids (tag)."""
     truncated: int = 0
     """Examples longer than --seq-len that were cut."""
     word_index: list[list[int]] = field(default_factory=list)
     """tag only: for each kept word, the position of its first piece."""
+    token_labels: bool = False
+    """Labels are per token (padded with -100 in batches)."""
 
 
-def _check_nonempty(path: str, what: str) -> Path:
+def check_file(path: str, what: str) -> Path:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} file {path} does not exist; check the path")
@@ -83,7 +88,7 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
 
 def read_classify(path: str, text: str, label: str, pair: str | None = None, what: str = "--train") -> list:
     """Examples of a CSV/JSONL file; `text`, `pair` and `label` are column names (--text-column ...)."""
-    p = _check_nonempty(path, what)
+    p = check_file(path, what)
     rows = _rows(p)
     if not rows:
         raise UserError(f"{what} file {path} has a header but no examples; add rows")
@@ -100,7 +105,7 @@ def read_classify(path: str, text: str, label: str, pair: str | None = None, wha
 
 def read_conll(path: str, what: str = "--train") -> list[TagExample]:
     """Sentences of a CoNLL file; a line with one field or a non-BIO tag is an error naming its line."""
-    p = _check_nonempty(path, what)
+    p = check_file(path, what)
     sentences, words, tags, first = [], [], [], 1
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         fields = line.split()
@@ -151,8 +156,11 @@ def _too_long(path: str, n: int, seq_len: int, count: int) -> UserError:
     )
 
 
-def encode_classify(tok, examples: list[ClassifyExample], labels: list[str], seq_len: int, strict: bool, path: str):
-    """[CLS] text [SEP] (pair [SEP]) ids, truncated longest-first to seq_len."""
+def encode_classify(
+    tok, examples: list[ClassifyExample], labels: list[str] | None, seq_len: int, strict: bool, path: str
+) -> Encoded:
+    """[CLS] text [SEP] (pair [SEP]) ids, truncated longest-first to seq_len; `labels` None: the label is a
+    number (regression). Examples without a label (test sets) get a placeholder."""
     texts, pairs = [ex.text for ex in examples], [ex.pair for ex in examples]
     args = (texts, pairs) if pairs[0] is not None else (texts,)
     full = tok(*args, add_special_tokens=True)["input_ids"]
@@ -160,15 +168,19 @@ def encode_classify(tok, examples: list[ClassifyExample], labels: list[str], seq
     if long and strict:
         raise _too_long(path, long[0], seq_len, len(full[long[0]]))
     enc = tok(*args, truncation=True, max_length=seq_len, return_token_type_ids=True)
-    index = {label: i for i, label in enumerate(labels)}
-    return Encoded(enc["input_ids"], enc["token_type_ids"], [index[ex.label] for ex in examples], len(long))
+    if labels is None:
+        ids = [float(ex.label) if ex.label else 0.0 for ex in examples]
+    else:
+        index = {label: i for i, label in enumerate(labels)}
+        ids = [index[ex.label] if ex.label else 0 for ex in examples]
+    return Encoded(enc["input_ids"], enc["token_type_ids"], ids, len(long))
 
 
 def encode_tag(tok, examples: list[TagExample], labels: list[str], seq_len: int, strict: bool, path: str):
     """Words -> pieces; each word's label on its first piece, -100 elsewhere; cut at seq_len - 1 + [SEP]."""
     index = {label: i for i, label in enumerate(labels)}
     enc = tok([ex.words for ex in examples], is_split_into_words=True, add_special_tokens=True)
-    out = Encoded([], [], [])
+    out = Encoded([], [], [], token_labels=True)
     for n, ex in enumerate(examples):
         ids, word_ids = enc["input_ids"][n], enc.word_ids(n)
         if len(ids) > seq_len:
@@ -191,7 +203,8 @@ def encode_tag(tok, examples: list[TagExample], labels: list[str], seq_len: int,
 
 
 def batches(enc: Encoded, order: list[int], batch_size: int, pad_id: int):
-    """Yield dicts of (B, S) long tensors (right-padded to the batch's longest) plus `labels`."""
+    """Yield dicts of (B, S) long tensors (right-padded to the batch's longest) plus `labels`: (B,) long or float,
+    (B, 2) long (qa) or (B, S) long (tag)."""
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids = [enc.input_ids[i] for i in rows]
@@ -201,8 +214,7 @@ def batches(enc: Encoded, order: list[int], batch_size: int, pad_id: int):
             "attention_mask": _pad([[1] * len(s) for s in ids], 0),
         }
         labels = [enc.labels[i] for i in rows]
-        token_level = isinstance(labels[0], list)
-        batch["labels"] = _pad(labels, IGNORE) if token_level else torch.tensor(labels, dtype=torch.long)
+        batch["labels"] = _pad(labels, IGNORE) if enc.token_labels else torch.tensor(labels)
         yield batch
 
 

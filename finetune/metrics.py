@@ -1,17 +1,27 @@
-"""Evaluation reports: per-class classification metrics and entity-level (seqeval-style) tagging metrics.
+"""Evaluation reports: classification, entity-level tagging, GLUE's metrics and SQuAD's EM/F1.
 
-Both are written from scratch (no scikit-learn/seqeval at run time) and tested against those libraries:
+Written from scratch (no scikit-learn/seqeval/scipy at run time) and tested against those libraries:
 - `classification_report` matches `sklearn.metrics.classification_report`: per-class precision, recall, F1
   and support over the labels that occur in the gold or predicted labels, accuracy, and macro-F1.
 - `entity_report` matches `seqeval.metrics.classification_report` in its default (conlleval) mode for BIO
   tags: an `I-X` after `O` or after another type starts a new entity, exactly as conlleval counts it.
-A division by zero gives 0, as both libraries do (with a warning we leave out).
+- `matthews`, `binary_f1` match scikit-learn's `matthews_corrcoef`, `f1_score`; `pearson`, `spearman` match
+  scipy's `pearsonr`, `spearmanr` (average ranks for ties).
+- `squad_report` follows the official SQuAD v2.0 evaluation script (which gives v1.1's numbers on v1.1 data):
+  answers normalized (lowercase, punctuation and articles removed, whitespace collapsed), the best score over
+  the gold answers, an unanswerable question's gold answer the empty string, HasAns/NoAns splits, and the
+  no-answer threshold that maximizes EM and F1. Scores are percentages, as the script prints them.
+A division by zero gives 0, as the libraries do (with a warning we leave out); so does a correlation with a
+constant input (scipy: NaN).
 """
 
 from __future__ import annotations
 
+import math
+import re
+import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 
 def _prf(tp: int, n_pred: int, n_true: int) -> dict[str, float]:
@@ -84,3 +94,119 @@ def format_report(report: dict) -> str:
     if "accuracy" in report:
         lines.append(f"\naccuracy {report['accuracy']:.4f}   macro-F1 {report['macro_f1']:.4f}")
     return "\n".join(lines)
+
+
+def matthews(y_true: Sequence[str], y_pred: Sequence[str]) -> float:
+    """Matthews correlation coefficient (multi-class form, as scikit-learn computes it); CoLA's metric."""
+    n = len(y_true)
+    t_sum, p_sum = Counter(y_true), Counter(y_pred)
+    correct = sum(t == p for t, p in zip(y_true, y_pred))
+    labels = set(t_sum) | set(p_sum)
+    cov_tp = correct * n - sum(t_sum[c] * p_sum[c] for c in labels)
+    cov_pp = n * n - sum(p_sum[c] ** 2 for c in labels)
+    cov_tt = n * n - sum(t_sum[c] ** 2 for c in labels)
+    return cov_tp / math.sqrt(cov_tt * cov_pp) if cov_tt * cov_pp else 0.0
+
+
+def binary_f1(y_true: Sequence[str], y_pred: Sequence[str], positive: str) -> float:
+    """F1 of the positive class (MRPC, QQP: "1")."""
+    tp = sum(t == p == positive for t, p in zip(y_true, y_pred))
+    return _prf(tp, sum(p == positive for p in y_pred), sum(t == positive for t in y_true))["f1"]
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    var = sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y)
+    return cov / math.sqrt(var) if var > 0 else 0.0
+
+
+def _ranks(x: Sequence[float]) -> list[float]:
+    """1-based ranks, ties sharing their average rank."""
+    order = sorted(range(len(x)), key=lambda i: x[i])
+    ranks = [0.0] * len(x)
+    start = 0
+    while start < len(order):
+        stop = start
+        while stop + 1 < len(order) and x[order[stop + 1]] == x[order[start]]:
+            stop += 1
+        for i in order[start : stop + 1]:
+            ranks[i] = (start + stop) / 2 + 1
+        start = stop + 1
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    return pearson(_ranks(x), _ranks(y))
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's normalization: lowercase, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", text).split())
+
+
+def squad_exact(gold: str, pred: str) -> int:
+    return int(normalize_answer(gold) == normalize_answer(pred))
+
+
+def squad_f1(gold: str, pred: str) -> float:
+    """Token-overlap F1 of the normalized answers; 1 when both are empty, 0 when only one is."""
+    gold_toks, pred_toks = normalize_answer(gold).split(), normalize_answer(pred).split()
+    if not gold_toks or not pred_toks:
+        return float(gold_toks == pred_toks)
+    same = sum((Counter(gold_toks) & Counter(pred_toks)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(pred_toks), same / len(gold_toks)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _best_threshold(scores: dict, na_probs: Mapping[str, float], has_ans: dict, preds: dict) -> tuple[float, float]:
+    """(best score in %, threshold) over "no answer when na_prob > threshold" (the official find_best_thresh)."""
+    current = best = sum(not h for h in has_ans.values())
+    threshold = 0.0
+    for qid in sorted(na_probs, key=lambda q: na_probs[q]):
+        current += scores[qid] if has_ans[qid] else (-1 if preds[qid] else 0)
+        if current > best:
+            best, threshold = current, na_probs[qid]
+    return 100.0 * best / len(scores), threshold
+
+
+def squad_report(
+    gold: Mapping[str, Sequence[str]],
+    preds: Mapping[str, str],
+    na_probs: Mapping[str, float] | None = None,
+    threshold: float | None = None,
+) -> dict:
+    """EM/F1 (%) of `preds` {qid: text} against `gold` {qid: answer texts, [] if unanswerable}.
+
+    With `na_probs` (v2.0: how much likelier no answer is than the predicted span), a question is answered ""
+    when its na_prob > `threshold`; `threshold` None takes `best_f1_thresh`, the one tuned on these questions.
+    The report adds `threshold` (the one applied) and `predictions` (the answers scored)."""
+    has_ans = {q: any(normalize_answer(a) for a in gold[q]) for q in gold}
+    answers = {q: [a for a in gold[q] if normalize_answer(a)] or [""] for q in gold}
+    exact = {q: max(squad_exact(a, preds[q]) for a in answers[q]) for q in gold}
+    f1 = {q: max(squad_f1(a, preds[q]) for a in answers[q]) for q in gold}
+    report = {}
+    if na_probs is not None:
+        best_exact, exact_thresh = _best_threshold(exact, na_probs, has_ans, preds)
+        best_f1, f1_thresh = _best_threshold(f1, na_probs, has_ans, preds)
+        report = {"best_exact": best_exact, "best_exact_thresh": exact_thresh}
+        report |= {"best_f1": best_f1, "best_f1_thresh": f1_thresh}
+        threshold = f1_thresh if threshold is None else threshold
+        preds = {q: "" if na_probs[q] > threshold else preds[q] for q in gold}
+        exact = {q: float(not has_ans[q]) if na_probs[q] > threshold else exact[q] for q in gold}
+        f1 = {q: float(not has_ans[q]) if na_probs[q] > threshold else f1[q] for q in gold}
+    report = {**_squad_totals(exact, f1, list(gold)), **report}
+    for name, keep in (("HasAns", True), ("NoAns", False)):
+        ids = [q for q in gold if has_ans[q] == keep]
+        if ids:
+            report |= {f"{name}_{k}": v for k, v in _squad_totals(exact, f1, ids).items()}
+    return {**report, "threshold": threshold, "predictions": dict(preds)}
+
+
+def _squad_totals(exact: dict, f1: dict, ids) -> dict:
+    n = len(ids)
+    return {"exact": 100.0 * sum(exact[q] for q in ids) / n, "f1": 100.0 * sum(f1[q] for q in ids) / n, "total": n}

@@ -1,16 +1,21 @@
-"""`bert-finetune`: fine-tune a pretrained checkpoint on a classification or tagging task and report how it does.
+"""`bert-finetune`: fine-tune a pretrained checkpoint on a downstream task and report how it does.
 
     bert-finetune --task classify --train train.csv --eval dev.csv --init-from CKPT_OR_HF_DIR --output DIR
+    bert-finetune --task qa --train train-v2.0.json --eval dev-v2.0.json --init-from DIR --output DIR --seq-len 384
+    bert-finetune --glue-task mrpc --data-dir glue_data --init-from DIR --output DIR --predict
     deepspeed --num_gpus 2 --module finetune.run --task tag --train train.conll --eval dev.conll ...
 
 Design choices:
 - The model trains through `pretrain.engine.initialize`, so precision, ZeRO stage, optimizer and schedule
   come from the DeepSpeed JSON (default ds_configs/finetune_cpu.json); `--batch` and `--lr` are the two
   settings a fine-tuning sweep changes, so they override the JSON's micro batch and learning rate.
-- Every rank evaluates the whole (small) eval set, so ZeRO-3 ranks stay in step and no gather is needed;
-  rank 0 writes.
+- The learning rate, when neither --lr nor the JSON sets one, is 5e-5 x 768 / hidden size: 5e-5 for
+  BERT-base and 3e-4 for BERT-tiny, the two ends of Google's grid for its compact BERTs (Adam's step scaled
+  inversely with width). BERT-base's 5e-5 left a tiny model at the majority class (docs/PERFORMANCE.md).
+- Every rank evaluates the whole eval set, so ZeRO-3 ranks stay in step and no gather is needed; rank 0 writes.
 - After each epoch the eval metric decides: a better model is written to --output at once (an HF directory
-  with the tokenizer), and `--patience` epochs without improvement stop the run.
+  with the tokenizer, plus the task's prediction files), and `--patience` epochs without improvement stop.
+- What differs between tasks (files, head, metrics, predictions) lives in finetune/kinds.py, qa.py, glue.py.
 """
 
 from __future__ import annotations
@@ -21,42 +26,58 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from data_prep.errors import UserError, run_cli
-from finetune import data, metrics
-from finetune.model import TASKS, BertClassifier, save_hf
+from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
+from data_prep.log import get_logger
+from finetune import data, glue, kinds, qa
+from finetune.model import save_hf
+from pretrain import dist
+
+log = get_logger(__name__)
 
 DEFAULT_DS_CONFIG = str(Path(__file__).resolve().parent.parent / "ds_configs" / "finetune_cpu.json")
-METRICS = {"classify": ("accuracy", "macro_f1"), "tag": ("f1",)}
+KINDS = {"classify": kinds.Classify, "tag": kinds.Tag, "qa": qa.QA}
+METRICS = sorted(
+    {m for kind in KINDS.values() for m in kind.metrics}
+    | {m for s in glue.TASKS.values() for m in glue.metric_names(s)}
+)
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class FinetuneConfig:
-    """One fine-tuning run; field names are the command-line flags."""
+    """One fine-tuning run: every field is a flag of `bert-finetune` (data_prep.flags)."""
 
-    task: str
-    """classify (one label per text or text pair) or tag (BIO tag per word)."""
-    train: str
-    """Training file: CSV/TSV/JSONL for classify, CoNLL for tag."""
-    eval: str
+    task: Literal["classify", "tag", "qa"] | None = None
+    """classify (one label per text or text pair), tag (a BIO tag per word) or qa (extractive, SQuAD JSON)."""
+    glue_task: Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"] | None = None
+    """A GLUE task, its files read from --data-dir (instead of --task, --train and --eval)."""
+    train: str | None = None
+    """Training file: CSV/TSV/JSONL (classify), CoNLL (tag) or SQuAD v1.1/v2.0 JSON (qa)."""
+    eval: str | None = None
     """Evaluation file, same format; it decides early stopping and the report."""
+    data_dir: str | None = None
+    """--glue-task: the GLUE directory (glue_data/ with CoLA/, SST-2/, ...) or the task's own directory."""
     init_from: str
     """Pretraining --save directory, one checkpoint tag directory, or a Hugging Face BERT directory."""
     output: str
-    """Directory for the best model (HF format, with tokenizer) and eval_report.json."""
+    """Directory for the best model (HF format, with tokenizer), eval_report.json and prediction files."""
     epochs: int = 3
     """Maximum passes over the training file."""
     lr: float | None = None
-    """Peak learning rate (default: the one in the DeepSpeed JSON)."""
+    """Peak learning rate (default: the DeepSpeed JSON's if it sets one, else 5e-5 x 768 / hidden size)."""
     batch: int | None = None
     """Micro batch per process (default: the one in the DeepSpeed JSON)."""
     seq_len: int = 128
-    """Longest input in tokens; longer ones are truncated and counted (or rejected with --strict)."""
-    deepspeed_config: str = DEFAULT_DS_CONFIG
+    """Longest input in tokens; longer ones are truncated and counted (or rejected with --strict); qa: the
+    window length."""
+    deepspeed_config: str = option(DEFAULT_DS_CONFIG, flag="--deepspeed_config", aliases=("--deepspeed-config",))
     """DeepSpeed JSON: optimizer, schedule, precision, ZeRO stage."""
     tokenizer: str | None = None
     """Tokenizer directory (default: the one in --init-from, else the pretraining dataset's)."""
@@ -66,8 +87,9 @@ class FinetuneConfig:
     """classify: column holding the second text of a sentence pair."""
     label_column: str = "label"
     """classify: column holding the label."""
-    metric: str | None = None
-    """Eval metric for early stopping and model selection: accuracy or macro_f1 (classify), f1 (tag)."""
+    metric: str | None = option(None, choices=METRICS)
+    """Eval metric for early stopping and model selection (default: the task's first: accuracy for classify,
+    f1 for tag and qa, score for GLUE)."""
     patience: int = 2
     """Stop after this many epochs without a better eval metric."""
     strict: bool = False
@@ -75,16 +97,46 @@ class FinetuneConfig:
     random_init: bool = False
     """Use the architecture of --init-from with random weights (the baseline that shows what pretraining buys)."""
     seed: int = 42
-    """Seed for the classifier initialization, dropout and data order."""
+    """Seed for the head's initialization, dropout and data order."""
+    predict: bool = False
+    """--glue-task: write the best model's test-set predictions to OUTPUT/submission/ in GLUE's format."""
+    doc_stride: int | None = None
+    """qa: step in tokens between the starts of a context's windows (default: a third of --seq-len)."""
+    max_query_length: int = 64
+    """qa: questions are cut to this many tokens."""
+    max_answer_length: int = 30
+    """qa: longest answer predicted, in tokens."""
+    n_best: int = 20
+    """qa: start and end positions per window that are paired into candidate answers."""
+    null_threshold: float | None = None
+    """qa, SQuAD v2.0: answer "" when the no-answer score beats the best span's by more than this (default:
+    the threshold that maximizes F1 on the eval set)."""
 
-    def __post_init__(self):
-        if self.task not in TASKS:
-            raise UserError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
-        self.metric = self.metric or METRICS[self.task][0]
-        if self.metric not in METRICS[self.task]:
-            raise UserError(f"--metric {self.metric} does not apply to --task {self.task}; use {METRICS[self.task]}")
-        if self.epochs < 1 or self.patience < 1 or self.seq_len < 4 or (self.batch is not None and self.batch < 1):
-            raise UserError("--epochs, --patience and --batch must be at least 1 and --seq-len at least 4")
+    def validate(self) -> None:
+        if (self.task is None) == (self.glue_task is None):
+            raise UserError("pass either --task with --train and --eval, or --glue-task with --data-dir")
+        if self.task and not (self.train and self.eval):
+            raise UserError(f"--task {self.task} needs --train and --eval files")
+        if self.glue_task and (not self.data_dir or self.train or self.eval):
+            raise UserError("--glue-task reads its files from --data-dir; pass --data-dir and no --train/--eval")
+        if self.predict and not self.glue_task:
+            raise UserError("--predict writes GLUE test-set predictions; use it with --glue-task")
+        counts = (self.epochs, self.patience, self.batch or 1, self.n_best, self.max_answer_length)
+        if min(counts) < 1 or self.seq_len < 4 or (self.doc_stride is not None and self.doc_stride < 1):
+            raise UserError(
+                "--epochs, --patience, --batch, --n-best, --max-answer-length and --doc-stride must be at least 1 "
+                "and --seq-len at least 4"
+            )
+
+
+def make_task(cfg: FinetuneConfig) -> kinds.Task:
+    """The task of `cfg`, its files read (not yet encoded)."""
+    return glue.Glue(cfg) if cfg.glue_task else KINDS[cfg.task](cfg)
+
+
+def default_lr(hidden_size: int) -> float:
+    """5e-5 x 768 / hidden: BERT-base 5e-5, BERT-tiny 3e-4 (see the module docstring)."""
+    return 5e-5 * 768 / hidden_size
 
 
 def load_pretrained(cfg: FinetuneConfig):
@@ -109,37 +161,19 @@ def load_pretrained(cfg: FinetuneConfig):
         ) from None
 
 
-def read_task(cfg: FinetuneConfig):
-    """(train examples, eval examples, labels); eval labels must all occur in training."""
-    if cfg.task == "classify":
-        cols = (cfg.text_column, cfg.label_column, cfg.pair_column)
-        train = data.read_classify(cfg.train, *cols, what="--train")
-        evals = data.read_classify(cfg.eval, *cols, what="--eval")
-    else:
-        train, evals = data.read_conll(cfg.train, "--train"), data.read_conll(cfg.eval, "--eval")
-    labels = data.discover_labels(train)
-    if len(labels) < 2:
-        raise UserError(f"--train file {cfg.train} has only the label {labels}; a classifier needs at least two")
-    data.check_labels(evals, labels, cfg.eval)
-    return train, evals, labels
-
-
-def encode(cfg: FinetuneConfig, tok, examples, labels: list[str], path: str) -> data.Encoded:
-    fn = data.encode_classify if cfg.task == "classify" else data.encode_tag
-    return fn(tok, examples, labels, cfg.seq_len, cfg.strict, path)
-
-
-def ds_config(cfg: FinetuneConfig) -> dict:
-    """The DeepSpeed JSON with --batch and --lr applied."""
+def ds_config(cfg: FinetuneConfig, hidden_size: int) -> tuple[dict, float]:
+    """(the DeepSpeed JSON with --batch and the learning rate applied, that learning rate)."""
     from pretrain.engine import load_ds_config
 
     ds = load_ds_config(cfg.deepspeed_config)
     if cfg.batch is not None:
         ds["train_micro_batch_size_per_gpu"] = cfg.batch
         ds.pop("train_batch_size", None)
-    if cfg.lr is not None:
-        ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = cfg.lr
-    return ds
+    optimizer = ds.get("optimizer")
+    lr = cfg.lr if cfg.lr is not None else (optimizer or {}).get("params", {}).get("lr") or default_lr(hidden_size)
+    if optimizer is not None:
+        optimizer.setdefault("params", {})["lr"] = lr
+    return ds, lr
 
 
 def epoch_order(n: int, epoch: int, seed: int, chunk: int, rank: int, world: int) -> list[int]:
@@ -151,33 +185,17 @@ def epoch_order(n: int, epoch: int, seed: int, chunk: int, rank: int, world: int
 
 
 @torch.no_grad()
-def predict(engine, enc: data.Encoded, batch_size: int, pad_id: int) -> list:
-    """Arg-max label ids: one per example (classify) or per kept word (tag)."""
+def predict_logits(engine, enc: data.Encoded, batch_size: int, pad_id: int) -> list[torch.Tensor]:
+    """Float logits of every example of `enc` (in order): (C,) per sequence, (S_i, C) per token, cut to S_i."""
     engine.eval()
-    preds = []
+    out = []
     for batch in data.batches(enc, list(range(len(enc.input_ids))), batch_size, pad_id):
         batch.pop("labels")
-        logits = engine(**{k: v.to(engine.device) for k, v in batch.items()}).logits.argmax(-1).cpu()
-        preds.extend(logits.tolist())
+        logits = engine(**{k: v.to(engine.device) for k, v in batch.items()}).logits.float().cpu()
+        lengths = batch["attention_mask"].sum(1).tolist()
+        out.extend(row[:n] if logits.dim() == 3 else row for row, n in zip(logits, lengths))
     engine.train()
-    if not enc.word_index:
-        return preds
-    return [[row[pos] for pos in firsts] for row, firsts in zip(preds, enc.word_index)]
-
-
-def evaluate(task: str, examples, preds: list, labels: list[str]) -> dict:
-    if task == "classify":
-        return metrics.classification_report([ex.label for ex in examples], [labels[p] for p in preds])
-    pad = [[data.OUTSIDE] * (len(ex.tags) - len(row)) for ex, row in zip(examples, preds)]  # words cut off
-    predicted = [[labels[p] for p in row] + rest for row, rest in zip(preds, pad)]
-    return metrics.entity_report([ex.tags for ex in examples], predicted)
-
-
-def consolidated_state(engine) -> dict | None:
-    """The full state dict (every rank must call this under ZeRO-3; only rank 0 gets it there)."""
-    if engine.zero_optimization_stage() == 3:
-        return engine._zero3_consolidated_16bit_state_dict()
-    return engine.module.state_dict()
+    return out
 
 
 def main(cfg: FinetuneConfig) -> dict:
@@ -185,122 +203,119 @@ def main(cfg: FinetuneConfig) -> dict:
     from data_prep.tokenizer import load as load_tokenizer
     from pretrain.engine import init_distributed, initialize, resolve_batch
 
-    train_ex, eval_ex, labels = read_task(cfg)
+    cfg.validate()
+    task = make_task(cfg)  # reads the files first: bad input stops before the model loads
     config, state, tok_dir = load_pretrained(cfg)
     tok = load_tokenizer(tok_dir)
     if len(tok) > config.vocab_size:
         raise UserError(f"tokenizer {tok_dir} has {len(tok)} tokens, the model {config.vocab_size}; pass --tokenizer")
-    train_enc = encode(cfg, tok, train_ex, labels, cfg.train)
-    eval_enc = encode(cfg, tok, eval_ex, labels, cfg.eval)
-
-    ds = ds_config(cfg)
+    metric = cfg.metric or task.metrics[0]
+    if metric not in task.metrics:
+        raise UserError(f"--metric {metric} does not apply to this task; use one of {', '.join(task.metrics)}")
+    task.encode(tok)
+    ds, lr = ds_config(cfg, config.hidden_size)
+    cfg = dataclasses.replace(cfg, metric=metric, lr=lr)
     init_distributed()
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    _, micro, accum = resolve_batch(ds, world)
-    steps_per_epoch = math.ceil(len(train_ex) / (micro * accum * world))
+    _, micro, accum = resolve_batch(ds, dist.world_size())
+    steps_per_epoch = math.ceil(len(task.train.input_ids) / (micro * accum * dist.world_size()))
     torch.manual_seed(cfg.seed)
-    model = BertClassifier(config, labels, cfg.task)
+    model = task.build(config)
     if not cfg.random_init:
         model.load_encoder(state)
     engine = initialize(model, ds, total_steps=cfg.epochs * steps_per_epoch)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    log(json.dumps({"finetune": dataclasses.asdict(cfg), "labels": labels, "deepspeed": ds}, indent=2))
-    log(f"truncated to --seq-len {cfg.seq_len}: {train_enc.truncated} train, {eval_enc.truncated} eval examples")
-    return fit(cfg, engine, (train_enc, eval_enc, eval_ex), labels, tok, (rank, world, micro, accum))
+    log.info(json.dumps({"finetune": dataclasses.asdict(cfg), "labels": task.labels, "deepspeed": ds}, indent=2))
+    log.info(f"truncated to --seq-len {cfg.seq_len}: {task.truncated}")
+    return fit(cfg, engine, task, tok, (micro, accum))
 
 
-def fit(cfg: FinetuneConfig, engine, task_data, labels, tok, layout) -> dict:
-    """Epochs of training, each followed by evaluation, saving and the early-stopping check."""
+def train_epoch(cfg: FinetuneConfig, engine, enc: data.Encoded, epoch: int, pad_id: int, layout) -> float:
+    """One pass over the training set; the mean loss of this rank's steps."""
     from tqdm import tqdm
 
-    (train_enc, eval_enc, eval_ex), (rank, world, micro, accum) = task_data, layout
+    micro, accum = layout
+    order = epoch_order(len(enc.input_ids), epoch, cfg.seed, micro * accum, dist.rank(), dist.world_size())
+    bar = tqdm(
+        data.batches(enc, order, micro, pad_id),
+        total=len(order) // micro,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        disable=not dist.is_rank0(),
+    )
+    losses = []
+    for batch in bar:
+        loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return sum(losses) / len(losses)
+
+
+def fit(cfg: FinetuneConfig, engine, task: kinds.Task, tok, layout) -> dict:
+    """Epochs of training, each followed by evaluation, saving and the early-stopping check."""
+    predict = partial(predict_logits, engine, batch_size=layout[0], pad_id=tok.pad_token_id)
     best, history, stale = None, [], 0
     for epoch in range(cfg.epochs):
-        order = epoch_order(len(train_enc.input_ids), epoch, cfg.seed, micro * accum, rank, world)
-        bar = tqdm(
-            data.batches(train_enc, order, micro, tok.pad_token_id),
-            total=len(order) // micro,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=rank != 0,
-        )
-        losses = []
-        for batch in bar:
-            loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        report = evaluate(cfg.task, eval_ex, predict(engine, eval_enc, micro, tok.pad_token_id), labels)
-        history.append({"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), cfg.metric: report[cfg.metric]})
-        if rank == 0:
-            print(
-                f"epoch {epoch + 1}: train loss {history[-1]['train_loss']:.4f}, eval {cfg.metric} "
-                f"{report[cfg.metric]:.4f}"
-            )
+        loss = train_epoch(cfg, engine, task.train, epoch, tok.pad_token_id, layout)
+        report = task.evaluate(predict)
+        history.append({"epoch": epoch + 1, "train_loss": loss, cfg.metric: report[cfg.metric]})
+        log.info(f"epoch {epoch + 1}: train loss {loss:.4f}, eval {cfg.metric} {report[cfg.metric]:.4f}")
         if best is None or report[cfg.metric] > best["report"][cfg.metric]:
             best, stale = {"epoch": epoch + 1, "report": report}, 0
-            state = consolidated_state(engine)
-            if rank == 0:
-                save_hf(engine.module, state, cfg.output, tok)
+            save_best(cfg, engine, task, predict, tok)
         else:
             stale += 1
             if stale >= cfg.patience:
                 break
+    return finish(cfg, task, best, history)
+
+
+def save_best(cfg: FinetuneConfig, engine, task: kinds.Task, predict, tok) -> None:
+    """The model (HF directory) and the task's prediction files; every rank calls this (ZeRO-3 gathers)."""
+    from pretrain.engine import full_state_dict
+
+    state = full_state_dict(engine)
+    if dist.is_rank0():
+        save_hf(engine.module, state, cfg.output, tok)
+    task.on_best(predict, Path(cfg.output), write=dist.is_rank0())
+
+
+def finish(cfg: FinetuneConfig, task: kinds.Task, best: dict, history: list[dict]) -> dict:
+    """The run's result (also OUTPUT/eval_report.json), printed on rank 0."""
+    value = best["report"][cfg.metric]
     result = {
-        "task": cfg.task,
+        "task": cfg.glue_task or cfg.task,
         "metric": cfg.metric,
         "best_epoch": best["epoch"],
-        cfg.metric: best["report"][cfg.metric],
+        cfg.metric: value,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
         "init_from": cfg.init_from,
         "random_init": cfg.random_init,
         "history": history,
-        "truncated": {"train": train_enc.truncated, "eval": eval_enc.truncated},
+        "truncated": task.truncated,
         "report": best["report"],
     }
-    if rank == 0:
+    if dist.is_rank0():
         Path(cfg.output, "eval_report.json").write_text(json.dumps(result, indent=2))
-        print(metrics.format_report(best["report"]))
-        print(f"best eval {cfg.metric} {result[cfg.metric]:.4f} at epoch {best['epoch']}; model in {cfg.output}")
+        log.info(task.describe(best["report"]))
+        log.info(f"best eval {cfg.metric} {value:.4f} at epoch {best['epoch']}; model in {cfg.output}")
     return result
 
 
-def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bert-finetune",
-        description="Fine-tune a pretrained BERT on a classification (CSV/JSONL) or tagging (CoNLL BIO) task; "
-        "write the best model as a Hugging Face directory and DIR/eval_report.json.",
+        description="Fine-tune a pretrained BERT on a classification (CSV/JSONL), tagging (CoNLL BIO), extractive "
+        "QA (SQuAD JSON) or GLUE task; write the best model as a Hugging Face directory, OUTPUT/eval_report.json "
+        "and the task's predictions.",
     )
-    defaults = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
-    doc = _field_docs()
-    for name, f in defaults.items():
-        flags = ["--" + name.replace("_", "-")] + (["--deepspeed_config"] if name == "deepspeed_config" else [])
-        required = f.default is dataclasses.MISSING
-        if f.type == "bool":
-            p.add_argument(*flags, action="store_true", help=doc[name])
-            continue
-        kind = {"int": int, "float | None": float, "int | None": int}.get(f.type, str)
-        choices = {"task": list(TASKS), "metric": sorted({m for v in METRICS.values() for m in v})}
-        extra = {"choices": choices[name]} if name in choices else {}
-        default = None if required else f.default
-        shown = doc[name] if default is None else f"{doc[name]} (default: {default})"
-        p.add_argument(*flags, type=kind, required=required, default=default, help=shown, **extra)
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
-    args = vars(p.parse_args(argv))
-    args.pop("local_rank")
-    return FinetuneConfig(**args)
+    add_arguments(p, FinetuneConfig)
+    accept_launcher_arguments(p)
+    return p
 
 
-def _field_docs() -> dict[str, str]:
-    """Each field's docstring, read from the source, so --help and the dataclass say the same thing."""
-    import ast
-    import inspect
-
-    body = ast.parse(inspect.getsource(FinetuneConfig)).body[0].body
-    docs = {}
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-            docs[a.target.id] = b.value.value
-    return docs
+def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
+    return from_args(FinetuneConfig, build_parser().parse_args(argv))
 
 
 def _main(argv: Sequence[str] | None = None) -> int:

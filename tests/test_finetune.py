@@ -14,11 +14,12 @@ from fixtures_finetune import build_tokenizer, classify_rows, tag_sentences, tin
 from fixtures_train import free_port
 
 from finetune import data, metrics
-from finetune.model import BertClassifier, save_hf
+from finetune.model import TaskModel, save_hf
 from finetune.run import FinetuneConfig, cli, main
 from pretrain.model import BertConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+HEAD = {"classify": "sequence", "tag": "token"}
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +67,11 @@ def hf_predictions(out_dir, path, task_name):
 def test_classify_learns_the_task_and_hf_agrees(task):
     out = task["root"] / "out_classify"
     cfg = FinetuneConfig(
-        "classify",
-        str(task["train_csv"]),
-        str(task["dev_csv"]),
-        str(task["ckpt"]),
-        str(out),
+        task="classify",
+        train=str(task["train_csv"]),
+        eval=str(task["dev_csv"]),
+        init_from=str(task["ckpt"]),
+        output=str(out),
         epochs=4,
         lr=1e-3,
         seq_len=32,
@@ -89,11 +90,11 @@ def test_classify_learns_the_task_and_hf_agrees(task):
 def test_tag_learns_entities_and_hf_agrees(task):
     out = task["root"] / "out_tag"
     cfg = FinetuneConfig(
-        "tag",
-        str(task["train_conll"]),
-        str(task["dev_conll"]),
-        str(task["ckpt"]),
-        str(out),
+        task="tag",
+        train=str(task["train_conll"]),
+        eval=str(task["dev_conll"]),
+        init_from=str(task["ckpt"]),
+        output=str(out),
         epochs=4,
         lr=2e-3,
         seq_len=32,
@@ -112,11 +113,11 @@ def test_tag_learns_entities_and_hf_agrees(task):
 def test_early_stopping_keeps_the_best_epoch(task, tmp_path):
     """With a learning rate too small to change a prediction, epoch 2 is no better: patience 1 stops there."""
     cfg = FinetuneConfig(
-        "classify",
-        str(task["train_csv"]),
-        str(task["dev_csv"]),
-        str(task["ckpt"]),
-        str(tmp_path),
+        task="classify",
+        train=str(task["train_csv"]),
+        eval=str(task["dev_csv"]),
+        init_from=str(task["ckpt"]),
+        output=str(tmp_path),
         epochs=5,
         lr=1e-9,
         seq_len=32,
@@ -134,7 +135,7 @@ def test_saved_directory_matches_transformers_logits(tmp_path, task_name):
 
     torch.manual_seed(0)
     config = BertConfig.preset("tiny", vocab_size=99, max_position_embeddings=64)
-    ours = BertClassifier(config, ["x", "y", "z"], task_name).eval()
+    ours = TaskModel(config, HEAD[task_name], ["x", "y", "z"]).eval()
     save_hf(ours, ours.state_dict(), str(tmp_path))
     cls = (
         transformers.BertForSequenceClassification
@@ -156,7 +157,7 @@ def test_encoder_weights_come_from_the_checkpoint(task):
     from pretrain.model import BertForPreTraining
 
     pretrained = BertForPreTraining.from_hf_pretrained(str(task["ckpt"]))
-    model = BertClassifier(pretrained.config, ["a", "b"], "classify")
+    model = TaskModel(pretrained.config, "sequence", ["a", "b"])
     model.load_encoder(pretrained.state_dict())
     for name, p in model.bert.state_dict().items():
         torch.testing.assert_close(p, pretrained.bert.state_dict()[name], atol=0, rtol=0)
@@ -199,11 +200,11 @@ def test_fp16_on_gpu_learns_the_task(task, tmp_path):
     ds["fp16"] = {"enabled": True, "initial_scale_power": 12}
     (tmp_path / "ds.json").write_text(json.dumps(ds))
     cfg = FinetuneConfig(
-        "classify",
-        str(task["train_csv"]),
-        str(task["dev_csv"]),
-        str(task["ckpt"]),
-        str(tmp_path / "out"),
+        task="classify",
+        train=str(task["train_csv"]),
+        eval=str(task["dev_csv"]),
+        init_from=str(task["ckpt"]),
+        output=str(tmp_path / "out"),
         epochs=3,
         lr=1e-3,
         seq_len=32,
@@ -226,7 +227,14 @@ def test_from_a_pretraining_save_directory(task, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "out"
     cfg = FinetuneConfig(
-        "classify", str(task["train_csv"]), str(task["dev_csv"]), str(save), str(out), epochs=1, lr=1e-9, seq_len=32
+        task="classify",
+        train=str(task["train_csv"]),
+        eval=str(task["dev_csv"]),
+        init_from=str(save),
+        output=str(out),
+        epochs=1,
+        lr=1e-9,
+        seq_len=32,
     )
     main(cfg)
     _, pretrained = load_weights(save)

@@ -130,7 +130,7 @@ def test_long_sequences_truncated_and_counted_or_rejected(tmp_path, tok):
 
 
 def test_batches_pad_right(tok):
-    enc = data.Encoded([[2, 5, 3], [2, 3]], [[0, 0, 0], [0, 0]], [[-100, 1, -100], [-100, -100]])
+    enc = data.Encoded([[2, 5, 3], [2, 3]], [[0, 0, 0], [0, 0]], [[-100, 1, -100], [-100, -100]], token_labels=True)
     (batch,) = data.batches(enc, [0, 1], 8, pad_id=0)
     assert batch["input_ids"].tolist() == [[2, 5, 3], [2, 3, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
