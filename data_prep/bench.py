@@ -13,7 +13,10 @@ Measured in one run on the same text and vocabulary:
 - memory: peak RSS of a default build (main process and largest worker) for each `--workers` value;
 - restart: a one-worker build SIGKILLed once its journal holds 3/4 of the chunks, then resumed (the
   resume re-reads that text without tokenizing it), against the same build uninterrupted;
-- read: opening a dataset of `--read-sentences` sentences and random access to single sentences.
+- read: opening a dataset of `--read-sentences` sentences and random access to single sentences;
+- Parquet: the same documents written as one Parquet file (one row per document, pyarrow's defaults),
+  built like the txt input; `--formats-only` measures just that pair, `--repeats` times, alternating txt
+  and Parquet so that a shared machine's load hits both alike, and reports each pair's ratio.
 Prints a Markdown table for docs/PERFORMANCE.md.
 """
 
@@ -23,6 +26,7 @@ import argparse
 import os
 import pickle
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -37,6 +41,10 @@ import numpy as np  # noqa: E402
 from data_prep import indexed, text, tokenizer  # noqa: E402
 from data_prep.build import BuildConfig, build  # noqa: E402
 from data_prep.errors import UserError, run_cli  # noqa: E402
+from data_prep.flags import add_arguments, from_args, option  # noqa: E402
+from data_prep.log import get_logger  # noqa: E402
+
+log = get_logger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]  # so the probe subprocesses import this checkout
 
@@ -83,7 +91,7 @@ def _best(runs: list[Rate]) -> Rate:
 def raw_rates(files: list[str], tok_dir: str, batch: int = 1000) -> dict[str, Rate]:
     """Single-thread `tokenizers` batch encoding of the paragraphs, and `tokenizer.Encoder`'s; best of 2."""
     backend = tokenizer.load(tok_dir).backend_tokenizer
-    paras = [p for doc in text.TextReader([Path(f) for f in files]).documents() for p in doc]
+    paras = list(text.TextReader(text.resolve_inputs(files)).paragraphs())
     mb = sum(len(p.encode()) for p in paras) / 1e6
     out = {}
     for name in ("encode_batch", "encode_batch_fast"):
@@ -124,7 +132,7 @@ def feed_rate(files: list[str], chunk_bytes: int = 10**6) -> float:
     many workers it can keep busy.
     """
     cpu = time.process_time()
-    reader = text.TextReader([Path(f) for f in files])
+    reader = text.TextReader(text.resolve_inputs(files))
     for chunk in text.chunked(reader.parts(chunk_bytes), chunk_bytes):
         pickle.dumps(chunk)
     return reader.stats.text_bytes / 1e6 / (time.process_time() - cpu)
@@ -187,7 +195,7 @@ def resume_seconds(files: list[str], tok_dir: str, out: Path, fraction: float = 
     chunk_mb = min(1.0, mb / 8)
     cfg = BuildConfig(input=files, tokenizer=tok_dir, output=str(out), overwrite=True, progress=False,
                       chunk_mb=chunk_mb)  # fmt: skip
-    reader = text.TextReader([Path(f) for f in files])
+    reader = text.TextReader(text.resolve_inputs(files))
     total = sum(1 for _ in text.chunked(reader.parts(int(chunk_mb * 1e6)), int(chunk_mb * 1e6)))
     full = min(_timed_build(cfg) for _ in range(2))
     kill_at = int(fraction * total)
@@ -222,36 +230,106 @@ def peak_rss_mb(files: list[str], tok_dir: str, out: Path, workers: int) -> tupl
     return int(main_kb) / 1024, int(child_kb) / 1024
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--input", nargs="+", help="text files (txt convention); default: the built-in English corpus")
-    p.add_argument("--corpus-mb", type=float, default=8.0, help="size of the built-in corpus when --input is absent")
-    p.add_argument("--workdir", default="/tmp/bert_prep_bench", help="scratch directory (corpus, vocab, outputs)")
-    p.add_argument("--vocab-size", type=int, default=30522, help="WordPiece vocabulary trained on the input")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to measure")
-    p.add_argument("--read-sentences", type=int, default=10_000_000, help="sentences in the read benchmark")
-    args = p.parse_args(argv)
-    if min(args.workers) < 1:
-        raise UserError("--workers values must be at least 1")
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    files = args.input or corpus(workdir, args.corpus_mb)
-    tok_dir = workdir / f"vocab_{args.vocab_size}"
-    if not (tok_dir / "vocab.txt").exists():
-        from data_prep.vocab import train_vocab
+def parquet_copy(files: list[str], workdir: Path) -> str:
+    """The documents of `files` as one Parquet file: one row per document, its paragraphs joined by newlines
+    (what `bert-prep build` reads back as the same documents)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-        train_vocab(files, args.vocab_size, tok_dir)
-    tok_dir = str(tok_dir)
+    path = workdir / "corpus.parquet"
+    if not path.exists() or path.stat().st_mtime < max(Path(f).stat().st_mtime for f in files):
+        rows = ["\n".join(doc) for doc in text.TextReader(text.resolve_inputs(files)).documents()]
+        pq.write_table(pa.table({"text": rows}), path)
+    return str(path)
+
+
+def format_pairs(files: list[str], parquet: str, tok_dir: str, out: Path, repeats: int) -> list[tuple[Rate, Rate]]:
+    """`repeats` one-worker builds of the txt input, each followed at once by one of its Parquet copy."""
+    pairs = []
+    for _ in range(repeats):
+        pair = []
+        for inputs in (files, [parquet]):
+            cfg = BuildConfig(input=inputs, tokenizer=tok_dir, output=str(out), overwrite=True, progress=False)
+            cpu = cpu_seconds()
+            r = build(cfg)
+            pair.append(Rate(r.counts["tokens"], r.text_bytes / 1e6, r.seconds, cpu_seconds() - cpu))
+        if pair[0].tokens != pair[1].tokens:  # the comparison means something only on the same documents
+            raise RuntimeError(f"txt and Parquet builds differ: {pair[0].tokens} vs {pair[1].tokens} tokens")
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def format_report(pairs: list[tuple[Rate, Rate]]) -> list[str]:
+    """Each pair's tokens/s and the Parquet/txt ratio, and the median and range of the ratios."""
+    lines = [
+        "| run | txt tokens/s | Parquet tokens/s | Parquet / txt | txt tokens per CPU-s | Parquet tokens per CPU-s |"
+    ]
+    lines.append("|---|---|---|---|---|---|")
+    ratios = []
+    for i, (a, b) in enumerate(pairs, 1):
+        ratios.append((b.tokens / b.seconds) / (a.tokens / a.seconds))
+        lines.append(
+            f"| {i} | {a.tokens / a.seconds:,.0f} | {b.tokens / b.seconds:,.0f} | {ratios[-1]:.3f} | "
+            f"{a.tokens / a.cpu:,.0f} | {b.tokens / b.cpu:,.0f} |"
+        )
+    lines.append(
+        f"Parquet / txt throughput over {len(ratios)} pairs: median {statistics.median(ratios):.3f}, "
+        f"range {min(ratios):.3f}-{max(ratios):.3f}"
+    )
+    return lines
+
+
+@dataclass
+class PrepBenchConfig:
+    """What `python -m data_prep.bench` measures; each field is a command-line flag (data_prep.flags)."""
+
+    input: list[str] | None = option(None, metavar="FILE")
+    """Text files (txt convention); default: the built-in English corpus."""
+    corpus_mb: float = option(8.0, metavar="MB")
+    """Size of the built-in corpus when --input is absent."""
+    workdir: str = option("/tmp/bert_prep_bench", metavar="DIR")
+    """Scratch directory (corpus, vocabulary, outputs)."""
+    vocab_size: int = option(30522, metavar="N")
+    """WordPiece vocabulary trained on the input."""
+    workers: list[int] = option(default_factory=lambda: [1, 2], metavar="N")
+    """Worker counts to measure."""
+    read_sentences: int = option(10_000_000, metavar="N")
+    """Sentences in the read benchmark."""
+    formats_only: bool = False
+    """Only compare one-worker builds of the same text as txt and as Parquet."""
+    repeats: int = option(3, metavar="N")
+    """txt/Parquet build pairs of --formats-only."""
+
+
+def _setup(cfg: PrepBenchConfig) -> tuple[list[str], str, Path]:
+    """(input files, tokenizer directory, workdir): the corpus and vocabulary, made on first use."""
+    if min(cfg.workers) < 1 or cfg.repeats < 1:
+        raise UserError("--workers values and --repeats must be at least 1")
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = cfg.input or corpus(workdir, cfg.corpus_mb)
+    tok_dir = workdir / f"vocab_{cfg.vocab_size}"
+    if not (tok_dir / "vocab.txt").exists():
+        from data_prep.vocab import VocabConfig, train_vocab
+
+        train_vocab(VocabConfig(input=files, vocab_size=cfg.vocab_size, output=str(tok_dir), progress=False))
     mb = sum(Path(f).stat().st_size for f in files) / 1e6
-    print(f"input {mb:.1f} MB in {len(files)} files; vocabulary {len(tokenizer.load(tok_dir))} tokens; "
-          f"load average {os.getloadavg()[0]:.2f} on {len(os.sched_getaffinity(0))} cores", flush=True)  # fmt: skip
+    log.info(
+        f"input {mb:.1f} MB in {len(files)} files; vocabulary {len(tokenizer.load(str(tok_dir)))} tokens; "
+        f"load average {os.getloadavg()[0]:.2f} on {len(os.sched_getaffinity(0))} cores"
+    )
+    return files, str(tok_dir), workdir
+
+
+def throughput_table(cfg: PrepBenchConfig, files: list[str], tok_dir: str, workdir: Path) -> tuple[list[str], Rate]:
+    """The Markdown table (raw tokenizer rates, then every build variant) and the raw ceiling rate."""
     raw = raw_rates(files, tok_dir)
     ceiling = raw["encode_batch_fast"]
     names = {k: f"raw `tokenizers` `{k}`, 1 thread" for k in ("encode_batch", "encode_batch_fast")}
     names["Encoder"] = "`data_prep.tokenizer.Encoder` (ASCII fast path), 1 thread"
     rows = [r.row(names[k], ceiling, 1, None) for k, r in raw.items()]
     one = None
-    for w in args.workers:
+    for w in cfg.workers:
         rate = build_rate(files, tok_dir, workdir / "out", w)
         one = one or (rate if w == 1 else None)
         rows.append(rate.row(f"`bert-prep build --workers {w}`", ceiling, w, one))
@@ -261,24 +339,51 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the same pipeline with every sentence through the full normalizer: its overhead over the raw tokenizer
     no_fast = build_rate(files, tok_dir, workdir / "out", 1, fast=False)
     rows.append(no_fast.row("`bert-prep build --workers 1 --no-ascii-fast-path`", ceiling, 1, None))
-    print(
-        "\n| pipeline | tokens/s | MB/s of text | per worker vs raw | tokens per CPU-s | per CPU-s vs raw "
+    parquet = build_rate([parquet_copy(files, workdir)], tok_dir, workdir / "out", 1)
+    rows.append(parquet.row("`bert-prep build --workers 1`, the same documents as Parquet", ceiling, 1, None))
+    header = (
+        "| pipeline | tokens/s | MB/s of text | per worker vs raw | tokens per CPU-s | per CPU-s vs raw "
         "| scaling vs 1 worker |\n|---|---|---|---|---|---|---|"
     )
-    print("\n".join(rows))
+    return ["", header, *rows], ceiling
+
+
+def other_measurements(cfg: PrepBenchConfig, files: list[str], tok_dir: str, workdir: Path, ceiling: Rate) -> list[str]:
+    """Feeding rate, peak memory, restart cost and reader speed, one line each."""
     feed = feed_rate(files)
-    print(f"main process feeding rate (read, chunk, pickle): {feed:.1f} MB of text per CPU-s, enough for "
-          f"{feed / (ceiling.megabytes / ceiling.cpu):.0f} workers at the raw per-CPU rate")  # fmt: skip
-    for w in args.workers:
+    lines = [
+        f"main process feeding rate (read, chunk, pickle): {feed:.1f} MB of text per CPU-s, enough for "
+        f"{feed / (ceiling.megabytes / ceiling.cpu):.0f} workers at the raw per-CPU rate"
+    ]
+    for w in cfg.workers:
         main_mb, worker_mb = peak_rss_mb(files, tok_dir, workdir / "peak", w)
         workers_note = f", largest worker {worker_mb:.0f} MB" if w > 1 else ""
-        print(f"peak RSS, --workers {w} --chunk-mb 1 (default): main process {main_mb:.0f} MB{workers_note}")
+        lines.append(f"peak RSS, --workers {w} --chunk-mb 1 (default): main process {main_mb:.0f} MB{workers_note}")
     full, resumed, done, total = resume_seconds(files, tok_dir, workdir / "resume")
-    print(f"restart: uninterrupted --workers 1 build {full:.2f} s; SIGKILLed after {done} of {total} chunks, "
-          f"the re-run took {resumed:.2f} s ({resumed / full:.0%} of a full build)")  # fmt: skip
-    n, open_s, access_s = read_rates(workdir, args.read_sentences)
-    print(f"\nread: opening {n:,} sentences took {open_s * 1e3:.1f} ms (fresh process, warm page cache); "
-          f"random access {access_s * 1e6:.2f} us per sentence (`ds[i]`, 200k random i)")  # fmt: skip
+    lines.append(
+        f"restart: uninterrupted --workers 1 build {full:.2f} s; SIGKILLed after {done} of {total} chunks, "
+        f"the re-run took {resumed:.2f} s ({resumed / full:.0%} of a full build)"
+    )
+    n, open_s, access_s = read_rates(workdir, cfg.read_sentences)
+    lines.append(
+        f"\nread: opening {n:,} sentences took {open_s * 1e3:.1f} ms (fresh process, warm page cache); "
+        f"random access {access_s * 1e6:.2f} us per sentence (`ds[i]`, 200k random i)"
+    )
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_prep.bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p, PrepBenchConfig)
+    cfg = from_args(PrepBenchConfig, p.parse_args(argv))
+    files, tok_dir, workdir = _setup(cfg)
+    if cfg.formats_only:
+        pairs = format_pairs(files, parquet_copy(files, workdir), tok_dir, workdir / "out", cfg.repeats)
+        log.info("\n".join(format_report(pairs)))
+        return 0
+    table, ceiling = throughput_table(cfg, files, tok_dir, workdir)
+    log.info("\n".join(table))
+    log.info("\n".join(other_measurements(cfg, files, tok_dir, workdir, ceiling)))
     return 0
 
 

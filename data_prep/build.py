@@ -1,8 +1,8 @@
-"""`bert-prep build`: raw text -> sentences -> WordPiece ids -> `PREFIX.bin/.idx/.json`.
+"""`bert-prep build`: text -> sentences -> token ids -> `PREFIX.bin/.idx/.json`.
 
-Pipeline: the main process streams documents out of the inputs (text.py) and groups them into chunks of
-about `--chunk-mb` of text; workers split each chunk into sentences (blingfire) and tokenize it in one
-batch; the main process writes results in chunk order. Design choices:
+Pipeline: the main process streams documents out of the inputs (text.py: txt, jsonl, Parquet, Arrow) and
+groups them into chunks of about `--chunk-mb` of text; workers split each chunk into sentences (blingfire)
+and tokenize it in one batch; the main process writes results in chunk order. Design choices:
 
 - Deterministic: results are consumed in submission order, so the output is byte-identical for any
   `--workers` (and `--workers 1` runs in-process, with no pickling at all).
@@ -15,17 +15,20 @@ batch; the main process writes results in chunk order. Design choices:
 - Crash safety: everything is written under `*.tmp` names and renamed at the end, `.idx` last (with the
   manifest just before it), so a killed run never leaves a valid-looking dataset.
 - Restartable: every `JOURNAL_SECONDS` the writers are fsynced and `PREFIX.journal.tmp` records how many
-  chunks they hold. Re-running the same command after a kill, Ctrl-C or crash (same inputs, sizes and
-  mtimes, tokenizer and options; any `--workers`) cuts the temporary files back to the journal, re-reads
-  the inputs up to that chunk without tokenizing them, and continues: the result is byte-identical to an
-  uninterrupted run. Anything else (no journal, another command, bad input) starts over.
+  chunks they hold. Re-running the same command after a kill, Ctrl-C or crash (same inputs, formats, sizes
+  and mtimes, tokenizer, special tokens and options; any `--workers`) cuts the temporary files back to the
+  journal, re-reads the inputs up to that chunk without tokenizing them, and continues: the result is
+  byte-identical to an uninterrupted run. Anything else (no journal, another command, bad input) starts over.
 - Sharding: `--shards K` deals documents round-robin to `PREFIX_00000` ... `PREFIX_{K-1}`, each a complete
   dataset with its own manifest.
+- A build whose documents are mostly one sentence long warns: NSP/SOP pretraining skips such documents
+  (a pair needs two sentences of one document), which usually means `--doc-boundary` cut them too finely.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import hashlib
 import itertools
@@ -34,6 +37,7 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -44,42 +48,69 @@ from tqdm import tqdm
 
 from data_prep import indexed, text, tokenizer
 from data_prep.errors import UserError
+from data_prep.flags import add_arguments, from_args, option
+from data_prep.log import get_logger
+
+log = get_logger(__name__)
 
 FORMAT_NAME = "mmidx-bert"
 FORMAT_VERSION = 1
 TOOL_VERSION = "0.1.0"
 JOURNAL_SECONDS = 30.0  # how often a build records its position for a restart (an fsync and a small JSON)
+SINGLE_SENTENCE_WARNING = 0.5  # share of one-sentence documents above which a build warns
 
 
 @dataclass
 class BuildConfig:
-    """Everything `bert-prep build` needs; field names match the command-line flags."""
+    """Everything `bert-prep build` needs; each field is a command-line flag (data_prep.flags)."""
 
-    input: list[str]  # files, directories or globs (plain, .gz, .xz, .bz2, .zst)
-    tokenizer: str  # directory written by `bert-prep vocab` (or any BERT tokenizer directory)
-    output: str  # dataset prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json
-    workers: int = 1  # tokenizer processes (cores)
-    format: str = "txt"  # txt: paragraph per line, blank line between documents; jsonl: document per line
-    jsonl_key: str = "text"  # field holding the text in --format jsonl
-    split_sentences: bool = True  # False: each paragraph (line) is one sequence
-    ascii_fast_path: bool = True  # ASCII sentences skip the full normalizer (same ids; see tokenizer.Encoder)
-    overwrite: bool = False  # replace an existing dataset at --output
-    strict: bool = False  # invalid UTF-8 is an error instead of being replaced and counted
-    shards: int = 0  # 0: one dataset; K: K datasets PREFIX_00000 ... with documents dealt round-robin
-    chunk_mb: float = 1.0  # text per work item; memory is bounded by about (2 * workers + 2) chunks
-    progress: bool = True  # show the progress bar
+    input: list[str] = option(metavar="PATH")
+    """Input files, directories or globs: txt or jsonl (plain, .gz, .xz, .bz2, .zst), Parquet, Arrow or a
+    datasets.save_to_disk directory; FORMAT:PATH reads one input in FORMAT."""
+    tokenizer: str = option(metavar="DIR_OR_FILE")
+    """Tokenizer: a `bert-prep vocab` directory, any directory holding a tokenizer.json (BPE, Unigram,
+    WordPiece), a tokenizer.json file, or a locally cached BERT name."""
+    output: str = option(metavar="PREFIX")
+    """Dataset prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json."""
+    workers: int = option(1, metavar="N")
+    """Tokenizer processes, one core each."""
+    format: text.InputFormat | None = None
+    """Read every input in this format (default: each input's extension, txt for an unknown one)."""
+    text_key: str = option("text", aliases=("--jsonl-key",), metavar="KEY")
+    """Field (jsonl) or string column (parquet, arrow) holding the text."""
+    doc_boundary: text.DocBoundary | None = None
+    """What ends a document: blank (a blank line or empty row; default for txt), row (each row, or txt line;
+    default for jsonl, parquet, arrow) or file (one document per file, e.g. one book per file)."""
+    special_tokens: list[str] = option(default_factory=list, metavar="ROLE=TOKEN")
+    """The tokenizer's special tokens by role (pad, unk, cls, sep, mask), e.g. cls=<s> sep=</s>; default: its
+    config (cls from bos, sep from eos) or its [CLS]/<s>-style special tokens."""
+    split_sentences: bool = True
+    """Split paragraphs into sentences (--no-split-sentences: each paragraph is one sequence)."""
+    ascii_fast_path: bool = True
+    """ASCII sentences skip BERT's full normalizer, with the same ids (--no-ascii-fast-path: every sentence
+    goes through it; slower). Only tokenizers with a BertNormalizer have the fast path."""
+    overwrite: bool = False
+    """Replace an existing dataset at --output."""
+    strict: bool = False
+    """Fail on invalid UTF-8 instead of replacing and counting it."""
+    shards: int = option(0, metavar="K")
+    """Write K datasets PREFIX_00000 ... with documents dealt round-robin (0: one dataset)."""
+    chunk_mb: float = option(1.0, metavar="MB")
+    """MB of text per work item; memory is bounded by about (2 * workers + 2) chunks."""
+    progress: bool = True
+    """Show the progress bar (--no-progress: none)."""
 
     def validate(self) -> None:
+        """Raise UserError naming the flag to change."""
         if self.workers < 1:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
-        if self.format not in text.FORMATS:
-            raise UserError(f"--format must be one of {text.FORMATS}, got {self.format!r}")
         if self.shards < 0:
             raise UserError(f"--shards must be 0 (no sharding) or positive, got {self.shards}")
         if self.chunk_mb <= 0:
             raise UserError(f"--chunk-mb must be positive, got {self.chunk_mb}")
         if Path(self.output).is_dir() or self.output.endswith(os.sep):
             raise UserError(f"--output {self.output} is a directory; pass a file prefix such as {self.output}/train")
+        tokenizer.parse_special_tokens(self.special_tokens)
 
 
 @dataclass
@@ -139,50 +170,89 @@ def build(cfg: BuildConfig) -> BuildResult:
     existing = _existing_outputs(cfg.output)
     if existing and not cfg.overwrite:
         raise UserError(f"output {existing[0]} already exists; pass --overwrite or choose another --output")
-    out = Path(cfg.output).resolve()
-    # an --input directory that also holds the output (or the leftovers of a killed run) must not read it
-    files = [f for f in text.resolve_inputs(cfg.input) if not _is_output(f, out)]
-    if not files:
-        raise UserError(f"the only --input files are outputs of --output {cfg.output}; pass the text files")
-    tok = tokenizer.load(cfg.tokenizer)
+    inputs = _inputs(cfg)
+    tok = tokenizer.load(cfg.tokenizer, tokenizer.parse_special_tokens(cfg.special_tokens))
     info = tokenizer.describe(tok, cfg.tokenizer)
     dtype = indexed.token_dtype(info.vocab_size)
     backend_json = tok.backend_tokenizer.to_str()
-    journal = _Journal(cfg.output, _fingerprint(cfg, files, backend_json, dtype))
-    reader = text.TextReader(files, cfg.format, cfg.jsonl_key, cfg.strict)
+    log.info(_tokenizer_line(info, dtype))
+    journal = _Journal(cfg.output, _fingerprint(cfg, inputs, backend_json, info, dtype))
+    reader = text.TextReader(inputs, cfg.text_key, cfg.strict, cfg.doc_boundary)
     work = _ChunkWork(backend_json, dtype, cfg.split_sentences, cfg.ascii_fast_path)
-    prefixes = output_prefixes(cfg.output, cfg.shards)
-    router = _Router(journal.open_writers(prefixes, dtype))
-    writers = router.writers
-    resumed_tokens = sum(w.num_tokens for w in writers)
+    router = _Router(journal.open_writers(output_prefixes(cfg.output, cfg.shards), dtype))
+    resumed_tokens = sum(w.num_tokens for w in router.writers)
     start = time.perf_counter()
     try:
         _tokenize_into(router, reader, work, cfg, journal)
-        counts = router.counts()
-        if not any(c[0] for c in counts):
-            raise UserError(f"the inputs hold no text that tokenizes to anything ({files[0]} ...); check --input")
-        if not all(c[0] for c in counts):
-            raise UserError(f"only {int(sum(c[0] for c in counts))} documents, fewer than --shards; lower --shards")
-        manifests = [_manifest(info, dtype, c, reader.stats, cfg) for c in counts]
-        for name in existing:  # --overwrite: the old dataset goes only once the new one is complete
-            os.unlink(name)
-        for w, m in zip(writers, manifests):
-            w.close(manifest=m)
-        journal.remove()
+        manifest = functools.partial(_manifest, info, dtype, reader.stats, cfg)
+        manifests = _finish(router, journal, manifest, existing, inputs[0].path)
     except BaseException as e:
-        if isinstance(e, UserError) or not journal.exists():
-            for w in writers:
-                w.abort()
-            journal.remove()
-        else:  # interrupted or crashed after a journal: keep the temporary files for a restart
-            for w in writers:
-                w.detach()
-            print(f"build interrupted; re-run the same command to continue from {journal.path}", file=sys.stderr)
+        _abandon(router.writers, journal, keep=not isinstance(e, UserError))
         raise
+    counts = router.counts()
     totals = {k: int(sum(c[i] for c in counts)) for i, k in enumerate(("documents", "sentences", "tokens"))}
     totals["invalid_utf8_replaced"] = reader.stats.invalid_utf8_replaced
+    _warn_single_sentence_documents(router.writers, cfg.output)
     seconds = time.perf_counter() - start
-    return BuildResult(prefixes, manifests, seconds, reader.stats.text_bytes, totals, resumed_tokens)
+    return BuildResult(router.prefixes, manifests, seconds, reader.stats.text_bytes, totals, resumed_tokens)
+
+
+def _inputs(cfg: BuildConfig) -> list[text.Input]:
+    """The --input files with their formats, less the files `--output` writes (an --input directory that
+    also holds the output, or the leftovers of a killed run, must not read it)."""
+    out = Path(cfg.output).resolve()
+    inputs = [i for i in text.resolve_inputs(cfg.input, cfg.format) if not _is_output(i.path, out)]
+    if not inputs:
+        raise UserError(f"the only --input files are outputs of --output {cfg.output}; pass the text files")
+    return inputs
+
+
+def _tokenizer_line(info: tokenizer.TokenizerInfo, dtype: np.dtype) -> str:
+    """One line that says which tokenizer and which special tokens the dataset gets (said once, at start)."""
+    roles = ", ".join(f"{r}={t} ({info.special_tokens[r]})" for r, t in info.special_token_strings.items())
+    return f"tokenizer {info.path}: {info.model}, {info.vocab_size:,} tokens ({np.dtype(dtype).name} ids); {roles}"
+
+
+def _finish(router: _Router, journal: _Journal, manifest: Callable, existing: list[str], first: Path) -> list[dict]:
+    """Check the counts, write every dataset (manifest, `.idx` last), drop the journal; the manifests."""
+    counts = router.counts()
+    if not any(c[0] for c in counts):
+        raise UserError(f"the inputs hold no text that tokenizes to anything ({first} ...); check --input")
+    if not all(c[0] for c in counts):
+        raise UserError(f"only {int(sum(c[0] for c in counts))} documents, fewer than --shards; lower --shards")
+    manifests = [manifest(w) for w in router.writers]
+    for name in existing:  # --overwrite: the old dataset goes only once the new one is complete
+        os.unlink(name)
+    for w, m in zip(router.writers, manifests):
+        w.close(manifest=m)
+    journal.remove()
+    return manifests
+
+
+def _abandon(writers: list[indexed.IndexedDatasetWriter], journal: _Journal, keep: bool) -> None:
+    """After a failure: keep the temporary files for a restart when a journal records them (interrupted or
+    crashed), else (bad input, or nothing recorded yet) delete everything."""
+    if keep and journal.exists():
+        for w in writers:
+            w.detach()
+        print(f"build interrupted; re-run the same command to continue from {journal.path}", file=sys.stderr)
+        return
+    for w in writers:
+        w.abort()
+    journal.remove()
+
+
+def _warn_single_sentence_documents(writers: list[indexed.IndexedDatasetWriter], output: str) -> None:
+    single = sum(w.single_sequence_documents for w in writers)
+    documents = sum(w.num_documents for w in writers)
+    if documents and single > SINGLE_SENTENCE_WARNING * documents:
+        warnings.warn(
+            f"{single:,} of the {documents:,} documents of {output} ({single / documents:.0%}) are a single "
+            "sentence; NSP/SOP pretraining skips them (a pair needs two sentences of one document). If the "
+            "data cut documents too finely (one sentence or paragraph per row or blank-line block), rebuild "
+            "with --doc-boundary file (or blank), or pretrain with --pair-task none",
+            stacklevel=2,
+        )
 
 
 def _tokenize_into(
@@ -196,8 +266,10 @@ def _tokenize_into(
     for chunk in itertools.islice(chunks, journal.chunks):  # written by the interrupted run: only re-read
         router.next_document += sum(ends for _, ends in chunk)
     if journal.chunks:
-        print(f"resuming {cfg.output} after {journal.chunks} chunks ({reader.stats.bytes_read / 1e6:,.1f} MB of "
-              "input) written by an interrupted run", file=sys.stderr)  # fmt: skip
+        log.info(
+            f"resuming {cfg.output} after {journal.chunks} chunks ({reader.stats.bytes_read / 1e6:,.1f} MB of "
+            "input) written by an interrupted run"
+        )
     before = np.sum(router.counts(), axis=0)
     start = last_journal = time.perf_counter()
     results = _ordered_map(work, chunks, cfg.workers)
@@ -218,12 +290,17 @@ def _tokenize_into(
         bar.close()
 
 
-def _fingerprint(cfg: BuildConfig, files: list[Path], backend_json: str, dtype: np.dtype) -> str:
-    """What fixes the output bytes: inputs (path, size, mtime), tokenizer and options; not --workers."""
+def _fingerprint(
+    cfg: BuildConfig, inputs: list[text.Input], backend_json: str, info: tokenizer.TokenizerInfo, dtype: np.dtype
+) -> str:
+    """What fixes the output bytes: inputs (path, format, size, mtime), tokenizer, special tokens and options;
+    not --workers."""
+    stats = [i.path.stat() for i in inputs]
     spec = {
-        "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files],
+        "files": [[str(i.path), i.format, st.st_size, st.st_mtime_ns] for i, st in zip(inputs, stats)],
         "tokenizer": hashlib.sha256(backend_json.encode()).hexdigest(),
-        "options": [cfg.format, cfg.jsonl_key, cfg.split_sentences, cfg.strict, cfg.shards, cfg.chunk_mb],
+        "special_tokens": info.special_tokens,
+        "options": [cfg.text_key, cfg.doc_boundary, cfg.split_sentences, cfg.strict, cfg.shards, cfg.chunk_mb],
         "dtype": np.dtype(dtype).name,
         "versions": [FORMAT_VERSION, TOOL_VERSION],
     }
@@ -277,6 +354,10 @@ class _Router:
     writers: list[indexed.IndexedDatasetWriter]
     next_document: int = 0  # global index of the next chunk's first document (counting its open part)
 
+    @property
+    def prefixes(self) -> list[str]:
+        return [w.prefix for w in self.writers]
+
     def write(self, ids: np.ndarray, lengths: np.ndarray, per_part: np.ndarray, ends: np.ndarray) -> None:
         if len(per_part) == 0:
             return
@@ -303,8 +384,8 @@ class _Router:
         return [(w.num_documents, w.num_sequences, w.num_tokens) for w in self.writers]
 
 
-def _manifest(info: tokenizer.TokenizerInfo, dtype: np.dtype, counts, stats: text.ReadStats, cfg) -> dict:
-    """The `PREFIX.json` of docs/DESIGN.md."""
+def _manifest(info: tokenizer.TokenizerInfo, dtype: np.dtype, stats: text.ReadStats, cfg: BuildConfig, w) -> dict:
+    """The `PREFIX.json` of docs/DESIGN.md for the dataset of writer `w`."""
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -312,14 +393,15 @@ def _manifest(info: tokenizer.TokenizerInfo, dtype: np.dtype, counts, stats: tex
         "dtype": np.dtype(dtype).name,
         "tokenizer": info.to_json(),
         "counts": {
-            "documents": int(counts[0]),
-            "sentences": int(counts[1]),
-            "tokens": int(counts[2]),
+            "documents": w.num_documents,
+            "sentences": w.num_sequences,
+            "tokens": w.num_tokens,
+            "single_sentence_documents": w.single_sequence_documents,
             "invalid_utf8_replaced": stats.invalid_utf8_replaced,
         },
         "sources": list(stats.sources),
+        "text_key": cfg.text_key,
         "split_sentences": cfg.split_sentences,
-        "input_format": cfg.format,
         "shards": cfg.shards,
     }
 
@@ -392,51 +474,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """Register `bert-prep build`."""
     p = subparsers.add_parser(
         "build",
-        help="tokenize raw text into a memory-mapped indexed dataset (PREFIX.bin/.idx/.json)",
+        help="tokenize text into a memory-mapped indexed dataset (PREFIX.bin/.idx/.json)",
         description=(
-            "Split documents into sentences, tokenize them with a BERT WordPiece tokenizer and write a "
-            "Megatron-compatible MMIDIDX dataset: one sequence per sentence, grouped into documents, plus a "
-            "JSON manifest. txt input: one paragraph per line, a blank line between documents. jsonl input: "
-            "one document per line. Inputs may be files, directories or globs, plain or .gz/.xz/.bz2/.zst. "
-            "Re-running the same command after a kill or Ctrl-C resumes the build from its journal."
+            "Split documents into sentences, tokenize them with a Hugging Face tokenizer (BERT WordPiece from "
+            "`bert-prep vocab`, or any tokenizer.json: BPE, Unigram, WordPiece) and write a Megatron-compatible "
+            "MMIDIDX dataset: one sequence per sentence, grouped into documents, plus a JSON manifest. Inputs: "
+            "txt (one paragraph per line, a blank line between documents), jsonl, Parquet or Arrow (one document "
+            "per row), as files, directories or globs, txt/jsonl plain or .gz/.xz/.bz2/.zst; each input's format "
+            "follows its extension. Re-running the same command after a kill or Ctrl-C resumes the build."
         ),
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="input files, directories or globs")
-    p.add_argument("--tokenizer", required=True, metavar="DIR_OR_NAME", help="BERT tokenizer (from `bert-prep vocab`)")
-    p.add_argument("--output", required=True, metavar="PREFIX", help="writes PREFIX.bin, PREFIX.idx, PREFIX.json")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes, one core each (default 1)")
-    p.add_argument("--format", choices=text.FORMATS, default="txt", help="input format (default txt)")
-    p.add_argument("--jsonl-key", default="text", help="field holding the document text in jsonl (default text)")
-    p.add_argument("--no-split-sentences", action="store_true", help="store each paragraph as one sequence")
-    p.add_argument(
-        "--no-ascii-fast-path",
-        action="store_true",
-        help="tokenize ASCII sentences through the full normalizer too (slower; the ids are the same)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at PREFIX")
-    p.add_argument("--strict", action="store_true", help="fail on invalid UTF-8 instead of replacing and counting")
-    p.add_argument("--shards", type=int, default=0, help="write K datasets PREFIX_00000.. (documents round-robin)")
-    p.add_argument("--chunk-mb", type=float, default=1.0, help="MB of text per work item; bounds memory (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_arguments(p, BuildConfig)
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = BuildConfig(
-        input=args.input,
-        tokenizer=args.tokenizer,
-        output=args.output,
-        workers=args.workers,
-        format=args.format,
-        jsonl_key=args.jsonl_key,
-        split_sentences=not args.no_split_sentences,
-        ascii_fast_path=not args.no_ascii_fast_path,
-        overwrite=args.overwrite,
-        strict=args.strict,
-        shards=args.shards,
-        chunk_mb=args.chunk_mb,
-        progress=not args.no_progress,
-    )
-    print(build(cfg).summary())
+    log.info(build(from_args(BuildConfig, args)).summary())
     return 0

@@ -34,6 +34,10 @@ from multiprocessing import Pool
 from pathlib import Path
 
 from data_prep.errors import UserError, run_cli
+from data_prep.flags import add_arguments, from_args, option
+from data_prep.log import get_logger
+
+log = get_logger(__name__)
 
 DOC_SUFFIXES = (".rst", ".md", ".txt")
 SKIP_DIRS = {"__pycache__", "test", "tests", "testing", "site-packages", "dist-packages", "idle_test", "node_modules"}
@@ -340,6 +344,32 @@ def build_corpus(
     return stats
 
 
+@dataclass
+class CorpusConfig:
+    """Everything `bert-prep corpus` needs; each field is a command-line flag (data_prep.flags)."""
+
+    output: str = option(metavar="FILE")
+    """Text file to write (txt convention)."""
+    max_mb: float | None = option(None, metavar="MB")
+    """Stop once the corpus reaches this many MB."""
+    roots: list[str] | None = option(None, metavar="DIR")
+    """Directories to read instead of this interpreter's standard library and site-packages."""
+    workers: int = option(default_factory=lambda: min(4, os.cpu_count() or 1), metavar="N")
+    """Parallel file readers."""
+    progress: bool = True
+    """Show the progress bar (--no-progress: none)."""
+
+    def validate(self) -> None:
+        """Raise UserError naming the flag to change."""
+        if self.max_mb is not None and self.max_mb <= 0:
+            raise UserError(f"--max-mb must be positive, got {self.max_mb}")
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        out_dir = Path(self.output).resolve().parent
+        if not out_dir.is_dir():
+            raise UserError(f"output directory {out_dir} does not exist; create it or change --output")
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `bert-prep corpus`."""
     p = subparsers.add_parser(
@@ -351,32 +381,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "between documents (one document per source file). Same machine, same corpus."
         ),
     )
-    p.add_argument("--output", required=True, metavar="FILE", help="text file to write (txt convention)")
-    p.add_argument("--max-mb", type=float, default=None, metavar="MB", help="stop once the corpus reaches this many MB")
-    p.add_argument(
-        "--roots",
-        nargs="+",
-        default=None,
-        metavar="DIR",
-        help="directories to read instead of this interpreter's standard library and site-packages",
-    )
-    p.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), metavar="N", help="parallel file readers"
-    )
+    add_arguments(p, CorpusConfig)
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_mb is not None and args.max_mb <= 0:
-        raise UserError(f"--max-mb must be positive, got {args.max_mb}")
-    if args.workers < 1:
-        raise UserError(f"--workers must be at least 1, got {args.workers}")
-    out_dir = Path(args.output).resolve().parent
-    if not out_dir.is_dir():
-        raise UserError(f"output directory {out_dir} does not exist; create it or change --output")
-    stats = build_corpus(args.output, args.roots, args.max_mb, args.workers)
-    print(stats.summary(args.output))
+    cfg = from_args(CorpusConfig, args)
+    cfg.validate()
+    stats = build_corpus(cfg.output, cfg.roots, cfg.max_mb, cfg.workers, cfg.progress)
+    log.info(stats.summary(cfg.output))
     if stats.documents == 0:
         raise UserError("no prose found under the given --roots; point it at directories with .py or .md files")
     return 0

@@ -55,7 +55,10 @@ class ResumeError(Exception):
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (Megatron's rule: vocabulary below 65500), int32 otherwise."""
+    """uint16 when every id fits (Megatron's rule: vocabulary below 65500), int32 otherwise.
+
+    Not uint32: Megatron's MMIDIDX has no code for it (its `DType` stops at uint16 = 8), and int32 holds
+    ids up to 2**31 - 1, far beyond any vocabulary."""
     return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
 
 
@@ -173,9 +176,10 @@ class IndexedDatasetWriter:
         self._final = (bin_path, idx_path)
         self._tmp = [Path(str(p) + tmp_suffix) for p in (bin_path, idx_path)]
         self._side = [Path(str(idx_path) + s + tmp_suffix) for s in (".lengths", ".docs")]
-        state = resume or {"sequences": 0, "documents": 0, "tokens": 0, "doc_end": 0}
+        state = resume or {"sequences": 0, "documents": 0, "tokens": 0, "doc_end": 0, "single": 0}
         self.num_sequences, self.num_documents = int(state["sequences"]), int(state["documents"])
         self.num_tokens, self._doc_end = int(state["tokens"]), int(state["doc_end"])
+        self.single_sequence_documents = int(state["single"])  # documents of one sequence (NSP skips them)
         self._closed = False
         if resume is None:
             self._bin, self._lengths, self._docs = (open(p, "wb") for p in (self._tmp[0], *self._side))
@@ -204,6 +208,7 @@ class IndexedDatasetWriter:
             "documents": self.num_documents,
             "tokens": self.num_tokens,
             "doc_end": self._doc_end,
+            "single": self.single_sequence_documents,
         }
 
     def detach(self) -> None:
@@ -249,6 +254,7 @@ class IndexedDatasetWriter:
         ends = ends[ends > self._doc_end]
         self._docs.write(ends.tobytes())
         self.num_documents += len(ends)
+        self.single_sequence_documents += int((np.diff(ends, prepend=self._doc_end) == 1).sum())
         if len(ends):
             self._doc_end = int(ends[-1])
 
@@ -258,6 +264,7 @@ class IndexedDatasetWriter:
             return
         self._docs.write(np.int64(self.num_sequences).tobytes())
         self.num_documents += 1
+        self.single_sequence_documents += self.num_sequences - self._doc_end == 1
         self._doc_end = self.num_sequences
 
     def close(self, manifest: dict | None = None) -> None:

@@ -14,11 +14,16 @@ manifest (`adopted: true`, no sources) so `bert-pretrain` can train on it.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep import indexed
+from data_prep import indexed, tokenizer
 from data_prep.errors import UserError
+from data_prep.flags import add_arguments, from_args, option
+from data_prep.log import get_logger
+
+log = get_logger(__name__)
 
 _CHUNK = 1 << 24  # entries per verification pass
 
@@ -115,7 +120,8 @@ def report(ds: indexed.IndexedDataset) -> list[str]:
     m = ds.manifest
     if m:
         t = m.get("tokenizer", {})
-        lines.append(f"tokenizer {t.get('path')} (vocab {t.get('vocab_size')}, lowercase {t.get('lowercase')})")
+        kind = t.get("model", "WordPiece")
+        lines.append(f"tokenizer {t.get('path')} ({kind}, vocab {t.get('vocab_size')}, lowercase {t.get('lowercase')})")
         lines.append(f"sources   {len(m.get('sources', []))} files; counts {m.get('counts')}")
     else:
         lines.append("manifest  none (not written by bert-prep build)")
@@ -128,6 +134,33 @@ def samples(ds: indexed.IndexedDataset, n: int, tok) -> list[str]:
     return [f"[{int(i)}] {tok.decode(ds[int(i)].tolist())}" for i in picks]
 
 
+@dataclass
+class InspectConfig:
+    """Everything `bert-prep inspect` needs; each field is a command-line flag (data_prep.flags)."""
+
+    prefix: str = option(positional=True, metavar="PREFIX")
+    """Dataset prefix (PREFIX.bin, PREFIX.idx, PREFIX.json)."""
+    verify: bool = False
+    """Check index, .bin and manifest for consistency."""
+    show: int = option(0, metavar="N")
+    """Decode N sample sentences."""
+    tokenizer: str | None = option(None, metavar="DIR_OR_FILE")
+    """Tokenizer for --show and --verify (default: the manifest's; needed for data written by Megatron)."""
+    special_tokens: list[str] = option(default_factory=list, metavar="ROLE=TOKEN")
+    """Special tokens of --tokenizer by role, as for `bert-prep build` (default: the manifest's, else its config)."""
+    write_manifest: bool = False
+    """After --verify passes, write PREFIX.json for data without one (needs --tokenizer), so bert-pretrain can
+    train on it."""
+
+    def validate(self) -> None:
+        """Raise UserError naming the flag to change."""
+        if self.show < 0:
+            raise UserError(f"--show must be 0 or more, got {self.show}")
+        if self.write_manifest and not (self.verify and self.tokenizer):
+            raise UserError("--write-manifest needs --verify and --tokenizer (the vocabulary the ids come from)")
+        tokenizer.parse_special_tokens(self.special_tokens)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `bert-prep inspect`."""
     p = subparsers.add_parser(
@@ -138,37 +171,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
             "the manifest and exits non-zero on the first inconsistency."
         ),
     )
-    p.add_argument("prefix", metavar="PREFIX", help="dataset prefix (PREFIX.bin, PREFIX.idx, PREFIX.json)")
-    p.add_argument("--verify", action="store_true", help="check index, .bin and manifest for consistency")
-    p.add_argument("--show", type=int, default=0, metavar="N", help="decode N sample sentences")
-    p.add_argument(
-        "--tokenizer",
-        metavar="DIR_OR_NAME",
-        help="tokenizer for --show and --verify (default: the manifest's; needed for data written by Megatron)",
-    )
-    p.add_argument(
-        "--write-manifest",
-        action="store_true",
-        help="after --verify passes, write PREFIX.json for data without one (needs --tokenizer), so "
-        "bert-pretrain can train on it",
-    )
+    add_arguments(p, InspectConfig)
     p.set_defaults(func=run)
     return p
 
 
-def _tokenizer(ds: indexed.IndexedDataset, name: str | None):
-    """The tokenizer named by --tokenizer, else the manifest's."""
-    from data_prep import tokenizer
-
-    name = name or ds.manifest.get("tokenizer", {}).get("path")
+def _tokenizer(ds: indexed.IndexedDataset, cfg: InspectConfig):
+    """The tokenizer named by --tokenizer, else the manifest's, with the manifest's special tokens unless
+    --special-tokens names them."""
+    entry = ds.manifest.get("tokenizer", {})
+    name = cfg.tokenizer or entry.get("path")
     if not name:
         raise UserError(f"{ds.prefix} has no manifest naming its tokenizer; pass --tokenizer")
-    return tokenizer.load(name), name
+    roles = tokenizer.parse_special_tokens(cfg.special_tokens)
+    if not roles and name == entry.get("path"):
+        roles = entry.get("special_token_strings")
+    return tokenizer.load(name, roles), name
 
 
 def adopted_manifest(ds: indexed.IndexedDataset, tok, name: str) -> dict:
     """The manifest of a dataset written by another tool (Megatron), for `--write-manifest`."""
-    from data_prep import build, tokenizer
+    from data_prep import build
 
     return {
         "format": build.FORMAT_NAME,
@@ -176,37 +199,39 @@ def adopted_manifest(ds: indexed.IndexedDataset, tok, name: str) -> dict:
         "tool_version": build.TOOL_VERSION,
         "dtype": ds.dtype.name,
         "tokenizer": tokenizer.describe(tok, name).to_json(),
-        "counts": {"documents": ds.num_documents, "sentences": len(ds), "tokens": ds.num_tokens},
+        "counts": {
+            "documents": ds.num_documents,
+            "sentences": len(ds),
+            "tokens": ds.num_tokens,
+            "single_sentence_documents": int((np.diff(ds.document_indices) == 1).sum()),
+        },
         "sources": [],
         "adopted": True,
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.show < 0:
-        raise UserError(f"--show must be 0 or more, got {args.show}")
-    shard = f"{args.prefix}_00000"
-    if not indexed.exists(args.prefix) and indexed.exists(shard):
-        raise UserError(f"{args.prefix} was written with --shards; inspect each shard, e.g. {shard}")
-    if args.write_manifest and not (args.verify and args.tokenizer):
-        raise UserError("--write-manifest needs --verify and --tokenizer (the vocabulary the ids come from)")
-    ds = indexed.IndexedDataset(args.prefix)
-    if args.write_manifest and ds.manifest:
-        raise UserError(f"{indexed.paths(args.prefix)[2]} already exists; --write-manifest is for data without one")
-    print("\n".join(report(ds)))
+    cfg = from_args(InspectConfig, args)
+    cfg.validate()
+    shard = f"{cfg.prefix}_00000"
+    if not indexed.exists(cfg.prefix) and indexed.exists(shard):
+        raise UserError(f"{cfg.prefix} was written with --shards; inspect each shard, e.g. {shard}")
+    ds = indexed.IndexedDataset(cfg.prefix)
+    if cfg.write_manifest and ds.manifest:
+        raise UserError(f"{indexed.paths(cfg.prefix)[2]} already exists; --write-manifest is for data without one")
+    log.info("\n".join(report(ds)))
     tok = name = None
-    if args.show or (args.tokenizer and args.verify):
-        tok, name = _tokenizer(ds, args.tokenizer)
-    if args.show:
-        print("samples:")
-        print("\n".join(samples(ds, args.show, tok)))
-    if args.verify:
+    if cfg.show or (cfg.tokenizer and cfg.verify):
+        tok, name = _tokenizer(ds, cfg)
+    if cfg.show:
+        log.info("samples:\n" + "\n".join(samples(ds, cfg.show, tok)))
+    if cfg.verify:
         verify(ds, len(tok) if tok is not None else None)
         checked = "the manifest" if ds.manifest else f"the vocabulary of {name}" if tok else "nothing else"
-        print(f"verify    ok: {len(ds):,} index entries consistent with the .bin and {checked}")
+        log.info(f"verify    ok: {len(ds):,} index entries consistent with the .bin and {checked}")
         if not ds.manifest and tok is None:
-            print("          no manifest: counts and ids unchecked (pass --tokenizer to check the ids)")
-    if args.write_manifest:
-        indexed.write_json_atomic(indexed.paths(args.prefix)[2], adopted_manifest(ds, tok, name))
-        print(f"wrote     {indexed.paths(args.prefix)[2]}")
+            log.info("          no manifest: counts and ids unchecked (pass --tokenizer to check the ids)")
+    if cfg.write_manifest:
+        indexed.write_json_atomic(indexed.paths(cfg.prefix)[2], adopted_manifest(ds, tok, name))
+        log.info(f"wrote     {indexed.paths(cfg.prefix)[2]}")
     return 0

@@ -1,17 +1,32 @@
-"""Raw text in: input discovery, streaming decompression, documents, sentences.
+"""Raw text in: input discovery, formats, documents, sentences.
 
-Conventions (those of the original BERT data tools):
-- `txt`: one paragraph per line; a blank line (or the end of a file) ends a document.
-- `jsonl`: one JSON object per line; its text under `--jsonl-key` is one document, its lines paragraphs.
+Formats. Each input file's format follows its extension (after a `.gz/.xz/.bz2/.zst` suffix); `--format`
+overrides it for every input, a `FORMAT:` prefix (`jsonl:wiki/**/wiki_*`) for one `--input`:
+- `txt` (`.txt`, `.text`, and any other or no extension): one paragraph per line.
+- `jsonl` (`.jsonl`, `.ndjson`, `.json`): one JSON object per line; its text under `--text-key` is a row.
+- `parquet` (`.parquet`, `.pq`): rows whose string column `--text-key` holds the text.
+- `arrow` (`.arrow`, or a `datasets.save_to_disk` directory): Arrow IPC stream or file, same column rule.
+The lines of a row's text are its paragraphs.
+
+Document boundaries (`--doc-boundary`; the end of a file always ends a document):
+- `blank` (default for txt): a blank line ends a document (in row formats also an empty row, or a blank line
+  inside a row's text) - the original BERT convention;
+- `row` (default for jsonl, parquet, arrow): each row is one document (in txt, each non-blank line);
+- `file`: each file is one document (one book per file).
 
 Design choices:
-- Everything streams: files are read line by line through the decompressor, documents longer than a
-  chunk are cut into parts (flagged, so they are stored as one document), and parts are grouped into
-  chunks of about `chunk_bytes` of text, so memory depends on neither the corpus nor the document size
-  (only a single line must fit in memory).
+- Everything streams: text files are read line by line through the decompressor; Parquet with
+  `ParquetFile.iter_batches` on the text column alone, in batches of about `max_bytes` of text (estimated
+  from the file's metadata) through a 1 MB read buffer; Arrow files are memory-mapped and sliced the same
+  way. Documents longer than a chunk are cut into parts (flagged, so they are stored as one document) and
+  parts are grouped into chunks of about `chunk_bytes` of text, so memory depends on neither the corpus nor
+  the document size (only one line, or one Parquet page, must fit in memory).
 - Input bytes are decoded line by line; invalid UTF-8 is replaced with U+FFFD and counted (or is an
   error with `strict`), so one bad byte in a 100 GB crawl neither kills the run nor passes silently.
-- A NUL byte means a binary file was passed by mistake: that is an error naming the file, never text.
+- A NUL byte in a text file means a binary file was passed by mistake: an error naming the file. A corrupt
+  Parquet/Arrow file, a missing or non-string text column: an error naming the file and the column.
+- In a directory, hidden entries and `_`-prefixed files (Spark's `_SUCCESS`) are skipped, and a
+  `save_to_disk` directory inside it contributes its data files in their recorded order.
 """
 
 from __future__ import annotations
@@ -23,42 +38,114 @@ import gzip
 import io
 import json
 import lzma
+import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal, get_args
 
 import blingfire
 import zstandard
 
 from data_prep.errors import UserError
 
-FORMATS = ("txt", "jsonl")
+InputFormat = Literal["txt", "jsonl", "parquet", "arrow"]
+DocBoundary = Literal["blank", "row", "file"]
+FORMATS: tuple[str, ...] = get_args(InputFormat)
+BOUNDARIES: tuple[str, ...] = get_args(DocBoundary)
+COMPRESSIONS = (".gz", ".xz", ".bz2", ".zst")
+EXTENSIONS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
+EXTENSIONS.update({".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow"})
+_FORMAT_PREFIX = re.compile(rf"^({'|'.join(FORMATS)}):(.+)$")
 _REPLACEMENT_UTF8 = "\ufffd".encode()
 
 
-def resolve_inputs(specs: Sequence[str]) -> list[Path]:
-    """Files named by `specs` (files; directories, recursively, skipping hidden entries; globs), sorted, unique."""
-    files: list[Path] = []
+@dataclass(frozen=True, order=True)
+class Input:
+    """One input file and the format it is read in."""
+
+    path: Path
+    format: str
+
+    def boundary(self, override: str | None) -> str:
+        """`--doc-boundary`, else the format's own convention."""
+        return override or ("blank" if self.format == "txt" else "row")
+
+
+def format_of(path: Path) -> str:
+    """The format a file's extension names (`txt` for any other extension)."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    fmt = EXTENSIONS.get(suffixes[-1] if suffixes else "", "txt")
+    if fmt in ("parquet", "arrow") and path.suffix.lower() in COMPRESSIONS:
+        raise UserError(f"{path}: Parquet and Arrow files carry their own compression; pass it uncompressed")
+    return fmt
+
+
+def resolve_inputs(specs: Sequence[str], fmt: str | None = None) -> list[Input]:
+    """Files named by `specs` (files; directories, recursively; globs; `FORMAT:` prefixes), sorted, unique,
+    each with its format: the spec's prefix, else `fmt`, else its extension (arrow in save_to_disk dirs)."""
+    found: dict[Path, str] = {}
     for spec in specs:
-        p = Path(spec)
-        if p.is_file():
-            found = [p]
-        elif p.is_dir():
-            found = sorted(
-                q for q in p.rglob("*") if q.is_file() and not any(s.startswith(".") for s in q.relative_to(p).parts)
-            )
-        else:
-            found = sorted(Path(q) for q in glob.glob(spec, recursive=True) if Path(q).is_file())
-            if not found:
-                raise UserError(f"input {spec} does not exist (no file, directory or glob match); check --input")
-        if not found:
-            raise UserError(f"input directory {spec} holds no files; check --input")
-        files.extend(found)
-    unique = sorted({f.resolve() for f in files})
-    if not unique:
+        spec_fmt, pattern = fmt, spec
+        prefixed = _FORMAT_PREFIX.match(spec)
+        if prefixed and not Path(spec).exists():
+            spec_fmt, pattern = prefixed.groups()
+        for path, dataset_fmt in _expand(pattern):
+            if dataset_fmt and spec_fmt not in (None, dataset_fmt):
+                raise UserError(f"{pattern} is a datasets.save_to_disk directory; read it as --format arrow")
+            found.setdefault(path.resolve(), dataset_fmt or spec_fmt or format_of(path))
+    if not found:
         raise UserError("no input files given; pass at least one file, directory or glob to --input")
-    return unique
+    return [Input(p, f) for p, f in sorted(found.items())]
+
+
+def _expand(pattern: str) -> list[tuple[Path, str | None]]:
+    """(file, "arrow" for the data files of a save_to_disk directory else None) for one --input."""
+    p = Path(pattern)
+    if p.is_file():
+        return [(p, None)]
+    if p.is_dir():
+        found = _walk(p)
+        if not found:
+            raise UserError(f"input directory {pattern} holds no files; check --input")
+        return found
+    found = []
+    for q in sorted(Path(q) for q in glob.glob(pattern, recursive=True)):
+        found += [(q, None)] if q.is_file() else _dataset_files(q) if _is_dataset_dir(q) else []
+    if not found:
+        raise UserError(f"input {pattern} does not exist (no file, directory or glob match); check --input")
+    return found
+
+
+def _walk(root: Path) -> list[tuple[Path, str | None]]:
+    found: list[tuple[Path, str | None]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if _is_dataset_dir(here):
+            found += _dataset_files(here)
+            dirnames[:] = []
+            continue
+        if (here / "dataset_dict.json").is_file():
+            raise UserError(f"{here} is a datasets.DatasetDict; pass one split's directory, e.g. {here}/train")
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [(here / f, None) for f in sorted(filenames) if not f.startswith((".", "_"))]
+    return found
+
+
+def _is_dataset_dir(path: Path) -> bool:
+    """A directory written by `datasets.Dataset.save_to_disk`."""
+    return (path / "state.json").is_file() and (path / "dataset_info.json").is_file()
+
+
+def _dataset_files(path: Path) -> list[tuple[Path, str | None]]:
+    try:
+        names = [f["filename"] for f in json.loads((path / "state.json").read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}/state.json does not list the dataset's data files ({e}); save it again") from e
+    return [(path / name, "arrow") for name in names]
 
 
 def open_binary(path: Path) -> tuple[BinaryIO, BinaryIO]:
@@ -81,62 +168,114 @@ class ReadStats:
     """What reading saw, for the manifest and the progress bar."""
 
     bytes_read: int = 0  # on-disk (compressed) bytes consumed so far
-    text_bytes: int = 0  # decompressed bytes
+    text_bytes: int = 0  # decompressed bytes (for Parquet/Arrow: UTF-8 bytes of the text column)
     invalid_utf8_replaced: int = 0  # invalid byte sequences replaced with U+FFFD
     sources: list[dict] = field(default_factory=list)
 
 
+class _Documents:
+    """Stripped non-blank lines -> `(paragraphs, ends)` parts, collected in `ready`."""
+
+    __slots__ = ("blank_ends", "max_bytes", "doc", "size", "open", "ready")
+
+    def __init__(self, blank_ends: bool, max_bytes: int):
+        self.blank_ends, self.max_bytes = blank_ends, max_bytes
+        self.doc: list[str] = []
+        self.size, self.open = 0, False  # open: parts of the current document were already handed out
+        self.ready: list[tuple[list[str], bool]] = []
+
+    def add(self, line: str) -> None:
+        text = line.strip()
+        if text:
+            self.doc.append(text)
+            self.size += len(text)
+            if self.max_bytes and self.size >= self.max_bytes:
+                self.ready.append((self.doc, False))
+                self.doc, self.size, self.open = [], 0, True
+        elif self.blank_ends:
+            self.end()
+
+    def end(self) -> None:
+        """End the current document (nothing when it is empty)."""
+        if self.doc or self.open:
+            self.ready.append((self.doc, True))
+            self.doc, self.size, self.open = [], 0, False
+
+    def take(self) -> list[tuple[list[str], bool]]:
+        ready, self.ready = self.ready, []
+        return ready
+
+
 @dataclass
 class TextReader:
-    """Streams documents (lists of paragraphs) out of many files, in file order."""
+    """Streams documents (lists of paragraphs) out of many inputs, in input order."""
 
-    files: Sequence[Path]
-    fmt: str = "txt"
-    jsonl_key: str = "text"
+    inputs: Sequence[Input]
+    text_key: str = "text"
     strict: bool = False
+    doc_boundary: str | None = None  # None: each format's convention (Input.boundary)
     stats: ReadStats = field(default_factory=ReadStats)
 
+    @property
+    def files(self) -> list[Path]:
+        return [i.path for i in self.inputs]
+
     def documents(self) -> Iterator[list[str]]:
-        """Every non-empty document of every file, as its list of non-blank paragraphs."""
+        """Every non-empty document of every input, as its list of non-blank paragraphs."""
         for paras, _ in self.parts():
             yield paras
 
+    def paragraphs(self, max_bytes: int = 1 << 20) -> Iterator[str]:
+        """Every paragraph, holding at most about `max_bytes` of text at a time."""
+        for paras, _ in self.parts(max_bytes):
+            yield from paras
+
     def parts(self, max_bytes: int = 0) -> Iterator[tuple[list[str], bool]]:
-        """Documents as `(paragraphs, ends)`, in file order.
+        """Documents as `(paragraphs, ends)`, in input order.
 
         With `max_bytes`, a document holding more text than that comes in several parts, all but the last
         with `ends=False` (the last may be empty), so no document, however long, is held whole in memory.
         """
-        for path in self.files:
-            size = path.stat().st_size
-            self.stats.sources.append({"path": str(path), "bytes": size})
+        for inp in self.inputs:
+            size = inp.path.stat().st_size
+            boundary = inp.boundary(self.doc_boundary)
+            self.stats.sources.append({"path": str(inp.path), "bytes": size, "format": inp.format})
+            self.stats.sources[-1]["doc_boundary"] = boundary
             done = self.stats.bytes_read
-            yield from self._file_parts(path, done, max_bytes)
+            yield from self._file_parts(inp, boundary, done, max_bytes)
             self.stats.bytes_read = done + size
 
-    def _file_parts(self, path: Path, done: int, max_bytes: int) -> Iterator[tuple[list[str], bool]]:
+    def _file_parts(self, inp: Input, boundary: str, done: int, max_bytes: int) -> Iterator[tuple[list[str], bool]]:
+        docs = _Documents(boundary == "blank", max_bytes)
+        is_txt = inp.format == "txt"
+        for row in self._rows(inp, done, max_bytes):
+            for line in (row,) if is_txt else row.splitlines() or ("",):  # an empty row is a blank line
+                docs.add(line)
+            if boundary == "row":
+                docs.end()
+            if docs.ready:
+                yield from docs.take()
+        docs.end()
+        yield from docs.take()
+
+    def _rows(self, inp: Input, done: int, max_bytes: int) -> Iterator[str]:
+        """A txt file's lines, or the texts of the rows of the other formats."""
+        if inp.format == "txt":
+            return (text for _, text in self._lines(inp.path, done))
+        if inp.format == "jsonl":
+            return self._jsonl_rows(inp.path, done)
+        from data_prep import columnar  # pyarrow only for the formats that need it
+
+        return columnar.rows(inp, self.text_key, self.stats, done, max_bytes)
+
+    def _lines(self, path: Path, done: int) -> Iterator[tuple[int, str]]:
         stream, raw = open_binary(path)
-        doc: list[str] = []
-        size, is_open = 0, False  # is_open: parts of the current document were already yielded
         try:
             for lineno, line in enumerate(stream, 1):
                 self.stats.text_bytes += len(line)
-                text = self._decode(line, path, lineno)
-                if self.fmt == "jsonl":
-                    yield from _split_parts(self._jsonl_paragraphs(text, path, lineno), max_bytes)
-                elif text.strip():
-                    doc.append(text.strip())
-                    size += len(doc[-1])
-                    if max_bytes and size >= max_bytes:
-                        yield doc, False
-                        doc, size, is_open = [], 0, True
-                elif doc or is_open:
-                    yield doc, True
-                    doc, size, is_open = [], 0, False
+                yield lineno, self._decode(line, path, lineno)
                 if lineno % 256 == 0:
                     self.stats.bytes_read = done + raw.tell()
-            if doc or is_open:
-                yield doc, True
         except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as e:
             raise UserError(f"{path} could not be read or decompressed ({e}); check that the file is intact") from e
         finally:
@@ -158,32 +297,19 @@ class TextReader:
             self.stats.invalid_utf8_replaced += text.count("\ufffd") - line.count(_REPLACEMENT_UTF8)
             return text
 
-    def _jsonl_paragraphs(self, text: str, path: Path, lineno: int) -> list[str]:
-        if not text.strip():
-            return []
-        try:
-            obj = json.loads(text)
-        except ValueError as e:
-            raise UserError(f"{path} line {lineno} is not valid JSON ({e}); is it really --format jsonl?") from e
-        if not isinstance(obj, dict) or not isinstance(obj.get(self.jsonl_key), str):
-            raise UserError(
-                f"{path} line {lineno} has no string field {self.jsonl_key!r}; set --jsonl-key to the text field"
-            )
-        return [p.strip() for p in obj[self.jsonl_key].splitlines() if p.strip()]
-
-
-def _split_parts(paras: list[str], max_bytes: int) -> Iterator[tuple[list[str], bool]]:
-    """One document's paragraphs as parts of about `max_bytes` (one part when 0)."""
-    part: list[str] = []
-    size = 0
-    for i, para in enumerate(paras):
-        part.append(para)
-        size += len(para)
-        if max_bytes and size >= max_bytes and i < len(paras) - 1:
-            yield part, False
-            part, size = [], 0
-    if part:
-        yield part, True
+    def _jsonl_rows(self, path: Path, done: int) -> Iterator[str]:
+        for lineno, text in self._lines(path, done):
+            if not text.strip():
+                continue
+            try:
+                obj = json.loads(text)
+            except ValueError as e:
+                raise UserError(f"{path} line {lineno} is not valid JSON ({e}); is it really --format jsonl?") from e
+            if not isinstance(obj, dict) or not isinstance(obj.get(self.text_key), str):
+                raise UserError(
+                    f"{path} line {lineno} has no string field {self.text_key!r}; set --text-key to the text field"
+                )
+            yield obj[self.text_key]
 
 
 def chunked(parts: Iterator[tuple[list[str], bool]], chunk_bytes: int) -> Iterator[list[tuple[list[str], bool]]]:

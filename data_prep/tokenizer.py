@@ -1,10 +1,23 @@
-"""Load a BERT WordPiece tokenizer and describe it for the manifest; encode sentences in batches.
+"""Load a Hugging Face tokenizer, name its special tokens, describe it for the manifest; encode in batches.
+
+What loads (`load`):
+- a BERT directory: written by `bert-prep vocab`, a `tokenizer_config.json` naming a `Bert...` class, or
+  only a Google-style `vocab.txt`; or a locally cached name: through `transformers.BertTokenizer`;
+- any other directory holding a `tokenizer.json`, or a `tokenizer.json` file itself (BPE, Unigram,
+  WordPiece, WordLevel): through `transformers.PreTrainedTokenizerFast` on that file.
+
+Special tokens. BERT samples need pad, cls, sep and mask (and unk where the vocabulary has one). Each role
+comes from `--special-tokens ROLE=TOKEN`, else the tokenizer's config (`tokenizer_config.json` or
+`special_tokens_map.json`: `cls_token`, ...; cls falls back to `bos_token`, sep to `eos_token`), else its
+own special added tokens by their usual names (`[CLS]` or `<s>`, ...). A named token must be in the
+vocabulary. A non-BERT tokenizer gets BERT's post-processor (`cls A sep`, `cls A sep B sep`, token types
+0/1), so the tokenizer `bert-export` ships encodes pairs as pretraining built them.
 
 Design choices:
-- The tokenizer is loaded once through `transformers.BertTokenizer.from_pretrained` (a directory written
-  by `bert-prep vocab`, a directory holding only a Google-style `vocab.txt`, or a locally cached name),
-  and then only its Rust backend is used: `encode_batch_fast(..., add_special_tokens=False)` gives the
-  ids of `BertTokenizerFast` id for id without building per-token Python objects.
+- Only the Rust backend encodes: `encode_batch_fast(..., add_special_tokens=False)` gives the ids of the
+  tokenizer's own `encode`, id for id, without building per-token Python objects. (transformers makes a
+  role token that is a plain vocabulary entry a special added token; text spelling it out then encodes
+  as that one token, as it does in transformers.)
 - Worker processes rebuild the backend from its JSON string, so they never touch the file system or
   the hub and are guaranteed to tokenize exactly like the parent.
 - `--workers` means cores: the backend's own thread pool is switched off, so N workers use N cores.
@@ -17,7 +30,8 @@ import itertools
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,35 +39,171 @@ import numpy as np
 from data_prep.errors import UserError
 
 SPECIAL_TOKENS = ("pad", "unk", "cls", "sep", "mask")
+REQUIRED_SPECIAL_TOKENS = ("pad", "cls", "sep", "mask")
+_FALLBACK = {"cls": "bos", "sep": "eos"}
+_USUAL_NAMES = {
+    "pad": ("[PAD]", "<pad>"),
+    "unk": ("[UNK]", "<unk>"),
+    "cls": ("[CLS]", "<s>", "<cls>"),
+    "sep": ("[SEP]", "</s>", "<sep>"),
+    "mask": ("[MASK]", "<mask>"),
+}
+MODEL_INPUT_NAMES = ["input_ids", "token_type_ids", "attention_mask"]
 
 
-def load(name_or_dir: str):
-    """The `transformers` fast BERT tokenizer for a directory or a locally available name."""
+def parse_special_tokens(pairs: Sequence[str] | None) -> dict[str, str]:
+    """`["cls=<s>", "sep=</s>"]` -> `{"cls": "<s>", "sep": "</s>"}`; UserError on anything else."""
+    out: dict[str, str] = {}
+    for pair in pairs or ():
+        role, eq, token = pair.partition("=")
+        if not eq or not token or role not in SPECIAL_TOKENS:
+            raise UserError(
+                f"--special-tokens takes ROLE=TOKEN with ROLE one of {', '.join(SPECIAL_TOKENS)}, got {pair!r}"
+            )
+        out[role] = token
+    return out
+
+
+def load(name_or_path: str, special_tokens: Mapping[str, str] | None = None):
+    """The `transformers` fast tokenizer of a directory, a tokenizer.json or a locally available name, with
+    its special tokens set (`special_tokens`: role -> token, overriding its config)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    path, overrides = Path(name_or_path), dict(special_tokens or {})
+    if _is_bert(path, name_or_path):
+        tok = _load_bert(name_or_path, overrides)
+    else:
+        tok = _load_json(path, name_or_path, overrides)
+    if len(tok) <= len(SPECIAL_TOKENS):  # transformers builds an empty vocabulary rather than failing
+        raise UserError(f"tokenizer {name_or_path} loads with only {len(tok)} tokens; pass a real vocabulary")
+    missing = [s for s in REQUIRED_SPECIAL_TOKENS if getattr(tok, f"{s}_token_id", None) is None]
+    if missing:
+        raise UserError(
+            f"tokenizer {name_or_path} has no {'/'.join(missing)} token; name it with --special-tokens "
+            f"{missing[0]}=TOKEN"
+        )
+    return tok
+
+
+def _is_bert(path: Path, name: str) -> bool:
+    """Whether `name` loads through BertTokenizer (else through its tokenizer.json); UserError when unusable."""
+    if path.is_file():
+        if path.suffix != ".json":
+            raise UserError(
+                f"tokenizer {name} is a file; pass its directory (the --output of `bert-prep vocab`) or a "
+                "tokenizer.json"
+            )
+        return False
+    if not path.is_dir():
+        if os.sep in name:
+            raise UserError(f"tokenizer directory {name} does not exist; pass the --output of `bert-prep vocab`")
+        return True  # a locally cached name
+    has_json, has_vocab = (path / "tokenizer.json").is_file(), (path / "vocab.txt").is_file()
+    if not (has_json or has_vocab):
+        raise UserError(f"tokenizer directory {name} has no vocab.txt or tokenizer.json; run `bert-prep vocab`")
+    return not has_json or str(_read_json(path / "tokenizer_config.json").get("tokenizer_class", "")).startswith("Bert")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _load_bert(name: str, overrides: dict[str, str]):
     import transformers
 
-    path = Path(name_or_dir)
-    if path.is_file():
-        raise UserError(f"tokenizer {name_or_dir} is a file; pass its directory (the --output of `bert-prep vocab`)")
-    if not path.is_dir() and os.sep in name_or_dir:
-        raise UserError(f"tokenizer directory {name_or_dir} does not exist; pass the --output of `bert-prep vocab`")
-    if path.is_dir() and not any((path / f).is_file() for f in ("vocab.txt", "tokenizer.json")):
-        raise UserError(f"tokenizer directory {name_or_dir} has no vocab.txt or tokenizer.json; run `bert-prep vocab`")
     try:
-        tok = transformers.BertTokenizer.from_pretrained(name_or_dir, local_files_only=True)
+        tok = transformers.BertTokenizer.from_pretrained(name, local_files_only=True)
     except Exception as e:  # transformers raises many types for an unusable directory
         raise UserError(
-            f"tokenizer {name_or_dir} does not load ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"tokenizer {name} does not load ({type(e).__name__}: {_first_line(e)}); "
             "pass a directory written by `bert-prep vocab` or one holding a BERT vocab.txt"
         ) from e
     if not getattr(tok, "is_fast", False):
-        raise UserError(f"tokenizer {name_or_dir} has no fast (Rust) backend; pass a BERT WordPiece tokenizer")
-    if len(tok) <= len(SPECIAL_TOKENS):  # transformers builds an empty vocabulary rather than failing
-        raise UserError(f"tokenizer {name_or_dir} loads with only {len(tok)} tokens; pass a real BERT vocabulary")
-    missing = [s for s in SPECIAL_TOKENS if getattr(tok, f"{s}_token_id", None) is None]
-    if missing:
-        raise UserError(f"tokenizer {name_or_dir} lacks the BERT special tokens {missing}; pass a BERT tokenizer")
+        raise UserError(f"tokenizer {name} has no fast (Rust) backend; pass a BERT WordPiece tokenizer")
+    vocab = tok.get_vocab()
+    for role, token in overrides.items():
+        _check_in_vocab(vocab.get(token), role, token, name)
+        setattr(tok, f"{role}_token", token)
     return tok
+
+
+def _load_json(path: Path, name: str, overrides: dict[str, str]):
+    import transformers
+    from tokenizers import Tokenizer
+
+    file = path if path.is_file() else path / "tokenizer.json"
+    try:
+        backend = Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise UserError(
+            f"tokenizer {name} does not load ({type(e).__name__}: {_first_line(e)}); pass a tokenizer.json "
+            "written by Hugging Face tokenizers or its directory"
+        ) from e
+    config = _config_tokens(file.parent) if file.name == "tokenizer.json" else {}
+    roles = _roles(backend, config, overrides, name)
+    backend.post_processor = _bert_template(backend, roles)
+    kwargs = {f"{role}_token": token for role, token in roles.items()}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, model_input_names=MODEL_INPUT_NAMES, **kwargs)
+
+
+def _config_tokens(directory: Path) -> dict[str, str]:
+    """Role -> token named by the directory's `special_tokens_map.json` and `tokenizer_config.json` (this wins)."""
+    out: dict[str, str] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        data = _read_json(directory / name)
+        for role in (*SPECIAL_TOKENS, "bos", "eos"):
+            value = data.get(f"{role}_token")
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str) and value:
+                out[role] = value
+    return out
+
+
+def _roles(backend, config: dict[str, str], overrides: dict[str, str], name: str) -> dict[str, str]:
+    """Role -> token: --special-tokens, else the config (cls <- bos, sep <- eos), else the usual names."""
+    specials = {t.content for t in backend.get_added_tokens_decoder().values() if t.special}
+    roles = {}
+    for role in SPECIAL_TOKENS:
+        token = overrides.get(role) or config.get(role) or config.get(_FALLBACK.get(role, ""))
+        token = token or next((t for t in _USUAL_NAMES[role] if t in specials), None)
+        required = role in REQUIRED_SPECIAL_TOKENS or role in overrides
+        if token is None or (not required and backend.token_to_id(token) is None):
+            if required:
+                fallback = f" or {_FALLBACK[role]}_token" if role in _FALLBACK else ""
+                raise UserError(
+                    f"tokenizer {name} names no {role} token (no {role}_token{fallback} in its config); "
+                    f"pass --special-tokens {role}=TOKEN"
+                )
+            continue
+        _check_in_vocab(backend.token_to_id(token), role, token, name)
+        roles[role] = token
+    return roles
+
+
+def _check_in_vocab(token_id: int | None, role: str, token: str, name: str) -> None:
+    if token_id is None:
+        raise UserError(
+            f"tokenizer {name} has no token {token!r} for {role}; pass --special-tokens {role}=TOKEN with a "
+            "token of its vocabulary"
+        )
+
+
+def _bert_template(backend, roles: dict[str, str]):
+    """BERT's post-processor with this tokenizer's cls and sep: `cls A sep` and `cls A sep B sep`."""
+    from tokenizers import processors
+
+    cls, sep = roles["cls"], roles["sep"]
+    ids = {cls: backend.token_to_id(cls), sep: backend.token_to_id(sep)}
+    return processors.TemplateProcessing(
+        single=[cls, "$A", sep], pair=[cls, "$A", sep, "$B:1", f"{sep}:1"], special_tokens=list(ids.items())
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:200]
 
 
 @dataclass(frozen=True)
@@ -65,6 +215,8 @@ class TokenizerInfo:
     vocab_size: int
     lowercase: bool
     special_tokens: dict[str, int]
+    model: str = "WordPiece"
+    special_token_strings: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {
@@ -72,28 +224,99 @@ class TokenizerInfo:
             "sha256": self.sha256,
             "vocab_size": self.vocab_size,
             "lowercase": self.lowercase,
+            "model": self.model,
             "special_tokens": dict(self.special_tokens),
+            "special_token_strings": dict(self.special_token_strings),
         }
 
 
-def describe(tok, name_or_dir: str) -> TokenizerInfo:
-    """Manifest entry: absolute directory (or the name), vocab.txt hash, size, casing, special token ids."""
-    path = Path(name_or_dir)
+def describe(tok, name_or_path: str) -> TokenizerInfo:
+    """Manifest entry: absolute path (or the name), vocabulary hash, size, casing, model, special tokens."""
+    path = Path(name_or_path)
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    model = (spec.get("model") or {}).get("type") or "unknown"
     vocab_file = path / "vocab.txt"
     if vocab_file.is_file():
         vocab_bytes = vocab_file.read_bytes()
-    else:  # hash the vocabulary in vocab.txt form, so the same vocabulary hashes the same either way
+    elif model == "WordPiece":  # hash in vocab.txt form, so the same vocabulary hashes the same either way
         vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
         vocab_bytes = "".join(t + "\n" for t, _ in vocab).encode()
-    normalizer = tok.backend_tokenizer.normalizer
-    lowercase = bool(getattr(normalizer, "lowercase", getattr(tok, "do_lower_case", False)))
+    else:  # merges, scores and pipeline fix the ids as much as the vocabulary does
+        vocab_bytes = tok.backend_tokenizer.to_str().encode()
+    roles = {s: getattr(tok, f"{s}_token") for s in SPECIAL_TOKENS if getattr(tok, f"{s}_token_id", None) is not None}
     return TokenizerInfo(
-        path=str(path.resolve()) if path.is_dir() else name_or_dir,
+        path=str(path.resolve()) if path.exists() else name_or_path,
         sha256=hashlib.sha256(vocab_bytes).hexdigest(),
         vocab_size=len(tok),
-        lowercase=lowercase,
-        special_tokens={s: int(getattr(tok, f"{s}_token_id")) for s in SPECIAL_TOKENS},
+        lowercase=_lowercases(spec.get("normalizer")),
+        special_tokens={s: int(getattr(tok, f"{s}_token_id")) for s in roles},
+        model=model,
+        special_token_strings={s: str(t) for s, t in roles.items()},
     )
+
+
+def _lowercases(normalizer: dict | None) -> bool:
+    if not normalizer:
+        return False
+    if normalizer.get("type") == "Sequence":
+        return any(_lowercases(n) for n in normalizer.get("normalizers", []))
+    return normalizer.get("type") == "Lowercase" or bool(
+        normalizer.get("type") == "BertNormalizer" and normalizer.get("lowercase")
+    )
+
+
+def word_marks(backend_json: str) -> tuple[str, bool] | None:
+    """How the tokenizer's pieces show words, for whole-word masking: `(mark, marks_start)`.
+
+    `("##", False)`: a piece starting with `##` continues a word (WordPiece, BPE with that prefix);
+    `("Ġ", True)`: a piece starting with `Ġ` (a space byte) starts a word (byte-level BPE); `("▁", True)`
+    likewise for Metaspace (SentencePiece-style BPE/Unigram); `("", True)` for WordLevel (every token is a
+    word). None when the pieces do not show it (e.g. an end-of-word suffix).
+    """
+    spec = json.loads(backend_json)
+    model = spec.get("model") or {}
+    kind = model.get("type")
+    if kind == "WordLevel":
+        return "", True
+    if model.get("continuing_subword_prefix"):
+        return model["continuing_subword_prefix"], False
+    if kind == "WordPiece":
+        return "##", False
+    if kind not in ("BPE", "Unigram") or model.get("end_of_word_suffix"):
+        return None
+    for pre in _flatten(spec.get("pre_tokenizer"), "pretokenizers"):
+        if pre.get("type") == "ByteLevel":
+            return "Ġ", True
+        if pre.get("type") == "Metaspace":
+            return pre.get("replacement") or "▁", True
+    return None
+
+
+def _flatten(spec: dict | None, key: str) -> list[dict]:
+    if not spec:
+        return []
+    if spec.get("type") == "Sequence":
+        return [s for inner in spec.get(key, []) for s in _flatten(inner, key)]
+    return [spec]
+
+
+def word_pieces(name_or_path: str) -> tuple[list[str | None], str, bool]:
+    """For whole-word masking: the token of each id (None for added tokens, which are words of their own)
+    and `word_marks`. UserError for a tokenizer whose pieces do not show word starts."""
+    path = Path(name_or_path)
+    vocab = path / "vocab.txt" if path.is_dir() else path
+    if vocab.suffix == ".txt" and vocab.is_file() and (path == vocab or _is_bert(path, name_or_path)):
+        return vocab.read_text(encoding="utf-8").splitlines(), "##", False  # a BERT vocabulary: no transformers
+    tok = load(name_or_path)
+    marks = word_marks(tok.backend_tokenizer.to_str())
+    if marks is None:
+        raise UserError(
+            f"--whole-word-mask needs pieces that show word starts (WordPiece ##, byte-level BPE Ġ, SentencePiece "
+            f"▁); tokenizer {name_or_path} shows none, drop --whole-word-mask"
+        )
+    added = set(tok.added_tokens_decoder)
+    tokens = tok.convert_ids_to_tokens(list(range(len(tok))))
+    return [None if i in added else t for i, t in enumerate(tokens)], *marks
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")  # ASCII control characters, tab and newline included
@@ -107,6 +330,7 @@ def ascii_normalizer(backend_json: str):
     character and no whitespace but spaces, `handle_chinese_chars` no CJK character, `strip_accents` no
     accent. Added tokens are matched before (`normalized=False`) or after (`normalized=True`) normalization,
     on the same text either way. The full normalizer is about 30% of the tokenizer's time on English.
+    Any other normalizer (BPE's NFC, a Sequence, none) keeps the full path: nothing is assumed about it.
     """
     from tokenizers import normalizers
 

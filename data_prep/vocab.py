@@ -5,7 +5,8 @@ The result is a directory that `transformers.BertTokenizerFast.from_pretrained(D
 Choices: the pipeline is BERT's own (BertNormalizer with Chinese-character splitting, lowercasing and
 accent stripping unless `--cased`; BertPreTokenizer; `##` continuation prefix), the five special tokens
 take ids 0-4 in the order [PAD] [UNK] [CLS] [SEP] [MASK], and the text streams from the same reader as
-`bert-prep build`, so the vocabulary sees exactly the paragraphs that will be tokenized.
+`bert-prep build` (any mix of txt, jsonl, Parquet and Arrow inputs, each in its own format), so the
+vocabulary sees exactly the paragraphs that will be tokenized.
 """
 
 from __future__ import annotations
@@ -14,54 +15,79 @@ import argparse
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep import text
 from data_prep.errors import UserError
+from data_prep.flags import add_arguments, from_args, option
+from data_prep.log import get_logger
+
+log = get_logger(__name__)
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def train_vocab(
-    inputs: list[str],
-    vocab_size: int,
-    output: str | os.PathLike,
-    cased: bool = False,
-    fmt: str = "txt",
-    jsonl_key: str = "text",
-    min_frequency: int = 2,
-) -> Path:
-    """Train on `inputs` and save a BERT tokenizer directory at `output`; returns its path."""
-    if vocab_size <= len(SPECIALS) + 10:
-        raise UserError(f"--vocab-size must be larger than {len(SPECIALS) + 10}, got {vocab_size}")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    import transformers
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+@dataclass
+class VocabConfig:
+    """Everything `bert-prep vocab` needs; each field is a command-line flag (data_prep.flags)."""
 
-    reader = text.TextReader(text.resolve_inputs(inputs), fmt, jsonl_key)
+    input: list[str] = option(metavar="PATH")
+    """Input files, directories or globs, as for `bert-prep build` (formats may differ per input)."""
+    vocab_size: int = option(metavar="N")
+    """Vocabulary size, special tokens included."""
+    output: str = option(metavar="DIR")
+    """Directory to write the tokenizer to."""
+    cased: bool = False
+    """Keep case and accents (default: lowercase and strip accents)."""
+    format: text.InputFormat | None = None
+    """Read every input in this format (default: each input's extension, txt for an unknown one)."""
+    text_key: str = option("text", aliases=("--jsonl-key",), metavar="KEY")
+    """Field (jsonl) or string column (parquet, arrow) holding the text."""
+    min_frequency: int = option(2, metavar="N")
+    """Drop merges seen fewer times."""
+    progress: bool = True
+    """Show the trainer's progress bar (--no-progress: none)."""
+
+
+def train_vocab(cfg: VocabConfig) -> Path:
+    """Train on `cfg.input` and save a BERT tokenizer directory at `cfg.output`; returns its path."""
+    if cfg.vocab_size <= len(SPECIALS) + 10:
+        raise UserError(f"--vocab-size must be larger than {len(SPECIALS) + 10}, got {cfg.vocab_size}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    reader = text.TextReader(text.resolve_inputs(cfg.input, cfg.format), cfg.text_key)
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=not cased)
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=not cfg.cased)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     trainer = trainers.WordPieceTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
         special_tokens=SPECIALS,
         continuing_subword_prefix="##",
-        show_progress=True,
+        show_progress=cfg.progress,
     )
-    tok.train_from_iterator((p for doc in reader.documents() for p in doc), trainer)
+    tok.train_from_iterator(reader.paragraphs(), trainer)
     if tok.get_vocab_size() <= len(SPECIALS):
         raise UserError(f"the inputs ({reader.files[0]} ...) hold no text to learn a vocabulary from; check --input")
+    return _save(tok, Path(cfg.output), cfg.cased)
+
+
+def _save(tok, out: Path, cased: bool) -> Path:
+    """Write the directory; files appear complete or not at all, vocab.txt last."""
+    import transformers
+    from tokenizers import processors
+
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
-    out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:  # files appear complete or not at all
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
         fast = transformers.BertTokenizer(tokenizer_object=tok, do_lower_case=not cased)
         fast.save_pretrained(tmp)
         vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
@@ -78,24 +104,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="train a BERT WordPiece vocabulary (writes DIR/vocab.txt and the tokenizer files)",
         description=(
             "Train a BERT WordPiece vocabulary with Hugging Face tokenizers on text in the `bert-prep build` "
-            "input conventions, and save a directory that transformers.BertTokenizerFast.from_pretrained loads."
+            "input formats (txt, jsonl, Parquet, Arrow; mixed, each input's format from its extension) and save "
+            "a directory that transformers.BertTokenizerFast.from_pretrained loads."
         ),
     )
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="input files, directories or globs")
-    p.add_argument("--vocab-size", type=int, required=True, metavar="N", help="vocabulary size, specials included")
-    p.add_argument("--output", required=True, metavar="DIR", help="directory to write the tokenizer to")
-    p.add_argument("--cased", action="store_true", help="keep case and accents (default: lowercase, strip accents)")
-    p.add_argument("--format", choices=text.FORMATS, default="txt", help="input format (default txt)")
-    p.add_argument("--jsonl-key", default="text", help="field holding the document text in jsonl (default text)")
-    p.add_argument("--min-frequency", type=int, default=2, help="drop merges seen fewer times (default 2)")
+    add_arguments(p, VocabConfig)
     p.set_defaults(func=run)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    out = train_vocab(
-        args.input, args.vocab_size, args.output, args.cased, args.format, args.jsonl_key, args.min_frequency
-    )
+    cfg = from_args(VocabConfig, args)
+    out = train_vocab(cfg)
     size = sum(1 for _ in open(out / "vocab.txt", encoding="utf-8"))
-    print(f"wrote {out}/vocab.txt ({size} tokens, {'cased' if args.cased else 'uncased'}) and tokenizer files")
+    log.info(f"wrote {out}/vocab.txt ({size} tokens, {'cased' if cfg.cased else 'uncased'}) and tokenizer files")
     return 0

@@ -9,19 +9,40 @@ Design choices:
   random replacement is never a special id, so the model is not taught to predict or emit them.
 - The number of picked tokens is `max(1, round(mask_prob * maskable))`, counted on the maskable tokens
   (the original counts `[CLS]`/`[SEP]` too, which over-masks short samples).
-- Whole-word masking groups a token with the `##` continuations that follow it. Words are taken in a
+- Whole-word masking groups a token with the continuations that follow it. Words are taken in a
   random order and a word that would overshoot the budget is skipped (as in BERT's
   `create_masked_lm_predictions`); the 80/10/10 choice stays per token, as there and in Hugging Face.
   It works on the ids alone, so it composes with NSP/SOP pairs (Hugging Face's collator does not).
+  What continues a word comes from the pieces (`continuation_flags`): WordPiece marks continuations
+  (`##`), byte-level BPE and SentencePiece mark word starts (`Ġ`, `▁`), so there a word is what lies
+  between spaces, punctuation included (`dog.` is one word); a sentence's first word, which has no space
+  before it, joins the token before it unless that is a special token. Tokenizers whose pieces show
+  neither are refused where the flags are built (data_prep.tokenizer.word_pieces).
 - Randomness comes only from the `rng` argument: the caller seeds it from `(seed, split, global
   sample index)`, which makes masking reproducible across world sizes, workers and resumes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+
+def continuation_flags(tokens: Sequence[str | None], vocab_size: int, mark: str, marks_start: bool) -> np.ndarray:
+    """Boolean array over ids: True where token `tokens[id]` continues the word before it.
+
+    `marks_start=False`: pieces starting with `mark` continue a word (WordPiece `##`); `True`: pieces
+    starting with `mark` start one and all others continue one (byte-level BPE `Ġ`, SentencePiece `▁`; an
+    empty mark: every token is a word). A None token (an added token) is a word of its own.
+    """
+    flags = np.zeros(vocab_size, dtype=bool)
+    n = min(len(tokens), vocab_size)
+    if marks_start:
+        flags[:n] = [t is not None and bool(mark) and not t.startswith(mark) for t in tokens[:n]]
+    else:
+        flags[:n] = [t is not None and t.startswith(mark) for t in tokens[:n]]
+    return flags
 
 
 class Masker:

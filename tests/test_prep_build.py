@@ -62,7 +62,9 @@ def test_manifest_counts_sources_and_megatron_reads_the_build(tmp_path, prep_tok
     assert m["format"] == "mmidx-bert" and m["format_version"] == 1 and m["tool_version"]
     assert m["counts"]["documents"] == ds.num_documents == 30
     assert m["counts"]["sentences"] == len(ds) and m["counts"]["tokens"] == ds.num_tokens
-    assert m["sources"] == [{"path": str(src.resolve()), "bytes": src.stat().st_size}]
+    assert m["sources"] == [
+        {"path": str(src.resolve()), "bytes": src.stat().st_size, "format": "txt", "doc_boundary": "blank"}
+    ]
     theirs = megatron.IndexedDataset(str(tmp_path / "d"))
     assert len(theirs) == len(ds)
     np.testing.assert_array_equal(theirs.document_indices, ds.document_indices)

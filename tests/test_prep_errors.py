@@ -53,7 +53,7 @@ def test_bad_build_inputs_name_the_file_and_write_nothing(tmp_path, capsys, prep
           match="a.jsonl line 2 is not valid JSON")  # fmt: skip
     (tmp_path / "b.jsonl").write_text('{"body": "The river."}\n')
     fails(capsys, *build_args(prep_tokenizer, out, tmp_path / "b.jsonl", extra=["--format", "jsonl"]),
-          match="--jsonl-key")  # fmt: skip
+          match="--text-key")  # fmt: skip
     fails(capsys, *build_args(prep_tokenizer, out, good, extra=["--workers", 0]), match="--workers")
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 

@@ -44,7 +44,7 @@ def test_interrupted_build_keeps_its_work_and_resumes(tmp_path, src, prep_tokeni
     assert json.loads((tmp_path / "d.journal.tmp").read_text())["chunks"] == 4
     assert not list(tmp_path.glob("d_0000?.bin")) and list(tmp_path.glob("d_0000?.bin.tmp"))
     assert run_cli(*args(src, prep_tokenizer, tmp_path / "d", "--shards", "2")) == 0
-    assert "resuming" in capsys.readouterr().err
+    assert "resuming" in capsys.readouterr().out
     for k in range(2):
         for ext in ("bin", "idx", "json"):
             assert (tmp_path / f"d_{k:05d}.{ext}").read_bytes() == (tmp_path / f"clean_{k:05d}.{ext}").read_bytes()
@@ -62,7 +62,7 @@ def test_a_different_build_starts_over(tmp_path, src, prep_tokenizer, monkeypatc
             (tmp_path / "d.journal.tmp").write_text("{damaged")
         capsys.readouterr()
         assert run_cli(*args(src, prep_tokenizer, tmp_path / "d", "--chunk-mb", "0.02", "--overwrite")) == 0
-        assert "resuming" not in capsys.readouterr().err
+        assert "resuming" not in capsys.readouterr().out
         for ext in ("bin", "idx"):
             assert (tmp_path / f"d.{ext}").read_bytes() == (tmp_path / f"clean.{ext}").read_bytes()
     with monkeypatch.context() as m:
@@ -71,7 +71,7 @@ def test_a_different_build_starts_over(tmp_path, src, prep_tokenizer, monkeypatc
     src.write_text(src.read_text(encoding="utf-8") + "One more paragraph.\n", encoding="utf-8")
     capsys.readouterr()
     assert run_cli(*args(src, prep_tokenizer, tmp_path / "e")) == 0
-    assert "resuming" not in capsys.readouterr().err
+    assert "resuming" not in capsys.readouterr().out
 
 
 def test_bad_input_mid_run_leaves_nothing(tmp_path, src, prep_tokenizer, monkeypatch):

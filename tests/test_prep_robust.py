@@ -65,7 +65,7 @@ def test_killed_build_leaves_no_dataset_and_a_rerun_resumes_to_the_same_bytes(tm
     capsys.readouterr()
     assert run_cli(*args[:-4], "--workers", "1", "--chunk-mb", "0.05") == 0
     captured = capsys.readouterr()
-    assert "resuming" in captured.err and f"resumed after {recorded:,} tokens" in captured.out
+    assert "resuming" in captured.out and f"resumed after {recorded:,} tokens" in captured.out
     assert run_cli("build", "--input", src, "--tokenizer", prep_tokenizer, "--output", tmp_path / "clean",
                    "--chunk-mb", "0.05") == 0  # fmt: skip
     for ext in (".bin", ".idx"):
