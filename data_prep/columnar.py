@@ -1,8 +1,8 @@
 """Parquet and Arrow inputs: the texts of one string column, streamed in record batches.
 
 - Parquet: `ParquetFile.iter_batches` over the text column alone, through a 1 MB read buffer (pages stream
-  through it; without it pyarrow would read whole column chunks), in batches sized from the file's
-  metadata to hold about `max_bytes` of text, so memory follows `--chunk-mb` as for text files.
+  through it; without it pyarrow would read whole column chunks), in batches sized to hold about
+  `max_bytes` of text (measured on the first rows), so memory follows `--chunk-mb` as for text files.
 - Arrow: an IPC stream (what `datasets.save_to_disk` writes) or file, memory-mapped; each record batch is
   zero-copy and is converted to Python strings in slices of about `max_bytes` of text.
 - A corrupt file, a missing column or a non-string column is a `UserError` naming the file and the column,
@@ -34,10 +34,7 @@ def rows(inp: Input, key: str, stats: ReadStats, done: int, max_bytes: int) -> I
     batches = read(inp.path, key, stats, done, max_bytes)
     try:
         for column in batches:
-            if pa.types.is_dictionary(column.type):
-                column = column.dictionary_decode()
-            if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-                column = column.cast(pa.large_string())  # string_view: the length kernel wants offsets
+            column = _as_text(column)
             stats.text_bytes += pc.sum(pc.binary_length(column)).as_py() or 0
             yield from (t if t is not None else "" for t in column.to_pylist())
     except _ERRORS as e:
@@ -52,19 +49,25 @@ def _parquet_batches(path: Path, key: str, stats: ReadStats, done: int, max_byte
     except _ERRORS as e:
         raise UserError(f"{path} is not a readable Parquet file ({_first_line(e)}); check --format and the file") from e
     with pf:
-        column = _text_column(pf.schema_arrow, path, key)
-        meta, size = pf.metadata, path.stat().st_size
-        where = [i for i in range(meta.num_columns) if meta.schema.column(i).path == key]
-        text = sum(meta.row_group(g).column(where[0]).total_uncompressed_size for g in range(meta.num_row_groups))
-        rows_done = 0
-        batch_rows = _batch_rows(text if where else 0, meta.num_rows, max_bytes)
+        _text_column(pf.schema_arrow, path, key)
+        total, size, rows_done = pf.metadata.num_rows, path.stat().st_size, 0
         try:
-            for batch in pf.iter_batches(batch_size=batch_rows, columns=[key], use_threads=False):
+            for batch in pf.iter_batches(batch_size=_probe_rows(pf, key, max_bytes), columns=[key], use_threads=False):
                 yield batch.column(0)
                 rows_done += batch.num_rows
-                stats.bytes_read = done + size * rows_done // max(meta.num_rows, 1)
+                stats.bytes_read = done + size * rows_done // max(total, 1)
         except _ERRORS as e:
-            raise UserError(f"{path} column {column!r} could not be read ({_first_line(e)}); check the file") from e
+            raise UserError(f"{path} column {key!r} could not be read ({_first_line(e)}); check the file") from e
+
+
+def _probe_rows(pf: pq.ParquetFile, key: str, max_bytes: int) -> int:
+    """Rows per batch that hold about `max_bytes` of text, measured on the file's first rows (the metadata's
+    sizes are those of the encoded pages: a dictionary-encoded column would look far smaller than it is)."""
+    if not max_bytes or not pf.metadata.num_rows:
+        return 1024
+    first = next(pf.iter_batches(batch_size=64, columns=[key], use_threads=False))
+    column = _as_text(first.column(0))
+    return _batch_rows(pc.sum(pc.binary_length(column)).as_py() or 0, len(column), max_bytes)
 
 
 def _arrow_batches(path: Path, key: str, stats: ReadStats, done: int, max_bytes: int) -> Iterator[pa.Array]:
@@ -90,6 +93,16 @@ def _arrow_batches(path: Path, key: str, stats: ReadStats, done: int, max_bytes:
         raise UserError(f"{path} column {key!r} could not be read ({_first_line(e)}); check the file") from e
     finally:
         source.close()
+
+
+def _as_text(column: pa.Array) -> pa.Array:
+    """A string or large_string array (dictionary and string_view columns converted: the length kernel
+    wants offsets)."""
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        column = column.cast(pa.large_string())
+    return column
 
 
 def _text_column(schema: pa.Schema, path: Path, key: str) -> str:

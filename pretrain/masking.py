@@ -14,10 +14,10 @@ Design choices:
   `create_masked_lm_predictions`); the 80/10/10 choice stays per token, as there and in Hugging Face.
   It works on the ids alone, so it composes with NSP/SOP pairs (Hugging Face's collator does not).
   What continues a word comes from the pieces (`continuation_flags`): WordPiece marks continuations
-  (`##`), byte-level BPE and SentencePiece mark word starts (`Ġ`, `▁`), so there a word is what lies
-  between spaces, punctuation included (`dog.` is one word); a sentence's first word, which has no space
-  before it, joins the token before it unless that is a special token. Tokenizers whose pieces show
-  neither are refused where the flags are built (data_prep.tokenizer.word_pieces).
+  (`##`), byte-level BPE and SentencePiece mark word starts (`Ġ`, `▁`, or a whitespace byte), so there a
+  word is what lies between whitespace, punctuation included (`dog.` is one word); a sentence's first
+  word, which has no space before it, joins the token before it unless that is a special token.
+  Tokenizers whose pieces show neither are refused where the flags are built (data_prep.tokenizer.word_pieces).
 - Randomness comes only from the `rng` argument: the caller seeds it from `(seed, split, global
   sample index)`, which makes masking reproducible across world sizes, workers and resumes.
 """
@@ -29,19 +29,21 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 
-def continuation_flags(tokens: Sequence[str | None], vocab_size: int, mark: str, marks_start: bool) -> np.ndarray:
+def continuation_flags(
+    tokens: Sequence[str | None], vocab_size: int, marks: tuple[str, ...], marks_start: bool
+) -> np.ndarray:
     """Boolean array over ids: True where token `tokens[id]` continues the word before it.
 
-    `marks_start=False`: pieces starting with `mark` continue a word (WordPiece `##`); `True`: pieces
-    starting with `mark` start one and all others continue one (byte-level BPE `Ġ`, SentencePiece `▁`; an
-    empty mark: every token is a word). A None token (an added token) is a word of its own.
+    `marks_start=False`: pieces starting with one of `marks` continue a word (WordPiece `##`); `True`: pieces
+    starting with one of `marks` start one and all others continue one (byte-level BPE `Ġ`, SentencePiece
+    `▁`; no marks: every token is a word). A None token (an added token) is a word of its own.
     """
     flags = np.zeros(vocab_size, dtype=bool)
     n = min(len(tokens), vocab_size)
     if marks_start:
-        flags[:n] = [t is not None and bool(mark) and not t.startswith(mark) for t in tokens[:n]]
+        flags[:n] = [t is not None and bool(marks) and not t.startswith(marks) for t in tokens[:n]]
     else:
-        flags[:n] = [t is not None and t.startswith(mark) for t in tokens[:n]]
+        flags[:n] = [t is not None and t.startswith(marks) for t in tokens[:n]]
     return flags
 
 
