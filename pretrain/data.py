@@ -42,6 +42,7 @@ Design choices that differ from the textbook:
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,7 @@ from data_prep.errors import UserError
 from data_prep.flags import option
 from data_prep.indexed import IndexedDataset
 from data_prep.indexed import exists as dataset_exists
-from pretrain.masking import Masker
+from pretrain.masking import Masker, continuation_flags
 
 SPLITS = {"train": 0, "eval": 1}
 PairTask = Literal["nsp", "sop", "none"]
@@ -172,6 +173,7 @@ class PretrainingData:
         cfg.validate()
         self.cfg = cfg
         self.sources = [_Source(p, k, cfg) for k, p in enumerate(cfg.prefixes)]
+        _warn_single_sentence_documents(self.sources, cfg.pair_task)
         tok = _shared_tokenizer(self.sources)
         self.vocab_size = int(tok["vocab_size"])
         self.special_tokens = {name: int(i) for name, i in tok["special_tokens"].items()}
@@ -453,30 +455,35 @@ def _shared_tokenizer(sources: list[_Source]) -> dict:
     return first[2]
 
 
-def _continuation_ids(path: str, vocab_size: int, prefix: str) -> np.ndarray:
-    """Boolean array over ids: True for WordPiece `##` continuations (from vocab.txt, or the HF tokenizer)."""
-    candidates = [Path(path), Path(prefix).parent / path]
-    for p in candidates:
-        vocab = p / "vocab.txt" if p.is_dir() else p
-        if vocab.is_file() and vocab.suffix == ".txt":
-            tokens = vocab.read_text(encoding="utf-8").splitlines()
-            break
-    else:
-        try:
-            from transformers import AutoTokenizer
+def _warn_single_sentence_documents(sources: list[_Source], pair_task: str) -> None:
+    """NSP/SOP pairs need two sentences of one document: warn when most documents of a dataset hold one
+    (one-sentence-per-row data read with `--doc-boundary row`), since those documents never train."""
+    if pair_task == "none":
+        return
+    for src in sources:
+        sizes = np.diff(src.docs)
+        single = int((sizes == 1).sum())
+        if single > 0.5 * len(sizes):
+            warnings.warn(
+                f"{single:,} of the {len(sizes):,} documents of {src.prefix} ({single / len(sizes):.0%}) are a "
+                f"single sentence, which --pair-task {pair_task} skips (a pair needs two sentences of one "
+                "document); pass --pair-task none, or rebuild the data with `bert-prep build --doc-boundary file` "
+                "(or blank) if its documents were cut too finely",
+                stacklevel=3,
+            )
 
-            local = next((str(p) for p in candidates if p.is_dir()), path)
-            tokenizer = AutoTokenizer.from_pretrained(local)
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"cannot read the vocabulary of tokenizer {path!r} (named in {prefix}.json) for --whole-word-mask "
-                f"({e}); put its vocab.txt at that path or drop --whole-word-mask"
-            ) from e
-        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    flags = np.zeros(vocab_size, dtype=bool)
-    n = min(len(tokens), vocab_size)
-    flags[:n] = [t is not None and t.startswith("##") for t in tokens[:n]]
-    return flags
+
+def _continuation_ids(path: str, vocab_size: int, prefix: str) -> np.ndarray:
+    """Boolean array over ids: True for pieces that continue a word (WordPiece `##`, or no `Ġ`/`▁` start in
+    BPE/Unigram; see masking.continuation_flags), read from the tokenizer the manifest names."""
+    from data_prep.tokenizer import word_pieces
+
+    candidates = [Path(path), Path(prefix).parent / path]
+    try:
+        tokens, mark, marks_start = word_pieces(next((str(p) for p in candidates if p.exists()), path))
+    except UserError as e:
+        raise UserError(f"--whole-word-mask: {e} (the tokenizer named in {prefix}.json)") from e
+    return continuation_flags(tokens, vocab_size, mark, marks_start)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:

@@ -56,28 +56,37 @@ def recorded_data_prefixes(source: Path) -> list[str]:
 
 def tokenizer_dir(source: Path, tokenizer: str | None, data: str | None) -> str:
     """The tokenizer to ship: --tokenizer, else the manifest of --data or of the run's recorded dataset."""
+    return tokenizer_source(source, tokenizer, data)[0]
+
+
+def tokenizer_source(source: Path, tokenizer: str | None, data: str | None) -> tuple[str, dict[str, str]]:
+    """(tokenizer directory or tokenizer.json, its special tokens by role): --tokenizer with its own config,
+    else the manifest's tokenizer with the roles the dataset was built with."""
     if tokenizer:
-        return tokenizer
+        return tokenizer, {}
     prefixes = [data] if data else recorded_data_prefixes(source)
     for prefix in prefixes:
         manifest = Path(prefix + ".json")
         if manifest.is_file():
-            path = json.loads(manifest.read_text()).get("tokenizer", {}).get("path")
-            if path and Path(path).is_dir():
-                return path
-            raise UserError(f"tokenizer {path!r} named in {manifest} is not a directory; pass --tokenizer DIR")
+            entry = json.loads(manifest.read_text()).get("tokenizer", {})
+            path = entry.get("path")
+            if path and Path(path).exists():
+                return path, dict(entry.get("special_token_strings") or {})
+            raise UserError(
+                f"tokenizer {path!r} named in {manifest} is no tokenizer.json and is not a directory; "
+                "pass --tokenizer DIR"
+            )
     raise UserError(
         f"cannot find the dataset manifest of {source}; pass --tokenizer DIR (or --data PREFIX) for the tokenizer"
     )
 
 
-def save_tokenizer(src: str, out_dir: Path, config: BertConfig) -> None:
-    from transformers import BertTokenizer  # the fast tokenizer in transformers 5
+def save_tokenizer(src: str, out_dir: Path, config, special_tokens: dict[str, str] | None = None) -> None:
+    """Write the tokenizer the dataset was built with (BERT WordPiece, or any tokenizer.json with its special
+    tokens set and BERT's `cls A sep B sep` post-processor) so that AutoTokenizer loads it with the same ids."""
+    from data_prep.tokenizer import load
 
-    try:
-        tok = BertTokenizer.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a BERT tokenizer from {src}: {e}; pass --tokenizer DIR") from e
+    tok = load(src, special_tokens)
     if len(tok) > config.vocab_size:
         raise UserError(
             f"tokenizer {src} has {len(tok)} tokens but the model only {config.vocab_size}; pass the --tokenizer "
@@ -126,11 +135,11 @@ def export(
     source = checkpoint / tag if tag else checkpoint
     if not source.exists():
         raise UserError(f"checkpoint {source} does not exist; pass a training --save directory (and --tag)")
-    tok_src = tokenizer_dir(source, tokenizer, data)  # fail before the slow part
+    tok_src, special_tokens = tokenizer_source(source, tokenizer, data)  # fail before the slow part
     config, state = load_weights(str(source))
     model = build_model(config, state)
     model.save_hf_pretrained(str(out_dir))
-    save_tokenizer(tok_src, out_dir, config)
+    save_tokenizer(tok_src, out_dir, config, special_tokens)
     if check:
         verify(model, out_dir)
     return model
