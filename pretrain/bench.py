@@ -1,4 +1,7 @@
-"""bert-bench: time full training steps (forward, backward, AdamW step) of our BERT, optionally beside HF's.
+"""bert-bench: time full training steps (forward, backward, AdamW step) of our model, optionally beside HF's.
+
+Either family (`--model tiny`, `--model modernbert-base`, ...); `--compare-hf` times the transformers class of
+the same family (BertForPreTraining or ModernBertForMaskedLM, sdpa attention) with the same weights.
 
 Synthetic batches (the same ones, in the same order, for both models):
 - Padding: `realistic` draws each sequence's real length as BERT's data generator shapes it: with
@@ -6,7 +9,8 @@ Synthetic batches (the same ones, in the same order, for both models):
   sentence boundary or a document end before the target); the longest is set to S, since batches are padded
   to their longest sequence. The mean fill is about 73% of S. `none` makes every sequence S tokens long.
 - Segments: the first half of each sequence is sentence A, the rest B; NSP labels are random.
-- Masking: 15% of each sequence's real tokens (at least one, never [CLS]) become [MASK] and carry a label.
+- Masking: `--mask-prob` (BERT 15%, ModernBERT 30%, as their recipes) of each sequence's real tokens (at
+  least one, never [CLS]) become [MASK] and carry a label. ModernBERT ignores the segments and NSP labels.
 - 8 distinct batches are cycled, so unpadding sees changing shapes.
 `--data PREFIX` times the first 8 micro-batches of a real dataset instead (pretrain.data).
 
@@ -14,7 +18,9 @@ Optimizer: torch.optim.AdamW(fused=True) for both models.
 Timing: warm-up steps first, then the timed steps alternate between the models step by step, so load from
 other processes hits both alike; the reported step time is the median step. FLOPs count useful work
 only (`flops_per_sequence` on each sequence's real length, P = its masked tokens), the same for both
-models, so TFLOP/s ratios equal speed ratios. HF computes its MLM logits on every position, as it does.
+models, so TFLOP/s ratios equal speed ratios. HF computes its MLM logits on every position, as it does
+(ModernBERT's `sparse_prediction` stays at its default, off). Our fast paths are resolved once for the device
+and precision (`resolve_fast_paths`) and printed with the results.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from tqdm import tqdm
 
 from data_prep.errors import UserError, run_cli
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
-from pretrain.model import BertConfig, BertForPreTraining, ModelFlags, flops_per_sequence
+from pretrain.models import ModelFlags, build_pretraining_model, flops_per_sequence
 
 # Dense peak TFLOP/s of the tensor cores (no sparsity) by device name fragment and precision.
 PEAK_TFLOPS = {
@@ -49,7 +55,9 @@ CLS_ID, SEP_ID, MASK_ID = 101, 102, 103
 CHUNK = 1  # timed steps per turn: the models alternate step by step
 
 
-def synthetic_batch(config: BertConfig, batch: int, seq_len: int, padding: str, gen: torch.Generator) -> dict:
+def synthetic_batch(
+    config, batch: int, seq_len: int, padding: str, gen: torch.Generator, mask_prob: float = 0.15
+) -> dict:
     """One micro-batch in the docs/DESIGN.md layout, with the padding distribution of the module docstring."""
     if padding == "realistic":
         short = torch.rand(batch, generator=gen) < 0.1
@@ -65,7 +73,7 @@ def synthetic_batch(config: BertConfig, batch: int, seq_len: int, padding: str, 
     )
     input_ids = torch.where(real, input_ids, config.pad_token_id)
     input_ids[:, 0] = CLS_ID % config.vocab_size
-    masked = torch.cat([_pick_masked(int(n), seq_len, b, gen) for b, n in enumerate(lengths)])  # (N,) flat
+    masked = torch.cat([_pick_masked(int(n), seq_len, b, gen, mask_prob) for b, n in enumerate(lengths)])  # (N,)
     mlm_labels = input_ids.flatten()[masked]
     input_ids.view(-1)[masked] = MASK_ID % config.vocab_size
     return {
@@ -78,12 +86,12 @@ def synthetic_batch(config: BertConfig, batch: int, seq_len: int, padding: str, 
     }
 
 
-def _pick_masked(length: int, seq_len: int, row: int, gen: torch.Generator) -> torch.Tensor:
-    count = max(1, round(0.15 * length))
+def _pick_masked(length: int, seq_len: int, row: int, gen: torch.Generator, mask_prob: float) -> torch.Tensor:
+    count = max(1, round(mask_prob * length))
     return (torch.randperm(length - 1, generator=gen)[:count] + 1).sort().values + row * seq_len
 
 
-def data_batches(prefix: str, config: BertConfig, micro_batch: int, seq_len: int, seed: int) -> list[dict]:
+def data_batches(prefix: str, config, micro_batch: int, seq_len: int, seed: int) -> list[dict]:
     """The first 8 training micro-batches of a `bert-prep build` dataset (pretrain.data, NSP, 15% masking)."""
     from pretrain.data import DataConfig, PretrainingData
 
@@ -93,15 +101,18 @@ def data_batches(prefix: str, config: BertConfig, micro_batch: int, seq_len: int
     return [data.batch("train", i * micro_batch, micro_batch) for i in range(8)]
 
 
-def hf_inputs(batch: dict) -> dict:
-    """The same batch in `transformers.BertForPreTraining`'s keyword arguments (labels -100 where unmasked)."""
+def hf_inputs(batch: dict, family: str = "bert") -> dict:
+    """The same batch in the keyword arguments of transformers' BertForPreTraining or ModernBertForMaskedLM
+    (labels -100 where unmasked)."""
     labels = torch.full_like(batch["input_ids"], -100)
     labels.view(-1)[batch["masked_positions"]] = batch["mlm_labels"]
+    if family == "modernbert":
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
     keys = ("input_ids", "token_type_ids", "attention_mask")
     return {**{k: batch[k] for k in keys}, "labels": labels, "next_sentence_label": batch["nsp_labels"]}
 
 
-def batch_flops(config: BertConfig, batch: dict) -> float:
+def batch_flops(config, batch: dict) -> float:
     """Useful training FLOPs of a batch: the formula on each sequence's real length and masked count."""
     lengths = batch["attention_mask"].sum(1).tolist()
     seq_len = batch["input_ids"].shape[1]
@@ -111,6 +122,8 @@ def batch_flops(config: BertConfig, batch: dict) -> float:
 
 class Runner:
     """One model, its AdamW optimizer and its step times; `step(batch)` is a full training step."""
+
+    fast_paths: dict[str, str] | None = None  # ours: the resolved fast paths, for the report
 
     def __init__(self, name: str, model: torch.nn.Module, loss_fn: Callable, precision: str, device: torch.device):
         self.name, self.model, self.loss_fn, self.device = name, model.to(device).train(), loss_fn, device
@@ -226,7 +239,7 @@ def run(runners: list[Runner], batches: list[dict], steps: int, warmup: int) -> 
                 bar.update(count)
 
 
-def summarize(r: Runner, config: BertConfig, batches: list[dict], peak_tflops: float | None) -> dict:
+def summarize(r: Runner, config, batches: list[dict], peak_tflops: float | None) -> dict:
     step_s = statistics.median(r.times)
     tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
     tflops = statistics.mean(batch_flops(config, b) for b in batches) / step_s / 1e12
@@ -256,24 +269,24 @@ def hf_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return model(**batch["hf"]).loss
 
 
-def build_runners(
-    config: BertConfig, args: BenchConfig, device: torch.device, ds_config: dict | None = None
-) -> list[Runner]:
-    """Ours (and HF's with --compare-hf) with the same weights; through DeepSpeed engines when `ds_config`."""
+def build_runners(config, args: BenchConfig, device: torch.device, ds_config: dict | None = None) -> list[Runner]:
+    """Ours (and HF's with --compare-hf) with the same weights; through DeepSpeed engines when `ds_config`.
+    Our fast paths are resolved here for the device and precision (`runners[0].fast_paths`)."""
 
     def runner(name: str, model: torch.nn.Module, loss_fn: Callable) -> Runner:
         if ds_config is not None:
             return EngineRunner(name, model, loss_fn, ds_config, device)
         return Runner(name, model, loss_fn, args.precision, device)
 
-    ours = BertForPreTraining(config)
+    ours = build_pretraining_model(config)
     hf = None
     if args.compare_hf:
-        from transformers import BertForPreTraining as HFBertForPreTraining
+        import transformers
 
-        hf = HFBertForPreTraining._from_config(config.to_hf(), attn_implementation="sdpa")
+        hf = getattr(transformers, ours.HF_CLASS)._from_config(config.to_hf(), attn_implementation="sdpa")
         hf.load_state_dict(ours.state_dict(), strict=True)
-    runners = [runner("ours", ours, ours_loss)]
+    runners = [runner("ours", ours, ours_loss)]  # the engine first: under ZeRO-3 it changes what is possible
+    runners[0].fast_paths = ours.resolve_fast_paths(device, DTYPES[args.precision])
     if args.compile:
         runners[0].model.compile()  # the model, or DeepSpeed's engine (engine.compile), in place
     if hf is not None:
@@ -297,10 +310,13 @@ class BenchConfig(ModelFlags):
     """Untimed steps per model first."""
     padding: Literal["realistic", "none"] = "realistic"
     """Synthetic length distribution (module docstring of pretrain.bench)."""
+    mask_prob: float | None = None
+    """Share of real tokens masked in synthetic batches (default: 0.15 for BERT, 0.30 for ModernBERT)."""
     data: str | None = option(None, metavar="PREFIX")
     """Time on batches of this dataset instead of synthetic ones."""
     compare_hf: bool = False
-    """Also time transformers.BertForPreTraining (sdpa) on the same batches."""
+    """Also time the transformers model of the same family (BertForPreTraining or ModernBertForMaskedLM, sdpa)
+    on the same batches."""
     compile: bool = False
     """torch.compile our model (HF's stays eager)."""
     json: str | None = option(None, metavar="OUT")
@@ -323,14 +339,15 @@ class BenchConfig(ModelFlags):
 def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     p = argparse.ArgumentParser(
         prog="bert-bench",
-        description="Time full BERT pretraining steps (forward, backward, AdamW) on synthetic MLM+NSP batches.",
+        description="Time full pretraining steps (forward, backward, AdamW) of BERT or ModernBERT on synthetic "
+        "MLM(+NSP) batches.",
     )
     add_arguments(p, BenchConfig)
     accept_launcher_arguments(p)
     return from_args(BenchConfig, p.parse_args(argv))
 
 
-def validate(args: BenchConfig, config: BertConfig, device: torch.device) -> None:
+def validate(args: BenchConfig, config, device: torch.device) -> None:
     if args.precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs a CUDA device; use fp32 or bf16 on CPU")
     if not 8 <= args.seq_len <= config.max_position_embeddings:
@@ -364,12 +381,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.data:
         ours = data_batches(args.data, config, args.micro_batch, args.seq_len, args.seed)
     else:
-        ours = [synthetic_batch(config, args.micro_batch, args.seq_len, args.padding, gen) for _ in range(8)]
-    batches = [{"ours": _to(b, device), "hf": _to(hf_inputs(b), device)} for b in ours]
+        p = args.mask_prob if args.mask_prob is not None else 0.3 if config.model_type == "modernbert" else 0.15
+        ours = [synthetic_batch(config, args.micro_batch, args.seq_len, args.padding, gen, p) for _ in range(8)]
+    batches = [{"ours": _to(b, device), "hf": _to(hf_inputs(b, config.model_type), device)} for b in ours]
     runners = build_runners(config, args, device, ds_config)
     run(runners, batches, args.steps, args.warmup)
     peak = device_peak(device, args.precision, args.peak_tflops)
     results = {r.name: aggregate(summarize(r, config, ours, peak), peak) for r in runners}
+    results["fast_paths"] = runners[0].fast_paths
     if "hf" in results:
         results["speedup_vs_hf"] = results["ours"]["seq_per_s"] / results["hf"]["seq_per_s"]
     if args.data:
@@ -380,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report(results, args, device) + (f"  ({world} ranks, rates summed)" if world > 1 else ""))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**results, "args": dataclasses.asdict(args), "config": config.__dict__}, f, indent=2)
+            json.dump({**results, "args": dataclasses.asdict(args), "config": dataclasses.asdict(config)}, f, indent=2)
     return 0
 
 
@@ -404,6 +423,8 @@ def report(results: dict, args: BenchConfig, device: torch.device) -> str:
             )
     if "speedup_vs_hf" in results:
         lines.append(f"  speedup vs HF: {results['speedup_vs_hf']:.2f}x")
+    if "fast_paths" in results:
+        lines.append("  our fast paths: " + ", ".join(f"{k} {v}" for k, v in results["fast_paths"].items()))
     if "loader_samples_per_s" in results:
         lines.append(f"  data loader alone: {results['loader_samples_per_s']:.0f} samples/s (no model)")
     return "\n".join(lines)

@@ -281,6 +281,8 @@ def initialize(
     drives it by wall-clock time. Returns the engine; `engine.optimizer`, `engine.lr_scheduler` as usual.
     """
     cfg = load_ds_config(ds_config)
+    if cfg.get("zero_optimization", {}).get("stage") == 3 and hasattr(model, "set_weights_partitioned"):
+        model.set_weights_partitioned(True)  # ZeRO-3 gathers a module's weights only while it is called
     init_distributed()
     resolve_batch(cfg, ds_dist.get_world_size())
     optimizer, groups = build_optimizer(model, cfg)

@@ -1,7 +1,8 @@
 """`bert-export CHECKPOINT_DIR OUT_DIR [--tag T]`: a training checkpoint to a Hugging Face directory.
 
 The output holds config.json, model.safetensors and the tokenizer files, and loads with
-`transformers.BertForPreTraining/BertModel/BertForMaskedLM.from_pretrained(OUT_DIR)` and
+`transformers.BertForPreTraining/BertModel/BertForMaskedLM.from_pretrained(OUT_DIR)` (a ModernBERT run:
+`ModernBertForMaskedLM`/`ModernBertModel`; either: `AutoModelForMaskedLM`) and
 `pipeline("fill-mask", model=OUT_DIR)`. Weights come through `pretrain.checkpoint.load_weights`, which
 consolidates any ZeRO stage; the tokenizer is the one the dataset was built with (the manifest's
 `tokenizer.path`, found through the data prefix the run recorded) unless `--tokenizer` names another.
@@ -22,19 +23,14 @@ from pathlib import Path
 import torch
 
 from data_prep.errors import UserError, run_cli
-from pretrain.model import TIED_KEYS, BertConfig, BertForPreTraining
+from pretrain.models import PreTrainingModel, pretraining_from_state
 
 VERIFY_ATOL = 1e-4  # fp32 logits of the same weights through two implementations
 
 
-def build_model(config: BertConfig, state: dict[str, torch.Tensor]) -> BertForPreTraining:
-    """Our model holding `state` (HF BertForPreTraining names; the tied decoder keys may be absent)."""
-    model = BertForPreTraining(config)
-    state = dict(state)
-    state.setdefault(TIED_KEYS[0], state.get("bert.embeddings.word_embeddings.weight"))
-    state.setdefault(TIED_KEYS[1], state.get("cls.predictions.bias"))
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return model.eval()
+def build_model(config, state: dict[str, torch.Tensor]) -> PreTrainingModel:
+    """Our model of either family holding `state` (transformers' names; the tied decoder keys may be absent)."""
+    return pretraining_from_state(config, {k: v.float() for k, v in state.items()}, "the checkpoint").eval()
 
 
 def recorded_data_prefixes(source: Path) -> list[str]:
@@ -99,22 +95,23 @@ def save_tokenizer(src: str, out_dir: Path, config, special_tokens: dict[str, st
 
 
 @torch.no_grad()
-def verify(model: BertForPreTraining, out_dir: Path, seq_len: int = 16) -> float:
-    """Largest |difference| between our and transformers' MLM and NSP logits on a fixed batch; raises above tol."""
-    from transformers import BertForPreTraining as HFBertForPreTraining
+def verify(model: PreTrainingModel, out_dir: Path, seq_len: int = 16) -> float:
+    """Largest |difference| between our and transformers' MLM (and NSP) logits on a fixed batch; raises above tol."""
+    import transformers
 
-    hf = HFBertForPreTraining.from_pretrained(str(out_dir)).eval()
-    gen = torch.Generator().manual_seed(0)
-    seq_len = min(seq_len, model.config.max_position_embeddings)
-    ids = torch.randint(model.config.pad_token_id + 1, model.config.vocab_size, (2, seq_len), generator=gen)
-    types = (torch.arange(seq_len) >= seq_len // 2).long().expand(2, -1)
+    hf = getattr(transformers, model.HF_CLASS).from_pretrained(str(out_dir)).eval()
+    c, gen = model.config, torch.Generator().manual_seed(0)
+    seq_len = min(seq_len, c.max_position_embeddings)
+    ids = torch.randint(0, c.vocab_size - 1, (2, seq_len), generator=gen)
+    ids += (ids >= c.pad_token_id).long()  # every id but the pad id
     mask = torch.ones_like(ids)
-    ours = model(input_ids=ids, token_type_ids=types, attention_mask=mask)
-    theirs = hf(input_ids=ids, token_type_ids=types, attention_mask=mask)
-    diff = max(
-        (ours.mlm_logits - theirs.prediction_logits).abs().max().item(),
-        (ours.nsp_logits - theirs.seq_relationship_logits).abs().max().item(),
-    )
+    types = {"token_type_ids": (torch.arange(seq_len) >= seq_len // 2).long().expand(2, -1)}
+    ours = model(input_ids=ids, attention_mask=mask, **types)
+    theirs = hf(input_ids=ids, attention_mask=mask, **types if c.model_type == "bert" else {})
+    pairs = [(ours.mlm_logits, theirs.prediction_logits if c.model_type == "bert" else theirs.logits)]
+    if ours.nsp_logits is not None:
+        pairs.append((ours.nsp_logits, theirs.seq_relationship_logits))
+    diff = max((a - b).abs().max().item() for a, b in pairs)
     if not diff <= VERIFY_ATOL:
         raise RuntimeError(f"exported model differs from ours by {diff:g} (> {VERIFY_ATOL}); export is broken")
     return diff
@@ -127,7 +124,7 @@ def export(
     tokenizer: str | None = None,
     data: str | None = None,
     check: bool = True,
-) -> BertForPreTraining:
+) -> PreTrainingModel:
     """Write the Hugging Face directory; returns our model with the exported weights (eval mode)."""
     from pretrain.checkpoint import load_weights
 
@@ -165,10 +162,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = export(args.checkpoint, args.out_dir, args.tag, args.tokenizer, args.data, check=not args.no_verify)
     c = model.config
-    n = sum(p.numel() for p in model.parameters())
-    print(f"exported {c.num_layers}-layer, {c.hidden_size}-wide BERT ({n / 1e6:.1f}M parameters) to {args.out_dir}")
+    n, family = sum(p.numel() for p in model.parameters()), {"bert": "BERT", "modernbert": "ModernBERT"}[c.model_type]
+    shape = f"{c.num_hidden_layers}-layer, {c.hidden_size}-wide {family} ({n / 1e6:.1f}M parameters)"
+    print(f"exported {shape} to {args.out_dir}")
     if not args.no_verify:
-        print("verified: transformers.BertForPreTraining gives our logits on the exported directory")
+        print(f"verified: transformers.{model.HF_CLASS} gives our logits on the exported directory")
     return 0
 
 

@@ -1,17 +1,24 @@
-"""Fast paths for pretrain/model.py, each with a plain-PyTorch fallback that tests compare it against.
+"""Fast paths shared by both model families (pretrain/model.py, pretrain/modernbert.py), each with a plain-PyTorch
+fallback that tests compare it against.
 
-- `Packing` describes an unpadded batch: the T real tokens of a (B, S) batch as rows of a (T, C) tensor.
-  `Packing.from_mask(mask, unpad=False)` keeps every position, which is the plain path.
+- `FastPaths` is every switch decided once for a device and compute dtype (`resolve`, STYLE.md habit 12): an
+  impossible request is a one-line UserError, a fallback one warning naming its cause; kernels only read it.
+  `PathChoice` keeps the decisions of one model; under ZeRO-3 (`set_weights_partitioned`) the paths that
+  read `module.weight` without calling the module are not chosen (the model knows nothing of the engine).
+- `Packing` describes an unpadded batch: the T real tokens of a (B, S) batch as rows of a (T, C) tensor, cut
+  into sequences: one per row, or one per document when the batch carries `document_ids` (several documents
+  packed into one row attend only within themselves, and positions restart at each document).
 - `attention` takes packed q|k|v rows. Unpadded on CPU it runs small groups of consecutive sequences, each
-  padded only to its own longest member (long sequences alone, unmasked). Unpadded on CUDA in fp16/bf16 it
-  calls variable-length flash attention (the `flash-attn` package when installed, else PyTorch's
-  `torch.nn.attention.varlen`, which has no dropout and so is used only when attention dropout is off).
-  Otherwise it re-pads q|k|v for the score matrix only and runs batched `scaled_dot_product_attention` with
-  a key mask. `use_sdpa=False` swaps SDPA for explicit softmax math everywhere but inside varlen kernels.
-- `dense_gelu` and `dense_residual_norm` are the pointwise tails of BERT's linear layers. Backends:
-  "plain" (F.linear with its bias, then the op: eager PyTorch's best on CPU), "compile" (the bias and
-  pointwise ops as one `torch.compile`d function), "apex" (apex's fused LayerNorm; CUDA only), and "auto"
-  (apex when importable and the tensors are on CUDA, else plain).
+  padded only to its own longest member (long sequences alone). Unpadded on CUDA in fp16/bf16 it calls
+  variable-length flash attention (the `flash-attn` package when installed, else PyTorch's
+  `torch.nn.attention.varlen`, which has no dropout). Otherwise it re-pads q|k|v for the score matrix only
+  and runs batched `scaled_dot_product_attention` with a mask. A sliding window (ModernBERT's local layers)
+  is a `window` radius: query i sees key j when |i - j| <= window. `use_sdpa=False` swaps SDPA for explicit
+  softmax math everywhere but inside varlen kernels.
+- `dense_gelu`, `dense_residual_norm`, `geglu`, `rotary` and `layer_norm` are the pointwise tails of linear
+  layers. Ops backends: "plain" (eager PyTorch's best on CPU), "compile" (the bias and pointwise ops as one
+  `torch.compile`d function), "apex" (apex's fused LayerNorm; CUDA only); "auto" resolves to apex on CUDA when
+  importable, else plain.
 """
 
 from __future__ import annotations
@@ -19,12 +26,15 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from data_prep.errors import UserError
 
 try:  # optional CUDA packages; never required
     from apex.normalization.fused_layer_norm import fused_layer_norm_affine
@@ -34,92 +44,299 @@ try:
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
-try:
-    from torch.nn.attention.varlen import varlen_attn
-except ImportError:
-    varlen_attn = None
 
 BACKENDS = ("auto", "plain", "compile", "apex")
 SCORE_BUDGET = 1 << 17  # padded score entries per head in one CPU attention call (8 x 128^2, 2 x 256^2, 1 x 362^2)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def check_backend(fused_ops: str) -> None:
+    """Config-time check of `fused_ops` (no device needed): a one-line error for an impossible request."""
+    if fused_ops not in BACKENDS:
+        raise UserError(f"--model-set fused_ops must be one of {', '.join(BACKENDS)}, not {fused_ops!r}")
+    if fused_ops == "apex" and fused_layer_norm_affine is None:
+        raise UserError("--model-set fused_ops=apex needs NVIDIA apex, which is not installed; use auto or plain")
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """The resolved switches of one model on one device and compute dtype."""
+
+    unpad: bool = True  # layers run on the real tokens only
+    attention: str = "grouped"  # "flash-attn varlen" | "torch varlen" | "grouped" (CPU varlen) | "padded"
+    sdpa: bool = True  # scaled_dot_product_attention (False: explicit softmax) outside varlen kernels
+    ops: str = "plain"  # "plain" | "compile" | "apex"
+    fused_qkv: bool = True  # one GEMM on concatenated q/k/v weights (BERT; ModernBERT's Wqkv is one module)
+    sparse_mlm_head: bool = True  # MLM head on masked positions only
+
+    def describe(self) -> dict[str, str]:
+        """For the printed configuration."""
+        return {
+            "unpad": "real tokens only" if self.unpad else "every position",
+            "attention": self.attention + (" + SDPA" if self.sdpa and "varlen" not in self.attention else ""),
+            "ops": self.ops,
+            "qkv": "one GEMM" if self.fused_qkv else "one per projection",
+            "mlm_head": "masked positions only" if self.sparse_mlm_head else "every position",
+        }
+
+
+def resolve(config, device: torch.device, dtype: torch.dtype, partitioned: bool = False) -> FastPaths:
+    """Decide every switch of `config` (unpad, use_sdpa, fused_ops, sparse_mlm_head, fused_qkv, attention_dropout)
+    for `device` and compute `dtype`; `partitioned`: weights exist only while their module is called (ZeRO-3)."""
+    device = torch.device(device)
+    fused_qkv = getattr(config, "fused_qkv", False)
+    if fused_qkv and partitioned:
+        _fallback("fused_qkv=true", "the query, key and value weights")
+        fused_qkv = False
+    return FastPaths(
+        unpad=config.unpad,
+        attention=_resolve_attention(config, device, dtype),
+        sdpa=config.use_sdpa,
+        ops=_resolve_ops(config.fused_ops, device, partitioned),
+        fused_qkv=fused_qkv,
+        sparse_mlm_head=config.sparse_mlm_head,
+    )
+
+
+def _fallback(request: str, reads: str) -> None:
+    warnings.warn(
+        f"--model-set {request} falls back to the plain path: it reads {reads} outside their modules, which "
+        "partitioned weights (ZeRO-3) do not allow",
+        stacklevel=3,
+    )
+
+
+def _resolve_attention(config, device: torch.device, dtype: torch.dtype) -> str:
+    if not config.unpad:
+        return "padded"
+    if device.type != "cuda":
+        return "grouped"
+    if dtype not in LOW_PRECISION:
+        why = f"varlen kernels need fp16 or bf16 and the model computes in {str(dtype).removeprefix('torch.')}"
+    elif flash_attn_varlen_func is not None:
+        return "flash-attn varlen"
+    elif torch_varlen() is None:
+        why = "neither flash-attn nor torch.nn.attention.varlen is available"
+    elif config.attention_dropout > 0:
+        why = (
+            f"flash-attn is not installed and torch's varlen kernel has no dropout (attention_dropout="
+            f"{config.attention_dropout}); install flash-attn or --model-set attention_dropout=0"
+        )
+    else:
+        return "torch varlen"
+    warnings.warn(
+        f"unpadded attention pads each batch back for SDPA: {why}; the other layers stay unpadded", stacklevel=2
+    )
+    return "padded"
+
+
+def _resolve_ops(backend: str, device: torch.device, partitioned: bool) -> str:
+    check_backend(backend)
+    if backend == "apex" and device.type != "cuda":
+        raise UserError(f"--model-set fused_ops=apex needs a CUDA device, not {device.type}; use auto or plain")
+    if backend in ("compile", "apex") and partitioned:
+        _fallback(f"fused_ops={backend}", "linear and LayerNorm weights")
+        return "plain"
+    if backend == "auto":
+        return "apex" if fused_layer_norm_affine is not None and device.type == "cuda" and not partitioned else "plain"
+    return backend
+
+
+@functools.cache
+def torch_varlen():
+    """torch.nn.attention.varlen.varlen_attn, or None; imported on first CUDA use (it imports torch._dynamo)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+class PathChoice:
+    """The fast paths of one model, decided once per (device type, compute dtype) and then only looked up."""
+
+    def __init__(self, config):
+        self.config = config
+        self.partitioned = False
+        self._chosen: dict[tuple[str, torch.dtype], FastPaths] = {}
+
+    def set_partitioned(self, partitioned: bool) -> None:
+        self.partitioned = partitioned
+        self._chosen.clear()
+
+    def get(self, device: torch.device, dtype: torch.dtype) -> FastPaths:
+        key = (torch.device(device).type, dtype)
+        if key not in self._chosen:
+            self._chosen[key] = resolve(self.config, torch.device(device), dtype, self.partitioned)
+        return self._chosen[key]
+
+    def for_input(self, input_ids: Tensor, weight: Tensor) -> FastPaths:
+        """The paths of a forward pass: the input's device, autocast's dtype if on, else the weights'."""
+        kind = input_ids.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+        return self.get(input_ids.device, dtype)
+
+
+class FastPathsMixin:
+    """`resolve_fast_paths` and `set_weights_partitioned` for a model holding its `PathChoice` as `self.paths`."""
+
+    paths: PathChoice
+
+    def resolve_fast_paths(self, device: torch.device, dtype: torch.dtype) -> dict[str, str]:
+        """Decide every fast path for `device` and compute `dtype` now (UserError for an impossible request, one
+        warning per fallback); forward then only follows the decision. Returns it for the printed configuration."""
+        return self.paths.get(device, dtype).describe()
+
+    def set_weights_partitioned(self, partitioned: bool) -> None:
+        """Weights are gathered only while their module is called (ZeRO-3): take the paths that call modules."""
+        self.paths.set_partitioned(partitioned)
 
 
 @dataclass
 class Packing:
-    """Where the T kept token rows of a (B, S) batch sit; `indices is None` means all B*S positions are kept."""
+    """Where the T kept token rows of a (B, S) batch sit, cut into N sequences (rows or documents)."""
 
     batch: int
     seq_len: int
-    indices: Tensor | None  # (T,) ascending flat positions of the kept tokens
-    key_mask: Tensor | None  # (B, 1, 1, S) bool, True = real key; None when the batch has no padding
-    cu_seqlens: Tensor  # (B + 1,) int32 row offsets of each sequence (for varlen attention)
+    paths: FastPaths
+    real: Tensor  # (B, S) bool, True = real token
+    indices: Tensor | None  # (T,) ascending flat positions of the kept rows; None = all B*S positions kept
+    positions: Tensor  # (T,) position of each kept row within its sequence (restarts at each document)
+    sequence_of: Tensor | None  # (B, S) sequence number of every position; None when each row is one sequence
+    cu_seqlens: Tensor  # (N + 1,) int32 offsets of each sequence's real tokens (for varlen attention)
     lengths: list[int]  # real tokens per sequence
-    max_len: int  # longest real sequence
+    uniform: bool  # every sequence is a whole row of S real tokens (nothing to unpad or to separate)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_mask(cls, attention_mask: Tensor, unpad: bool) -> Packing:
-        """Pack the real tokens (mask == 1) when `unpad`, else keep every position."""
+    def build(cls, attention_mask: Tensor, document_ids: Tensor | None, paths: FastPaths) -> Packing:
+        """Keep the real tokens (mask == 1) when `paths.unpad`, else every position. With `document_ids` (B, S),
+        a new sequence starts wherever the id changes between neighbouring real tokens of a row."""
         B, S = attention_mask.shape
         real = attention_mask.bool()
-        lengths = real.sum(1)  # (B,)
+        pos = torch.arange(S, device=real.device)
+        if document_ids is None:
+            sequence_of, positions, lengths = None, pos.expand(B, S), real.sum(1)
+        else:
+            starts = real & ((pos == 0) | (document_ids != document_ids.roll(1, dims=1)))  # (B, S)
+            sequence_of = starts.flatten().cumsum(0).view(B, S) - 1
+            positions = pos - torch.where(starts | (pos == 0), pos, 0).cummax(1).values
+            lengths = torch.bincount(sequence_of[real], minlength=int(starts.sum()))
+            if bool((starts.sum(1) == 1).all()):  # one document per row: nothing to separate
+                sequence_of = None
         as_list = lengths.tolist()
-        has_padding = min(as_list) < S
-        indices = real.flatten().nonzero().squeeze(1) if unpad and has_padding else None
-        key_mask = real[:, None, None, :] if has_padding else None
-        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        return cls(B, S, indices, key_mask, cu_seqlens, as_list, max(as_list))
+        padded = bool(min(as_list, default=0) < S) if document_ids is None else not bool(real.all())
+        indices = real.flatten().nonzero().squeeze(1) if paths.unpad and padded else None
+        flat = positions.flatten()
+        return cls(
+            B, S, paths, real, indices, flat if indices is None else flat[indices], sequence_of,
+            F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), as_list, uniform=len(as_list) == B and not padded,
+        )  # fmt: skip
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths)
 
     def kept_positions(self) -> Tensor:
-        """(T,) flat positions of the kept tokens."""
+        """(T,) flat positions of the kept rows."""
         if self.indices is None:
-            return torch.arange(self.batch * self.seq_len, device=self.cu_seqlens.device)
+            return torch.arange(self.batch * self.seq_len, device=self.real.device)
         return self.indices
+
+    def keep(self, flat: Tensor) -> Tensor:
+        """(B*S, ...) -> (T, ...) the kept rows of a flattened batch tensor."""
+        return flat if self.indices is None else flat[self.indices]
 
     def pad(self, rows: Tensor) -> Tensor:
         """(T, C) kept rows -> (B*S, C), zeros at the removed positions."""
-        if self.indices is None:
-            return rows
-        full = rows.new_zeros(self.batch * self.seq_len, rows.shape[1])
-        return full.index_put((self.indices,), rows)
+        return _scatter(rows, self.indices, self.batch * self.seq_len)
 
-    def unpad(self, full: Tensor) -> Tensor:
-        """(B*S, C) -> (T, C) kept rows."""
-        return full if self.indices is None else full[self.indices]
+    unpad = keep  # (B*S, C) -> (T, C)
 
     def rows_of(self, positions: Tensor) -> Tensor:
         """Row numbers of flat B*S positions; each position must be a kept (real) token."""
         return positions if self.indices is None else torch.searchsorted(self.indices, positions)
 
     def first_rows(self) -> Tensor:
-        """(B,) rows of each sequence's first token ([CLS]; right padding assumed)."""
-        starts = torch.arange(self.batch, device=self.cu_seqlens.device) * self.seq_len
+        """(B,) rows of each batch row's first token ([CLS]; right padding assumed)."""
+        starts = torch.arange(self.batch, device=self.real.device) * self.seq_len
         return self.rows_of(starts)
 
+    def row_mean(self, x: Tensor) -> Tensor:
+        """(T, H) -> (B, H): the mean over each batch row's real tokens."""
+        kept = self.kept_positions()
+        weight = self.keep(self.real.flatten()).to(x.dtype)[:, None]  # 0 on padding rows when nothing is unpadded
+        sums = x.new_zeros(self.batch, x.shape[1]).index_add_(0, kept // self.seq_len, x * weight)
+        return sums / self.real.sum(1, keepdim=True).to(x.dtype)
 
-def attention(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: float, use_sdpa: bool) -> Tensor:
-    """(T, 3H) packed q|k|v rows -> (T, H) attention context."""
-    if pack.indices is not None and not qkv.is_cuda:
-        return _attention_grouped(qkv, pack, num_heads, dropout_p, use_sdpa)
-    if pack.indices is not None and qkv.dtype in (torch.float16, torch.bfloat16):
-        out = _varlen_attention(qkv.view(qkv.shape[0], 3, num_heads, -1), pack, dropout_p)  # (T, nh, d)
-        if out is not None:
-            return out.flatten(1)
+    def rotary(self, theta: float, dim: int) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (T, dim) float32, of RoPE with base `theta` at every kept row's position (cached)."""
+        key = ("rotary", theta, dim)
+        if key not in self._cache:
+            inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, device=self.real.device, dtype=torch.float32) / dim)
+            angles = self.positions.float()[:, None] * inv_freq  # (T, dim / 2)
+            angles = torch.cat([angles, angles], dim=1)
+            self._cache[key] = (angles.cos(), angles.sin())
+        return self._cache[key]
+
+    def padded_mask(self, window: int | None) -> Tensor | None:
+        """(B, 1, 1 or S, S) bool, True = may attend, for attention over the padded (B, S) batch (cached)."""
+        key = ("mask", window)
+        if key not in self._cache:
+            nothing = self.sequence_of is None and window is None and bool(self.real.all())
+            self._cache[key] = None if nothing else _mask(self.real, self.sequence_of, window)
+        return self._cache[key]
+
+
+def _scatter(rows: Tensor, indices: Tensor | None, total: int) -> Tensor:
+    """(T, C) rows -> (total, C) with row i at position indices[i] and zeros elsewhere."""
+    if indices is None:
+        return rows
+    return rows.new_zeros(total, rows.shape[1]).index_put((indices,), rows)
+
+
+def _mask(real: Tensor, sequence_of: Tensor | None, window: int | None) -> Tensor:
+    """(n, 1, 1 or L, L) keys that query i may see: real, in its sequence, within the window. A padded query sees
+    every real key, so no row is fully masked (that would give NaN, which even a zero gradient carries on)."""
+    if sequence_of is None and window is None:
+        return real[:, None, None, :]
+    allowed = real[:, None, :]  # (n, 1, L)
+    if sequence_of is not None:
+        allowed = allowed & (sequence_of[:, :, None] == sequence_of[:, None, :])
+    if window is not None:
+        pos = torch.arange(real.shape[1], device=real.device)
+        allowed = allowed & ((pos[:, None] - pos[None, :]).abs() <= window)
+    return (allowed | (~real[:, :, None] & real[:, None, :]))[:, None]  # (n, 1, L, L)
+
+
+def attention(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: float, window: int | None = None) -> Tensor:
+    """(T, 3H) packed q|k|v rows -> (T, H) attention context, each query within its sequence (and window)."""
+    kind = pack.paths.attention
+    if "varlen" in kind:
+        T = qkv.shape[0]
+        return _varlen_attention(qkv.view(T, 3, num_heads, -1), pack, dropout_p, window, kind).flatten(1)
+    if kind == "grouped" and not pack.uniform:
+        return _attention_grouped(qkv, pack, num_heads, dropout_p, window)
     q, k, v = _split_heads(pack.pad(qkv), pack.batch, num_heads)  # (B, nh, S, d) each
-    return pack.unpad(_core(q, k, v, pack.key_mask, dropout_p, use_sdpa))  # (T, H)
+    return pack.unpad(_core(q, k, v, pack.padded_mask(window), dropout_p, pack.paths.sdpa))  # (T, H)
 
 
-def _attention_grouped(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: float, use_sdpa: bool) -> Tensor:
+def _attention_grouped(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: float, window: int | None) -> Tensor:
     """CPU varlen: runs of consecutive sequences share one SDPA call, padded only to their own longest member,
-    while (sequences x longest^2) stays under SCORE_BUDGET; a long sequence goes alone, unmasked. Small,
-    cache-sized score matrices and little padding beat one masked (B, nh, S, S) call on CPU, and grouping
-    keeps the number of calls (each a thread barrier) low when the batch holds many short sequences."""
+    while (sequences x longest^2) stays under SCORE_BUDGET; a long sequence goes alone. Small, cache-sized score
+    matrices and little padding beat one masked (B, nh, S, S) call on CPU, and grouping keeps the number of
+    calls (each a thread barrier) low when the batch holds many short sequences."""
     offsets = [0, *itertools.accumulate(pack.lengths)]
     out = []
     for first, last in _groups(pack.lengths):
         rows = qkv[offsets[first] : offsets[last]]  # (sum of lengths, 3H)
         lengths = torch.tensor(pack.lengths[first:last], device=qkv.device)
-        group = Packing.from_mask(torch.arange(max(pack.lengths[first:last])) < lengths[:, None], unpad=True)
-        q, k, v = _split_heads(group.pad(rows), last - first, num_heads)  # (g, nh, longest, d) each
-        out.append(group.unpad(_core(q, k, v, group.key_mask, dropout_p, use_sdpa)))
+        real = torch.arange(max(pack.lengths[first:last]), device=qkv.device) < lengths[:, None]  # (g, longest)
+        indices = None if bool(real.all()) else real.flatten().nonzero().squeeze(1)
+        mask = None if indices is None and window is None else _mask(real, None, window)
+        q, k, v = _split_heads(_scatter(rows, indices, real.numel()), last - first, num_heads)  # (g, nh, L, d)
+        ctx = _core(q, k, v, mask, dropout_p, pack.paths.sdpa)  # (g * longest, H)
+        out.append(ctx if indices is None else ctx[indices])
     return torch.cat(out)  # (T, H)
 
 
@@ -139,71 +356,82 @@ def _split_heads(qkv: Tensor, batch: int, num_heads: int) -> tuple[Tensor, Tenso
     return qkv.view(batch, -1, 3, num_heads, qkv.shape[1] // 3 // num_heads).permute(2, 0, 3, 1, 4)
 
 
-def _core(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, dropout_p: float, use_sdpa: bool) -> Tensor:
+def _core(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, use_sdpa: bool) -> Tensor:
     """softmax(q k^T / sqrt(d)) v over (B, nh, S, d) heads -> (B * S, H) rows."""
     if use_sdpa:
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout_p)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     else:
-        ctx = _plain_attention(q, k, v, key_mask, dropout_p)
+        ctx = _plain_attention(q, k, v, mask, dropout_p)
     return ctx.transpose(1, 2).flatten(0, 1).flatten(1)
 
 
-def _plain_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, dropout_p: float) -> Tensor:
+def _plain_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, nh, S, S)
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask, torch.finfo(scores.dtype).min)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = F.dropout(scores.softmax(-1), dropout_p)
     return probs @ v
 
 
-def _varlen_attention(qkv: Tensor, pack: Packing, dropout_p: float) -> Tensor | None:
-    """CUDA: (T, 3, nh, d) -> (T, nh, d) without touching padding, or None when no varlen kernel can do it."""
+def _varlen_attention(qkv: Tensor, pack: Packing, dropout_p: float, window: int | None, kind: str) -> Tensor:
+    """CUDA: (T, 3, nh, d) -> (T, nh, d) without touching padding (the kernel was chosen by `resolve`)."""
     q, k, v = qkv.unbind(1)
     cu, n = pack.cu_seqlens, pack.max_len
-    if flash_attn_varlen_func is not None:
-        return flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout_p)
-    if varlen_attn is not None and dropout_p == 0.0:
-        return varlen_attn(q, k, v, cu, cu, n, n)
-    return None
+    sides = (-1, -1) if window is None else (window, window)
+    if kind == "flash-attn varlen":
+        return flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout_p, window_size=sides)
+    return torch_varlen()(q, k, v, cu, cu, n, n, window_size=sides)
 
 
-def dense_gelu(x: Tensor, dense: nn.Linear, backend: str) -> Tensor:
-    """gelu(x W^T + b): BERT's intermediate layer and MLM transform."""
-    if _resolve(backend, x) == "compile" and not partitioned(dense.weight):
+def rotary(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int, ops: str) -> Tensor:
+    """(T, 3H) q|k|v -> the same with RoPE applied to q and k (in at least float32, as transformers does)."""
+    if ops == "compile":
+        return _compiled(_rotary)(qkv, cos, sin, num_heads)
+    return _rotary(qkv, cos, sin, num_heads)
+
+
+def _rotary(qkv: Tensor, cos: Tensor, sin: Tensor, num_heads: int) -> Tensor:
+    T = qkv.shape[0]
+    x = qkv.view(T, 3, num_heads, -1)
+    qk, half = x[:, :2].to(torch.promote_types(qkv.dtype, torch.float32)), x.shape[-1] // 2  # (T, 2, nh, d)
+    turned = torch.cat([-qk[..., half:], qk[..., :half]], dim=-1)  # rotate_half
+    qk = qk * cos[:, None, None, :] + turned * sin[:, None, None, :]
+    return torch.cat([qk.to(qkv.dtype), x[:, 2:]], dim=1).view(T, -1)
+
+
+def geglu(y: Tensor, ops: str) -> Tensor:
+    """(T, 2I) -> (T, I): gelu(first half) * second half (ModernBERT's MLP)."""
+    return _compiled(_geglu)(y) if ops == "compile" else _geglu(y)
+
+
+def _geglu(y: Tensor) -> Tensor:
+    a, gate = y.chunk(2, dim=-1)
+    return F.gelu(a) * gate
+
+
+def dense_gelu(x: Tensor, dense: nn.Linear, ops: str) -> Tensor:
+    """gelu(x W^T + b): BERT's intermediate layer and both families' MLM transform."""
+    if ops == "compile" and dense.bias is not None:
         return _compiled(_bias_gelu)(F.linear(x, dense.weight), dense.bias)
     return F.gelu(dense(x))
 
 
 def dense_residual_norm(
-    x: Tensor, dense: nn.Linear, residual: Tensor, norm: nn.LayerNorm, dropout_p: float, backend: str
+    x: Tensor, dense: nn.Linear, residual: Tensor, norm: nn.LayerNorm, dropout_p: float, ops: str
 ) -> Tensor:
     """LayerNorm(dropout(x W^T + b) + residual): BERT's attention output and layer output."""
-    backend = _resolve(backend, x)
-    if backend == "compile" and not partitioned(dense.weight):
+    if ops == "compile":
         fused = _compiled(_bias_dropout_residual_norm)
         return fused(F.linear(x, dense.weight), dense.bias, residual, norm.weight, norm.bias, norm.eps, dropout_p)
-    return layer_norm(F.dropout(dense(x), dropout_p) + residual, norm, backend)
+    return layer_norm(F.dropout(dense(x), dropout_p) + residual, norm, ops)
 
 
-def layer_norm(x: Tensor, norm: nn.LayerNorm, backend: str) -> Tensor:
-    """LayerNorm over the last dimension, through apex's fused kernel when that backend is chosen."""
-    if _resolve(backend, x) == "apex":
-        return fused_layer_norm_affine(x, norm.weight, norm.bias, norm.normalized_shape, norm.eps)
+def layer_norm(x: Tensor, norm: nn.LayerNorm, ops: str) -> Tensor:
+    """LayerNorm over the last dimension, through apex's fused kernel when that backend was chosen."""
+    if ops == "apex":
+        bias = norm.bias if norm.bias is not None else torch.zeros_like(norm.weight)  # ModernBERT's norms: no bias
+        return fused_layer_norm_affine(x, norm.weight, bias, norm.normalized_shape, norm.eps)
     return norm(x)
-
-
-def partitioned(weight: Tensor) -> bool:
-    """True under DeepSpeed ZeRO-3, which gathers a module's weights only while that module is called: code that
-    reads `module.weight` without calling the module must then take the plain path."""
-    return hasattr(weight, "ds_status")
-
-
-def _resolve(backend: str, x: Tensor) -> str:
-    if backend == "auto":
-        return "apex" if fused_layer_norm_affine is not None and x.is_cuda else "plain"
-    if backend == "apex" and fused_layer_norm_affine is None:
-        raise RuntimeError("fused_ops='apex' needs NVIDIA apex; install it or set fused_ops to 'auto' or 'plain'")
-    return backend
 
 
 def _bias_gelu(y: Tensor, bias: Tensor) -> Tensor:

@@ -11,31 +11,46 @@ model (each behind a `BertConfig` switch whose other setting is the plain path; 
 - q, k and v are projected by one GEMM on the concatenated weights; the state dict keeps HF's three
   (under ZeRO-3, which gathers weights per called module, the three modules are called instead).
 - Weights start from BERT's truncated normal (+-2 std) rather than HF's plain normal.
+- Fast paths are decided once per device and compute dtype (`resolve_fast_paths`, kernels.resolve); forward
+  follows the decision. Under ZeRO-3 (`set_weights_partitioned`) only paths that call modules are taken.
 
 Forward contract (the batch dict of docs/DESIGN.md): `masked_positions` (N,) are flat row-major indices into
 the B*S positions, `mlm_labels` (N,) the original ids there, `nsp_labels` (B,). Without `masked_positions` the
 MLM logits cover all positions, (B, S, V), and `mlm_labels` may be (B, S) with -100 where unlabelled (HF's
 convention). Label -100 is ignored everywhere; `nsp_labels` all -100 (pair task "none") gives nsp_loss 0.
-Batches are right-padded: position 0 ([CLS]) of every sequence is a real token.
+Optional `document_ids` (B, S): documents packed into one row attend only within themselves and their
+positions restart at 0 (kernels.Packing). Batches are right-padded: position 0 of every row is a real token.
+The ModernBERT family (pretrain/modernbert.py) shares the kernels, the output, the losses and the HF-directory
+code (pretrain/models.py, which also picks the family of a config).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_prep.errors import UserError
-from data_prep.flags import fields_in, option, parse_value
+from data_prep.flags import fields_in, option
 from pretrain import kernels
-from pretrain.kernels import Packing
+from pretrain.kernels import FastPathsMixin, Packing, PathChoice
+from pretrain.models import (  # noqa: F401  (ModelFlags, load_config, flops_per_sequence: importable from here too)
+    ModelFlags,
+    PreTrainingModel,
+    PreTrainingOutput,
+    cross_entropy,
+    flops_per_sequence,
+    load_config,
+    read_json,
+    trunc_normal_,
+    unknown_keys,
+)
 
 # name: (layers, hidden); heads = hidden / 64 and intermediate = 4 * hidden, as in Google's BERT release.
 PRESETS = {
@@ -53,13 +68,14 @@ HF_NAMES = {
     "hidden_dropout_prob": "hidden_dropout",
     "attention_probs_dropout_prob": "attention_dropout",
 }
-TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")  # HF stores these once
 
 
 @dataclass
 class BertConfig:
     """Model shape and fast-path switches (defaults are the fast paths); JSON-serializable."""
 
+    model_type: Literal["bert"] = "bert"
+    """Model family (pretrain.models); `bert` as in transformers' config.json."""
     vocab_size: int = option(30522, group="shape")
     """WordPiece vocabulary size (rows of the word embedding and of the MLM decoder)."""
     hidden_size: int = option(768, group="shape")
@@ -98,8 +114,21 @@ class BertConfig:
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise UserError(f"--model: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.fused_ops not in kernels.BACKENDS:
-            raise UserError(f"--model: fused_ops must be one of {', '.join(kernels.BACKENDS)}, not {self.fused_ops!r}")
+        kernels.check_backend(self.fused_ops)
+
+    @property
+    def num_hidden_layers(self) -> int:  # transformers' name, shared with ModernBertConfig
+        return self.num_layers
+
+    def training_flops(self, seq_len: int, masked_positions: int) -> float:
+        """Training FLOPs (forward + backward = 3x forward) of one sequence of `seq_len` real tokens.
+
+        F = 24 L s h^2 + 12 L s h i + 12 L s^2 h + 6 P h (h + V), which for i = 4h is the documented
+        72 L s h^2 + 12 L s^2 h + 6 P h (h + V); P is the number of rows the MLM head runs on.
+        Embeddings, LayerNorms, biases and the NSP head are left out (under 1%).
+        """
+        L, s, h, i, V = self.num_layers, seq_len, self.hidden_size, self.intermediate_size, self.vocab_size
+        return 24 * L * s * h * h + 12 * L * s * h * i + 12 * L * s * s * h + 6 * masked_positions * h * (h + V)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> BertConfig:
@@ -123,74 +152,39 @@ class BertConfig:
         """The equivalent `transformers.BertConfig` (architectures set to BertForPreTraining)."""
         from transformers import BertConfig as HFBertConfig
 
-        ours, switches = {v: k for k, v in HF_NAMES.items()}, fields_in(BertConfig, "switch")
-        shape = {ours.get(k, k): v for k, v in dataclasses.asdict(self).items() if k not in switches}
+        ours, skip = {v: k for k, v in HF_NAMES.items()}, {"model_type", *fields_in(BertConfig, "switch")}
+        shape = {ours.get(k, k): v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return HFBertConfig(**shape, hidden_act="gelu", architectures=["BertForPreTraining"])
 
     @classmethod
     def from_json(cls, path: str) -> BertConfig:
         """Read our JSON (see `to_json`) or a Hugging Face BERT config.json."""
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"--model: cannot read model config {path}: {e}; pass a preset name or a JSON file") from e
+        return cls.from_dict(read_json(path), path)
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str = "the model config") -> BertConfig:
         if "num_hidden_layers" in d:
             return cls.from_hf(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise UserError(f"--model: {path} has unknown keys {sorted(unknown)}; remove them")
+        unknown_keys(cls, d, path)
         return cls(**d)
 
     def to_json(self, path: str) -> None:
         with open(path, "w") as f:
             json.dump(dataclasses.asdict(self), f, indent=2)
 
+    @staticmethod
+    def pretraining_class() -> type[BertForPreTraining]:
+        return BertForPreTraining
 
-@dataclass(kw_only=True)
-class ModelFlags:
-    """`--model` and `--model-set`: the model flags of every command that builds a model from scratch."""
-
-    model: str = "base"
-    """Preset (tiny, mini, small, medium, base, large) or a model JSON (ours or a Hugging Face config.json)."""
-    model_set: list[str] = option(default_factory=list, action="append", metavar="KEY=VALUE")
-    """Override one model config field, e.g. fused_ops=compile, unpad=false or vocab_size=8192 (repeatable)."""
-
-    def model_config(self) -> BertConfig:
-        return load_config(self.model, self.model_set)
-
-
-def load_config(spec: str, overrides: Sequence[str] = ()) -> BertConfig:
-    """`--model` value (a preset name or a path to a JSON file), then `--model-set KEY=VALUE` field overrides."""
-    config = BertConfig.from_json(spec) if spec.endswith(".json") or os.path.sep in spec else BertConfig.preset(spec)
-    changes = {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        try:
-            if "=" not in item:
-                raise ValueError
-            changes[key] = parse_value(BertConfig, key, value)
-        except ValueError:
-            fields = ", ".join(f.name for f in dataclasses.fields(BertConfig))
-            raise UserError(f"--model-set {item!r}: use KEY=VALUE (booleans true/false), KEY one of {fields}") from None
-    return dataclasses.replace(config, **changes)
-
-
-def flops_per_sequence(config: BertConfig, seq_len: int, masked_positions: int) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of one sequence of `seq_len` real tokens.
-
-    F = 24 L s h^2 + 12 L s h i + 12 L s^2 h + 6 P h (h + V), which for i = 4h is the documented
-    72 L s h^2 + 12 L s^2 h + 6 P h (h + V); P is the number of rows the MLM head runs on.
-    Embeddings, LayerNorms, biases and the NSP head are left out (under 1%).
-    """
-    L, s, h, i, V = config.num_layers, seq_len, config.hidden_size, config.intermediate_size, config.vocab_size
-    return 24 * L * s * h * h + 12 * L * s * h * i + 12 * L * s * s * h + 6 * masked_positions * h * (h + V)
+    @staticmethod
+    def encoder_class() -> type[BertModel]:
+        return BertModel
 
 
 def init_weights(module: nn.Module, std: float) -> None:
     """BERT's init: truncated normal (+-2 std) weights, zero biases and [PAD] row, LayerNorm ones; use `.apply`."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+        trunc_normal_(module.weight, std, 2.0)
     if isinstance(module, nn.Linear) and module.bias is not None:
         nn.init.zeros_(module.bias)
     if isinstance(module, nn.Embedding) and module.padding_idx is not None:
@@ -217,10 +211,9 @@ class Embeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor, pack: Packing) -> Tensor:
-        kept = pack.kept_positions()  # (T,) flat positions into B*S
-        x = self.word_embeddings(input_ids.flatten()[kept]) + self.position_embeddings(kept % pack.seq_len)
-        x = x + self.token_type_embeddings(token_type_ids.flatten()[kept])  # (T, H)
-        x = kernels.layer_norm(x, self.LayerNorm, self.config.fused_ops)
+        x = self.word_embeddings(pack.keep(input_ids.flatten())) + self.position_embeddings(pack.positions)
+        x = x + self.token_type_embeddings(pack.keep(token_type_ids.flatten()))  # (T, H)
+        x = kernels.layer_norm(x, self.LayerNorm, pack.paths.ops)
         return F.dropout(x, self.config.hidden_dropout, self.training)
 
 
@@ -238,48 +231,59 @@ class Layer(nn.Module):
         self.output = _named(dense=nn.Linear(inner, H), LayerNorm=nn.LayerNorm(H, eps=c.layer_norm_eps))
 
     def forward(self, x: Tensor, pack: Packing) -> Tensor:  # x: (T, H)
-        c, p = self.config, self.config.hidden_dropout if self.training else 0.0
+        c, ops, p = self.config, pack.paths.ops, self.config.hidden_dropout if self.training else 0.0
         attn_p = c.attention_dropout if self.training else 0.0
-        ctx = kernels.attention(self._qkv(x), pack, c.num_heads, attn_p, c.use_sdpa)  # (T, H)
-        x = kernels.dense_residual_norm(
-            ctx, self.attention.output.dense, x, self.attention.output.LayerNorm, p, c.fused_ops
-        )
-        h = kernels.dense_gelu(x, self.intermediate.dense, c.fused_ops)  # (T, I)
-        return kernels.dense_residual_norm(h, self.output.dense, x, self.output.LayerNorm, p, c.fused_ops)
+        ctx = kernels.attention(self._qkv(x, pack.paths.fused_qkv), pack, c.num_heads, attn_p)  # (T, H)
+        out = self.attention.output
+        x = kernels.dense_residual_norm(ctx, out.dense, x, out.LayerNorm, p, ops)
+        h = kernels.dense_gelu(x, self.intermediate.dense, ops)  # (T, I)
+        return kernels.dense_residual_norm(h, self.output.dense, x, self.output.LayerNorm, p, ops)
 
-    def _qkv(self, x: Tensor) -> Tensor:
+    def _qkv(self, x: Tensor, fused: bool) -> Tensor:
         """(T, H) -> (T, 3H) as q | k | v."""
         q, k, v = self.attention.self.query, self.attention.self.key, self.attention.self.value
-        if self.config.fused_qkv and not kernels.partitioned(q.weight):
+        if fused:
             return F.linear(x, torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]))
         return torch.cat([q(x), k(x), v(x)], dim=1)
 
 
-class BertModel(nn.Module):
+class BertModel(FastPathsMixin, nn.Module):
     """The encoder: embeddings, L layers and the pooler; usable alone (fine-tuning heads sit on top)."""
+
+    HF_PREFIX = "bert"  # its parameters' prefix inside transformers' task models
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.config = config
+        self.paths = PathChoice(config)
         self.embeddings = Embeddings(config)
         self.encoder = _named(layer=nn.ModuleList(Layer(config) for _ in range(config.num_layers)))
         self.pooler = _named(dense=nn.Linear(config.hidden_size, config.hidden_size))
         self.apply(partial(init_weights, std=config.initializer_range))
 
     def forward(
-        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """-> (sequence_output (B, S, H), pooled_output (B, H)); padded rows are zeros when unpadding."""
-        x, pack = self.encode(input_ids, token_type_ids, attention_mask)
+        x, pack = self.encode(input_ids, token_type_ids, attention_mask, document_ids)
         return pack.pad(x).view(*input_ids.shape, -1), self.pool(x, pack)
 
     def encode(
-        self, input_ids: Tensor, token_type_ids: Tensor | None = None, attention_mask: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
     ) -> tuple[Tensor, Packing]:
         """-> (the kept token rows (T, H), where they sit in the (B, S) batch)."""
         token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        pack = Packing.from_mask(attention_mask, self.config.unpad)
+        paths = self.paths.for_input(input_ids, self.embeddings.word_embeddings.weight)
+        pack = Packing.build(attention_mask, document_ids, paths)
         x = self.embeddings(input_ids, token_type_ids, pack)  # (T, H)
         for layer in self.encoder.layer:
             x = layer(x, pack)
@@ -295,7 +299,6 @@ class MaskedLMHead(nn.Module):
 
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
         super().__init__()
-        self.config = config
         H = config.hidden_size
         self.transform = _named(dense=nn.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=config.layer_norm_eps))
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
@@ -303,29 +306,25 @@ class MaskedLMHead(nn.Module):
         self.decoder.weight = word_embeddings.weight
         self.decoder.bias = self.bias
 
-    def forward(self, x: Tensor) -> Tensor:  # (N, H) -> (N, V)
-        h = kernels.dense_gelu(x, self.transform.dense, self.config.fused_ops)
-        return self.decoder(kernels.layer_norm(h, self.transform.LayerNorm, self.config.fused_ops))
+    def forward(self, x: Tensor, ops: str) -> Tensor:  # (N, H) -> (N, V)
+        h = kernels.dense_gelu(x, self.transform.dense, ops)
+        return self.decoder(kernels.layer_norm(h, self.transform.LayerNorm, ops))
 
 
-@dataclass
-class PreTrainingOutput:
-    """What `BertForPreTraining.forward` returns; losses are None without the matching labels."""
-
-    mlm_logits: Tensor  # (N, V) with masked_positions, else (B, S, V)
-    nsp_logits: Tensor  # (B, 2)
-    loss: Tensor | None = None  # mlm_loss + nsp_loss (those present)
-    mlm_loss: Tensor | None = None
-    nsp_loss: Tensor | None = None
-
-
-class BertForPreTraining(nn.Module):
+class BertForPreTraining(PreTrainingModel):
     """BERT with the MLM and NSP heads, parameter for parameter `transformers.BertForPreTraining`."""
+
+    CONFIG, HF_CLASS = BertConfig, "BertForPreTraining"
+    TIED = {
+        "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+        "cls.predictions.decoder.bias": "cls.predictions.bias",
+    }
 
     def __init__(self, config: BertConfig):
         super().__init__()
         self.config = config
         self.bert = BertModel(config)
+        self.paths = self.bert.paths
         heads = _named(predictions=MaskedLMHead(config, self.bert.embeddings.word_embeddings))
         heads.seq_relationship = nn.Linear(config.hidden_size, 2)
         self.cls = heads
@@ -341,71 +340,16 @@ class BertForPreTraining(nn.Module):
         masked_positions: Tensor | None = None,
         mlm_labels: Tensor | None = None,
         nsp_labels: Tensor | None = None,
+        document_ids: Tensor | None = None,
     ) -> PreTrainingOutput:
-        x, pack = self.bert.encode(input_ids, token_type_ids, attention_mask)  # (T, H)
-        out = PreTrainingOutput(
-            self._mlm_logits(x, pack, masked_positions), self.cls.seq_relationship(self.bert.pool(x, pack))
+        x, pack = self.bert.encode(input_ids, token_type_ids, attention_mask, document_ids)  # (T, H)
+        nsp_logits = self.cls.seq_relationship(self.bert.pool(x, pack))  # (B, 2)
+        return self._with_losses(
+            PreTrainingOutput(self._mlm_logits(x, pack, masked_positions), nsp_logits), mlm_labels, nsp_labels
         )
-        if mlm_labels is not None:
-            out.mlm_loss = cross_entropy(out.mlm_logits.flatten(0, -2), mlm_labels.flatten())
-        if nsp_labels is not None:
-            out.nsp_loss = cross_entropy(out.nsp_logits, nsp_labels)
-        losses = [loss for loss in (out.mlm_loss, out.nsp_loss) if loss is not None]
-        out.loss = sum(losses) if losses else None
-        return out
 
-    def _mlm_logits(self, x: Tensor, pack: Packing, masked_positions: Tensor | None) -> Tensor:
-        head = self.cls.predictions
-        if masked_positions is None:
-            return head(pack.pad(x)).view(pack.batch, pack.seq_len, -1)  # (B, S, V)
-        if self.config.sparse_mlm_head:
-            return head(x[pack.rows_of(masked_positions)])  # (N, V): gather first, then the head
-        return head(pack.pad(x))[masked_positions]  # (N, V) via all B*S rows
-
-    @classmethod
-    def from_hf_pretrained(cls, path: str, **switches) -> BertForPreTraining:
-        """Load a Hugging Face BERT directory (config.json + model.safetensors or pytorch_model.bin)."""
-        config = BertConfig.from_json(os.path.join(path, "config.json"))
-        model = cls(dataclasses.replace(config, **switches))
-        state = _read_hf_weights(path)
-        state.setdefault(TIED_KEYS[0], state.get("bert.embeddings.word_embeddings.weight"))
-        state.setdefault(TIED_KEYS[1], state.get("cls.predictions.bias"))
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise UserError(f"{path} does not hold BertForPreTraining weights of its config.json: {e}") from e
-        return model
-
-    def save_hf_pretrained(self, path: str) -> None:
-        """Write config.json + model.safetensors that `transformers.BertForPreTraining.from_pretrained` loads."""
-        from safetensors.torch import save_file
-
-        os.makedirs(path, exist_ok=True)
-        self.config.to_hf().save_pretrained(path)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k not in TIED_KEYS}
-        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    def mlm_head(self, x: Tensor, ops: str) -> Tensor:
+        return self.cls.predictions(x, ops)
 
 
-def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean fp32 cross-entropy over the labels that are not -100; 0, not NaN, when all are (NSP off)."""
-    total = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
-    return total / (labels != -100).sum().clamp(min=1)
-
-
-def _read_hf_weights(path: str) -> dict[str, Tensor]:
-    """State dict of an HF directory, with the legacy LayerNorm gamma/beta names mapped to weight/bias."""
-    safetensors, binary = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(safetensors):
-        from safetensors.torch import load_file
-
-        state = load_file(safetensors)
-    elif os.path.exists(binary):
-        state = torch.load(binary, map_location="cpu", weights_only=True)
-    else:
-        raise UserError(
-            f"{path} has neither model.safetensors nor pytorch_model.bin; pass a Hugging Face model directory"
-        )
-    return {
-        k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
-        for k, v in state.items()
-    }
+TIED_KEYS = tuple(BertForPreTraining.TIED)  # the keys transformers' BERT directories store once

@@ -79,3 +79,25 @@ def test_bench_on_real_data(tmp_path):
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
     ours = json.loads(out.read_text())["ours"]
     assert ours["tokens_per_s"] == pytest.approx(tokens / ours["step_s"])
+
+
+def test_bench_modernbert_beside_transformers(tmp_path, capsys):
+    """--model of the ModernBERT family times transformers.ModernBertForMaskedLM beside ours, same weights."""
+    from pretrain.modernbert import ModernBertConfig
+
+    out, model = tmp_path / "bench.json", tmp_path / "model.json"
+    shape = dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=2, intermediate_size=96, local_attention=8)
+    ModernBertConfig(vocab_size=500, pad_token_id=0, **shape).to_json(model)
+    args = ["--model", str(model), "--seq-len", "32", "--micro-batch", "4", "--steps", "2", "--warmup", "1"]
+    assert bench.main([*args, "--compare-hf", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert "our fast paths: unpad real tokens only, attention grouped + SDPA" in capsys.readouterr().out
+    assert (
+        result["fast_paths"]["mlm_head"] == "masked positions only" and result["config"]["model_type"] == "modernbert"
+    )
+    assert result["speedup_vs_hf"] == pytest.approx(result["ours"]["seq_per_s"] / result["hf"]["seq_per_s"])
+    config = ModernBertConfig(vocab_size=500, pad_token_id=0)
+    for seed in range(2):  # ModernBERT's recipe masks 30%
+        b = bench.synthetic_batch(config, 4, 32, "realistic", torch.Generator().manual_seed(seed), 0.3)
+        assert len(b["masked_positions"]) == int((b["attention_mask"].sum(1) * 0.3).round().clamp(min=1).sum())
+        assert set(bench.hf_inputs(b, "modernbert")) == {"input_ids", "attention_mask", "labels"}

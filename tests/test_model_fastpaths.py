@@ -76,8 +76,8 @@ def test_unpad_without_padding_and_with_dropout_in_training():
 
 def test_packing_round_trip():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
-    pack = kernels.Packing.from_mask(mask, unpad=True)
-    assert pack.indices.tolist() == [0, 1, 2, 4, 8, 9, 10, 11]
+    pack = kernels.Packing.build(mask, None, kernels.FastPaths(unpad=True))
+    assert pack.indices.tolist() == [0, 1, 2, 4, 8, 9, 10, 11] and pack.positions.tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
     assert pack.cu_seqlens.tolist() == [0, 3, 4, 8] and pack.max_len == 4
     assert pack.first_rows().tolist() == [0, 3, 4]
     assert pack.rows_of(torch.tensor([2, 9, 11])).tolist() == [2, 5, 7]
@@ -149,11 +149,12 @@ def test_cpu_varlen_groups_match_padded_attention():
     S, lengths = 400, torch.tensor([400, 380, 30, 20, 10])
     assert list(kernels._groups(lengths.tolist())) == [(0, 1), (1, 2), (2, 5)]
     mask = (torch.arange(S) < lengths[:, None]).long()
-    packed, padded = kernels.Packing.from_mask(mask, unpad=True), kernels.Packing.from_mask(mask, unpad=False)
+    packed = kernels.Packing.build(mask, None, kernels.FastPaths(unpad=True, attention="grouped"))
+    padded = kernels.Packing.build(mask, None, kernels.FastPaths(unpad=False, attention="padded", sdpa=False))
     qkv = torch.randn(int(lengths.sum()), 3 * 32, dtype=torch.float64, requires_grad=True)
-    grouped = kernels.attention(qkv, packed, 4, 0.0, use_sdpa=True)
+    grouped = kernels.attention(qkv, packed, 4, 0.0)
     (g1,) = torch.autograd.grad((grouped * grouped).sum(), qkv)
-    full = kernels.attention(packed.pad(qkv), padded, 4, 0.0, use_sdpa=False)[packed.indices]
+    full = kernels.attention(packed.pad(qkv), padded, 4, 0.0)[packed.indices]
     (g2,) = torch.autograd.grad((full * full).sum(), qkv)
     torch.testing.assert_close(grouped, full)
     torch.testing.assert_close(g1, g2)

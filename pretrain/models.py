@@ -1,0 +1,257 @@
+"""The model families (BERT in pretrain/model.py, ModernBERT in pretrain/modernbert.py) and what they share.
+
+Callers that must not care which family they hold (training loop, evaluation, checkpoints, export, bench) go
+through these functions: `load_config` (`--model`/`--model-set`), `config_from_dict` (a checkpoint's saved
+config, the inverse of `dataclasses.asdict`), `build_pretraining_model`, `build_encoder`, `from_hf_pretrained`,
+`pretraining_from_state`, `flops_per_sequence` and `shape_mismatch`. A config's `model_type` field names its
+family, as in transformers' config.json.
+
+Both families' pretraining models subclass `PreTrainingModel`: forward takes the batch dict of docs/DESIGN.md
+and returns a `PreTrainingOutput`; weights move to and from transformers directories by parameter name. The
+family modules import this one; this one imports them only inside functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from data_prep.errors import UserError
+from data_prep.flags import fields_in, option, parse_value
+from pretrain.kernels import FastPathsMixin, Packing
+
+
+def families() -> dict[str, type]:
+    """model_type -> config class."""
+    from pretrain.model import BertConfig
+    from pretrain.modernbert import ModernBertConfig
+
+    return {"bert": BertConfig, "modernbert": ModernBertConfig}
+
+
+def presets() -> dict[str, type]:
+    """Preset name -> its family's config class."""
+    from pretrain import model, modernbert
+
+    bert, modern = dict.fromkeys(model.PRESETS, model.BertConfig), dict.fromkeys(modernbert.PRESETS)
+    return {**bert, **dict.fromkeys(modern, modernbert.ModernBertConfig)}
+
+
+@dataclass(kw_only=True)
+class ModelFlags:
+    """`--model` and `--model-set`: the model flags of every command that builds a model from scratch."""
+
+    model: str = "base"
+    """Preset (BERT: tiny, mini, small, medium, base, large; ModernBERT: modernbert-tiny, modernbert-base,
+    modernbert-large) or a model JSON (ours, or a Hugging Face config.json of BERT or ModernBERT)."""
+    model_set: list[str] = option(default_factory=list, action="append", metavar="KEY=VALUE")
+    """Override one model config field, e.g. fused_ops=compile, unpad=false or vocab_size=8192 (repeatable)."""
+
+    def model_config(self):
+        return load_config(self.model, self.model_set)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()):
+    """`--model` value (a preset name or a path to a JSON file), then `--model-set KEY=VALUE` field overrides."""
+    if spec.endswith(".json") or os.path.sep in spec:
+        config = config_from_json(spec)
+    elif spec in presets():
+        config = presets()[spec].preset(spec)
+    else:
+        raise UserError(f"--model: unknown preset {spec!r}; use one of {', '.join(presets())} or a JSON file")
+    cls, changes = type(config), {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        try:
+            if "=" not in item or key == "model_type":
+                raise ValueError
+            changes[key] = parse_value(cls, key, value)
+        except ValueError:
+            fields = ", ".join(f.name for f in dataclasses.fields(cls) if f.name != "model_type")
+            raise UserError(f"--model-set {item!r}: use KEY=VALUE (booleans true/false), KEY one of {fields}") from None
+    return dataclasses.replace(config, **changes)
+
+
+def config_from_json(path: str):
+    """Our config JSON (`to_json`) or a transformers config.json, of either family."""
+    d = read_json(path)
+    return _family(d, path).from_dict(d, path)
+
+
+def config_from_dict(d: dict, keep_switches: bool = True):
+    """The config `dataclasses.asdict(config)` came from (no model_type: BERT, as saved before ModernBERT).
+    keep_switches=False gives the switches their defaults: a reader of weights needs this machine's paths, not
+    those of the run that saved them (fused_ops=apex, say, on a machine without apex)."""
+    cls = _family(d, "the saved model config")
+    if not keep_switches:
+        d = {k: v for k, v in d.items() if k not in fields_in(cls, "switch")}
+    return cls.from_dict(d, "the saved model config")
+
+
+def _family(d: dict, source: str) -> type:
+    family = d.get("model_type", "bert")
+    if family not in families():
+        raise UserError(f"--model: {source} has model_type {family!r}; use one of {', '.join(families())}")
+    return families()[family]
+
+
+def build_pretraining_model(config) -> PreTrainingModel:
+    """BertForPreTraining or ModernBertForMaskedLM, freshly initialized (seed torch first)."""
+    return config.pretraining_class()(config)
+
+
+def build_encoder(config) -> nn.Module:
+    """BertModel or ModernBertModel: forward(input_ids, token_type_ids, attention_mask) -> (B, S, H), (B, H);
+    their parameters sit under `HF_PREFIX` in transformers' task models (fine-tuning heads go on top)."""
+    return config.encoder_class()(config)
+
+
+def from_hf_pretrained(path: str, **switches) -> PreTrainingModel:
+    """Our pretraining model from a transformers directory of either family."""
+    config = config_from_json(os.path.join(path, "config.json"))
+    return config.pretraining_class().from_hf_pretrained(path, **switches)
+
+
+def pretraining_from_state(config, state: dict[str, Tensor], source: str = "the weights") -> PreTrainingModel:
+    """Our pretraining model of `config` holding `state` (transformers' names; tied keys may be absent)."""
+    return config.pretraining_class().from_state(config, state, source)
+
+
+def flops_per_sequence(config, seq_len: int, masked_positions: int) -> float:
+    """Training FLOPs (forward + backward) of one sequence of `seq_len` real tokens whose MLM head runs on
+    `masked_positions` rows; the formula of the config's family (`training_flops`)."""
+    return config.training_flops(seq_len, masked_positions)
+
+
+def shape_mismatch(saved: dict, config) -> list[str]:
+    """Fields of a checkpoint's saved config (`asdict`) that must equal `config`'s to resume from it."""
+    if saved.get("model_type", "bert") != config.model_type:
+        return ["model_type"]
+    ours = dataclasses.asdict(config)
+    return [k for k in fields_in(type(config), "shape") if saved.get(k, ours[k]) != ours[k]]
+
+
+def trunc_normal_(weight: Tensor, std: float, cutoff: float) -> Tensor:
+    """N(0, std^2) truncated at +-cutoff std, in place, by the inverse CDF: one pass, where torch 2.13's
+    `nn.init.trunc_normal_` redraws rejected values in a loop that takes seconds on a large embedding."""
+    edge = math.erf(cutoff / math.sqrt(2.0))  # the CDF mass inside +-cutoff, mapped to erf's (-1, 1)
+    with torch.no_grad():
+        weight.uniform_(-edge, edge).erfinv_().mul_(std * math.sqrt(2.0))
+        return weight.clamp_(-cutoff * std, cutoff * std)
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--model: cannot read model config {path}: {e}; pass a preset name or a JSON file") from e
+
+
+def unknown_keys(cls, d: dict, path: str, known: set[str] = frozenset()) -> None:
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - known
+    if unknown:
+        raise UserError(f"--model: {path} has unknown keys {sorted(unknown)}; remove them")
+
+
+@dataclass
+class PreTrainingOutput:
+    """What both families' pretraining models return; losses are None without the matching labels."""
+
+    mlm_logits: Tensor  # (N, V) with masked_positions, else (B, S, V)
+    nsp_logits: Tensor | None = None  # (B, 2); None for ModernBERT (MLM only)
+    loss: Tensor | None = None  # mlm_loss + nsp_loss (those present)
+    mlm_loss: Tensor | None = None
+    nsp_loss: Tensor | None = None
+
+
+class PreTrainingModel(FastPathsMixin, nn.Module):
+    """What both families' pretraining models share: the MLM logits and losses, and transformers directories.
+    A subclass sets CONFIG (our config class), HF_CLASS (the transformers class it matches parameter for
+    parameter), TIED (keys that transformers stores once -> the key they equal) and `mlm_head(rows, ops)`."""
+
+    CONFIG: type
+    HF_CLASS: str
+    TIED: dict[str, str]
+
+    def mlm_head(self, x: Tensor, ops: str) -> Tensor:
+        raise NotImplementedError
+
+    def _mlm_logits(self, x: Tensor, pack: Packing, masked_positions: Tensor | None) -> Tensor:
+        ops = pack.paths.ops
+        if masked_positions is None:
+            return self.mlm_head(pack.pad(x), ops).view(pack.batch, pack.seq_len, -1)  # (B, S, V)
+        if pack.paths.sparse_mlm_head:
+            return self.mlm_head(x[pack.rows_of(masked_positions)], ops)  # (N, V): gather first, then the head
+        return self.mlm_head(pack.pad(x), ops)[masked_positions]  # (N, V) via all B*S rows
+
+    @staticmethod
+    def _with_losses(out: PreTrainingOutput, mlm_labels: Tensor | None, nsp_labels: Tensor | None):
+        if mlm_labels is not None:
+            out.mlm_loss = cross_entropy(out.mlm_logits.flatten(0, -2), mlm_labels.flatten())
+        if nsp_labels is not None and out.nsp_logits is not None:
+            out.nsp_loss = cross_entropy(out.nsp_logits, nsp_labels)
+        losses = [loss for loss in (out.mlm_loss, out.nsp_loss) if loss is not None]
+        out.loss = sum(losses[1:], losses[0]) if losses else None
+        return out
+
+    @classmethod
+    def from_state(cls, config, state: dict[str, Tensor], source: str = "the weights"):
+        """A model of `config` holding `state` (transformers' names; the keys it stores once may be absent)."""
+        model, state = cls(config), dict(state)
+        for tied, key in cls.TIED.items():
+            if key in state:
+                state.setdefault(tied, state[key])
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise UserError(f"{source} do not hold {cls.HF_CLASS} weights of this config: {e}") from e
+        return model
+
+    @classmethod
+    def from_hf_pretrained(cls, path: str, **switches):
+        """Load a Hugging Face directory (config.json + model.safetensors or pytorch_model.bin)."""
+        config = cls.CONFIG.from_json(os.path.join(path, "config.json"))
+        return cls.from_state(dataclasses.replace(config, **switches), read_hf_weights(path), path)
+
+    def save_hf_pretrained(self, path: str) -> None:
+        """Write config.json + model.safetensors that `transformers.<HF_CLASS>.from_pretrained` loads."""
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        self.config.to_hf().save_pretrained(path)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items() if k not in self.TIED}
+        save_file(state, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean fp32 cross-entropy over the labels that are not -100; 0, not NaN, when all are (NSP off)."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)
+
+
+def read_hf_weights(path: str) -> dict[str, Tensor]:
+    """State dict of an HF directory, with the legacy LayerNorm gamma/beta names mapped to weight/bias."""
+    safetensors, binary = os.path.join(path, "model.safetensors"), os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(safetensors):
+        from safetensors.torch import load_file
+
+        state = load_file(safetensors)
+    elif os.path.exists(binary):
+        state = torch.load(binary, map_location="cpu", weights_only=True)
+    else:
+        raise UserError(
+            f"{path} has neither model.safetensors nor pytorch_model.bin; pass a Hugging Face model directory"
+        )
+    return {
+        k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+        for k, v in state.items()
+    }
