@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from data_prep.errors import UserError, run_cli
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
+from pretrain import dist
 from pretrain.models import ModelFlags, build_pretraining_model, flops_per_sequence
 
 # Dense peak TFLOP/s of the tensor cores (no sparsity) by device name fragment and precision.
@@ -176,7 +177,7 @@ def loader_throughput(prefix: str, seq_len: int, micro_batch: int, seed: int, ba
     """Samples/s that the training data loader alone sustains on this rank (no model), after one warm-up batch."""
     from pretrain.data import DataConfig, PretrainingData
 
-    rank, world = _rank_world()
+    rank, world = dist.rank(), dist.world_size()
     data = PretrainingData(DataConfig(prefixes=[prefix], seq_len=seq_len, seed=seed, num_workers=0))
     loader = data.loader("train", micro_batch, rank, world)
     next(loader)
@@ -186,30 +187,13 @@ def loader_throughput(prefix: str, seq_len: int, micro_batch: int, seed: int, ba
     return batches * micro_batch / (time.perf_counter() - t0)
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _reduce(values: list[float], op: str = "sum") -> list[float]:
-    """Sum (or max) `values` over the ranks of a launcher job; unchanged in a single process."""
-    import torch.distributed as dist
-
-    if _rank_world()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
-
-
 def aggregate(result: dict, peak_tflops: float | None) -> dict:
     """Whole-job numbers under the launcher: rates summed over ranks, the slowest step, the largest memory."""
-    world = _rank_world()[1]
+    world = dist.world_size()
     if world == 1:
         return result
-    seq, tok, tflops = _reduce([result["seq_per_s"], result["tokens_per_s"], result["tflops"]])
-    step_s, mem = _reduce([result["step_s"], float(result["peak_mem_bytes"] or 0)], op="max")
+    seq, tok, tflops = dist.all_reduce([result["seq_per_s"], result["tokens_per_s"], result["tflops"]])
+    step_s, mem = dist.all_reduce([result["step_s"], float(result["peak_mem_bytes"] or 0)], op="max")
     return {
         **result,
         "step_s": step_s,
@@ -231,7 +215,7 @@ def run(runners: list[Runner], batches: list[dict], steps: int, warmup: int) -> 
     """Warm every runner up, then time `steps` steps each in alternating chunks."""
     for r in runners:
         r.timed_chunk(batches, 0, warmup, record=False)
-    with tqdm(total=steps * len(runners), desc="timed steps", unit="step", disable=_rank_world()[0] != 0) as bar:
+    with tqdm(total=steps * len(runners), desc="timed steps", unit="step", disable=dist.rank() != 0) as bar:
         for start in range(warmup, warmup + steps, CHUNK):
             for r in runners:
                 count = min(CHUNK, warmup + steps - start)
@@ -368,14 +352,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         eng.init_distributed()
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        args.micro_batch = eng.resolve_batch(ds_config, _rank_world()[1])[1]
+        args.micro_batch = eng.resolve_batch(ds_config, dist.world_size())[1]
         # a timed step is a full optimizer step: accumulation would hide the optimizer in the median step time
-        ds_config.update(gradient_accumulation_steps=1, train_batch_size=args.micro_batch * _rank_world()[1])
+        ds_config.update(gradient_accumulation_steps=1, train_batch_size=args.micro_batch * dist.world_size())
         args.precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else args.precision
         args.precision = "fp16" if ds_config.get("fp16", {}).get("enabled") else args.precision
     if args.threads:  # after init_distributed, whose share of the cores per local rank it overrides
         torch.set_num_threads(args.threads)
-    rank, world = _rank_world()
+    rank, world = dist.rank(), dist.world_size()
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     if args.data:
@@ -393,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["speedup_vs_hf"] = results["ours"]["seq_per_s"] / results["hf"]["seq_per_s"]
     if args.data:
         loader = loader_throughput(args.data, args.seq_len, args.micro_batch, args.seed)
-        results["loader_samples_per_s"] = _reduce([loader])[0]
+        results["loader_samples_per_s"] = dist.all_reduce([loader])[0]
     if rank != 0:
         return 0
     print(report(results, args, device) + (f"  ({world} ranks, rates summed)" if world > 1 else ""))
