@@ -167,76 +167,99 @@ def _indent(line: str) -> int:
     return len(line) - len(line.lstrip())
 
 
+class _Blocks:
+    """The state of `split_blocks` as it walks the lines: the blocks so far, the current one, what to drop."""
+
+    def __init__(self):
+        self.blocks: list[list[str]] = []
+        self.cur: list[str] = []
+        self.skip_deeper_than: int | None = None  # drop lines indented more than this (literal blocks, directives)
+        self.numpy_skip = False  # inside a dropped numpy-style section, until the next section header
+        self.fence = False
+
+    def flush(self) -> None:
+        if self.cur:
+            self.blocks.append(self.cur.copy())
+            self.cur.clear()
+
+    def skipped(self, line: str, stripped: str) -> bool:
+        """Fenced code, or the indented body of a dropped block: lines to drop."""
+        if stripped.startswith(("```", "~~~")):
+            self.fence = not self.fence
+            self.flush()
+            return True
+        if self.fence:
+            return True
+        if self.skip_deeper_than is not None:
+            if not stripped or _indent(line) > self.skip_deeper_than:
+                return True
+            self.skip_deeper_than = None
+        return False
+
+    def heading(self, line: str, stripped: str, nxt: str) -> bool:
+        """A reST title (underlined) or a Markdown heading: ends the block and may open a dropped section."""
+        if UNDERLINE_RE.match(nxt) and stripped and not UNDERLINE_RE.match(line):  # a section title
+            self.flush()
+            self.numpy_skip = stripped.lower().rstrip(":") in DROP_SECTIONS
+            return True
+        if UNDERLINE_RE.match(line) or stripped.startswith("#"):  # title rule or Markdown heading
+            self.flush()
+            if stripped.startswith("#"):
+                self.numpy_skip = stripped.lstrip("#").strip().lower().rstrip(":") in DROP_SECTIONS
+            return True
+        return False
+
+    def dropped_block(self, line: str, stripped: str) -> bool:
+        """A Google section to drop, a directive, a field list, a doctest, a prompt or a table starts here:
+        drop it and what is indented under it."""
+        google = GOOGLE_SECTION_RE.match(line)
+        if (
+            (google and google.group(1).strip().lower() in DROP_SECTIONS)
+            or DIRECTIVE_RE.match(line)
+            or FIELD_RE.match(line)
+        ):
+            self.flush()
+            self.skip_deeper_than = _indent(line)
+            return True
+        if stripped.startswith((">>>", "...", "$ ", "%", "In [", "Out[")) or stripped.startswith("|"):
+            self.flush()
+            self.skip_deeper_than = _indent(line)  # doctest output follows at the same indent: drop the block
+            self.cur.append("\0")  # poison the block so its prose part is dropped too
+            return True
+        return False
+
+    def add(self, line: str, stripped: str, prev: str) -> None:
+        """A prose line: a bullet starts a block, an indented block under a paragraph is dropped, `::` ends one."""
+        if BULLET_RE.match(stripped):
+            self.flush()
+            stripped = BULLET_RE.sub("", stripped)
+        elif self.cur and _indent(line) > _indent(prev) + 1 and not BULLET_RE.match(prev.strip()):
+            # an indented block under a paragraph: a definition list, a parameter table or code
+            self.flush()
+            self.skip_deeper_than = _indent(prev)
+            return
+        self.cur.append(stripped)
+        if stripped.endswith("::"):  # a literal block follows
+            self.cur[-1] = stripped[:-2].rstrip() + (":" if stripped[:-2].rstrip() else "")
+            self.flush()
+            self.skip_deeper_than = _indent(line)
+
+
 def split_blocks(text: str) -> list[str]:
     """Split reST/Markdown/docstring text into candidate paragraphs, dropping code and table blocks."""
     lines = inspect.cleandoc(text.expandtabs(4)).splitlines()
-    blocks: list[list[str]] = []
-    cur: list[str] = []
-    skip_deeper_than: int | None = None  # drop lines indented more than this (literal blocks, directives)
-    numpy_skip = False  # inside a dropped numpy-style section, until the next section header
-    fence = False
-
-    def flush() -> None:
-        if cur:
-            blocks.append(cur.copy())
-            cur.clear()
-
+    state = _Blocks()
     for i, line in enumerate(lines):
         stripped = line.strip()
         nxt = lines[i + 1] if i + 1 < len(lines) else ""
-        if stripped.startswith(("```", "~~~")):
-            fence = not fence
-            flush()
-            continue
-        if fence:
-            continue
-        if skip_deeper_than is not None:
-            if not stripped or _indent(line) > skip_deeper_than:
-                continue
-            skip_deeper_than = None
-        if UNDERLINE_RE.match(nxt) and stripped and not UNDERLINE_RE.match(line):  # a section title
-            flush()
-            numpy_skip = stripped.lower().rstrip(":") in DROP_SECTIONS
-            continue
-        if UNDERLINE_RE.match(line) or stripped.startswith("#"):  # title rule or Markdown heading
-            flush()
-            if stripped.startswith("#"):
-                numpy_skip = stripped.lstrip("#").strip().lower().rstrip(":") in DROP_SECTIONS
-            continue
-        if numpy_skip:
+        if state.skipped(line, stripped) or state.heading(line, stripped, nxt) or state.numpy_skip:
             continue
         if not stripped:
-            flush()
-            continue
-        google = GOOGLE_SECTION_RE.match(line)
-        if google and google.group(1).strip().lower() in DROP_SECTIONS:
-            flush()
-            skip_deeper_than = _indent(line)
-            continue
-        if DIRECTIVE_RE.match(line) or FIELD_RE.match(line):
-            flush()
-            skip_deeper_than = _indent(line)
-            continue
-        if stripped.startswith((">>>", "...", "$ ", "%", "In [", "Out[")) or stripped.startswith("|"):
-            flush()
-            skip_deeper_than = _indent(line)  # doctest output follows at the same indent: drop the block
-            cur.append("\0")  # poison the block so its prose part is dropped too
-            continue
-        if BULLET_RE.match(stripped):
-            flush()
-            stripped = BULLET_RE.sub("", stripped)
-        elif cur and _indent(line) > _indent(lines[i - 1]) + 1 and not BULLET_RE.match(lines[i - 1].strip()):
-            # an indented block under a paragraph: a definition list, a parameter table or code
-            flush()
-            skip_deeper_than = _indent(lines[i - 1])
-            continue
-        cur.append(stripped)
-        if stripped.endswith("::"):  # a literal block follows
-            cur[-1] = stripped[:-2].rstrip() + (":" if stripped[:-2].rstrip() else "")
-            flush()
-            skip_deeper_than = _indent(line)
-    flush()
-    return [" ".join(b) for b in blocks if "\0" not in b]
+            state.flush()
+        elif not state.dropped_block(line, stripped):
+            state.add(line, stripped, lines[i - 1])
+    state.flush()
+    return [" ".join(b) for b in state.blocks if "\0" not in b]
 
 
 def clean_inline(text: str) -> str:

@@ -35,5 +35,7 @@ def test_bench_compares_txt_and_parquet_builds_of_the_same_text(tmp_path, capsys
     assert [r[0] for r in rows] == ["1", "2"]
     for _, a, b, ratio in rows:
         assert abs(float(ratio) - int(b.replace(",", "")) / int(a.replace(",", ""))) < 0.002
-    assert re.search(r"over 2 pairs: median [\d.]+, range [\d.]+-[\d.]+", out)
+    assert re.search(r"throughput over 2 pairs: median [\d.]+, range [\d.]+-[\d.]+", out)
+    assert re.search(r"tokens per CPU-s over 2 pairs: median [\d.]+, range [\d.]+-[\d.]+", out)
+    assert re.search(r"feeding rate, Parquet .*: [\d.]+ MB of text per CPU-s", out)
     assert "encode_batch" not in out  # only the pair of builds
