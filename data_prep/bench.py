@@ -214,11 +214,14 @@ def _timed_build(cfg: BuildConfig) -> float:
     return time.perf_counter() - wall
 
 
+# The probe's own peak is its VmHWM: getrusage's ru_maxrss survives exec, so it would report this (large)
+# benchmark process instead; the workers are forked from the probe, so their ru_maxrss is theirs.
 PEAK_PROBE = """
 import resource, sys
 from data_prep.cli import main
 assert main(sys.argv[1:]) == 0
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 

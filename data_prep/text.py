@@ -16,17 +16,18 @@ Document boundaries (`--doc-boundary`; the end of a file always ends a document)
 
 Design choices:
 - Everything streams: text files are read line by line through the decompressor; Parquet with
-  `ParquetFile.iter_batches` on the text column alone, in batches of about `max_bytes` of text (estimated
-  from the file's metadata) through a 1 MB read buffer; Arrow files are memory-mapped and sliced the same
+  `ParquetFile.iter_batches` on the text column alone, in batches of about `max_bytes` of text (measured
+  on the first rows) through a 1 MB read buffer; Arrow files are memory-mapped and sliced the same
   way. Documents longer than a chunk are cut into parts (flagged, so they are stored as one document) and
   parts are grouped into chunks of about `chunk_bytes` of text, so memory depends on neither the corpus nor
-  the document size (only one line, or one Parquet page, must fit in memory).
+  the document size (only one line of a text file, or one row, must fit in memory).
 - Input bytes are decoded line by line; invalid UTF-8 is replaced with U+FFFD and counted (or is an
   error with `strict`), so one bad byte in a 100 GB crawl neither kills the run nor passes silently.
 - A NUL byte in a text file means a binary file was passed by mistake: an error naming the file. A corrupt
   Parquet/Arrow file, a missing or non-string text column: an error naming the file and the column.
 - In a directory, hidden entries and `_`-prefixed files (Spark's `_SUCCESS`) are skipped, and a
-  `save_to_disk` directory inside it contributes its data files in their recorded order.
+  `save_to_disk` directory inside it contributes its data files (`state.json`'s list). Files are read in
+  sorted path order, whatever order `--input` names them in.
 """
 
 from __future__ import annotations

@@ -76,11 +76,14 @@ def test_killed_build_leaves_no_dataset_and_a_rerun_resumes_to_the_same_bytes(tm
     assert run_cli("inspect", tmp_path / "d", "--verify") == 0
 
 
+# VmHWM, not getrusage's ru_maxrss: ru_maxrss survives exec, so a child started from a large parent (pytest)
+# reports the parent's size, and two builds would compare equal whatever they use.
 PEAK_RSS = """
-import resource, sys
+import sys
 from data_prep.cli import main
 rc = main(sys.argv[1:])
-print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rc)
+hwm = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print("PEAK_KB", hwm, rc)
 """
 
 
