@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from data_prep.errors import UserError, run_cli
+from pretrain import dist
 
 TAG_RE = re.compile(r"^step_(\d{8})(_universal)?$")
 COMPLETE = "COMPLETE"
@@ -64,21 +66,6 @@ class TrainState:
 
 def tag_name(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def _rank() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def rng_state() -> dict:
@@ -129,6 +116,12 @@ def complete_tags(save_dir: str | os.PathLike, warn: bool = True) -> list[str]:
     return good
 
 
+def is_complete(save_dir: str | os.PathLike, step: int) -> bool:
+    """Whether the checkpoint of `step` in `save_dir` is complete (every rank wrote it)."""
+    tag_dir = Path(save_dir) / tag_name(step)
+    return (tag_dir / COMPLETE).is_file() and (tag_dir / STATE_FILE).is_file()
+
+
 def read_state(tag_dir: str | os.PathLike) -> TrainState:
     path = Path(tag_dir) / STATE_FILE
     try:
@@ -139,19 +132,19 @@ def read_state(tag_dir: str | os.PathLike) -> TrainState:
 
 def save(engine, save_dir: str | os.PathLike, state: TrainState, keep_last: int | None = None) -> Path:
     """Collective: every rank calls it. Returns the tag directory."""
-    rank, _ = _rank()
+    rank = dist.rank()
     tag = tag_name(state.step)
     tag_dir = Path(save_dir) / tag
     if rank == 0 and tag_dir.exists():
         shutil.rmtree(tag_dir)  # a leftover of a crash at this very step
-    _barrier()
+    dist.barrier()
     from deepspeed.checkpoint import constants as ds
 
     # what ds_to_universal needs to know about the model (no tensor parallelism here: the version only)
     client = {"train_step": state.step, ds.UNIVERSAL_CHECKPOINT_INFO: {ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: 0.4}}
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=client, save_latest=False)
     torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
-    _barrier()
+    dist.barrier()
     if rank == 0:
         _write_atomic(tag_dir / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2))
         _write_atomic(tag_dir / COMPLETE, "")
@@ -161,7 +154,7 @@ def save(engine, save_dir: str | os.PathLike, state: TrainState, keep_last: int 
         low = low_disk_warning(save_dir, tag_dir)
         if low:
             warnings.warn(low, stacklevel=2)
-    _barrier()
+    dist.barrier()
     return tag_dir
 
 
@@ -171,7 +164,7 @@ def low_disk_warning(save_dir: str | os.PathLike, tag_dir: Path) -> str | None:
     A new checkpoint is written before older ones are pruned, so the next save needs a checkpoint's size free;
     saying so at the save before, and not when the disk is full days into a run, leaves time to act.
     """
-    size = sum(f.stat().st_size for f in tag_dir.rglob("*") if f.is_file())
+    size = size_on_disk(tag_dir)
     free = shutil.disk_usage(save_dir).free
     if free >= size:
         return None
@@ -179,6 +172,11 @@ def low_disk_warning(save_dir: str | os.PathLike, tag_dir: Path) -> str | None:
         f"{free / 2**30:.2f} GiB free under {save_dir} but a checkpoint takes {size / 2**30:.2f} GiB: the next save "
         "is likely to fail; free space there or lower --keep-last (the newest complete checkpoint stays usable)"
     )
+
+
+def size_on_disk(tag_dir: Path) -> int:
+    """Bytes of every file of one checkpoint tag."""
+    return sum(f.stat().st_size for f in tag_dir.rglob("*") if f.is_file())
 
 
 def prune(save_dir: str | os.PathLike, keep_last: int) -> None:
@@ -202,32 +200,78 @@ def newest(save_dir: str | os.PathLike) -> tuple[str, TrainState] | None:
     return None
 
 
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)")
+
+
+def _tag_key(tag: str) -> int:
+    """Order of preference among tags, the same on every rank: newer first, a universal copy before its original."""
+    m = TAG_RE.match(tag)
+    return 2 * int(m.group(1)) + bool(m.group(2))
+
+
+def _readable(tag_dir: Path, rank: int) -> str | None:
+    """None when this rank can read its part of `tag_dir` (the shared files and its own shards), else why not.
+
+    Each file is opened as DeepSpeed will open it, memory-mapped so that only its structure is read: a
+    truncated or overwritten file fails here, before any rank enters the loading collectives."""
+    try:
+        read_state(tag_dir)
+        for f in sorted(tag_dir.rglob("*.pt")):
+            m = _RANK_FILE.search(f.name)
+            if m is None or int(m.group(1)) == rank:
+                torch.load(f, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as e:  # whatever a damaged file raises (zip, unpickling, I/O)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def resume(engine, save_dir: str | os.PathLike) -> TrainState | None:
-    """Load the newest complete checkpoint that loads; None when there is none. Collective."""
-    rank, world = _rank()
-    tried = []
-    for tag in complete_tags(save_dir, warn=rank == 0):
-        tag_dir = Path(save_dir) / tag
-        try:
-            state = read_state(tag_dir)
-            path, _ = engine.load_checkpoint(str(save_dir), tag=tag)
-            if path is None:
-                raise RuntimeError("DeepSpeed found nothing to load")
-        except Exception as e:  # whatever a damaged file raises (unpickling, zip, shapes): try the previous one
-            if rank == 0:
-                warnings.warn(f"skipping unreadable checkpoint {tag_dir}: {type(e).__name__}: {e}", stacklevel=2)
-            tried.append(tag)
-            continue
-        rng_file = tag_dir / f"rng_rank{rank}.pt"
-        if state.world_size == world and rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        return state
+    """Load the newest checkpoint that every rank can read; None when there is none. Collective.
+
+    The ranks agree on one tag: they propose their newest complete tag, take the oldest proposal (the newest
+    every rank has), and load it only when every rank can read its part of it; otherwise all of them pass it
+    over. One damaged shard therefore sends every rank back to the same older checkpoint, never some ranks.
+    """
+    rank = dist.rank()
+    keys = {_tag_key(t): t for t in complete_tags(save_dir, warn=rank == 0)}
+    bound, tried = math.inf, []
+    while True:
+        agreed = int(dist.all_reduce([max((k for k in keys if k < bound), default=-1)], op="min")[0])
+        if agreed < 0:
+            break
+        tag = keys.get(agreed)
+        problem = _readable(Path(save_dir) / tag, rank) if tag else "missing on this rank"
+        failed = int(dist.all_reduce([float(problem is not None)])[0])
+        if not failed:
+            return _load(engine, Path(save_dir) / tag, rank)
+        if problem is not None:
+            warnings.warn(
+                f"rank {rank} cannot read checkpoint {save_dir}/{tag or agreed // 2}: {problem}", stacklevel=2
+            )
+        if rank == 0:
+            warnings.warn(
+                f"skipping unreadable checkpoint {save_dir}/{tag} ({failed} rank(s) cannot read it)", stacklevel=2
+            )
+        tried.append(tag or str(agreed // 2))
+        bound = agreed
     if tried:
         raise UserError(
             f"no checkpoint in {save_dir} could be loaded (tried {', '.join(tried)}); "
             "move the damaged ones away to start afresh, or pass a new --save directory"
         )
     return None
+
+
+def _load(engine, tag_dir: Path, rank: int) -> TrainState:
+    """Every rank loads `tag_dir` (which every rank can read) into the engine; the RNG states when they fit."""
+    state = read_state(tag_dir)
+    path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if path is None:
+        raise UserError(f"DeepSpeed found nothing to load in {tag_dir}; move it away and relaunch")
+    rng_file = tag_dir / f"rng_rank{rank}.pt"
+    if state.world_size == dist.world_size() and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state
 
 
 def to_universal(save_dir: str | os.PathLike, tag: str | None = None) -> Path:
@@ -266,37 +310,84 @@ def _is_hf_dir(path: Path) -> bool:
 
 
 def load_weights(path: str | os.PathLike):
-    """(BertConfig, state dict with HF BertForPreTraining key names, fp32) from a --save directory (newest
-    complete checkpoint), one checkpoint tag directory, or a Hugging Face directory."""
-    from pretrain.model import BertConfig, BertForPreTraining
+    """(model config, fp32 weights with transformers' names, the keys it stores once filled in) from a --save
+    directory (newest complete checkpoint), one checkpoint tag directory, or a Hugging Face directory of
+    either family.
+
+    A checkpoint gives its fp32 master weights whatever its precision and ZeRO stage (`master_weights`); a
+    checkpoint that holds nothing but 16-bit weights is refused with one line, never silently rounded."""
+    from pretrain.models import config_from_dict, from_hf_pretrained
 
     p = Path(path)
     if _is_hf_dir(p):
-        model = BertForPreTraining.from_hf_pretrained(str(p))
+        model = from_hf_pretrained(str(p))
         return model.config, {k: v.float() for k, v in model.state_dict().items()}
     if not (p / STATE_FILE).is_file():
         found = newest(p) if p.is_dir() else None
         if found is None:
             raise UserError(f"{p} is neither a checkpoint (--save directory or tag) nor a Hugging Face model directory")
         p = p / found[0]
-    state = read_state(p)
-    config = BertConfig(**state.config["model"])
-    if p.name.endswith("_universal"):
-        weights = _universal_weights(p)
-    elif any(p.glob("*optim_states.pt")) and any(p.glob("zero_pp_rank_*")):
+    config = config_from_dict(read_state(p).config["model"], keep_switches=False)
+    weights = {k: v.detach().float().clone() for k, v in master_weights(p, config).items()}
+    for tied, key in config.pretraining_class().TIED.items():
+        if tied not in weights and key in weights:
+            weights[tied] = weights[key]
+    return config, weights
+
+
+def master_weights(tag_dir: Path, config) -> dict[str, torch.Tensor]:
+    """The optimizer's fp32 copy of the weights in one checkpoint tag (transformers' names).
+
+    - universal checkpoints: their per-parameter fp32 files;
+    - optimizer states in `*_optim_states.pt` (ZeRO 1-3 in any precision, and bf16 at stage 0, whose
+      DeepSpeed optimizer partitions like ZeRO-1 and names its files `bf16_zero_pp_rank_*`): DeepSpeed's own
+      reconstruction, `zero_to_fp32`;
+    - stage 0: the module's weights when they are fp32, else the fp16 optimizer's fp32 groups.
+    """
+    if tag_dir.name.endswith("_universal"):
+        return _universal_weights(tag_dir)
+    if any(tag_dir.glob("*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        weights = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    module = states["module"]
+    low = {v.dtype for v in module.values() if v.is_floating_point() and v.dtype != torch.float32}
+    if not low:
+        return module
+    masters = _fp16_optimizer_masters(states.get("optimizer") or {}, config)
+    if masters is None:
+        raise UserError(
+            f"{tag_dir} holds only {', '.join(sorted(map(str, low)))} weights and no fp32 master copy (the optimizer "
+            "state is missing); restore the checkpoint's optimizer files, which hold the fp32 weights"
+        )
+    return masters
+
+
+def _fp16_optimizer_masters(optimizer: dict, config) -> dict[str, torch.Tensor] | None:
+    """Stage 0 fp16: DeepSpeed's fp16 optimizers keep the fp32 masters per param group, in the order of
+    `pretrain.engine.param_groups` (matrices, then vectors), one tensor each (`fp32_groups`) or one flat
+    tensor per group (`fp32_groups_flat`)."""
+    from pretrain.engine import param_groups
+    from pretrain.models import build_pretraining_model
+
+    with torch.device("meta"):
+        model = build_pretraining_model(config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[(names[id(p)], p.shape) for p in g["params"]] for g in param_groups(model, 0.0)]
+    if "fp32_groups" in optimizer:
+        flats = [torch.cat([t.flatten() for t in group]) for group in optimizer["fp32_groups"]]
+    elif "fp32_groups_flat" in optimizer:
+        flats = list(optimizer["fp32_groups_flat"])
     else:
-        weights = torch.load(p / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    weights = {k: v.detach().float().clone() for k, v in weights.items()}
-    for tied, source in (
-        ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight"),
-        ("cls.predictions.decoder.bias", "cls.predictions.bias"),
-    ):
-        if tied not in weights and source in weights:
-            weights[tied] = weights[source]
-    return config, weights
+        return None
+    out = {}
+    for group, flat in zip(groups, flats):
+        offset = 0
+        for name, shape in group:
+            out[name] = flat[offset : offset + shape.numel()].view(shape)
+            offset += shape.numel()
+    return out
 
 
 def _universal_weights(tag_dir: Path) -> dict[str, torch.Tensor]:

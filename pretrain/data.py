@@ -266,7 +266,7 @@ class PretrainingData:
         world_size: int,
         consumed_samples: int = 0,
         num_workers: int | None = None,
-    ) -> Iterator[dict[str, torch.Tensor]]:
+    ) -> Batches:
         """Endless masked micro-batches for `rank`; the i-th holds global samples
         `consumed_samples + (i * world_size + rank) * micro_batch_size + [0, micro_batch_size)`."""
         _check_split(split)
@@ -278,10 +278,10 @@ class PretrainingData:
             num_workers=workers,
             collate_fn=functools.partial(collate, pad_id=self.special_tokens["pad"]),
             prefetch_factor=4 if workers else None,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=_worker_init,
             pin_memory=torch.cuda.is_available(),
         )
-        return iter(loader)
+        return Batches(loader)
 
 
 def eval_batches(
@@ -486,12 +486,36 @@ def _continuation_ids(path: str, vocab_size: int, prefix: str) -> np.ndarray:
     return continuation_flags(tokens, vocab_size, mark, marks_start)
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Workers leave SIGTERM/SIGINT to the training process, which stops at a step boundary and saves."""
+def _worker_init(_worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the training process, which stops at a micro-batch boundary and saves,
+    and die with it when it dies (torch's own check of the parent runs only every few seconds)."""
     import signal
+
+    from pretrain.dist import die_with_parent
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+
+
+class Batches(Iterator):
+    """An endless stream of micro-batches whose loader workers end with `close()`.
+
+    The workers ignore SIGTERM (see `_worker_init`), so the `terminate()` with which Python's exit joins child
+    processes does not end them: a rank leaving by an exception would wait on them forever. `close()` (the
+    training loop calls it on every way out) stops them through the loader's own shutdown.
+    """
+
+    def __init__(self, loader: DataLoader):
+        self._it = iter(loader)
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return next(self._it)
+
+    def close(self) -> None:
+        shutdown = getattr(self._it, "_shutdown_workers", None)  # absent without workers (num_workers=0)
+        if shutdown is not None:
+            shutdown()
 
 
 class _MaskedSamples(Dataset):

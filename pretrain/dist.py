@@ -1,4 +1,5 @@
-"""Rank, world size and the few collectives the training code runs itself (DeepSpeed runs the rest).
+"""Rank, world size, the few collectives the training code runs itself (DeepSpeed runs the rest), and the
+lifetime of a rank's processes.
 
 Design choices:
 - Every collective's tensor lives on the accelerator's current device (`device()`): a process group made
@@ -7,9 +8,15 @@ Design choices:
 - Collectives run at world size 1 too (whenever a process group exists), so a one-GPU run exercises the
   same calls as a 64-GPU one; without a process group they return their input.
 - Nothing else in the project calls `torch.distributed` collectives directly (a test checks the sources).
+- A rank and its loader workers never outlive the process that started them (`die_with_parent`): a
+  launcher that is killed takes its ranks with it, instead of leaving them waiting on their peers.
 """
 
 from __future__ import annotations
+
+import ctypes
+import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -49,7 +56,30 @@ def all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
+def all_reduce_tensor(t: torch.Tensor, group=None) -> None:
+    """Sum `t` in place over the ranks of `group` (all ranks by default); `t` lives where the optimizer's
+    partitions live, the accelerator's device. Nothing to do in a group of one."""
+    if initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+
+
 def barrier() -> None:
     """Every rank waits for every other (on the accelerator's device under NCCL)."""
     if initialized():
         all_reduce([0.0])
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Linux: this process gets `sig` when its parent dies; a parent already gone ends this process now.
+    Elsewhere (no prctl): nothing."""
+    parent = os.getppid()
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig) != 0:
+            return
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)

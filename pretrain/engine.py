@@ -16,6 +16,8 @@ Design choices:
 from __future__ import annotations
 
 import copy
+import datetime
+import faulthandler
 import functools
 import json
 import os
@@ -27,6 +29,7 @@ from pathlib import Path
 import torch
 
 from data_prep.errors import UserError
+from pretrain import dist
 from pretrain.lamb import FlatLayout, Lamb
 
 if not torch.cuda.is_available():
@@ -62,6 +65,15 @@ def load_ds_config(spec: str | os.PathLike | dict) -> dict:
     if cfg.get("bf16", {}).get("enabled") and cfg.get("fp16", {}).get("enabled"):
         raise UserError(f"{name} enables both fp16 and bf16; enable at most one")
     return cfg
+
+
+def compute_dtype(cfg: dict) -> torch.dtype:
+    """The dtype the model computes in under this DeepSpeed config (bf16, fp16 or fp32)."""
+    if cfg.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if cfg.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
 
 
 def resolve_batch(cfg: dict, world_size: int) -> tuple[int, int, int]:
@@ -223,17 +235,28 @@ def _ensure_dist_env() -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def shutdown() -> None:
+SHUTDOWN_TIMEOUT_S = 120.0
+
+
+def shutdown(timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
     """Leave the process group cleanly once a run succeeded: every rank meets, then tears the group down.
 
     A rank that exits with the group alive can abort in the backend's destructor ("terminate called without
     an active exception") while a peer is still talking to it, turning a finished run into a failed launch.
+    A peer that never arrives (it died after the last step) must not keep this rank alive: after `timeout_s`
+    the process dumps every thread's stack and exits with code 1 (faulthandler's watchdog thread, which fires
+    even while this thread waits inside the backend).
     """
-    if ds_dist.is_initialized():
-        ds_dist.barrier()
+    if not ds_dist.is_initialized():
+        return
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
+    try:
+        dist.barrier()
         if not on_gpu():
             _unlink_shm_buffer(ds_dist.get_rank())
         ds_dist.destroy_process_group()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 def _unlink_shm_buffer(rank: int) -> None:
@@ -262,11 +285,19 @@ def share_cpu_cores() -> None:
             print(f"{local} CPU ranks on {cores} cores: {threads} torch thread(s) each (OMP_NUM_THREADS overrides)")
 
 
-def init_distributed() -> None:
+DIST_TIMEOUT_MIN = 10.0
+
+
+def init_distributed(timeout_min: float = DIST_TIMEOUT_MIN) -> None:
+    """Join the process group (a world of one without a launcher). `timeout_min`: how long a collective waits
+    for a missing peer before it fails (the process-group timeout)."""
+    if "LOCAL_RANK" in os.environ:  # started by a launcher (deepspeed, torchrun): end with it
+        dist.die_with_parent()
     _ensure_dist_env()
     share_cpu_cores()
     if not ds_dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="gloo" if not on_gpu() else "nccl")
+        backend = "gloo" if not on_gpu() else "nccl"
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
 
 
 def initialize(

@@ -22,7 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from pretrain import dist
 
 
 @dataclass
@@ -132,8 +133,8 @@ class Lamb(torch.optim.Optimizer):
         )
         sq = torch.zeros(2, layout.num_tensors + 1, dtype=torch.float32, device=p.device)
         sq.index_add_(1, tids, pieces)
-        if layout.group is not None and dist.is_initialized() and dist.get_world_size(layout.group) > 1:
-            dist.all_reduce(sq, group=layout.group)
+        if layout.group is not None:
+            dist.all_reduce_tensor(sq, group=layout.group)
         w_norm, u_norm = sq.sqrt()
         ratio = (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"])
         ratio = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))

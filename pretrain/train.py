@@ -29,9 +29,14 @@ from pathlib import Path
 import torch
 
 from data_prep.errors import UserError, run_cli
-from data_prep.flags import accept_launcher_arguments, add_arguments, fields_in, from_args, option
+from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
+from data_prep.log import get_logger
+from pretrain import dist
 from pretrain.data import DataConfig, PretrainingData, eval_batches
-from pretrain.model import BertConfig, ModelFlags
+from pretrain.metrics import Metrics
+from pretrain.models import ModelFlags, build_pretraining_model, shape_mismatch
+
+log = get_logger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -66,6 +71,9 @@ class TrainConfig(ModelFlags):
     """Log to this Weights & Biases project (offline without an API key)."""
     tensorboard: bool = False
     """Write TensorBoard events to SAVE/tensorboard."""
+    dist_timeout: float = 10.0
+    """Minutes a collective may wait for a missing peer before the run fails (the process-group timeout; a
+    launch by scripts/launch_multinode.sh ends every rank within seconds of a failure anyway)."""
     compile: bool = False
     """torch.compile the whole model through DeepSpeed's engine.compile() (the first steps compile, then run
     faster; checkpoints keep the eager names)."""
@@ -101,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; read at each step boundary (all ranks agree through an all-reduce)."""
+    """Set by SIGTERM/SIGINT; read before every micro-batch (all ranks agree through an all-reduce)."""
 
     def __init__(self):
         self.signal: int | None = None
@@ -112,33 +120,20 @@ class StopFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
+        """Give the signals back; a process that was asked to stop goes on ignoring SIGTERM while it exits (a
+        supervisor may repeat the request, and the checkpoint is written by now)."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            stopping = self.signal is not None and sig == signal.SIGTERM
+            signal.signal(sig, signal.SIG_IGN if stopping else handler)
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self.signal = signum
 
-
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _log(msg: str) -> None:
-    if _is_rank0():
-        print(msg, flush=True)
-
-
-def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    import torch.distributed as dist
-
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
+    def agreed(self) -> bool:
+        """Whether any rank was signalled (a collective: every rank calls it at the same point)."""
+        return bool(dist.all_reduce([float(self.signal is not None)], op="max")[0])
 
 
 @torch.no_grad()
@@ -166,56 +161,14 @@ def evaluate(engine_or_model, batches) -> dict[str, float]:
             nsp_total += has.sum().item()
     finally:
         module.train(was_training)
-    correct, total, loss_sum, nsp_correct, nsp_total = _all_reduce([correct, total, loss_sum, nsp_correct, nsp_total])
+    correct, total, loss_sum, nsp_correct, nsp_total = dist.all_reduce(
+        [correct, total, loss_sum, nsp_correct, nsp_total]
+    )
     return {
         "mlm_acc": correct / max(total, 1),
         "mlm_loss": loss_sum / max(total, 1),
         "nsp_acc": nsp_correct / nsp_total if nsp_total else None,  # None: no pair task (--pair-task none)
     }
-
-
-class Metrics:
-    """Rank 0: metrics.jsonl (cut back to the resumed step), console, TensorBoard, wandb."""
-
-    def __init__(self, cfg: TrainConfig, resolved: dict, start_step: int):
-        self.enabled = _is_rank0()
-        self.path = Path(cfg.save) / "metrics.jsonl"
-        self.tb = self.wandb = None
-        if not self.enabled:
-            return
-        Path(cfg.save).mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # drop what a killed run logged after its last checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
-            keep = [ln for ln in keep if not (json.loads(ln)["step"] == start_step and "split" in json.loads(ln))]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(cfg.save) / "tensorboard"))
-        if cfg.wandb_project:
-            import wandb
-
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-            self.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.save, config=resolved, mode=mode)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        prefix = "eval/" if record.get("split") == "eval" else "train/"
-        scalars = {prefix + k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"}
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, record["step"])
-        if self.wandb is not None:
-            self.wandb.log(scalars, step=record["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        if self.wandb is not None:
-            self.wandb.finish()
 
 
 def _prepare(cfg: TrainConfig):
@@ -243,9 +196,7 @@ def _prepare(cfg: TrainConfig):
         )
     found = checkpoint.newest(cfg.save)
     if found is not None:
-        saved = found[1].config.get("model", {})
-        ours = dataclasses.asdict(model_cfg)
-        diff = [k for k in fields_in(BertConfig, "shape") if saved.get(k) != ours.get(k)]
+        diff = shape_mismatch(found[1].config.get("model", {}), model_cfg)
         if diff:
             raise UserError(
                 f"--save {cfg.save} holds a checkpoint of a different model shape ({', '.join(diff)} differ); "
@@ -256,24 +207,184 @@ def _prepare(cfg: TrainConfig):
 
 def main(cfg: TrainConfig) -> dict:
     """Train (or resume) and return the final metrics: step, loss, eval (if any), stopped_by."""
-    model_cfg, data, ds_cfg, found = _prepare(cfg)
     stop = StopFlag()
     stop.install()
     try:
-        return _train(cfg, model_cfg, data, ds_cfg, found, stop)
+        model_cfg, data, ds_cfg, found = _prepare(cfg)
+        run = _Run(cfg, model_cfg, data, ds_cfg, found)
+        try:
+            return run.train(stop)
+        finally:
+            run.close()
     finally:
         stop.uninstall()
 
 
-def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFlag) -> dict:
-    from pretrain import checkpoint
-    from pretrain import engine as eng
+class _Clock:
+    """Training wall-clock seconds summed over resumes; they drive --time-budget."""
 
-    eng.init_distributed()
-    import torch.distributed as dist
+    def __init__(self, budget_hours: float, before_s: float):
+        self.budget_s, self.before_s, self.start = budget_hours * 3600.0, before_s, time.monotonic()
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    _, micro_batch, grad_accum = eng.resolve_batch(ds_cfg, world)
+    def elapsed(self) -> float:
+        return self.before_s + time.monotonic() - self.start
+
+    def progress(self, _step: int) -> float:
+        """Share of the budget spent (the learning-rate schedule's clock when there is a budget)."""
+        return self.elapsed() / self.budget_s
+
+    def spent(self) -> bool:
+        return bool(self.budget_s) and self.elapsed() >= self.budget_s
+
+
+class _Run:
+    """One launch of a run: the engine, where the run stands (`state`), its data streams and its metrics.
+
+    `train` is the loop: optimizer steps, each followed by its record, evaluation, checkpoint and stop check.
+    """
+
+    def __init__(self, cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found):
+        from pretrain import checkpoint
+        from pretrain import engine as eng
+
+        eng.init_distributed(cfg.dist_timeout)
+        self.cfg, self.data = cfg, data
+        rank, world = dist.rank(), dist.world_size()
+        _, self.micro_batch, self.grad_accum = eng.resolve_batch(ds_cfg, world)
+        self.global_batch = self.micro_batch * self.grad_accum * world
+        _check_resume_layout(cfg, ds_cfg, found, world)
+        model = _build_model(cfg, model_cfg, init=cfg.init_from if found is None else None)
+        fast_paths = model.resolve_fast_paths(dist.device(), eng.compute_dtype(ds_cfg))
+        self.resolved = _resolved_config(cfg, model_cfg, ds_cfg, data, world, fast_paths)
+        # elapsed time of a resumed run is needed before resume: loading the LR scheduler evaluates the budget
+        self.clock = _Clock(cfg.time_budget, found[1].elapsed_s if found is not None else 0.0)
+        progress = self.clock.progress if cfg.time_budget else None
+        self.engine = eng.initialize(model, ds_cfg, total_steps=cfg.train_steps, progress=progress)
+        if cfg.compile:
+            self.engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints are unchanged
+        torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per rank
+        self.state = checkpoint.TrainState(world_size=world, config=self.resolved)
+        if found is not None:
+            self._resume()
+        self.metrics = Metrics(cfg.save, self.state.step, self.resolved, cfg.tensorboard, cfg.wandb_project)
+        rng = checkpoint.rng_state()  # starting a loader draws worker seeds; keep dropout's stream untouched
+        self.batches = data.loader("train", self.micro_batch, rank, world, consumed_samples=self.state.consumed_samples)
+        checkpoint.set_rng_state(rng)
+        self.evals = eval_batches(data, self.micro_batch, rank, world, cfg.eval_samples) if cfg.eval_every else None
+        self.result = {"step": self.state.step, "stopped_by": None}
+        self.bar = None
+
+    def _resume(self) -> None:
+        from pretrain import checkpoint
+
+        resumed = checkpoint.resume(self.engine, self.cfg.save)
+        self.state = dataclasses.replace(resumed, world_size=dist.world_size(), config=self.resolved)
+        self.clock.before_s = self.state.elapsed_s
+        log.info(f"resumed from {self.cfg.save} at step {self.state.step} ({self.state.consumed_samples} samples)")
+
+    def train(self, stop: StopFlag) -> dict:
+        cfg, state = self.cfg, self.state
+        if self.evals is not None and state.step == 0:
+            self.evaluate()
+        self.bar = _progress_bar(cfg, state.step)
+        loop_start, loop_step = time.monotonic(), state.step
+        nonfinite = 0
+        while state.step < cfg.train_steps:
+            t0 = time.perf_counter()
+            lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
+            sums = self._optimizer_step(stop)
+            if sums is None:  # a signal arrived mid-accumulation: the partial gradients are dropped
+                return self._stop("signal", save=True)
+            record, bad = self._record(sums, lr, time.perf_counter() - t0)
+            eta = (time.monotonic() - loop_start) / (state.step - loop_step) * (cfg.train_steps - state.step)
+            _report(self.bar, cfg, record, min(eta, self._budget_left()))
+            nonfinite = nonfinite + 1 if bad else 0
+            if nonfinite >= max(cfg.max_nonfinite, 1):
+                raise UserError(
+                    f"the loss was non-finite for {nonfinite} consecutive steps (last at step {state.step}); stopping "
+                    f"without saving, the last good checkpoint in {cfg.save} is intact; lower the learning rate"
+                )
+            signalled, budget = dist.all_reduce([float(stop.signal is not None), float(self.clock.spent())], "max")
+            last = state.step == cfg.train_steps
+            if self.evals is not None and (state.step % cfg.eval_every == 0 or last or (budget and not signalled)):
+                self.evaluate()
+            if signalled or budget:
+                return self._stop("signal" if signalled else "time budget", save=not nonfinite)
+            if not nonfinite and (last or (cfg.save_every and state.step % cfg.save_every == 0)):
+                self.save()
+        return self.result
+
+    def _optimizer_step(self, stop: StopFlag) -> list[float] | None:
+        """`grad_accum` micro-batches and one optimizer step: this rank's mean (loss, mlm_loss, nsp_loss) and
+        whether one was non-finite. None when a signal arrived before the last micro-batch: every rank then
+        leaves the step unfinished at the same micro-batch, with the RNG states of the step's start, so that
+        the checkpoint of the last completed step resumes exactly (samples are a function of their index)."""
+        from pretrain import checkpoint
+
+        engine, sums = self.engine, [0.0, 0.0, 0.0]
+        rng = checkpoint.rng_state() if self.grad_accum > 1 else None
+        for i in range(self.grad_accum):
+            if i and stop.agreed():
+                checkpoint.set_rng_state(rng)
+                return None
+            batch = {k: v.to(engine.device) for k, v in next(self.batches).items()}
+            out = engine(**batch)
+            engine.backward(out.loss)
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            nsp = out.nsp_loss.item() if out.nsp_loss is not None else 0.0
+            sums = [s + x / self.grad_accum for s, x in zip(sums, (out.loss.item(), out.mlm_loss.item(), nsp))]
+        return [*sums, float(not all(map(math.isfinite, sums)))]
+
+    def _record(self, sums: list[float], lr: float, seconds: float) -> tuple[dict, bool]:
+        """Advance the state by one step and log it (losses averaged over ranks); whether a rank's was non-finite."""
+        state, world = self.state, dist.world_size()
+        reduced = dist.all_reduce(sums)
+        loss, mlm, nsp = (x / world for x in reduced[:3])
+        state.step += 1
+        state.consumed_samples += self.global_batch
+        state.elapsed_s = self.clock.elapsed()
+        record = {"step": state.step, "loss": loss, "mlm_loss": mlm, "nsp_loss": nsp}
+        record.update(lr=lr, samples=state.consumed_samples, seq_per_s=self.global_batch / seconds)
+        record.update(_loss_scaling(self.engine))
+        self.metrics.write(record)
+        self.result.update(step=state.step, loss=loss)
+        return record, bool(reduced[3])
+
+    def _budget_left(self) -> float:
+        return max(self.clock.budget_s - self.clock.elapsed(), 0.0) if self.clock.budget_s else math.inf
+
+    def evaluate(self) -> None:
+        record = {"step": self.state.step, "split": "eval", **evaluate(self.engine, self.evals)}
+        self.metrics.write(record)
+        self.result["eval"] = record
+        log.info(f"eval step {self.state.step}: " + " ".join(f"{k}={v}" for k, v in _rounded(record).items()))
+
+    def save(self) -> None:
+        from pretrain import checkpoint
+
+        t0 = time.monotonic()
+        tag_dir = checkpoint.save(self.engine, self.cfg.save, self.state, self.cfg.keep_last or None)
+        size = checkpoint.size_on_disk(tag_dir) if dist.is_rank0() else 0
+        log.info(f"saved {tag_dir} ({size / 1e9:.2f} GB in {time.monotonic() - t0:.1f} s)")
+
+    def _stop(self, reason: str, save: bool) -> dict:
+        from pretrain import checkpoint
+
+        if save and not checkpoint.is_complete(self.cfg.save, self.state.step):
+            self.save()
+        self.result["stopped_by"] = reason
+        log.info(f"stopping at step {self.state.step} ({reason}); relaunch the same command to resume")
+        return self.result
+
+    def close(self) -> None:
+        """Loader workers end with the run (also when it fails), the progress bar and metrics are closed."""
+        self.batches.close()
+        if self.bar is not None:
+            self.bar.close()
+        self.metrics.close()
+
+
+def _check_resume_layout(cfg: TrainConfig, ds_cfg: dict, found, world: int) -> None:
     if found is not None and found[1].world_size != world and not found[0].endswith("_universal"):
         raise UserError(
             f"{cfg.save}/{found[0]} was written by {found[1].world_size} processes, this launch has {world}; "
@@ -283,102 +394,24 @@ def _train(cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, stop: StopFla
     if found is not None and found[0].endswith("_universal"):
         ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
 
+
+def _resolved_config(cfg: TrainConfig, model_cfg, ds_cfg: dict, data, world: int, fast_paths: dict) -> dict:
+    """What this run is, printed at start and saved with every checkpoint."""
     resolved = {
         "train": dataclasses.asdict(cfg),
         "model": dataclasses.asdict(model_cfg),
+        "fast_paths": fast_paths,
         "deepspeed": ds_cfg,
         "world_size": world,
         "data": {"vocab_size": data.vocab_size, "train_samples": data.num_samples("train")},
     }
-    _log("resolved configuration:\n" + json.dumps(resolved, indent=2))
+    log.info("resolved configuration:\n" + json.dumps(resolved, indent=2))
     if model_cfg.vocab_size - data.vocab_size > 64:  # more than rounding up to a multiple of 64 (30522 -> 30528)
-        _log(
+        log.info(
             f"note: the model's vocab_size {model_cfg.vocab_size} exceeds the data's {data.vocab_size} ids; the extra "
             f"rows are never a target but cost MLM-decoder compute: --model-set vocab_size={data.vocab_size}"
         )
-
-    model = _build_model(cfg, model_cfg, init=cfg.init_from if found is None else None)
-    state = checkpoint.TrainState(world_size=world, config=resolved)
-    # elapsed time of a resumed run is needed before resume: loading the LR scheduler evaluates the time budget
-    clock = {"start": time.monotonic(), "before": found[1].elapsed_s if found is not None else 0.0}
-
-    def elapsed() -> float:
-        return clock["before"] + time.monotonic() - clock["start"]
-
-    budget_s = cfg.time_budget * 3600.0
-    progress = (lambda step: elapsed() / budget_s) if budget_s else None
-    engine = eng.initialize(model, ds_cfg, total_steps=cfg.train_steps, progress=progress)
-    if cfg.compile:
-        engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints are unchanged
-    torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per rank
-    resumed = checkpoint.resume(engine, cfg.save) if found is not None else None
-    if resumed is not None:
-        state = dataclasses.replace(resumed, world_size=world, config=resolved)
-        clock["before"] = state.elapsed_s
-        _log(f"resumed from {cfg.save} at step {state.step} ({state.consumed_samples} samples)")
-
-    metrics = Metrics(cfg, resolved, state.step)
-    rng = checkpoint.rng_state()  # starting a loader draws worker seeds; keep dropout's stream untouched
-    loader = data.loader("train", micro_batch, rank, world, consumed_samples=state.consumed_samples)
-    checkpoint.set_rng_state(rng)
-    evals = eval_batches(data, micro_batch, rank, world, cfg.eval_samples) if cfg.eval_every else None
-    global_batch = micro_batch * grad_accum * world
-    result = {"step": state.step, "stopped_by": None}
-
-    def run_eval() -> None:
-        record = {"step": state.step, "split": "eval", **evaluate(engine, evals)}
-        metrics.write(record)
-        result["eval"] = record
-        _log(f"eval step {state.step}: " + " ".join(f"{k}={v}" for k, v in _rounded(record).items()))
-
-    if evals is not None and state.step == 0:
-        run_eval()
-    bar = _progress_bar(cfg, state.step)
-    clock["loop"], clock["loop_step"] = time.monotonic(), state.step
-    nonfinite = 0
-    while state.step < cfg.train_steps:
-        t0 = time.perf_counter()
-        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
-        sums = _optimizer_step(engine, loader, grad_accum)
-        spent_budget = budget_s and elapsed() >= budget_s
-        reduced = _all_reduce([*sums, float(not all(map(math.isfinite, sums)))])
-        flags = _all_reduce([float(stop.signal is not None), float(bool(spent_budget))], op="max")
-        loss, mlm, nsp = (x / world for x in reduced[:3])
-        state.step += 1
-        state.consumed_samples += global_batch
-        state.elapsed_s = elapsed()
-        dt = time.perf_counter() - t0
-        record = {"step": state.step, "loss": loss, "mlm_loss": mlm, "nsp_loss": nsp}
-        record.update(lr=lr, samples=state.consumed_samples, seq_per_s=global_batch / dt)
-        record.update(_loss_scaling(engine))
-        metrics.write(record)
-        result.update(step=state.step, loss=loss)
-        eta = (time.monotonic() - clock["loop"]) / (state.step - clock["loop_step"]) * (cfg.train_steps - state.step)
-        if budget_s:  # the budget ends the run first when it is the shorter of the two
-            eta = min(eta, max(budget_s - state.elapsed_s, 0.0))
-        _report(bar, cfg, record, eta)
-        nonfinite = nonfinite + 1 if reduced[3] else 0
-        if nonfinite >= max(cfg.max_nonfinite, 1):
-            metrics.close()
-            raise UserError(
-                f"the loss was non-finite for {nonfinite} consecutive steps (last at step {state.step}); "
-                f"stopping without saving, the last good checkpoint in {cfg.save} is intact; lower the learning rate"
-            )
-        last = state.step == cfg.train_steps
-        stopping = flags[0] or flags[1]
-        if evals is not None and (state.step % cfg.eval_every == 0 or last or stopping):
-            run_eval()
-        if not nonfinite and (last or stopping or (cfg.save_every and state.step % cfg.save_every == 0)):
-            tag_dir = checkpoint.save(engine, cfg.save, state, cfg.keep_last or None)
-            _log(f"saved {tag_dir}")
-        if stopping:
-            result["stopped_by"] = "signal" if flags[0] else "time budget"
-            _log(f"stopping at step {state.step} ({result['stopped_by']}); relaunch the same command to resume")
-            break
-    if bar is not None:
-        bar.close()
-    metrics.close()
-    return result
+    return resolved
 
 
 def _rounded(record: dict) -> dict:
@@ -388,10 +421,9 @@ def _rounded(record: dict) -> dict:
 def _build_model(cfg: TrainConfig, model_cfg, init: str | None):
     """A fresh model from `--seed`, or with the weights of `--init-from` (not when resuming)."""
     from pretrain.checkpoint import load_weights
-    from pretrain.model import BertForPreTraining
 
     torch.manual_seed(cfg.seed)
-    model = BertForPreTraining(model_cfg)
+    model = build_pretraining_model(model_cfg)
     if init:
         _, weights = load_weights(init)
         missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -400,21 +432,8 @@ def _build_model(cfg: TrainConfig, model_cfg, init: str | None):
                 f"--init-from {init} does not match --model ({len(missing)} missing, {len(unexpected)} unexpected "
                 f"tensors, e.g. {(missing + unexpected)[:2]}); use the same model shape"
             )
-        _log(f"initialized weights from {init}")
+        log.info(f"initialized weights from {init}")
     return model
-
-
-def _optimizer_step(engine, loader, grad_accum: int) -> list[float]:
-    """`grad_accum` micro-batches and one optimizer step; this rank's (loss, mlm_loss, nsp_loss) means."""
-    sums = [0.0, 0.0, 0.0]
-    for _ in range(grad_accum):
-        batch = {k: v.to(engine.device) for k, v in next(loader).items()}
-        out = engine(**batch)
-        engine.backward(out.loss)
-        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-        nsp = out.nsp_loss.item() if out.nsp_loss is not None else 0.0
-        sums = [s + x / grad_accum for s, x in zip(sums, (out.loss.item(), out.mlm_loss.item(), nsp))]
-    return sums
 
 
 def _loss_scaling(engine) -> dict:
@@ -425,7 +444,7 @@ def _loss_scaling(engine) -> dict:
 
 
 def _progress_bar(cfg: TrainConfig, start: int):
-    if not (_is_rank0() and sys.stderr.isatty()):
+    if not (dist.is_rank0() and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
 
@@ -439,7 +458,7 @@ def _report(bar, cfg: TrainConfig, r: dict, eta_s: float) -> None:
         bar.update(1)
     elif cfg.log_every and (r["step"] % cfg.log_every == 0 or r["step"] == cfg.train_steps):
         scaling = f"scale {r['loss_scale']:g} skipped {r['skipped_steps']} " if "loss_scale" in r else ""
-        _log(
+        log.info(
             f"step {r['step']}/{cfg.train_steps} loss {r['loss']:.4f} mlm {r['mlm_loss']:.4f} "
             f"nsp {r['nsp_loss']:.4f} lr {r['lr']:.3e} {scaling}{r['seq_per_s']:.1f} seq/s "
             f"ETA {int(eta_s // 3600)}:{int(eta_s % 3600 // 60):02d}:{int(eta_s % 60):02d}"

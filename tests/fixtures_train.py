@@ -178,10 +178,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STRICT_COLLECTIVES = ROOT / "tests" / "strict_collectives"
+
+
 def run_env() -> dict:
-    """Environment for training subprocesses: CPU DeepSpeed, one thread (bitwise-reproducible sums)."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    env.pop("RANK", None)
+    """Environment for training subprocesses: CPU DeepSpeed, one thread (bitwise-reproducible sums), and the
+    check that every torch.distributed collective gets tensors on the accelerator's device (its sitecustomize)."""
+    path = f"{ROOT}{os.pathsep}{STRICT_COLLECTIVES}"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=path, PYTHONUNBUFFERED="1")
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # left by in-process runs of module-scoped fixtures; a launcher sets its own
     return env
 
 

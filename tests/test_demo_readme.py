@@ -63,7 +63,10 @@ def parse(words: list[str], monkeypatch) -> argparse.Namespace:
         argv = [module, *launcher.user_args]
     elif words[0].endswith("launch_multinode.sh"):
         assert (ROOT / words[0]).is_file(), f"{words[0]} does not exist"
-        entry, argv = ("pretrain.train", "cli"), ["pretrain.train", *words[2:]]
+        from pretrain.launcher import parse_args as launcher_args
+
+        _, training = launcher_args(words[1:])  # its own flags, then the training flags for bert-pretrain
+        entry, argv = ("pretrain.train", "cli"), ["pretrain.train", *training]
     elif words[:2] == ["python", "-m"]:
         module = importlib.import_module(words[2])
         name = next(n for n in ("cli", "main", "_main") if hasattr(module, n))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_train import free_port
+from fixtures_train import free_port, run_env
 
 from data_prep.errors import UserError
 
@@ -100,7 +100,7 @@ def worker(out: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("engine") / "weights.pt"
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = run_env()
     port = free_port()
     cmd = ["deepspeed", "--num_gpus", str(WORLD), "--master_port", str(port), __file__, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

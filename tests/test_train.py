@@ -198,6 +198,37 @@ def test_a_checkpoint_that_would_not_fit_again_is_warned_about(setup, tmp_path, 
     assert checkpoint.low_disk_warning(save, tag_dir) is None
 
 
+def test_a_signal_mid_accumulation_saves_the_last_whole_step_and_resumes_exactly(tmp_path, monkeypatch):
+    """Phase 2 accumulates hundreds of micro-batches: a stop must not wait for the step's end (the launcher's grace
+    would run out), so the flag is read before every micro-batch; the partial step is dropped and the checkpoint
+    of the last whole step resumes with the losses of a run never stopped (dropout on: the RNG state matters)."""
+    import os
+    import signal
+
+    from pretrain.data import Batches
+
+    setup = make_setup(tmp_path, stage=0, dropout=0.1)
+    setup["ds"] = ds_config_json(tmp_path / "ds_accum.json", micro_batch=2, grad_accum=4)
+    main(config(setup, tmp_path / "straight", steps=5))
+    fetched, real_next = {"n": 0}, Batches.__next__
+
+    def next_batch(self):
+        fetched["n"] += 1
+        if fetched["n"] == 11:  # the 3rd of step 3's 4 micro-batches
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_next(self)
+
+    monkeypatch.setattr(Batches, "__next__", next_batch)
+    stopped = main(config(setup, tmp_path / "run", steps=5))
+    assert stopped["stopped_by"] == "signal" and stopped["step"] == 2 and fetched["n"] == 11
+    assert checkpoint.newest(tmp_path / "run")[1].step == 2 and checkpoint.tags(tmp_path / "run") == ["step_00000002"]
+    monkeypatch.setattr(Batches, "__next__", real_next)
+    assert main(config(setup, tmp_path / "run", steps=5))["step"] == 5
+    straight, resumed = records(tmp_path / "straight"), records(tmp_path / "run")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert [r["samples"] for r in resumed] == [8, 16, 24, 32, 40]
+
+
 def test_time_budget_stops_with_a_checkpoint(setup, tmp_path):
     save = tmp_path / "run"
     result = main(config(setup, save, steps=1000, time_budget=1e-7))
