@@ -68,6 +68,7 @@ class FastPaths:
     ops: str = "plain"  # "plain" | "compile" | "apex"
     fused_qkv: bool = True  # one GEMM on concatenated q/k/v weights (BERT; ModernBERT's Wqkv is one module)
     sparse_mlm_head: bool = True  # MLM head on masked positions only
+    deterministic: bool = False  # flash-attn's deterministic backward (ModernBERT's deterministic_flash_attn)
 
     def describe(self) -> dict[str, str]:
         """For the printed configuration."""
@@ -95,6 +96,7 @@ def resolve(config, device: torch.device, dtype: torch.dtype, partitioned: bool 
         ops=_resolve_ops(config.fused_ops, device, partitioned),
         fused_qkv=fused_qkv,
         sparse_mlm_head=config.sparse_mlm_head,
+        deterministic=getattr(config, "deterministic_flash_attn", False),
     )
 
 
@@ -225,13 +227,12 @@ class Packing:
             if bool((starts.sum(1) == 1).all()):  # one document per row: nothing to separate
                 sequence_of = None
         as_list = lengths.tolist()
-        padded = bool(min(as_list, default=0) < S) if document_ids is None else not bool(real.all())
+        padded = sum(as_list) < B * S
         indices = real.flatten().nonzero().squeeze(1) if paths.unpad and padded else None
-        flat = positions.flatten()
-        return cls(
-            B, S, paths, real, indices, flat if indices is None else flat[indices], sequence_of,
-            F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), as_list, uniform=len(as_list) == B and not padded,
-        )  # fmt: skip
+        positions = positions.flatten() if indices is None else positions.flatten()[indices]
+        cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        uniform = len(as_list) == B and not padded
+        return cls(B, S, paths, real, indices, positions, sequence_of, cu_seqlens, as_list, uniform)
 
     @property
     def max_len(self) -> int:
@@ -379,7 +380,8 @@ def _varlen_attention(qkv: Tensor, pack: Packing, dropout_p: float, window: int 
     cu, n = pack.cu_seqlens, pack.max_len
     sides = (-1, -1) if window is None else (window, window)
     if kind == "flash-attn varlen":
-        return flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p=dropout_p, window_size=sides)
+        deterministic = pack.paths.deterministic
+        return flash_attn_varlen_func(q, k, v, cu, cu, n, n, dropout_p, window_size=sides, deterministic=deterministic)
     return torch_varlen()(q, k, v, cu, cu, n, n, window_size=sides)
 
 

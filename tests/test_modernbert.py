@@ -227,3 +227,19 @@ def test_initialization_statistics():
             truncated = s * 0.8796  # std of N(0, s^2) truncated at +-2 s
             assert p.abs().max() <= cut * s, name
             assert abs(p.std().item() - truncated) < 4 * truncated / (2 * p.numel()) ** 0.5, name
+
+
+def test_export_builds_and_verifies_a_modernbert_checkpoint(tmp_path):
+    """bert-export's weights part: a checkpoint state without the tied decoder key, written as a transformers
+    directory, then reloaded by transformers and compared with our logits (pretrain.export.verify)."""
+    from pretrain import export
+
+    config = CONFIGS["biases_every_2nd"]
+    trained = ModernBertForMaskedLM(config)
+    randomize(trained, seed=9)
+    state = {k: v for k, v in trained.state_dict().items() if k != "decoder.weight"}  # as DeepSpeed saves it
+    model = export.build_model(models.config_from_dict(dataclasses.asdict(config), keep_switches=False), state)
+    model.save_hf_pretrained(str(tmp_path))
+    assert 0 <= export.verify(model, tmp_path) < 1e-5
+    with pytest.raises(UserError, match="ModernBertForMaskedLM weights"):
+        export.build_model(config, {k: v for k, v in state.items() if k != "head.dense.weight"})
