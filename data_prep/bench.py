@@ -383,7 +383,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.bench", description=__doc__.split("\n\n")[0])
     add_arguments(p, PrepBenchConfig)
     cfg = from_args(PrepBenchConfig, p.parse_args(argv))
-    logging.getLogger("bert.data_prep.build").setLevel(logging.WARNING)  # each build's tokenizer and summary lines
+    build_log = logging.getLogger("bert.data_prep.build")
+    level = build_log.level
+    build_log.setLevel(logging.WARNING)  # not every build's tokenizer and summary lines; restored below
+    try:
+        _run(cfg)
+    finally:
+        build_log.setLevel(level)
+    return 0
+
+
+def _run(cfg: PrepBenchConfig) -> None:
     files, tok_dir, workdir = _setup(cfg)
     if cfg.formats_only:
         parquet = parquet_copy(files, workdir)
@@ -393,11 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info(
                 f"main process feeding rate, {name} (read, chunk, pickle): {feed_rate(inputs):.1f} MB of text per CPU-s"
             )
-        return 0
+        return
     table, ceiling = throughput_table(cfg, files, tok_dir, workdir)
     log.info("\n".join(table))
     log.info("\n".join(other_measurements(cfg, files, tok_dir, workdir, ceiling)))
-    return 0
 
 
 if __name__ == "__main__":
