@@ -43,6 +43,7 @@ setup(
             "bert-export=pretrain.export:cli",
             "bert-report=pretrain.report:cli",
             "bert-finetune=finetune.run:cli",
+            "bert-glue=finetune.suite:cli",
         ]
     },
 )

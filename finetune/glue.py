@@ -23,6 +23,7 @@ import csv
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from data_prep.errors import UserError
 from data_prep.log import get_logger
@@ -31,6 +32,7 @@ from finetune.kinds import Predict, Task, argmax_labels
 
 log = get_logger(__name__)
 
+TaskName = Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
 BINARY = ("0", "1")
 NLI = ("entailment", "not_entailment")
 
@@ -77,6 +79,7 @@ TASKS = {
     "rte": Spec("RTE", NLI, "sentence1", "sentence2", "label", ("accuracy",)),
     "wnli": Spec("WNLI", BINARY, "sentence1", "sentence2", "label", ("accuracy",)),
 }
+assert tuple(TASKS) == get_args(TaskName)
 
 
 def metric_names(spec: Spec) -> tuple[str, ...]:

@@ -56,7 +56,7 @@ class FinetuneConfig:
 
     task: Literal["classify", "tag", "qa"] | None = None
     """classify (one label per text or text pair), tag (a BIO tag per word) or qa (extractive, SQuAD JSON)."""
-    glue_task: Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"] | None = None
+    glue_task: glue.TaskName | None = None
     """A GLUE task, its files read from --data-dir (instead of --task, --train and --eval)."""
     train: str | None = None
     """Training file: CSV/TSV/JSONL (classify), CoNLL (tag) or SQuAD v1.1/v2.0 JSON (qa)."""
