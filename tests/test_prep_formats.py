@@ -62,6 +62,14 @@ def test_parquet_arrow_and_save_to_disk_give_the_txt_dataset(tmp_path, prep_toke
         for chunk_mb in ("1", "0.0005"):  # one chunk; chunks smaller than a document
             out = tmp_path / f"out_{name}_{chunk_mb}"
             assert build(prep_tokenizer, out, tmp_path / name, extra=["--chunk-mb", chunk_mb]) == ref, name
+    args = ["--workers", "2", "--chunk-mb", "0.001", "--shards", "2"]  # any worker count: the same bytes
+    for out, extra in ((tmp_path / "w2", args), (tmp_path / "w1", args[2:])):
+        assert (
+            run_cli("build", "--input", tmp_path / "a.parquet", "--tokenizer", prep_tokenizer, "--output", out, *extra)
+            == 0
+        )
+    for name in ("w1_00000.bin", "w1_00001.idx"):
+        assert (tmp_path / name).read_bytes() == (tmp_path / name.replace("w1", "w2")).read_bytes()
     manifest = IndexedDataset(tmp_path / "out_saved_1").manifest
     assert [s["path"].rsplit("/", 1)[1] for s in manifest["sources"]] == [
         f"data-0000{i}-of-00003.arrow" for i in range(3)

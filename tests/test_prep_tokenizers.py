@@ -100,6 +100,7 @@ def test_build_from_parquet_with_any_tokenizer(tmp_path, prep_tokenizers, kind):
     if kind == "unigram":
         assert entry["special_token_strings"]["cls"] == "<cls>"  # found by its usual name
     assert ds.dtype == np.uint16
+    assert run_cli("inspect", tmp_path / "d", "--verify", "--show", "2") == 0  # decodes with the manifest's roles
 
 
 def test_special_tokens_from_flags_from_config_or_a_one_line_error(tmp_path, prep_tokenizers, capsys):
