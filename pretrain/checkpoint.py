@@ -274,6 +274,25 @@ def _load(engine, tag_dir: Path, rank: int) -> TrainState:
     return state
 
 
+def partitioned(tag_dir: Path) -> bool:
+    """Whether a checkpoint's optimizer state is split over its ranks (ZeRO 1-3, and bf16 at any stage: DeepSpeed's
+    bf16 optimizer partitions like ZeRO-1), so that another process count needs the universal format."""
+    return any(Path(tag_dir).glob("*_optim_states.pt"))
+
+
+def load_optimizer_state(engine, tag_dir: Path) -> None:
+    """The optimizer state of `tag_dir` into `engine` (--init-optimizer), keeping this run's hyperparameters
+    (learning rate, betas, weight decay: the JSON's) and its fresh schedule. Collective."""
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    path, _ = engine.load_checkpoint(
+        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
+    if path is None:
+        raise UserError(f"--init-optimizer: DeepSpeed found nothing to load in {tag_dir}")
+    for group, values in zip(engine.optimizer.param_groups, hyper):
+        group.update(values)
+
+
 def to_universal(save_dir: str | os.PathLike, tag: str | None = None) -> Path:
     """Convert a ZeRO checkpoint into DeepSpeed's universal format (loadable by any number of processes).
 
@@ -287,9 +306,12 @@ def to_universal(save_dir: str | os.PathLike, tag: str | None = None) -> Path:
             raise UserError(f"{save_dir} holds no complete checkpoint to convert; pass the --save directory of a run")
         tag = found[0]
     src, dst = save_dir / tag, save_dir / f"{tag}_universal"
-    state = read_state(src)
-    if not state.config.get("deepspeed", {}).get("zero_optimization", {}).get("stage", 0):
-        raise UserError(f"{src} was written with ZeRO stage 0; universal conversion needs ZeRO 1, 2 or 3")
+    read_state(src)
+    if not partitioned(src):
+        raise UserError(
+            f"{src} holds its optimizer state whole (ZeRO stage 0 in fp32): any number of processes loads it as "
+            "it is, nothing to convert"
+        )
     if dst.exists():
         shutil.rmtree(dst)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(src)]
@@ -328,14 +350,14 @@ def load_weights(path: str | os.PathLike):
             raise UserError(f"{p} is neither a checkpoint (--save directory or tag) nor a Hugging Face model directory")
         p = p / found[0]
     config = config_from_dict(read_state(p).config["model"], keep_switches=False)
-    weights = {k: v.detach().float().clone() for k, v in master_weights(p, config).items()}
+    weights = {k: v.detach().float().clone() for k, v in master_weights(p).items()}
     for tied, key in config.pretraining_class().TIED.items():
         if tied not in weights and key in weights:
             weights[tied] = weights[key]
     return config, weights
 
 
-def master_weights(tag_dir: Path, config) -> dict[str, torch.Tensor]:
+def master_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The optimizer's fp32 copy of the weights in one checkpoint tag (transformers' names).
 
     - universal checkpoints: their per-parameter fp32 files;
@@ -346,16 +368,20 @@ def master_weights(tag_dir: Path, config) -> dict[str, torch.Tensor]:
     """
     if tag_dir.name.endswith("_universal"):
         return _universal_weights(tag_dir)
-    if any(tag_dir.glob("*_optim_states.pt")):
+    if partitioned(tag_dir):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    if not (tag_dir / "mp_rank_00_model_states.pt").is_file():
+        raise UserError(
+            f"{tag_dir} holds neither optimizer state nor whole model weights; is it a complete checkpoint?"
+        )
     states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     module = states["module"]
     low = {v.dtype for v in module.values() if v.is_floating_point() and v.dtype != torch.float32}
     if not low:
         return module
-    masters = _fp16_optimizer_masters(states.get("optimizer") or {}, config)
+    masters = _fp16_optimizer_masters(states)
     if masters is None:
         raise UserError(
             f"{tag_dir} holds only {', '.join(sorted(map(str, low)))} weights and no fp32 master copy (the optimizer "
@@ -364,23 +390,25 @@ def master_weights(tag_dir: Path, config) -> dict[str, torch.Tensor]:
     return masters
 
 
-def _fp16_optimizer_masters(optimizer: dict, config) -> dict[str, torch.Tensor] | None:
-    """Stage 0 fp16: DeepSpeed's fp16 optimizers keep the fp32 masters per param group, in the order of
-    `pretrain.engine.param_groups` (matrices, then vectors), one tensor each (`fp32_groups`) or one flat
-    tensor per group (`fp32_groups_flat`)."""
-    from pretrain.engine import param_groups
-    from pretrain.models import build_pretraining_model
-
-    with torch.device("meta"):
-        model = build_pretraining_model(config)
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = [[(names[id(p)], p.shape) for p in g["params"]] for g in param_groups(model, 0.0)]
+def _fp16_optimizer_masters(states: dict) -> dict[str, torch.Tensor] | None:
+    """Stage 0 in fp16/bf16: DeepSpeed's fp16 optimizers keep the fp32 masters per param group, one tensor each
+    (`fp32_groups`) or one flat tensor per group (`fp32_groups_flat`). The groups are those of
+    `pretrain.engine.param_groups` (matrices, then vectors), each in the module's parameter order, which is the
+    order of the saved state dict without its buffers and without the second name of a tied weight."""
+    optimizer, module = states.get("optimizer") or {}, states["module"]
     if "fp32_groups" in optimizer:
         flats = [torch.cat([t.flatten() for t in group]) for group in optimizer["fp32_groups"]]
     elif "fp32_groups_flat" in optimizer:
         flats = list(optimizer["fp32_groups_flat"])
     else:
         return None
+    buffers, seen, params = set(states.get("buffer_names") or ()), set(), []
+    for name, t in module.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if name not in buffers and key not in seen:
+            seen.add(key)
+            params.append((name, t.shape))
+    groups = [[p for p in params if len(p[1]) >= 2], [p for p in params if len(p[1]) < 2]]
     out = {}
     for group, flat in zip(groups, flats):
         offset = 0

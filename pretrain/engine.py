@@ -341,6 +341,27 @@ def initialize(
     return engine
 
 
+def step(engine) -> float | None:
+    """`engine.step()` after a micro-batch's backward; at the accumulation boundary it returns the global gradient
+    norm before clipping: DeepSpeed's own where its optimizer wrapper computes one (ZeRO, fp16, bf16), else the
+    norm of the whole, already averaged gradients, taken here first (stage 0 in fp32). None between boundaries."""
+    if not engine.is_gradient_accumulation_boundary():
+        engine.step()
+        return None
+    norm = None
+    if not hasattr(engine.optimizer, "_global_grad_norm"):
+        grads = [p.grad.detach().float() for p in engine.module.parameters() if p.grad is not None]
+        norm = (
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            if grads
+            else None
+        )
+    engine.step()
+    if norm is None and engine.get_global_grad_norm() is not None:
+        norm = float(engine.get_global_grad_norm())
+    return norm
+
+
 def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     """The model's whole state dict, whatever the ZeRO stage. Collective under ZeRO-3 (every rank calls it;
     rank 0 gets the gathered weights, in the training precision, the others None); elsewhere each rank's own."""

@@ -210,10 +210,16 @@ class PreTrainingModel(FastPathsMixin, nn.Module):
         for tied, key in cls.TIED.items():
             if key in state:
                 state.setdefault(tied, state[key])
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise UserError(f"{source} do not hold {cls.HF_CLASS} weights of this config: {e}") from e
+        own = model.state_dict()
+        found = [
+            ([k for k in own if k not in state], "missing"),
+            ([k for k in state if k not in own], "unexpected"),
+            ([k for k in state if k in own and state[k].shape != own[k].shape], "of another shape"),
+        ]
+        if any(keys for keys, _ in found):
+            problems = "; ".join(f"{len(keys)} tensors {what}, e.g. {keys[0]}" for keys, what in found if keys)
+            raise UserError(f"{source} do not hold {cls.HF_CLASS} weights of this config: {problems}")
+        model.load_state_dict(state, strict=True)
         return model
 
     @classmethod

@@ -34,7 +34,7 @@ from data_prep.log import get_logger
 from pretrain import dist
 from pretrain.data import DataConfig, PretrainingData, eval_batches
 from pretrain.metrics import Metrics
-from pretrain.models import ModelFlags, build_pretraining_model, shape_mismatch
+from pretrain.models import ModelFlags, build_pretraining_model, pretraining_from_state, shape_mismatch
 
 log = get_logger(__name__)
 
@@ -61,6 +61,9 @@ class TrainConfig(ModelFlags):
     """Held-out samples per evaluation."""
     init_from: str | None = None
     """Weights only, from a checkpoint or a Hugging Face directory; fresh optimizer and schedule (phase 2)."""
+    init_optimizer: bool = False
+    """With --init-from one of our checkpoints: also take its optimizer state (the LAMB moments), as NVIDIA's
+    phase 2 does; the schedule and the step count start afresh, the hyperparameters are this run's JSON's."""
     log_every: int = 10
     """Plain log line every N steps when not on a terminal."""
     time_budget: float = 0.0
@@ -94,6 +97,8 @@ class TrainConfig(ModelFlags):
         for name in ("save_every", "keep_last", "eval_every", "time_budget", "log_every", "max_nonfinite"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
+        if self.init_optimizer and not self.init_from:
+            raise UserError("--init-optimizer takes the optimizer state of --init-from; pass --init-from CHECKPOINT")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,10 +160,10 @@ def evaluate(engine_or_model, batches) -> dict[str, float]:
             correct += (logits.argmax(-1) == labels).sum().item()
             total += labels.numel()
             loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-            nsp = batch["nsp_labels"]
-            has = nsp != -100
-            nsp_correct += (out.nsp_logits.argmax(-1)[has] == nsp[has]).sum().item()
-            nsp_total += has.sum().item()
+            if out.nsp_logits is not None:  # None: a model without a pair head (ModernBERT)
+                has = batch["nsp_labels"] != -100
+                nsp_correct += (out.nsp_logits.argmax(-1)[has] == batch["nsp_labels"][has]).sum().item()
+                nsp_total += has.sum().item()
     finally:
         module.train(was_training)
     correct, total, loss_sum, nsp_correct, nsp_total = dist.all_reduce(
@@ -194,6 +199,12 @@ def _prepare(cfg: TrainConfig):
             f"the data's vocabulary ({data.vocab_size} ids, {cfg.data.prefixes[0]}.json) is larger than the model's "
             f"vocab_size {model_cfg.vocab_size}; pass --model-set vocab_size={data.vocab_size} (or more)"
         )
+    pad = data.special_tokens["pad"]
+    if pad != model_cfg.pad_token_id:  # the model would freeze another token's embedding at zero as its padding row
+        raise UserError(
+            f"the data's [PAD] id is {pad} ({cfg.data.prefixes[0]}.json) but the model's pad_token_id is "
+            f"{model_cfg.pad_token_id}; pass --model-set pad_token_id={pad}"
+        )
     found = checkpoint.newest(cfg.save)
     if found is not None:
         diff = shape_mismatch(found[1].config.get("model", {}), model_cfg)
@@ -218,6 +229,30 @@ def main(cfg: TrainConfig) -> dict:
             run.close()
     finally:
         stop.uninstall()
+
+
+@dataclass
+class _Step:
+    """What one optimizer step did on this rank."""
+
+    loss: float = 0.0
+    mlm_loss: float = 0.0
+    nsp_loss: float = 0.0
+    tokens: float = 0.0
+    """Real (unpadded) tokens of its micro-batches."""
+    flops: float = 0.0
+    """Useful training FLOPs (the model family's formula on each sequence's real length)."""
+    grad_norm: float | None = None
+    """Global gradient norm before clipping (the same on every rank)."""
+
+
+def _peak_memory() -> float:
+    """Bytes: the accelerator's peak allocation, or on CPU the process's peak resident size."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return float(torch.cuda.max_memory_allocated())
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 class _Clock:
@@ -248,24 +283,31 @@ class _Run:
         from pretrain import engine as eng
 
         eng.init_distributed(cfg.dist_timeout)
-        self.cfg, self.data = cfg, data
+        self.cfg, self.data, self.model_cfg = cfg, data, model_cfg
         rank, world = dist.rank(), dist.world_size()
         _, self.micro_batch, self.grad_accum = eng.resolve_batch(ds_cfg, world)
         self.global_batch = self.micro_batch * self.grad_accum * world
-        _check_resume_layout(cfg, ds_cfg, found, world)
+        found = _loadable(Path(cfg.save), found, world, ds_cfg)
+        optimizer_from = (
+            _optimizer_source(cfg.init_from, world, ds_cfg) if found is None and cfg.init_optimizer else None
+        )
         model = _build_model(cfg, model_cfg, init=cfg.init_from if found is None else None)
-        fast_paths = model.resolve_fast_paths(dist.device(), eng.compute_dtype(ds_cfg))
-        self.resolved = _resolved_config(cfg, model_cfg, ds_cfg, data, world, fast_paths)
         # elapsed time of a resumed run is needed before resume: loading the LR scheduler evaluates the budget
         self.clock = _Clock(cfg.time_budget, found[1].elapsed_s if found is not None else 0.0)
         progress = self.clock.progress if cfg.time_budget else None
         self.engine = eng.initialize(model, ds_cfg, total_steps=cfg.train_steps, progress=progress)
+        fast_paths = model.resolve_fast_paths(self.engine.device, eng.compute_dtype(ds_cfg))  # after ZeRO-3's say
+        self.resolved = _resolved_config(cfg, model_cfg, ds_cfg, data, world, fast_paths)
         if cfg.compile:
             self.engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints are unchanged
         torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per rank
         self.state = checkpoint.TrainState(world_size=world, config=self.resolved)
         if found is not None:
             self._resume()
+        elif optimizer_from is not None:
+            checkpoint.load_optimizer_state(self.engine, optimizer_from)
+            log.info(f"took the optimizer state of {optimizer_from}; the schedule and the step count start afresh")
+        self.peak_flops = _peak_tflops(eng.compute_dtype(ds_cfg))
         self.metrics = Metrics(cfg.save, self.state.step, self.resolved, cfg.tensorboard, cfg.wandb_project)
         rng = checkpoint.rng_state()  # starting a loader draws worker seeds; keep dropout's stream untouched
         self.batches = data.loader("train", self.micro_batch, rank, world, consumed_samples=self.state.consumed_samples)
@@ -292,10 +334,10 @@ class _Run:
         while state.step < cfg.train_steps:
             t0 = time.perf_counter()
             lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on inside engine.step)
-            sums = self._optimizer_step(stop)
-            if sums is None:  # a signal arrived mid-accumulation: the partial gradients are dropped
+            step = self._optimizer_step(stop)
+            if step is None:  # a signal arrived mid-accumulation: the partial gradients are dropped
                 return self._stop("signal", save=True)
-            record, bad = self._record(sums, lr, time.perf_counter() - t0)
+            record, bad, signalled, budget = self._record(step, lr, time.perf_counter() - t0, stop)
             eta = (time.monotonic() - loop_start) / (state.step - loop_step) * (cfg.train_steps - state.step)
             _report(self.bar, cfg, record, min(eta, self._budget_left()))
             nonfinite = nonfinite + 1 if bad else 0
@@ -304,7 +346,6 @@ class _Run:
                     f"the loss was non-finite for {nonfinite} consecutive steps (last at step {state.step}); stopping "
                     f"without saving, the last good checkpoint in {cfg.save} is intact; lower the learning rate"
                 )
-            signalled, budget = dist.all_reduce([float(stop.signal is not None), float(self.clock.spent())], "max")
             last = state.step == cfg.train_steps
             if self.evals is not None and (state.step % cfg.eval_every == 0 or last or (budget and not signalled)):
                 self.evaluate()
@@ -314,41 +355,56 @@ class _Run:
                 self.save()
         return self.result
 
-    def _optimizer_step(self, stop: StopFlag) -> list[float] | None:
-        """`grad_accum` micro-batches and one optimizer step: this rank's mean (loss, mlm_loss, nsp_loss) and
-        whether one was non-finite. None when a signal arrived before the last micro-batch: every rank then
-        leaves the step unfinished at the same micro-batch, with the RNG states of the step's start, so that
-        the checkpoint of the last completed step resumes exactly (samples are a function of their index)."""
+    def _optimizer_step(self, stop: StopFlag) -> _Step | None:
+        """`grad_accum` micro-batches and one optimizer step: this rank's mean losses, tokens and FLOPs, and the
+        gradient norm. None when a signal arrived before the last micro-batch: every rank then leaves the step
+        unfinished at the same micro-batch, with the RNG states of the step's start, so that the checkpoint of
+        the last completed step resumes exactly (samples are a function of their index)."""
         from pretrain import checkpoint
+        from pretrain import engine as eng
+        from pretrain.bench import batch_flops
 
-        engine, sums = self.engine, [0.0, 0.0, 0.0]
+        engine, step = self.engine, _Step()
         rng = checkpoint.rng_state() if self.grad_accum > 1 else None
         for i in range(self.grad_accum):
             if i and stop.agreed():
                 checkpoint.set_rng_state(rng)
                 return None
-            batch = {k: v.to(engine.device) for k, v in next(self.batches).items()}
-            out = engine(**batch)
+            batch = next(self.batches)
+            step.tokens += float(batch["attention_mask"].sum())
+            step.flops += batch_flops(self.model_cfg, batch)
+            out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
             engine.backward(out.loss)
-            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            step.grad_norm = eng.step(engine)  # DeepSpeed steps the optimizer only at the accumulation boundary
             nsp = out.nsp_loss.item() if out.nsp_loss is not None else 0.0
-            sums = [s + x / self.grad_accum for s, x in zip(sums, (out.loss.item(), out.mlm_loss.item(), nsp))]
-        return [*sums, float(not all(map(math.isfinite, sums)))]
+            for name, value in (("loss", out.loss.item()), ("mlm_loss", out.mlm_loss.item()), ("nsp_loss", nsp)):
+                setattr(step, name, getattr(step, name) + value / self.grad_accum)
+        return step
 
-    def _record(self, sums: list[float], lr: float, seconds: float) -> tuple[dict, bool]:
-        """Advance the state by one step and log it (losses averaged over ranks); whether a rank's was non-finite."""
+    def _record(self, step: _Step, lr: float, seconds: float, stop: StopFlag) -> tuple[dict, bool, bool, bool]:
+        """Advance the state by one step and log it: losses averaged over ranks, rates summed, memory the largest.
+        Returns (record, a rank's loss was non-finite, a rank was signalled, the time budget is spent)."""
         state, world = self.state, dist.world_size()
-        reduced = dist.all_reduce(sums)
-        loss, mlm, nsp = (x / world for x in reduced[:3])
+        losses = (step.loss, step.mlm_loss, step.nsp_loss)
+        bad = float(not all(map(math.isfinite, losses)))
+        loss, mlm, nsp, bad, tokens, flops = dist.all_reduce([*losses, bad, step.tokens, step.flops])
+        memory, signalled, budget = dist.all_reduce(
+            [_peak_memory(), float(stop.signal is not None), self.clock.spent()], "max"
+        )
         state.step += 1
         state.consumed_samples += self.global_batch
         state.elapsed_s = self.clock.elapsed()
-        record = {"step": state.step, "loss": loss, "mlm_loss": mlm, "nsp_loss": nsp}
+        record = {"step": state.step, "loss": loss / world, "mlm_loss": mlm / world, "nsp_loss": nsp / world}
         record.update(lr=lr, samples=state.consumed_samples, seq_per_s=self.global_batch / seconds)
+        record.update(tokens_per_s=tokens / seconds, tflops=flops / seconds / 1e12, peak_mem_gb=memory / 1e9)
+        if self.peak_flops:
+            record["mfu"] = record["tflops"] / (self.peak_flops * world)
+        if step.grad_norm is not None:
+            record["grad_norm"] = step.grad_norm
         record.update(_loss_scaling(self.engine))
         self.metrics.write(record)
-        self.result.update(step=state.step, loss=loss)
-        return record, bool(reduced[3])
+        self.result.update(step=state.step, loss=record["loss"])
+        return record, bool(bad), bool(signalled), bool(budget)
 
     def _budget_left(self) -> float:
         return max(self.clock.budget_s - self.clock.elapsed(), 0.0) if self.clock.budget_s else math.inf
@@ -384,15 +440,49 @@ class _Run:
         self.metrics.close()
 
 
-def _check_resume_layout(cfg: TrainConfig, ds_cfg: dict, found, world: int) -> None:
-    if found is not None and found[1].world_size != world and not found[0].endswith("_universal"):
-        raise UserError(
-            f"{cfg.save}/{found[0]} was written by {found[1].world_size} processes, this launch has {world}; "
-            f"run `python -m pretrain.checkpoint to-universal {cfg.save}` first, or relaunch with "
-            f"{found[1].world_size}"
+def _loadable(save_dir: Path, found, world: int, ds_cfg: dict):
+    """(tag, state) that `world` processes can load of a checkpoint found in `save_dir`: the tag itself when it was
+    written by as many processes, is universal, or holds its optimizer state whole (stage 0); otherwise a
+    universal copy that rank 0 makes once while the other ranks wait. Says which in one line."""
+    from pretrain import checkpoint
+
+    if found is None:
+        return None
+    tag, state = found
+    tag_dir = save_dir / tag
+    if not tag.endswith("_universal") and state.world_size != world and checkpoint.partitioned(tag_dir):
+        log.info(
+            f"{tag_dir} was written by {state.world_size} processes with its optimizer state split over them; "
+            f"converting it to the universal format to load it on {world} (once; the other ranks wait)"
         )
-    if found is not None and found[0].endswith("_universal"):
+        if dist.is_rank0():
+            checkpoint.to_universal(save_dir, tag)
+        dist.barrier()
+        tag = f"{tag}_universal"
+    elif state.world_size != world and not tag.endswith("_universal"):
+        log.info(
+            f"{tag_dir} was written by {state.world_size} processes; {world} load it directly (its optimizer state "
+            "is whole on every rank); the global batch stays the JSON's, accumulation adapts"
+        )
+    if tag.endswith("_universal"):
         ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
+    return tag, state
+
+
+def _optimizer_source(init_from: str, world: int, ds_cfg: dict) -> Path:
+    """The checkpoint tag whose optimizer state --init-optimizer takes: --init-from's newest, or that tag."""
+    from pretrain import checkpoint
+
+    path = Path(init_from)
+    found = checkpoint.newest(path) if path.is_dir() and not (path / checkpoint.STATE_FILE).is_file() else None
+    if (path / checkpoint.STATE_FILE).is_file():
+        path, found = path.parent, (path.name, checkpoint.read_state(path))
+    if found is None:
+        raise UserError(
+            f"--init-optimizer: --init-from {init_from} is not one of our checkpoints (a --save directory or a tag), "
+            "so it has no optimizer state to take; drop --init-optimizer"
+        )
+    return path / _loadable(path, found, world, ds_cfg)[0]
 
 
 def _resolved_config(cfg: TrainConfig, model_cfg, ds_cfg: dict, data, world: int, fast_paths: dict) -> dict:
@@ -423,17 +513,19 @@ def _build_model(cfg: TrainConfig, model_cfg, init: str | None):
     from pretrain.checkpoint import load_weights
 
     torch.manual_seed(cfg.seed)
-    model = build_pretraining_model(model_cfg)
-    if init:
-        _, weights = load_weights(init)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        if missing or unexpected:
-            raise UserError(
-                f"--init-from {init} does not match --model ({len(missing)} missing, {len(unexpected)} unexpected "
-                f"tensors, e.g. {(missing + unexpected)[:2]}); use the same model shape"
-            )
-        log.info(f"initialized weights from {init}")
+    if not init:
+        return build_pretraining_model(model_cfg)
+    _, weights = load_weights(init)
+    model = pretraining_from_state(model_cfg, weights, f"--init-from {init} (use the --model it was trained with)")
+    log.info(f"initialized weights from {init}")
     return model
+
+
+def _peak_tflops(dtype: torch.dtype) -> float | None:
+    """This GPU's dense peak TFLOP/s in `dtype` (bert-bench's table), for MFU; None on CPU or an unknown GPU."""
+    from pretrain.bench import device_peak
+
+    return device_peak(dist.device(), {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), None)
 
 
 def _loss_scaling(engine) -> dict:

@@ -20,7 +20,7 @@ from data_prep.errors import UserError
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, WORLD, MB = 3, 2, 4
 STAGES = [0, 1, 2, 3]
-BF16_STAGES = [0, 2]  # DeepSpeed's bf16 optimizer (flat, ZeRO-1 style) and ZeRO-2 with bf16
+BF16_STAGES = [0, 1, 2, 3]  # stage 0: DeepSpeed's bf16 optimizer (flat, ZeRO-1 style)
 
 
 def ds_config(stage: int, bf16: bool = False) -> dict:
@@ -74,7 +74,9 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
 
 
 def worker(out: str) -> None:
-    """Run under `deepspeed --num_gpus 2`: every stage, STEPS steps, weights after each step from rank 0."""
+    """Run under `deepspeed --num_gpus 2`: every stage, STEPS steps, weights after each step from rank 0, and a
+    checkpoint of each run in OUT.d/<run>."""
+    from pretrain import checkpoint
     from pretrain import engine as eng
 
     results = {}
@@ -82,15 +84,16 @@ def worker(out: str) -> None:
         bf16 = isinstance(stage, str)
         engine = eng.initialize(Tiny(), ds_config(int(str(stage)[-1]), bf16=bf16), total_steps=STEPS)
         rank = engine.global_rank
-        history = []
+        history, norms = [], []
         for step in range(STEPS):
             x, y = batch(step, rank)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = engine(x, y)
             engine.backward(loss)
-            engine.step()
+            norms.append(eng.step(engine))
             history.append(full_weights(engine))
-        results[stage] = history
+        results[stage], results[f"norms-{stage}"] = history, norms
+        checkpoint.save(engine, f"{out}.d/{stage}", checkpoint.TrainState(step=STEPS, world_size=WORLD))
         engine.destroy()
     if rank == 0:
         torch.save(results, out)
@@ -107,7 +110,7 @@ def two_process_runs(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # engine.shutdown removed the 69 MB shared-memory buffer DeepSpeed's CPU comm op made for each rank
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    return torch.load(out)
+    return {**torch.load(out), "dir": Path(f"{out}.d")}
 
 
 def single_process_reference():
@@ -119,21 +122,21 @@ def single_process_reference():
     params = ds_config(0)["optimizer"]["params"]
     opt = Lamb(param_groups(model, params["weight_decay"]), lr=params["lr"], betas=params["betas"])
     sched = WarmupPolyDecay(opt, STEPS, warmup_proportion=0.3, power=0.5)
-    history = []
+    history, norms = [], []
     for step in range(STEPS):
         opt.zero_grad()
         loss = sum(model(*batch(step, r)) for r in range(WORLD)) / WORLD
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
         opt.step()
         sched.step()
         history.append({k: v.detach().clone() for k, v in model.named_parameters()})
-    return history
+    return history, norms
 
 
 @pytest.mark.slow
 def test_stage0_two_processes_matches_single_process_lamb(two_process_runs):
-    for got, want in zip(two_process_runs[0], single_process_reference()):
+    for got, want in zip(two_process_runs[0], single_process_reference()[0]):
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
 
@@ -155,6 +158,40 @@ def test_bf16_runs_make_the_fp32_updates_up_to_bf16_rounding(two_process_runs, r
     for k in want[0]:
         moved, moved_bf16 = want[-1][k] - want[0][k], got[-1][k] - got[0][k]
         assert (moved_bf16 - moved).norm() < tol * moved.norm(), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", [0, 2, 3, "bf16-0", "bf16-1", "bf16-2", "bf16-3"])
+def test_checkpoints_give_the_optimizers_fp32_master_weights(two_process_runs, run, tmp_path):
+    """What bert-export, --init-from and bert-finetune read (checkpoint.master_weights) is the optimizer's fp32
+    copy itself (DeepSpeed's safe_get_full_fp32_param in the worker), not the 16-bit module weights: DeepSpeed
+    names bf16 optimizer shards bf16_zero_pp_rank_*, which a zero_pp_rank_* glob misses."""
+    from pretrain.checkpoint import master_weights
+
+    tag_dir = two_process_runs["dir"] / str(run) / "step_00000003"
+    got, want = master_weights(tag_dir), two_process_runs[run][-1]
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k].float(), want[k]), (run, k)
+    if str(run).startswith("bf16"):  # the masters are not what bf16 can hold: reading the module would round them
+        assert any(not torch.equal(v, v.bfloat16().float()) for v in got.values())
+        for f in tag_dir.glob("*_optim_states.pt"):
+            f.unlink()
+        if run == "bf16-0":  # stage 0 keeps its optimizer, and so the masters, in the module's file
+            states = torch.load(tag_dir / "mp_rank_00_model_states.pt", weights_only=False)
+            torch.save({**states, "optimizer": None}, tag_dir / "mp_rank_00_model_states.pt")
+        refusal = "holds only torch.bfloat16 weights and no fp32 master copy" if run != "bf16-3" else "neither"
+        with pytest.raises(UserError, match=refusal):  # only 16-bit weights are left: refused, never rounded
+            master_weights(tag_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run, tol", [(0, 1e-5), (1, 1e-5), (2, 1e-5), (3, 1e-5), ("bf16-0", 0.05), ("bf16-2", 0.05)])
+def test_every_stage_reports_the_gradient_norm_torch_computes(two_process_runs, run, tol):
+    """pretrain.engine.step's norm (logged as grad_norm): ours at stage 0 in fp32, DeepSpeed's elsewhere, all equal to
+    torch's clip_grad_norm_ of the same global batch in one process (bf16: up to its rounding)."""
+    want = single_process_reference()[1]
+    assert two_process_runs[f"norms-{run}"] == pytest.approx(want, rel=tol)
 
 
 def test_weights_actually_move_so_the_comparisons_mean_something(two_process_runs):

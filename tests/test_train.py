@@ -12,6 +12,7 @@ from fixtures_train import ds_config_json, make_setup, tiny_model_json
 from data_prep.errors import UserError
 from pretrain import checkpoint
 from pretrain.data import DataConfig
+from pretrain.model import BertForPreTraining
 from pretrain.train import TrainConfig, cli, evaluate, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +58,12 @@ def test_metrics_jsonl_has_one_record_per_step_with_the_issue_fields(trained):
     save, _ = trained
     train = [r for r in records(save) if "split" not in r]
     assert [r["step"] for r in train] == list(range(1, 61))
-    for key in ("loss", "mlm_loss", "nsp_loss", "lr", "samples", "seq_per_s"):
+    for key in ("loss", "mlm_loss", "nsp_loss", "lr", "samples", "seq_per_s", "tokens_per_s", "tflops", "grad_norm"):
         assert all(isinstance(r[key], float | int) for r in train), key
+    assert all(r["grad_norm"] > 0 and r["peak_mem_gb"] > 0.1 for r in train)
+    # tokens per sequence: real ones, at most --seq-len 48; FLOPs: the BERT formula on them (over 1e5 a sequence)
+    assert all(10 < r["tokens_per_s"] / r["seq_per_s"] < 48 + 1e-6 for r in train)
+    assert all(r["tflops"] * 1e12 / r["seq_per_s"] > 1e5 for r in train)
     assert train[-1]["samples"] == 60 * 4
     assert all(abs(r["loss"] - r["mlm_loss"] - r["nsp_loss"]) < 1e-4 for r in train)
     assert list((save / "tensorboard").glob("events.out.tfevents.*"))
@@ -134,6 +139,38 @@ def test_init_from_loads_weights_only_with_a_fresh_schedule(trained, setup, tmp_
     assert evals[0]["step"] == 0 and evals[0]["mlm_loss"] == pytest.approx(trained_eval["mlm_loss"], rel=1e-5)
     assert [r["lr"] for r in records(run) if "split" not in r] == [0.0]  # step 1 of a fresh warmup
     assert checkpoint.read_state(run / "step_00000001").consumed_samples == 4
+
+
+def test_init_optimizer_takes_the_lamb_moments_with_a_fresh_schedule(trained, setup, tmp_path, monkeypatch):
+    """NVIDIA's phase 2: the phase-1 LAMB moments (and their step count, for bias correction) carry over; the
+    schedule and the step count start afresh; the hyperparameters are the new run's."""
+    from pretrain.train import _Run
+
+    save, _ = trained
+    seen = []
+
+    def at_start(self, stop):  # what the engine holds before the first step
+        opt = self.engine.basic_optimizer
+        params = [p for g in opt.param_groups for p in g["params"]]
+        seen.append(([dict(opt.state[p]) for p in params], [g["lr"] for g in opt.param_groups], self.state.step))
+        return self.result
+
+    monkeypatch.setattr(_Run, "train", at_start)
+    main(config(setup, tmp_path / "with", steps=3, init_from=str(save), init_optimizer=True))
+    main(config(setup, tmp_path / "without", steps=3, init_from=str(save)))
+    phase1 = torch.load(save / "step_00000060" / "mp_rank_00_model_states.pt", weights_only=False)["optimizer"]
+    (taken, lrs, step), (fresh, _, _) = seen
+    assert step == 0 and lrs == [0.0, 0.0]  # step 0 of a new warmup
+    assert len(taken) == len(phase1["state"]) and all(not state for state in fresh)
+    for i, state in enumerate(taken):
+        assert state["step"] == 60
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[key], phase1["state"][i][key]) and state[key].abs().sum() > 0
+    BertForPreTraining.from_state(*checkpoint.load_weights(save)).save_hf_pretrained(str(tmp_path / "hf"))
+    with pytest.raises(UserError, match="not one of our checkpoints"):
+        main(config(setup, tmp_path / "from_hf", steps=3, init_from=str(tmp_path / "hf"), init_optimizer=True))
+    with pytest.raises(UserError, match="--init-optimizer takes the optimizer state of --init-from"):
+        main(config(setup, tmp_path / "none", steps=3, init_optimizer=True))
 
 
 def test_incomplete_and_unreadable_checkpoints_are_skipped_with_a_warning(setup, tmp_path):
