@@ -173,6 +173,28 @@ def test_init_optimizer_takes_the_lamb_moments_with_a_fresh_schedule(trained, se
         main(config(setup, tmp_path / "none", steps=3, init_optimizer=True))
 
 
+def test_tensorboard_and_wandb_continue_across_a_resume_without_replayed_steps(setup, tmp_path):
+    """A run that died after logging steps 4-6 but before saving step 6 resumes at 3 and logs 4-6 again: TensorBoard
+    purges the first 4-6 (purge_step) and wandb resumes the same run (its id kept in SAVE/wandb_run_id)."""
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    save = tmp_path / "run"
+    kw = dict(steps=6, save_every=3, tensorboard=True, wandb_project="bert-tests")
+    main(config(setup, save, **kw))
+    first = [r["loss"] for r in records(save) if "split" not in r]
+    shutil.rmtree(save / "step_00000006")
+    main(config(setup, save, **kw))
+    events = EventAccumulator(str(save / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5, 6]
+    assert [value for _, value in logged] == pytest.approx(first)
+    run_id = (save / "wandb_run_id").read_text()
+    assert len(list((save / "wandb").glob(f"offline-run-*-{run_id}"))) == 2  # one per launch, one wandb run
+
+
 def test_incomplete_and_unreadable_checkpoints_are_skipped_with_a_warning(setup, tmp_path):
     save = tmp_path / "run"
     main(config(setup, save, steps=4, save_every=2))
