@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from data_prep import indexed, text, tokenizer
 from data_prep.errors import UserError
+from data_prep.files import write_json_atomic
 from data_prep.flags import add_arguments, from_args, option
 from data_prep.log import get_logger
 
@@ -336,9 +337,7 @@ class _Journal:
 
     def write(self, writers: list[indexed.IndexedDatasetWriter]) -> None:
         states = [w.state(sync=True) for w in writers]  # data on disk before the journal that points to it
-        indexed.write_json_atomic(
-            self.path, {"fingerprint": self.fingerprint, "chunks": self.chunks, "writers": states}
-        )
+        write_json_atomic(self.path, {"fingerprint": self.fingerprint, "chunks": self.chunks, "writers": states})
 
     def exists(self) -> bool:
         return self.path.is_file()

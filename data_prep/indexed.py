@@ -26,6 +26,7 @@ from types import TracebackType
 import numpy as np
 
 from data_prep.errors import UserError
+from data_prep.files import write_json_atomic
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -315,17 +316,6 @@ class IndexedDatasetWriter:
             self.close()
         else:
             self.abort()
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write `path` through a temporary file and a rename, so it is either absent or complete."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _copy(src: Path, dst) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from data_prep import indexed, tokenizer
 from data_prep.errors import UserError
+from data_prep.files import write_json_atomic
 from data_prep.flags import add_arguments, from_args, option
 from data_prep.log import get_logger
 
@@ -232,6 +233,6 @@ def run(args: argparse.Namespace) -> int:
         if not ds.manifest and tok is None:
             log.info("          no manifest: counts and ids unchecked (pass --tokenizer to check the ids)")
     if cfg.write_manifest:
-        indexed.write_json_atomic(indexed.paths(cfg.prefix)[2], adopted_manifest(ds, tok, name))
+        write_json_atomic(indexed.paths(cfg.prefix)[2], adopted_manifest(ds, tok, name))
         log.info(f"wrote     {indexed.paths(cfg.prefix)[2]}")
     return 0

@@ -41,8 +41,11 @@ from tqdm import tqdm
 
 from data_prep.errors import UserError, run_cli
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
+from data_prep.log import get_logger
 from pretrain import dist
 from pretrain.models import ModelFlags, build_pretraining_model, flops_per_sequence
+
+log = get_logger(__name__)
 
 # Dense peak TFLOP/s of the tensor cores (no sparsity) by device name fragment and precision.
 PEAK_TFLOPS = {
@@ -380,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["loader_samples_per_s"] = dist.all_reduce([loader])[0]
     if rank != 0:
         return 0
-    print(report(results, args, device) + (f"  ({world} ranks, rates summed)" if world > 1 else ""))
+    log.info(report(results, args, device) + (f"  ({world} ranks, rates summed)" if world > 1 else ""))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({**results, "args": dataclasses.asdict(args), "config": dataclasses.asdict(config)}, f, indent=2)

@@ -41,7 +41,11 @@ import numpy as np
 import torch
 
 from data_prep.errors import UserError, run_cli
+from data_prep.files import write_text_atomic
+from data_prep.log import get_logger
 from pretrain import dist
+
+log = get_logger(__name__)
 
 TAG_RE = re.compile(r"^step_(\d{8})(_universal)?$")
 COMPLETE = "COMPLETE"
@@ -81,15 +85,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def tags(save_dir: str | os.PathLike) -> list[str]:
@@ -146,9 +141,9 @@ def save(engine, save_dir: str | os.PathLike, state: TrainState, keep_last: int 
     torch.save(rng_state(), tag_dir / f"rng_rank{rank}.pt")
     dist.barrier()
     if rank == 0:
-        _write_atomic(tag_dir / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2))
-        _write_atomic(tag_dir / COMPLETE, "")
-        _write_atomic(Path(save_dir) / "latest", tag)
+        write_text_atomic(tag_dir / STATE_FILE, json.dumps(dataclasses.asdict(state), indent=2))
+        write_text_atomic(tag_dir / COMPLETE, "")
+        write_text_atomic(Path(save_dir) / "latest", tag)
         if keep_last:
             prune(save_dir, keep_last)
         low = low_disk_warning(save_dir, tag_dir)
@@ -320,8 +315,8 @@ def to_universal(save_dir: str | os.PathLike, tag: str | None = None) -> Path:
     if proc.returncode != 0:
         raise UserError(f"ds_to_universal failed on {src}: {proc.stderr.strip().splitlines()[-1:]}")
     shutil.copy(src / STATE_FILE, dst / STATE_FILE)
-    _write_atomic(dst / COMPLETE, "")
-    _write_atomic(save_dir / "latest", dst.name)
+    write_text_atomic(dst / COMPLETE, "")
+    write_text_atomic(save_dir / "latest", dst.name)
     return dst
 
 
@@ -351,10 +346,7 @@ def load_weights(path: str | os.PathLike):
         p = p / found[0]
     config = config_from_dict(read_state(p).config["model"], keep_switches=False)
     weights = {k: v.detach().float().clone() for k, v in master_weights(p).items()}
-    for tied, key in config.pretraining_class().TIED.items():
-        if tied not in weights and key in weights:
-            weights[tied] = weights[key]
-    return config, weights
+    return config, config.pretraining_class().with_tied(weights)
 
 
 def master_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
@@ -438,7 +430,7 @@ def _main(argv=None) -> int:
     conv.add_argument("--tag", help="checkpoint tag to convert (default: newest complete)")
     args = parser.parse_args(argv)
     dst = to_universal(args.save_dir, args.tag)
-    print(f"wrote {dst}; relaunch the run with any number of processes to resume from it")
+    log.info(f"wrote {dst}; relaunch the run with any number of processes to resume from it")
     return 0
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from data_prep.errors import UserError
+from data_prep.log import get_logger
 from pretrain import dist
 from pretrain.lamb import FlatLayout, Lamb
 
@@ -37,6 +38,8 @@ if not torch.cuda.is_available():
 
 import deepspeed  # noqa: E402  (DS_ACCELERATOR must be set first)
 import deepspeed.comm as ds_dist  # noqa: E402
+
+log = get_logger(__name__)
 
 POLY_SCHEDULER = "WarmupPolyDecay"
 LAMB_KEYS = {"lr", "betas", "eps", "weight_decay", "bias_correction", "eps_inside_sqrt", "max_coeff", "min_coeff"}
@@ -282,7 +285,7 @@ def share_cpu_cores() -> None:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
         if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"{local} CPU ranks on {cores} cores: {threads} torch thread(s) each (OMP_NUM_THREADS overrides)")
+            log.info(f"{local} CPU ranks on {cores} cores: {threads} torch thread(s) each (OMP_NUM_THREADS overrides)")
 
 
 DIST_TIMEOUT_MIN = 10.0

@@ -23,7 +23,10 @@ from pathlib import Path
 import torch
 
 from data_prep.errors import UserError, run_cli
+from data_prep.log import get_logger
 from pretrain.models import PreTrainingModel, pretraining_from_state
+
+log = get_logger(__name__)
 
 VERIFY_ATOL = 1e-4  # fp32 logits of the same weights through two implementations
 
@@ -164,9 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     c = model.config
     n, family = sum(p.numel() for p in model.parameters()), {"bert": "BERT", "modernbert": "ModernBERT"}[c.model_type]
     shape = f"{c.num_hidden_layers}-layer, {c.hidden_size}-wide {family} ({n / 1e6:.1f}M parameters)"
-    print(f"exported {shape} to {args.out_dir}")
+    log.info(f"exported {shape} to {args.out_dir}")
     if not args.no_verify:
-        print(f"verified: transformers.{model.HF_CLASS} gives our logits on the exported directory")
+        log.info(f"verified: transformers.{model.HF_CLASS} gives our logits on the exported directory")
     return 0
 
 

@@ -204,12 +204,18 @@ class PreTrainingModel(FastPathsMixin, nn.Module):
         return out
 
     @classmethod
-    def from_state(cls, config, state: dict[str, Tensor], source: str = "the weights"):
-        """A model of `config` holding `state` (transformers' names; the keys it stores once may be absent)."""
-        model, state = cls(config), dict(state)
+    def with_tied(cls, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`state` with the keys transformers stores once (TIED) filled in from the tensors they equal."""
+        state = dict(state)
         for tied, key in cls.TIED.items():
             if key in state:
                 state.setdefault(tied, state[key])
+        return state
+
+    @classmethod
+    def from_state(cls, config, state: dict[str, Tensor], source: str = "the weights"):
+        """A model of `config` holding `state` (transformers' names; the keys it stores once may be absent)."""
+        model, state = cls(config), cls.with_tied(state)
         own = model.state_dict()
         found = [
             ([k for k in own if k not in state], "missing"),

@@ -17,6 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_prep.errors import UserError, run_cli
+from data_prep.log import get_logger
+
+log = get_logger(__name__)
 
 TRAIN_KEYS = ("loss", "mlm_loss", "nsp_loss")
 EVAL_KEYS = ("mlm_acc", "nsp_acc")
@@ -141,8 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not train and not evals:
         raise UserError(f"{path} has no step records; run training for at least one logged step first")
     plot(train, evals, output, title=str(path.parent.name))
-    print(summary(train, evals))
-    print(f"curves: {output}")
+    log.info(summary(train, evals))
+    log.info(f"curves: {output}")
     return 0
 
 
