@@ -11,6 +11,16 @@ Design choices:
 - Schedule: `"scheduler": {"type": "WarmupPolyDecay", "params": {"warmup_proportion": .., "power": ..}}` is
   ours (linear warmup, then polynomial decay to zero at the last step, as in NVIDIA's BERT recipe); any
   other scheduler type goes to DeepSpeed unchanged.
+
+DeepSpeed internals relied on here, each behind a function that says what it does and guarded by a test that
+fails when an upgrade changes it (tests/test_engine.py unless named):
+- ZeRO/bf16/fp16 optimizer wrappers' flat groups and partitions (`_attach_lamb_layouts`): LAMB at every stage
+  makes stage 0's updates;
+- the wrappers' `_global_grad_norm` (`step`): every stage reports torch's gradient norm;
+- ZeRO-3's `_zero3_consolidated_16bit_state_dict` (`full_state_dict`): the whole model at every stage;
+- the CPU comm op's shared-memory name (`shm_buffer_name`): the buffer exists under it during a run;
+- checkpoint files and their fp32 groups (pretrain.checkpoint.master_weights): the optimizer's own masters;
+- `launch.py`'s exit lines and DS_ENV_FILE (pretrain.launcher): tests/test_launch_ssh.py.
 """
 
 from __future__ import annotations
@@ -262,12 +272,16 @@ def shutdown(timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
         faulthandler.cancel_dump_traceback_later()
 
 
-def _unlink_shm_buffer(rank: int) -> None:
-    """DeepSpeed's CPU comm op leaves a 69 MB `/dev/shm` buffer per rank and run (named as in its shm.cpp) and
-    never removes it; after the barrier every peer has mapped it, so the name can go and the memory with it."""
+def shm_buffer_name(rank: int) -> str:
+    """The `/dev/shm` name of the 69 MB buffer DeepSpeed's CPU comm op makes for each rank (as in its shm.cpp)."""
     env = os.environ
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
-    Path("/dev/shm", name).unlink(missing_ok=True)
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU comm op never removes its buffer; after the barrier every peer has mapped it, so the name
+    can go and the memory with it."""
+    Path("/dev/shm", shm_buffer_name(rank)).unlink(missing_ok=True)
 
 
 def share_cpu_cores() -> None:
