@@ -240,6 +240,8 @@ class _Step:
     nsp_loss: float = 0.0
     tokens: float = 0.0
     """Real (unpadded) tokens of its micro-batches."""
+    capacity: float = 0.0
+    """Token slots of its micro-batches (sequences x --seq-len): what padding-free packing would fill."""
     flops: float = 0.0
     """Useful training FLOPs (the model family's formula on each sequence's real length)."""
     grad_norm: float | None = None
@@ -372,6 +374,7 @@ class _Run:
                 return None
             batch = next(self.batches)
             step.tokens += float(batch["attention_mask"].sum())
+            step.capacity += batch["attention_mask"].shape[0] * self.cfg.data.seq_len
             step.flops += batch_flops(self.model_cfg, batch)
             out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
             engine.backward(out.loss)
@@ -387,7 +390,9 @@ class _Run:
         state, world = self.state, dist.world_size()
         losses = (step.loss, step.mlm_loss, step.nsp_loss)
         bad = float(not all(map(math.isfinite, losses)))
-        loss, mlm, nsp, bad, tokens, flops = dist.all_reduce([*losses, bad, step.tokens, step.flops])
+        loss, mlm, nsp, bad, tokens, capacity, flops = dist.all_reduce(
+            [*losses, bad, step.tokens, step.capacity, step.flops]
+        )
         memory, signalled, budget = dist.all_reduce(
             [_peak_memory(), float(stop.signal is not None), self.clock.spent()], "max"
         )
@@ -396,7 +401,8 @@ class _Run:
         state.elapsed_s = self.clock.elapsed()
         record = {"step": state.step, "loss": loss / world, "mlm_loss": mlm / world, "nsp_loss": nsp / world}
         record.update(lr=lr, samples=state.consumed_samples, seq_per_s=self.global_batch / seconds)
-        record.update(tokens_per_s=tokens / seconds, tflops=flops / seconds / 1e12, peak_mem_gb=memory / 1e9)
+        record.update(tokens_per_s=tokens / seconds, fill=tokens / capacity, tflops=flops / seconds / 1e12)
+        record["peak_mem_gb"] = memory / 1e9
         if self.peak_flops:
             record["mfu"] = record["tflops"] / (self.peak_flops * world)
         if step.grad_norm is not None:

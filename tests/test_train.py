@@ -63,6 +63,7 @@ def test_metrics_jsonl_has_one_record_per_step_with_the_issue_fields(trained):
     assert all(r["grad_norm"] > 0 and r["peak_mem_gb"] > 0.1 for r in train)
     # tokens per sequence: real ones, at most --seq-len 48; FLOPs: the BERT formula on them (over 1e5 a sequence)
     assert all(10 < r["tokens_per_s"] / r["seq_per_s"] < 48 + 1e-6 for r in train)
+    assert all(r["fill"] == pytest.approx(r["tokens_per_s"] / r["seq_per_s"] / 48) for r in train)
     assert all(r["tflops"] * 1e12 / r["seq_per_s"] > 1e5 for r in train)
     assert train[-1]["samples"] == 60 * 4
     assert all(abs(r["loss"] - r["mlm_loss"] - r["nsp_loss"]) < 1e-4 for r in train)
