@@ -33,6 +33,7 @@ setup(
             "scikit-learn>=1.4",
             "seqeval==1.2.2",
             "datasets==5.2.0",
+            "torch-optimi==0.3.3",  # the reference StableAdamW that tests/test_optim.py checks ours against
         ],
     },
     entry_points={

@@ -5,17 +5,22 @@ Design choices:
   learning-rate schedule. Python reads them back from it; nothing is duplicated as a flag.
 - Optimizer: `"type": "Lamb"` runs DeepSpeed's fused CUDA LAMB only where it sees whole tensors (CUDA, ZeRO
   stage 0, no bf16 flattening); everywhere else (CPU, ZeRO 1/2/3, bf16) it runs `pretrain.lamb.Lamb` with the
-  same hyperparameters, and `_attach_lamb_layouts` tells it which slice of each flat partition belongs to
-  which parameter, so trust ratios stay per tensor under every ZeRO stage. Adam/AdamW: DeepSpeed's on CUDA,
-  torch's on CPU.
-- Schedule: `"scheduler": {"type": "WarmupPolyDecay", "params": {"warmup_proportion": .., "power": ..}}` is
-  ours (linear warmup, then polynomial decay to zero at the last step, as in NVIDIA's BERT recipe); any
-  other scheduler type goes to DeepSpeed unchanged.
+  same hyperparameters, and `_attach_layouts` tells it which slice of each flat partition belongs to
+  which parameter, so trust ratios stay per tensor under every ZeRO stage. `"type": "StableAdamW"` (ModernBERT's
+  optimizer, torch-optimi's math) is always `pretrain.optim.StableAdamW`, per tensor under every stage the same
+  way. Adam/AdamW: DeepSpeed's on CUDA, torch's on CPU, both with decoupled weight decay scaled by the learning
+  rate (p -= lr * wd * p); `"decouple_lr": true` in AdamW's params gives fully decoupled weight decay (p -=
+  lr / max_lr * wd * p, optimi's `decouple_lr`), run by our StableAdamW without its update clipping.
+- Schedules (ours): `"WarmupPolyDecay"` (params `warmup_proportion`, `power`: linear warmup, then polynomial
+  decay to zero at the last step, as in NVIDIA's BERT recipe) and `"WarmupStableDecay"` (params
+  `warmup_proportion`, `decay_proportion`, `decay`: linear or 1-sqrt, `min_lr_ratio`: linear warmup, a constant
+  rate, then a decay over the last share of the run, ModernBERT's trapezoid). Both follow the step count or a
+  wall-clock budget (`progress`). Any other scheduler type goes to DeepSpeed unchanged.
 
 DeepSpeed internals relied on here, each behind a function that says what it does and guarded by a test that
 fails when an upgrade changes it (tests/test_engine.py unless named):
-- ZeRO/bf16/fp16 optimizer wrappers' flat groups and partitions (`_attach_lamb_layouts`): LAMB at every stage
-  makes stage 0's updates;
+- ZeRO/bf16/fp16 optimizer wrappers' flat groups and partitions (`_attach_layouts`): LAMB and StableAdamW at
+  every stage make stage 0's updates;
 - the wrappers' `_global_grad_norm` (`step`): every stage reports torch's gradient norm;
 - ZeRO-3's `_zero3_consolidated_16bit_state_dict` (`full_state_dict`): the whole model at every stage;
 - the CPU comm op's shared-memory name (`shm_buffer_name`): the buffer exists under it during a run;
@@ -41,7 +46,8 @@ import torch
 from data_prep.errors import UserError
 from data_prep.log import get_logger
 from pretrain import dist
-from pretrain.lamb import FlatLayout, Lamb
+from pretrain.lamb import FlatLayout, Lamb, PerTensorOptimizer
+from pretrain.optim import StableAdamW
 
 if not torch.cuda.is_available():
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -51,8 +57,9 @@ import deepspeed.comm as ds_dist  # noqa: E402
 
 log = get_logger(__name__)
 
-POLY_SCHEDULER = "WarmupPolyDecay"
 LAMB_KEYS = {"lr", "betas", "eps", "weight_decay", "bias_correction", "eps_inside_sqrt", "max_coeff", "min_coeff"}
+ADAMW_KEYS = {"lr", "betas", "eps", "weight_decay", "max_lr"}  # AdamW with "decouple_lr": true
+STABLE_ADAMW_KEYS = ADAMW_KEYS | {"decouple_lr"}
 
 
 def on_gpu() -> bool:
@@ -163,57 +170,72 @@ def build_optimizer(model: torch.nn.Module, cfg: dict) -> tuple[torch.optim.Opti
             return None, groups
         if params.pop("max_grad_norm", 0.0):
             raise UserError("DeepSpeed config: LAMB max_grad_norm is not supported; use top-level gradient_clipping")
-        unknown = set(params) - LAMB_KEYS
-        if unknown:
-            raise UserError(
-                f"DeepSpeed config: unknown LAMB parameter(s) {sorted(unknown)}; allowed: {sorted(LAMB_KEYS)}"
-            )
-        opt = Lamb(groups, **params)
+        opt = Lamb(groups, **_known(params, LAMB_KEYS, "LAMB"))
+    elif kind == "stableadamw":
+        opt = StableAdamW(groups, **_known(params, STABLE_ADAMW_KEYS, "StableAdamW"))
     elif kind in ("adam", "adamw"):
-        if on_gpu():
-            return None, groups
-        params.pop("torch_adam", None)
         adam_w = params.pop("adam_w_mode", kind == "adamw")
-        opt = (torch.optim.AdamW if adam_w else torch.optim.Adam)(groups, **params)
+        if params.pop("decouple_lr", False):
+            if not adam_w:
+                raise UserError('DeepSpeed config: "decouple_lr" is a weight decay of AdamW; use "type": "AdamW"')
+            params.pop("torch_adam", None)
+            opt = StableAdamW(groups, decouple_lr=True, update_clipping=False, **_known(params, ADAMW_KEYS, "AdamW"))
+        elif on_gpu():
+            return None, groups
+        else:
+            params.pop("torch_adam", None)
+            opt = (torch.optim.AdamW if adam_w else torch.optim.Adam)(groups, **params)
     else:
         raise UserError(
-            f"DeepSpeed config: optimizer type {opt_cfg.get('type')!r} is not supported; use Lamb, Adam or AdamW"
+            f"DeepSpeed config: optimizer type {opt_cfg.get('type')!r} is not supported; "
+            "use Lamb, StableAdamW, Adam or AdamW"
         )
     del cfg["optimizer"]
     cfg["zero_allow_untested_optimizer"] = True
     return opt, groups
 
 
-class WarmupPolyDecay:
-    """lr = peak * p/w during warmup (p = progress in [0, 1]), then peak * ((1 - p) / (1 - w)) ** power.
+def _known(params: dict, allowed: set[str], name: str) -> dict:
+    unknown = set(params) - allowed
+    if unknown:
+        raise UserError(f"DeepSpeed config: unknown {name} parameter(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return params
 
-    Progress is step / total_steps, or the elapsed fraction of a wall-clock budget when `progress` is given
-    and ahead (academic-budget-bert's time-driven schedule).
-    """
+
+class ProgressSchedule:
+    """lr = peak * shape(p), p = progress in [0, 1]: step / total_steps, or the elapsed fraction of a wall-clock
+    budget when `progress` is given and ahead (academic-budget-bert's time-driven schedule)."""
+
+    PARAMS: frozenset[str] = frozenset()
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         total_steps: int,
         warmup_proportion: float = 0.01,
-        power: float = 1.0,
         progress: Callable[[int], float] | None = None,
     ):
+        if not 0.0 <= warmup_proportion <= 1.0:
+            raise UserError(f"DeepSpeed config: warmup_proportion {warmup_proportion} must be in [0, 1]")
         self.optimizer = optimizer
-        self.total_steps, self.warmup, self.power = max(total_steps, 1), warmup_proportion, power
-        self.progress = progress
+        self.total_steps, self.warmup, self.progress = max(total_steps, 1), warmup_proportion, progress
         self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
         self.last_step = 0
-        self._apply()
+
+    def shape(self, p: float) -> float:
+        raise NotImplementedError
 
     def factor(self, step: int) -> float:
         p = step / self.total_steps
         if self.progress is not None:
             p = max(p, self.progress(step))
         p = min(p, 1.0)
-        if p < self.warmup:
-            return p / self.warmup
-        return ((1.0 - p) / (1.0 - self.warmup)) ** self.power if self.warmup < 1 else 0.0
+        return p / self.warmup if p < self.warmup else self.shape(p)
+
+    @classmethod
+    def from_config(cls, optimizer, total_steps: int, params: dict, progress=None) -> ProgressSchedule:
+        """The JSON's `"scheduler": {"type": cls.__name__, "params": params}`; unknown keys are one-line errors."""
+        return cls(optimizer, total_steps, progress=progress, **_known(dict(params), cls.PARAMS, cls.__name__))
 
     def _apply(self) -> None:
         f = self.factor(self.last_step)
@@ -236,6 +258,62 @@ class WarmupPolyDecay:
     def load_state_dict(self, state: dict) -> None:
         self.last_step, self.base_lrs = state["last_step"], state["base_lrs"]
         self._apply()
+
+
+class WarmupPolyDecay(ProgressSchedule):
+    """Linear warmup over `warmup_proportion` of the run, then peak * ((1 - p) / (1 - w)) ** power: zero at the end."""
+
+    PARAMS = frozenset({"warmup_proportion", "power"})
+
+    def __init__(self, optimizer, total_steps: int, warmup_proportion: float = 0.01, power: float = 1.0, progress=None):
+        super().__init__(optimizer, total_steps, warmup_proportion, progress)
+        self.power = power
+        self._apply()
+
+    def shape(self, p: float) -> float:
+        return ((1.0 - p) / (1.0 - self.warmup)) ** self.power if self.warmup < 1 else 0.0
+
+
+DECAYS = ("linear", "1-sqrt")
+
+
+class WarmupStableDecay(ProgressSchedule):
+    """Warmup-stable-decay (ModernBERT's trapezoid): linear warmup over `warmup_proportion` of the run, the peak
+    rate, then over the last `decay_proportion` a decay to `min_lr_ratio` x peak at the end: `linear`, or
+    `1-sqrt` (factor 1 - sqrt(q) at the decay's fraction q, as ModernBERT's final phase); no decay when 0."""
+
+    PARAMS = frozenset({"warmup_proportion", "decay_proportion", "decay", "min_lr_ratio"})
+
+    def __init__(
+        self,
+        optimizer,
+        total_steps: int,
+        warmup_proportion: float = 0.0,
+        decay_proportion: float = 0.0,
+        decay: str = "1-sqrt",
+        min_lr_ratio: float = 0.0,
+        progress=None,
+    ):
+        super().__init__(optimizer, total_steps, warmup_proportion, progress)
+        if decay not in DECAYS:
+            raise UserError(f"DeepSpeed config: WarmupStableDecay decay {decay!r} is unknown; use one of {DECAYS}")
+        if not 0.0 <= decay_proportion <= 1.0 - warmup_proportion or not 0.0 <= min_lr_ratio <= 1.0:
+            raise UserError(
+                f"DeepSpeed config: WarmupStableDecay needs warmup_proportion + decay_proportion <= 1 and "
+                f"min_lr_ratio in [0, 1] (got {warmup_proportion}, {decay_proportion}, {min_lr_ratio})"
+            )
+        self.decay_proportion, self.decay, self.min_lr_ratio = decay_proportion, decay, min_lr_ratio
+        self._apply()
+
+    def shape(self, p: float) -> float:
+        into = p - (1.0 - self.decay_proportion)
+        if into <= 0 or not self.decay_proportion:
+            return 1.0
+        q = min(into / self.decay_proportion, 1.0)
+        return 1.0 - (1.0 - self.min_lr_ratio) * (q if self.decay == "linear" else q**0.5)
+
+
+SCHEDULES = {cls.__name__: cls for cls in (WarmupPolyDecay, WarmupStableDecay)}
 
 
 def _ensure_dist_env() -> None:
@@ -325,8 +403,8 @@ def initialize(
 ):
     """Wrap `model` in a DeepSpeed engine with the optimizer and schedule the JSON asks for.
 
-    `total_steps` is needed by the WarmupPolyDecay schedule (decay reaches zero there); `progress` optionally
-    drives it by wall-clock time. Returns the engine; `engine.optimizer`, `engine.lr_scheduler` as usual.
+    `total_steps` is needed by our schedules (SCHEDULES: the run ends there); `progress` optionally drives them
+    by wall-clock time. Returns the engine; `engine.optimizer`, `engine.lr_scheduler` as usual.
     """
     cfg = load_ds_config(ds_config)
     if cfg.get("zero_optimization", {}).get("stage") == 3 and hasattr(model, "set_weights_partitioned"):
@@ -336,13 +414,13 @@ def initialize(
     optimizer, groups = build_optimizer(model, cfg)
     sched_cfg = cfg.get("scheduler")
     scheduler = None
-    if sched_cfg and sched_cfg.get("type") == POLY_SCHEDULER:
+    if sched_cfg and sched_cfg.get("type") in SCHEDULES:
         del cfg["scheduler"]
         if total_steps is None:
-            raise ValueError("the WarmupPolyDecay schedule needs total_steps")
+            raise ValueError(f"the {sched_cfg['type']} schedule needs total_steps")
 
         def scheduler(opt):
-            return WarmupPolyDecay(opt, total_steps, progress=progress, **sched_cfg.get("params", {}))
+            return SCHEDULES[sched_cfg["type"]].from_config(opt, total_steps, sched_cfg.get("params", {}), progress)
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
@@ -352,9 +430,9 @@ def initialize(
         config=cfg,
         dist_init_required=False,
     )
-    lamb = engine.basic_optimizer
-    if isinstance(lamb, Lamb):
-        _attach_lamb_layouts(engine, lamb, {id(p): i for i, p in enumerate(model.parameters())})
+    ours = engine.basic_optimizer
+    if isinstance(ours, PerTensorOptimizer):
+        _attach_layouts(engine, ours, {id(p): i for i, p in enumerate(model.parameters())})
     return engine
 
 
@@ -403,8 +481,9 @@ def _pieces_to_layout(pieces: list[tuple[int, int, int]], numel: int, num_tensor
     return FlatLayout(torch.tensor(ids), torch.tensor(lengths), num_tensors, group)
 
 
-def _attach_lamb_layouts(engine, lamb: Lamb, tensor_id: dict[int, int]) -> None:
-    """Map every flat partition our Lamb will step back to the parameter tensors it is made of."""
+def _attach_layouts(engine, lamb: PerTensorOptimizer, tensor_id: dict[int, int]) -> None:
+    """Map every flat partition our optimizer (LAMB, StableAdamW) will step back to the parameter tensors it is
+    made of."""
     zopt, n = engine.optimizer, len(tensor_id)
     if hasattr(zopt, "fp32_partitioned_groups_flat"):  # ZeRO-3: each parameter is split evenly over ranks
         for i, params in enumerate(zopt.fp16_groups):
@@ -432,7 +511,7 @@ def _attach_lamb_layouts(engine, lamb: Lamb, tensor_id: dict[int, int]) -> None:
             return  # FP16_UnfusedOptimizer (fp16/bf16 at stage 0): one fp32 copy per tensor
         raise RuntimeError(f"{type(zopt).__name__} flattened the parameters in a way pretrain.engine cannot map")
     else:
-        raise RuntimeError(f"unsupported DeepSpeed optimizer wrapper {type(zopt).__name__} for per-tensor LAMB")
+        raise RuntimeError(f"unsupported DeepSpeed optimizer wrapper {type(zopt).__name__} for per-tensor updates")
     for i, (params, flat, hp) in enumerate(zip(lp_groups, lp_flats, hp_flats)):
         group = zopt.real_dp_process_group[i]
         world, rank = ds_dist.get_world_size(group=group), ds_dist.get_rank(group=group)

@@ -13,8 +13,9 @@ group by one flat fp32 partition per rank, so an optimizer that takes norms over
 computes ONE trust ratio for many layers (DeepSpeed issues #88, #490). `set_layout` tells this optimizer which
 slices of a flat partition belong to which original tensor; `step` then sums squared norms per original
 tensor, all-reduces the partial sums across the ranks that share a split tensor, and applies each tensor's
-own ratio. Weight decay exclusions (biases, LayerNorm) are param groups with `weight_decay=0`, built in
-`pretrain.engine.param_groups`.
+own ratio. `FlatLayout` and `PerTensorOptimizer` are that machinery, shared with pretrain.optim.StableAdamW
+(whose update clipping is per tensor too). Weight decay exclusions (biases, LayerNorm) are param groups with
+`weight_decay=0`, built in `pretrain.engine.param_groups`.
 """
 
 from __future__ import annotations
@@ -40,8 +41,44 @@ class FlatLayout:
     num_tensors: int
     group: object | None = None
 
+    def tensor_sums(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """(len(values), num_tensors + 1) float32: each flat tensor of `values` summed over each original tensor's
+        elements, on every rank that holds a piece of it (the last column: padding)."""
+        device = values[0].device
+        tids, lengths = self.tensor_ids.to(device), self.lengths.to(device)
+        pieces = torch.stack([torch.segment_reduce(v.view(-1).float(), "sum", lengths=lengths) for v in values])
+        sums = torch.zeros(len(values), self.num_tensors + 1, dtype=torch.float32, device=device)
+        sums.index_add_(1, tids, pieces)
+        if self.group is not None:
+            dist.all_reduce_tensor(sums, group=self.group)
+        return sums
 
-class Lamb(torch.optim.Optimizer):
+    def spread(self, per_tensor: torch.Tensor) -> torch.Tensor:
+        """(num_tensors + 1,) values -> (numel,): each element gets the value of the original tensor it belongs to."""
+        tids, lengths = self.tensor_ids.to(per_tensor.device), self.lengths.to(per_tensor.device)
+        return torch.repeat_interleave(per_tensor[tids], lengths)
+
+
+class PerTensorOptimizer(torch.optim.Optimizer):
+    """An optimizer whose update uses per-tensor statistics, kept per tensor on flat ZeRO partitions: the engine
+    declares each flat tensor's `FlatLayout` (`set_layout`), `_layout(p)` returns it (None: a whole tensor)."""
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+        self._layouts: dict[int, tuple[torch.Tensor, FlatLayout]] = {}
+
+    def set_layout(self, flat: torch.Tensor, layout: FlatLayout) -> None:
+        """Declare that `flat` (a tensor this optimizer will step) is a concatenation of pieces of tensors."""
+        if int(layout.lengths.sum()) != flat.numel():
+            raise ValueError(f"layout covers {int(layout.lengths.sum())} elements, flat tensor has {flat.numel()}")
+        self._layouts[id(flat)] = (flat, layout)
+
+    def _layout(self, p: torch.Tensor) -> FlatLayout | None:
+        held = self._layouts.get(id(p))
+        return held[1] if held is not None and held[0] is p else None
+
+
+class Lamb(PerTensorOptimizer):
     """LAMB with DeepSpeed FusedLamb's hyperparameters; per-tensor trust ratios even on flat ZeRO partitions."""
 
     def __init__(
@@ -67,17 +104,6 @@ class Lamb(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.eps_inside_sqrt = eps_inside_sqrt
-        self._layouts: dict[int, tuple[torch.Tensor, FlatLayout]] = {}
-
-    def set_layout(self, flat: torch.Tensor, layout: FlatLayout) -> None:
-        """Declare that `flat` (a tensor this optimizer will step) is a concatenation of pieces of tensors."""
-        if int(layout.lengths.sum()) != flat.numel():
-            raise ValueError(f"layout covers {int(layout.lengths.sum())} elements, flat tensor has {flat.numel()}")
-        self._layouts[id(flat)] = (flat, layout)
-
-    def _layout(self, p: torch.Tensor) -> FlatLayout | None:
-        held = self._layouts.get(id(p))
-        return held[1] if held is not None and held[0] is p else None
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -121,22 +147,9 @@ class Lamb(torch.optim.Optimizer):
             w_norm, u_norm = p.detach().float().norm(), update.float().norm()
             ratio = (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"])
             return torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio)).to(p.dtype)
-        tids = layout.tensor_ids.to(p.device)
-        lengths = layout.lengths.to(p.device)
-        flat_p, flat_u = p.detach().view(-1).float(), update.view(-1).float()
-        # squared norms of each piece, then of each original tensor (row 0: weights, row 1: updates)
-        pieces = torch.stack(
-            [
-                torch.segment_reduce(flat_p * flat_p, "sum", lengths=lengths),
-                torch.segment_reduce(flat_u * flat_u, "sum", lengths=lengths),
-            ]
-        )
-        sq = torch.zeros(2, layout.num_tensors + 1, dtype=torch.float32, device=p.device)
-        sq.index_add_(1, tids, pieces)
-        if layout.group is not None:
-            dist.all_reduce_tensor(sq, group=layout.group)
-        w_norm, u_norm = sq.sqrt()
+        flat_p, flat_u = p.detach().float(), update.float()
+        w_norm, u_norm = layout.tensor_sums([flat_p * flat_p, flat_u * flat_u]).sqrt()  # per original tensor
         ratio = (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"])
         ratio = torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
         ratio[layout.num_tensors] = 1.0  # padding
-        return torch.repeat_interleave(ratio[tids], lengths).to(p.dtype)
+        return layout.spread(ratio).to(p.dtype)

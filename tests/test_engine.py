@@ -1,14 +1,16 @@
-"""pretrain.engine: optimizer choice, schedule, batch checks, and LAMB under ZeRO 0-3 with two CPU processes.
+"""pretrain.engine: optimizer choice, schedules, batch checks, and LAMB and StableAdamW under ZeRO 0-3 with two
+CPU processes.
 
 The two-process part is one `deepspeed` launch (this file's `__main__`) that trains the same small model
 under every ZeRO stage and writes the weights after each step; the tests compare them with stage 0 and with
-an in-process, non-distributed run of the same LAMB on the full batch.
+an in-process, non-distributed run on the full batch: of the same LAMB, and of torch-optimi's StableAdamW.
 """
 
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,23 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, WORLD, MB = 3, 2, 4
 STAGES = [0, 1, 2, 3]
 BF16_STAGES = [0, 1, 2, 3]  # stage 0: DeepSpeed's bf16 optimizer (flat, ZeRO-1 style)
+STABLE = {"lr": 0.05, "weight_decay": 0.01, "betas": [0.9, 0.99], "decouple_lr": True}
+WSD = {"warmup_proportion": 0.0, "decay_proportion": 0.5, "decay": "1-sqrt"}  # lr factors 1, 1, 1 - sqrt(1/3)
+
+
+def stable_config(stage: int) -> dict:
+    """StableAdamW (ModernBERT's recipe: no gradient clipping, its update clipping instead) on a WSD schedule."""
+    return {
+        **ds_config(stage),
+        "optimizer": {"type": "StableAdamW", "params": STABLE},
+        "scheduler": {"type": "WarmupStableDecay", "params": WSD},
+        "gradient_clipping": 0.0,
+    }
+
+
+def loss_scale(step: int) -> float:
+    """StableAdamW runs scale the loss 1, 5, 9: growing gradients, so its per-tensor update clipping bites."""
+    return 1.0 + 4.0 * step
 
 
 def ds_config(stage: int, bf16: bool = False) -> dict:
@@ -80,15 +99,16 @@ def worker(out: str) -> None:
     from pretrain import engine as eng
 
     results = {}
-    for stage in [*STAGES, *(f"bf16-{s}" for s in BF16_STAGES)]:
-        bf16 = isinstance(stage, str)
-        engine = eng.initialize(Tiny(), ds_config(int(str(stage)[-1]), bf16=bf16), total_steps=STEPS)
+    for stage in [*STAGES, *(f"bf16-{s}" for s in BF16_STAGES), *(f"stable-{s}" for s in STAGES)]:
+        bf16, stable = str(stage).startswith("bf16"), str(stage).startswith("stable")
+        config = stable_config(int(str(stage)[-1])) if stable else ds_config(int(str(stage)[-1]), bf16=bf16)
+        engine = eng.initialize(Tiny(), config, total_steps=STEPS)
         rank = engine.global_rank
         history, norms = [], []
         for step in range(STEPS):
             x, y = batch(step, rank)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = engine(x, y)
+                loss = engine(x, y) * (loss_scale(step) if stable else 1.0)
             engine.backward(loss)
             norms.append(eng.step(engine))
             history.append(full_weights(engine))
@@ -115,21 +135,31 @@ def two_process_runs(tmp_path_factory):
     return {**torch.load(out), "dir": Path(f"{out}.d")}
 
 
-def single_process_reference():
-    """Plain torch, no DeepSpeed: the whole global batch in one process, gradients averaged like data parallel."""
-    from pretrain.engine import WarmupPolyDecay, param_groups
+def single_process_reference(stable: bool = False):
+    """Plain torch, no DeepSpeed: the whole global batch in one process, gradients averaged like data parallel;
+    LAMB (ours: tests/test_lamb.py checks it against a float64 recomputation) or torch-optimi's StableAdamW."""
+    import optimi
+
+    from pretrain.engine import WarmupPolyDecay, WarmupStableDecay, param_groups
     from pretrain.lamb import Lamb
 
     model = Tiny()
-    params = ds_config(0)["optimizer"]["params"]
-    opt = Lamb(param_groups(model, params["weight_decay"]), lr=params["lr"], betas=params["betas"])
-    sched = WarmupPolyDecay(opt, STEPS, warmup_proportion=0.3, power=0.5)
+    if stable:
+        groups = param_groups(model, STABLE["weight_decay"])
+        with warnings.catch_warnings():  # optimi's note that 0.01 is a high weight decay once not scaled by lr
+            warnings.simplefilter("ignore")
+            opt = optimi.StableAdamW(groups, lr=STABLE["lr"], betas=STABLE["betas"], decouple_lr=True, triton=False)
+        sched = WarmupStableDecay(opt, STEPS, **WSD)
+    else:
+        params = ds_config(0)["optimizer"]["params"]
+        opt = Lamb(param_groups(model, params["weight_decay"]), lr=params["lr"], betas=params["betas"])
+        sched = WarmupPolyDecay(opt, STEPS, warmup_proportion=0.3, power=0.5)
     history, norms = [], []
     for step in range(STEPS):
         opt.zero_grad()
-        loss = sum(model(*batch(step, r)) for r in range(WORLD)) / WORLD
+        loss = sum(model(*batch(step, r)) for r in range(WORLD)) / WORLD * (loss_scale(step) if stable else 1.0)
         loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0 if not stable else float("inf"))))
         opt.step()
         sched.step()
         history.append({k: v.detach().clone() for k, v in model.named_parameters()})
@@ -148,6 +178,23 @@ def test_stage0_two_processes_matches_single_process_lamb(two_process_runs):
 def test_zero_stage_makes_the_same_lamb_updates_as_stage0(two_process_runs, stage):
     """LAMB's per-tensor trust ratios survive ZeRO flattening (DeepSpeed issues #88/#490)."""
     for step, (got, want) in enumerate(zip(two_process_runs[stage], two_process_runs[0])):
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"stage {stage} step {step} {k}")
+
+
+@pytest.mark.slow
+def test_stable_adamw_two_processes_matches_optimi_in_one(two_process_runs):
+    """Our StableAdamW under DeepSpeed, data parallel, is torch-optimi's on the whole batch (WSD schedule too)."""
+    for step, (got, want) in enumerate(zip(two_process_runs["stable-0"], single_process_reference(stable=True)[0])):
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"step {step} {k}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_makes_the_same_stable_adamw_updates_as_stage0(two_process_runs, stage):
+    """StableAdamW's update clipping (an rms per tensor) stays per tensor on ZeRO's flat partitions."""
+    for step, (got, want) in enumerate(zip(two_process_runs[f"stable-{stage}"], two_process_runs["stable-0"])):
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"stage {stage} step {step} {k}")
 
@@ -215,8 +262,19 @@ def test_deepspeeds_shared_memory_buffer_has_the_name_shutdown_removes(two_proce
 
 
 def test_weights_actually_move_so_the_comparisons_mean_something(two_process_runs):
-    first, last = two_process_runs[0][0], two_process_runs[0][-1]
-    assert all(not torch.equal(first[k], last[k]) for k in first)
+    for run in (0, "stable-0"):
+        first, last = two_process_runs[run][0], two_process_runs[run][-1]
+        assert all(not torch.equal(first[k], last[k]) for k in first)
+    import optimi  # and StableAdamW's update clipping changes them: optimi's AdamW (no clipping) moves elsewhere
+
+    model = Tiny()
+    opt = optimi.AdamW(model.parameters(), lr=STABLE["lr"], betas=STABLE["betas"], weight_decay=0.0, triton=False)
+    for step in range(STEPS):
+        opt.zero_grad()
+        (sum(model(*batch(step, r)) for r in range(WORLD)) / WORLD * loss_scale(step)).backward()
+        opt.step()
+    clipped = single_process_reference(stable=True)[0][-1]
+    assert not torch.allclose(model.fc1.weight, clipped["fc1.weight"], rtol=1e-3)
 
 
 def test_poly_schedule_warmup_then_decay_to_zero():
@@ -232,6 +290,31 @@ def test_poly_schedule_warmup_then_decay_to_zero():
     assert lrs == pytest.approx(want)
     time_driven = WarmupPolyDecay(opt, total_steps=10, warmup_proportion=0.2, progress=lambda step: 0.6)
     assert time_driven.get_last_lr()[0] == pytest.approx(2.0 * 0.4 / 0.8)
+
+
+def test_warmup_stable_decay_schedule():
+    """Linear warmup, the peak, then a linear or 1-sqrt decay to min_lr_ratio x peak over the last share."""
+    from pretrain.engine import WarmupStableDecay
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+
+    def want(t: int, shape) -> float:  # total 20 steps: warmup 4, stable to step 12, decay 12 -> 20
+        if t < 4:
+            return 2.0 * t / 4
+        return 2.0 if t <= 12 else 2.0 * (0.1 + 0.9 * (1 - shape((t - 12) / 8)))
+
+    for decay, shape in (("linear", lambda q: q), ("1-sqrt", lambda q: q**0.5)):
+        s = WarmupStableDecay(opt, 20, warmup_proportion=0.2, decay_proportion=0.4, decay=decay, min_lr_ratio=0.1)
+        lrs = [s.get_last_lr()[0]]
+        for _ in range(20):
+            s.step()
+            lrs.append(s.get_last_lr()[0])
+        assert lrs == pytest.approx([want(t, shape) for t in range(21)])
+    constant = WarmupStableDecay(opt, 20, warmup_proportion=0.1)  # ModernBERT's phase 1: no decay at all
+    constant.load_state_dict({"last_step": 19, "base_lrs": [2.0]})
+    assert constant.get_last_lr()[0] == 2.0
+    by_clock = WarmupStableDecay(opt, 1000, warmup_proportion=0.1, decay_proportion=0.5, progress=lambda step: 0.75)
+    assert by_clock.get_last_lr()[0] == pytest.approx(2.0 * (1 - 0.5**0.5))  # --time-budget: 3/4 of it spent
 
 
 def test_weight_decay_excludes_biases_and_layernorm():
@@ -282,6 +365,26 @@ def test_local_cpu_ranks_share_the_cores(monkeypatch, env, shared):
         torch.set_num_threads(before)
 
 
+def test_stable_adamw_and_fully_decoupled_adamw_are_ours_on_every_device(monkeypatch):
+    """StableAdamW has no DeepSpeed kernel; AdamW's "decouple_lr" (wd not scaled by lr) is StableAdamW without its
+    clipping. Plain AdamW stays DeepSpeed's on a GPU and torch's on CPU: decoupled weight decay scaled by lr."""
+    from pretrain import engine as eng
+    from pretrain.optim import StableAdamW
+
+    for gpu in (False, True):
+        monkeypatch.setattr(eng, "on_gpu", lambda gpu=gpu: gpu)
+        cfg = stable_config(2)
+        opt, _ = eng.build_optimizer(Tiny(), cfg)
+        assert type(opt) is StableAdamW and opt.update_clipping and opt.defaults["decouple_lr"]
+        assert opt.defaults["max_lr"] == STABLE["lr"] and "optimizer" not in cfg
+        adamw = {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 1e-5, "decouple_lr": True, "torch_adam": True}}
+        opt, _ = eng.build_optimizer(Tiny(), {**ds_config(0), "optimizer": adamw})
+        assert type(opt) is StableAdamW and not opt.update_clipping and opt.defaults["decouple_lr"]
+        plain = {**ds_config(0), "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.01}}}
+        opt, _ = eng.build_optimizer(Tiny(), plain)
+        assert (opt is None) if gpu else type(opt) is torch.optim.AdamW
+
+
 def test_gpu_stage0_lamb_is_deepspeeds_kernel_or_ours_when_the_kernel_does_not_load(monkeypatch):
     """On a GPU, stage-0 fp32/fp16 LAMB goes to DeepSpeed's fused kernel; where that JIT build fails (no nvcc,
     say) training must not die: our Lamb takes over with the same hyperparameters and a warning says why."""
@@ -309,17 +412,25 @@ def test_gpu_stage0_lamb_is_deepspeeds_kernel_or_ours_when_the_kernel_does_not_l
         ({"fp16": {"enabled": True}}, "fp16"),
         ({"train_batch_size": 7}, "train_batch_size"),
         ({"optimizer": {"type": "Lion"}}, "Lion"),
+        ({"optimizer": {"type": "StableAdamW", "params": {"lr": 1e-3, "kahan_sum": True}}}, "kahan_sum"),
+        ({"optimizer": {"type": "Adam", "params": {"lr": 1e-3, "decouple_lr": True}}}, "AdamW"),
+        ({"scheduler": {"type": "WarmupStableDecay", "params": {"decay": "cosine"}}}, "cosine"),
+        ({"scheduler": {"type": "WarmupStableDecay", "params": {"decay_steps": 5}}}, "decay_steps"),
+        ({"scheduler": {"type": "WarmupStableDecay", "params": {"warmup_proportion": 0.6, "decay_proportion": 0.6}}},
+         "warmup_proportion \\+ decay_proportion"),
     ],
-)
+)  # fmt: skip
 def test_bad_configs_are_one_line_user_errors(tmp_path, patch, words):
-    from pretrain.engine import build_optimizer, load_ds_config, resolve_batch
+    from pretrain.engine import SCHEDULES, build_optimizer, load_ds_config, resolve_batch
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({**ds_config(0), **patch}))
     with pytest.raises(UserError, match=words):
         cfg = load_ds_config(path)
         resolve_batch(cfg, WORLD)
-        build_optimizer(Tiny(), cfg)
+        opt, _ = build_optimizer(Tiny(), cfg)
+        sched = cfg["scheduler"]
+        SCHEDULES[sched["type"]].from_config(opt, 10, sched.get("params", {}))
 
 
 if __name__ == "__main__":
