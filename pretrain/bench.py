@@ -43,6 +43,7 @@ from data_prep.errors import UserError, run_cli
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
 from data_prep.log import get_logger
 from pretrain import dist
+from pretrain.kernels import FastPaths, Packing
 from pretrain.models import ModelFlags, build_pretraining_model, flops_per_sequence
 
 log = get_logger(__name__)
@@ -117,11 +118,13 @@ def hf_inputs(batch: dict, family: str = "bert") -> dict:
 
 
 def batch_flops(config, batch: dict) -> float:
-    """Useful training FLOPs of a batch: the formula on each sequence's real length and masked count."""
-    lengths = batch["attention_mask"].sum(1).tolist()
-    seq_len = batch["input_ids"].shape[1]
-    per_row = torch.bincount(batch["masked_positions"] // seq_len, minlength=len(lengths)).tolist()
-    return sum(flops_per_sequence(config, s, p) for s, p in zip(lengths, per_row))
+    """Useful training FLOPs of a batch: the formula on each sequence's real length and masked count, where a
+    sequence is a row, or with `document_ids` each document packed into a row (attention stays inside it)."""
+    pack = Packing.build(batch["attention_mask"], batch.get("document_ids"), FastPaths())
+    masked = batch["masked_positions"]
+    owner = masked // pack.seq_len if pack.sequence_of is None else pack.sequence_of.flatten()[masked]
+    per_sequence = torch.bincount(owner, minlength=len(pack.lengths)).tolist()
+    return sum(flops_per_sequence(config, s, p) for s, p in zip(pack.lengths, per_sequence))
 
 
 class Runner:

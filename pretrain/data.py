@@ -18,6 +18,14 @@ truncated, one token at a time from a random end, until `[CLS] A [SEP] B [SEP]` 
 `pair_task="none"` packs a chunk as one segment, `[CLS] X [SEP]`, all token types 0, and every
 `nsp_labels` entry is -100, which the model treats as ignore_index (no NSP loss).
 
+`packing=True` (with `pair_task="none"`) fills every sample to exactly `seq_len` tokens: the documents of a
+split, each framed as `[CLS] doc [SEP]`, follow one another in a seeded order as one stream, which is cut every
+`seq_len` tokens. A document cut at the end of a sample continues at the start of the next one (MosaicBERT's
+`--concat_tokens` wrapping, so no token is dropped or padded; ModernBERT's own packer instead bins whole,
+truncated documents per micro-batch and pads the rest). Unlike MosaicBERT, attention stays inside each document:
+samples carry `document_ids` (0, 1, 2, ... per document piece of the row), from which the model builds one
+varlen sequence per piece (`pretrain.kernels.Packing`), with positions restarting at each.
+
 Design choices that differ from the textbook:
 - Chunk boundaries are fixed once per (dataset, split) in a compact sample map, an array of
   (document, first sentence, end sentence, target length) rows (int32) built with vectorized numpy (one pass per
@@ -37,6 +45,10 @@ Design choices that differ from the textbook:
 - Mixing weights: each epoch of N = sum of dataset sample counts gives dataset k `round(w_k * N)` slots,
   filled by walking a keyed permutation of its own samples across epochs (no sample repeats before all
   of that dataset's samples are used).
+- Packing keeps no sample map: the stream is the split's documents in a seeded order with the running total
+  of their slots (two int64 per document); sample i of a pass over the stream starts at slot `offset + i *
+  seq_len` (one searchsorted), where `offset` is drawn per pass, so every pass cuts the documents elsewhere.
+  The stream is circular: the last sample of a pass wraps to the first documents, and every sample is full.
 """
 
 from __future__ import annotations
@@ -84,6 +96,9 @@ class DataConfig:
     """Share of non-special tokens given an MLM label."""
     whole_word_mask: bool = False
     """Mask a word and its ## pieces together."""
+    packing: bool = False
+    """Fill every sample to --seq-len with `[CLS] doc [SEP]` of consecutive documents, each attending only to
+    itself; a document cut at a sample's end continues in the next (needs --pair-task none)."""
     eval_fraction: float = 0.01
     """Share of documents held out for evaluation, chosen from the seed."""
     seed: int = 1234
@@ -106,6 +121,11 @@ class DataConfig:
             raise UserError(f"--seq-len {self.seq_len} is too short for [CLS] A [SEP] B [SEP]; use at least 8")
         if self.pair_task not in PAIR_TASKS:
             raise UserError(f"--pair-task {self.pair_task!r} is unknown; use one of {', '.join(PAIR_TASKS)}")
+        if self.packing and self.pair_task != "none":
+            raise UserError(
+                f"--packing fills samples with whole documents, which leaves no sentence pairs for --pair-task "
+                f"{self.pair_task}; add --pair-task none"
+            )
         if not 0.0 < self.mask_prob < 1.0:
             raise UserError(f"--mask-prob {self.mask_prob} must be between 0 and 1 (exclusive)")
         if not 0.0 <= self.short_seq_prob <= 1.0:
@@ -134,6 +154,14 @@ class _Source:
             raise UserError(f"{prefix}.bin does not store sentences back to back; rebuild it with `bert-prep build`")
         self.docs = self.ds.document_indices.astype(np.int64)
         self.split_docs = _split_documents(self.ds.num_documents, cfg.eval_fraction, [cfg.seed, k, 11])
+        self.seq_len, self.key = cfg.seq_len, (cfg.seed, k)
+        if cfg.packing:
+            self.maps = {}
+            self.streams = {
+                split: self._stream(docs, np.random.default_rng([cfg.seed, k, SPLITS[split], 37]))
+                for split, docs in self.split_docs.items()
+            }
+            return
         pair = cfg.pair_task != "none"
         max_tokens = cfg.seq_len - (3 if pair else 2)
         self.maps = {
@@ -148,6 +176,52 @@ class _Source:
             )
             for split, docs in self.split_docs.items()
         }
+
+    def _stream(self, docs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(documents in stream order, slot offsets: document j fills slots [ends[j], ends[j + 1]))."""
+        order = rng.permutation(docs)
+        slots = self.cum[self.docs[order + 1]] - self.cum[self.docs[order]] + 2  # [CLS] doc [SEP]
+        return order, np.concatenate([[0], np.cumsum(slots)])
+
+    def num_samples(self, split: str) -> int:
+        """Samples in one pass over this dataset's `split`."""
+        if split in self.maps:
+            return len(self.maps[split])
+        return -(-int(self.streams[split][1][-1]) // self.seq_len)
+
+    def packed(self, split: str, rounds: int, index: int, special: dict[str, int]) -> dict[str, np.ndarray]:
+        """Sample `index` of pass `rounds`: `seq_len` slots of the circular stream (all of it when shorter), from
+        an offset drawn per pass; `document_ids` numbers the document pieces of the row 0, 1, 2, ..."""
+        order, ends = self.streams[split]
+        total = int(ends[-1])
+        offset = int(np.random.default_rng([*self.key, SPLITS[split], rounds, 31]).integers(self.seq_len))
+        pos, need = (offset + index * self.seq_len) % total, min(self.seq_len, total)
+        j = int(np.searchsorted(ends, pos, side="right")) - 1
+        ids, pieces = [], []
+        while need:
+            take = min(need, int(ends[j + 1]) - pos)
+            ids.append(self._framed(int(order[j]), pos - int(ends[j]), take, special))
+            pieces.append(take)
+            need, pos, j = need - take, pos + take, j + 1
+            if j == len(order):
+                j, pos = 0, 0
+        input_ids = np.concatenate(ids)
+        return {
+            "input_ids": input_ids,
+            "token_type_ids": np.zeros(len(input_ids), dtype=np.int64),
+            "nsp_label": np.array(IGNORE_INDEX, dtype=np.int64),
+            "document_ids": np.repeat(np.arange(len(pieces), dtype=np.int64), pieces),
+        }
+
+    def _framed(self, doc: int, start: int, length: int, special: dict[str, int]) -> np.ndarray:
+        """Slots [start, start + length) of `[CLS] tokens of doc [SEP]`."""
+        tokens = self.tokens(int(self.docs[doc]), int(self.docs[doc + 1]))
+        end = start + length
+        parts = [np.array([special["cls"]])] if start == 0 else []
+        parts.append(tokens[max(start - 1, 0) : min(end - 1, len(tokens))].astype(np.int64))
+        if end == len(tokens) + 2:
+            parts.append(np.array([special["sep"]]))
+        return np.concatenate(parts)
 
     def tokens(self, s: int, e: int) -> np.ndarray:
         """Token ids of sentences [s, e) of this dataset, one contiguous view."""
@@ -198,7 +272,7 @@ class PretrainingData:
 
     def _mixture(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """(slots per dataset in one epoch, first slot of each dataset)."""
-        sizes = np.array([len(s.maps[split]) for s in self.sources], dtype=np.int64)
+        sizes = np.array([s.num_samples(split) for s in self.sources], dtype=np.int64)
         if self.cfg.weights is None:
             counts = sizes
         else:
@@ -219,15 +293,18 @@ class PretrainingData:
         return epoch, permute(pos, n, (self.cfg.seed, SPLITS[split], epoch, 17))
 
     def sample(self, split: str, epoch: int, index: int) -> dict[str, np.ndarray]:
-        """Unmasked sample `index` of `epoch`: `input_ids`, `token_type_ids`, `nsp_label` (int64 arrays)."""
+        """Unmasked sample `index` of `epoch`: `input_ids`, `token_type_ids`, `nsp_label` (int64 arrays), and with
+        --packing `document_ids`."""
         counts, first = self._slots[_check_split(split)]
         if not 0 <= index < first[-1] or epoch < 0:
             raise IndexError(f"sample ({epoch}, {index}) is outside the {split} split of {first[-1]} samples per epoch")
         k = int(np.searchsorted(first, index, side="right")) - 1
         src = self.sources[k]
-        n = len(src.maps[split])
-        local = (epoch * int(counts[k]) + index - int(first[k])) % n
+        n = src.num_samples(split)
+        rounds, local = divmod(epoch * int(counts[k]) + index - int(first[k]), n)
         local = permute(local, n, (self.cfg.seed, k, SPLITS[split], 19))
+        if self.cfg.packing:
+            return src.packed(split, rounds, local, self.special_tokens)
         doc, s, e, target = (int(v) for v in src.maps[split][local])
         rng = np.random.default_rng([self.cfg.seed, SPLITS[split], epoch, index, 23])
         if self.cfg.pair_task == "none":
@@ -297,17 +374,22 @@ def eval_batches(
 
 
 def collate(samples: Sequence[dict[str, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sample; masked positions become flat row-major indices into (B, S)."""
+    """Right-pad to the longest sample; masked positions become flat row-major indices into (B, S); packed
+    samples also give `document_ids` (0 on padding)."""
     lengths = [len(x["input_ids"]) for x in samples]
     b, s = len(samples), max(lengths)
     input_ids = np.full((b, s), pad_id, dtype=np.int64)
     token_type_ids = np.zeros((b, s), dtype=np.int64)
     attention_mask = np.zeros((b, s), dtype=np.int64)
+    packed = "document_ids" in samples[0]
+    document_ids = np.zeros((b, s), dtype=np.int64) if packed else None
     for row, (x, n) in enumerate(zip(samples, lengths)):
         input_ids[row, :n] = x["input_ids"]
         token_type_ids[row, :n] = x["token_type_ids"]
         attention_mask[row, :n] = 1
-    return {
+        if packed:
+            document_ids[row, :n] = x["document_ids"]
+    batch = {
         "input_ids": torch.from_numpy(input_ids),  # (B, S)
         "token_type_ids": torch.from_numpy(token_type_ids),  # (B, S)
         "attention_mask": torch.from_numpy(attention_mask),  # (B, S)
@@ -317,6 +399,9 @@ def collate(samples: Sequence[dict[str, np.ndarray]], pad_id: int) -> dict[str, 
         "mlm_labels": torch.from_numpy(np.concatenate([x["mlm_labels"] for x in samples]).astype(np.int64)),  # (N,)
         "nsp_labels": torch.tensor([int(x["nsp_label"]) for x in samples], dtype=torch.long),  # (B,)
     }
+    if packed:
+        batch["document_ids"] = torch.from_numpy(document_ids)  # (B, S)
+    return batch
 
 
 def permute(i: int, n: int, key: tuple[int, ...]) -> int:

@@ -281,5 +281,7 @@ def test_command_line_flags_build_the_config(corpus):
     cfg = flags.from_args(DataConfig, args)
     assert cfg == DataConfig(["a", "b"], [1.0, 3.0], seq_len=64, pair_task="sop", whole_word_mask=True)
     assert flags.from_args(DataConfig, parser.parse_args(["--data", "a"])) == DataConfig(["a"])
+    packed = parser.parse_args(["--data", "a", "--pair-task", "none", "--packing", "--mask-prob", "0.3"])
+    assert flags.from_args(DataConfig, packed) == DataConfig(["a"], pair_task="none", packing=True, mask_prob=0.3)
     with pytest.raises(UserError, match="--mask-prob"):
         flags.from_args(DataConfig, parser.parse_args(["--data", "a", "--mask-prob", "1.5"])).validate()
