@@ -76,6 +76,28 @@ def batch(step: int, rank: int):
     return torch.randint(0, 37, (MB, 6), generator=g), torch.randint(0, 5, (MB,), generator=g)
 
 
+MODERN_STAGES = [0, 2, 3]
+
+
+def modern_bert() -> torch.nn.Module:
+    """A tiny ModernBERT (tied decoder, global and local layers) for LAMB under ZeRO."""
+    from pretrain.models import build_pretraining_model, load_config
+
+    torch.manual_seed(0)
+    shape = ["vocab_size=37", "pad_token_id=0", "hidden_size=16", "num_attention_heads=2", "intermediate_size=24"]
+    return build_pretraining_model(load_config("modernbert-tiny", [*shape, "num_hidden_layers=3", "local_attention=4"]))
+
+
+def modern_batch(step: int, rank: int) -> dict:
+    """Two documents packed in each row (`document_ids`), three masked tokens per row."""
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    ids = torch.randint(1, 37, (MB, 8), generator=g)
+    masked = (torch.tensor([1, 4, 6]) + 8 * torch.arange(MB)[:, None]).flatten()
+    docs = (torch.arange(8) >= 3).long().expand(MB, -1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "document_ids": docs,
+            "masked_positions": masked, "mlm_labels": ids.flatten()[masked]}  # fmt: skip
+
+
 def full_weights(engine) -> dict[str, torch.Tensor]:
     """Full fp32 weights: the fp32 master copy under bf16, gathered under ZeRO-3."""
     import deepspeed
@@ -99,19 +121,10 @@ def worker(out: str) -> None:
     from pretrain import engine as eng
 
     results = {}
-    for stage in [*STAGES, *(f"bf16-{s}" for s in BF16_STAGES), *(f"stable-{s}" for s in STAGES)]:
-        bf16, stable = str(stage).startswith("bf16"), str(stage).startswith("stable")
-        config = stable_config(int(str(stage)[-1])) if stable else ds_config(int(str(stage)[-1]), bf16=bf16)
-        engine = eng.initialize(Tiny(), config, total_steps=STEPS)
+    runs = [*STAGES, *(f"bf16-{s}" for s in BF16_STAGES), *(f"stable-{s}" for s in STAGES)]
+    for stage in [*runs, *(f"modernbert-{s}" for s in MODERN_STAGES)]:
+        engine, history, norms = train_run(eng, str(stage))
         rank = engine.global_rank
-        history, norms = [], []
-        for step in range(STEPS):
-            x, y = batch(step, rank)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = engine(x, y) * (loss_scale(step) if stable else 1.0)
-            engine.backward(loss)
-            norms.append(eng.step(engine))
-            history.append(full_weights(engine))
         results[stage], results[f"norms-{stage}"] = history, norms
         results[f"full-{stage}"] = eng.full_state_dict(engine)  # every rank calls it; ZeRO-3 gathers to rank 0
         checkpoint.save(engine, f"{out}.d/{stage}", checkpoint.TrainState(step=STEPS, world_size=WORLD))
@@ -120,6 +133,24 @@ def worker(out: str) -> None:
     if rank == 0:
         torch.save(results, out)
     eng.shutdown()
+
+
+def train_run(eng, run: str):
+    """STEPS steps of one run of the worker: (engine, weights after each step, gradient norms)."""
+    bf16, stable, modern = run.startswith("bf16"), run.startswith("stable"), run.startswith("modernbert")
+    config = stable_config(int(run[-1])) if stable else ds_config(int(run[-1]), bf16=bf16)
+    engine = eng.initialize(modern_bert() if modern else Tiny(), config, total_steps=STEPS)
+    history, norms = [], []
+    for step in range(STEPS):
+        if modern:
+            loss = engine(**modern_batch(step, engine.global_rank)).loss
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = engine(*batch(step, engine.global_rank)) * (loss_scale(step) if stable else 1.0)
+        engine.backward(loss)
+        norms.append(eng.step(engine))
+        history.append(full_weights(engine))
+    return engine, history, norms
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +226,19 @@ def test_stable_adamw_two_processes_matches_optimi_in_one(two_process_runs):
 def test_zero_stage_makes_the_same_stable_adamw_updates_as_stage0(two_process_runs, stage):
     """StableAdamW's update clipping (an rms per tensor) stays per tensor on ZeRO's flat partitions."""
     for step, (got, want) in enumerate(zip(two_process_runs[f"stable-{stage}"], two_process_runs["stable-0"])):
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"stage {stage} step {step} {k}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", MODERN_STAGES[1:])
+def test_zero_stage_makes_the_same_lamb_updates_for_modernbert(two_process_runs, stage):
+    """ModernBERT's tied decoder and packed documents change nothing: per-tensor LAMB at ZeRO 2/3 is stage 0's."""
+    want_run = two_process_runs["modernbert-0"]
+    assert not torch.equal(want_run[0]["model.embeddings.tok_embeddings.weight"], want_run[-1][
+        "model.embeddings.tok_embeddings.weight"])  # fmt: skip
+    for step, (got, want) in enumerate(zip(two_process_runs[f"modernbert-{stage}"], want_run)):
+        assert got.keys() == want.keys()
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"stage {stage} step {step} {k}")
 
