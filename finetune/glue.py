@@ -130,8 +130,8 @@ class Glue(Task):
         self.labels = list(spec.labels or ())
         self.metrics = metric_names(spec)
         self.train_examples = self.read(self.dir / "train.tsv", spec.columns)
-        self.dev = [(suffix, self.read(self.dir / name, spec.columns)) for name, suffix in spec.dev]
-        self.tests = [(sub, path, self.read(path, None, labelled=False)) for sub, path in self.test_files()]
+        self.dev_sets = [(suffix, self.read(self.dir / name, spec.columns)) for name, suffix in spec.dev]
+        self.test_sets = [(sub, path, self.read(path, None, labelled=False)) for sub, path in self.test_files()]
 
     def test_files(self) -> list[tuple[str, Path]]:
         """(submission name, file) of the test sets --predict writes."""
@@ -186,8 +186,8 @@ class Glue(Task):
             return data.encode_classify(tok, examples, labels, cfg.seq_len, cfg.strict, str(path))
 
         self.train = enc(self.train_examples, self.dir / "train.tsv")
-        self.dev = [(suffix, examples, enc(examples, self.dir)) for suffix, examples in self.dev]
-        self.tests = [(sub, path, examples, enc(examples, path)) for sub, path, examples in self.tests]
+        self.dev = [(suffix, examples, enc(examples, self.dir)) for suffix, examples in self.dev_sets]
+        self.tests = [(sub, path, examples, enc(examples, path)) for sub, path, examples in self.test_sets]
         self.truncated = {"train": self.train.truncated, "eval": sum(e.truncated for _, _, e in self.dev)}
 
     def values(self, logits) -> list[str] | list[float]:

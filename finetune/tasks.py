@@ -9,8 +9,9 @@ eval at random with a fixed seed.
   questions: one sentence of the paragraph with a content word replaced by "what", answered by that word in
   the paragraph; a share of the questions take their sentence from another paragraph, which the paragraph then
   does not answer (v2.0's unanswerable questions).
-- glue: two tasks in GLUE's file layouts (`--glue-task`, `bert-glue`): CoLA (is a sentence as written, or one
-  with two of its words swapped; half each) and MRPC (are two sentences from the same package; half each).
+- glue: three tasks in GLUE's file layouts (`--glue-task`, `bert-glue`): CoLA (is a sentence as written, or one
+  with two of its words swapped), MRPC (are two sentences from the same package) and SST-2 (is a sentence from
+  the largest package or from the second); half of each label.
 """
 
 from __future__ import annotations
@@ -208,6 +209,20 @@ def build_cola(found: dict[str, list[str]], cfg: GlueConfig, rng: random.Random)
     write_tsv(d / "test.tsv", ["index", "sentence"], [[i, s] for i, (s, _) in enumerate(dev)])
 
 
+def build_sst2(found: dict[str, list[str]], cfg: GlueConfig, rng: random.Random) -> None:
+    """OUTPUT/SST-2: label 1 for a sentence of the package richest in sentences, 0 for one of the next."""
+    by_package = {k: sorted({s for p in ps for s in sentences(p)}) for k, ps in found.items()}
+    first, second = sorted(by_package, key=lambda k: (-len(by_package[k]), k))[:2]
+    n = min(cfg.examples // 2, len(by_package[second]))
+    rows = [(s, "1") for s in rng.sample(by_package[first], n)] + [(s, "0") for s in rng.sample(by_package[second], n)]
+    train, dev = split(rows, cfg, rng)
+    d = Path(cfg.output, "SST-2")
+    for name, part in (("train.tsv", train), ("dev.tsv", dev)):
+        write_tsv(d / name, ["sentence", "label"], [[s, y] for s, y in part])
+    write_tsv(d / "test.tsv", ["index", "sentence"], [[i, s] for i, (s, _) in enumerate(dev)])
+    log.info(f"SST-2 layout: {first} (1) against {second} (0), {n} sentences each")
+
+
 def build_mrpc(found: dict[str, list[str]], cfg: GlueConfig, rng: random.Random) -> None:
     """OUTPUT/MRPC: Quality 1 when the two sentences come from the same package."""
     by_package = {k: sorted({s for p in ps for s in sentences(p)}) for k, ps in found.items()}
@@ -234,13 +249,14 @@ def build_glue(cfg: GlueConfig) -> None:
     rng = random.Random(cfg.seed)
     build_cola(found, cfg, rng)
     build_mrpc(found, cfg, rng)
-    log.info(f"CoLA and MRPC layouts, {cfg.examples} examples each -> {cfg.output}")
+    build_sst2(found, cfg, rng)
+    log.info(f"CoLA, MRPC and SST-2 layouts, up to {cfg.examples} examples each -> {cfg.output}")
 
 
 TASKS = {
     "packages": (PackagesConfig, build_packages, "which standard-library package a documentation paragraph is from"),
     "squad": (SquadConfig, build_squad, "extractive QA (SQuAD v2.0 JSON): cloze questions on documentation"),
-    "glue": (GlueConfig, build_glue, "CoLA- and MRPC-layout tasks from documentation sentences"),
+    "glue": (GlueConfig, build_glue, "CoLA-, MRPC- and SST-2-layout tasks from documentation sentences"),
 }
 
 

@@ -53,10 +53,10 @@ def test_every_task_reads_its_published_layout(setup, task, tmp_path):
     assert t.train_examples[3].text.startswith('" ')  # the stray quote stayed in its row
     with open(d / "train.tsv", newline="") as f:
         assert len(list(csv.reader(f, delimiter="\t"))) < 20 + (spec.columns is None)  # what quoting would do
-    assert [len(examples) for _, examples in t.dev] == [8] * len(spec.dev)
-    subs = [sub for sub, _, _ in t.tests]
+    assert [len(examples) for _, examples in t.dev_sets] == [8] * len(spec.dev)
+    subs = [sub for sub, _, _ in t.test_sets]
     assert subs == (["MNLI-m", "MNLI-mm", "AX"] if task == "mnli" else [spec.name])
-    assert [ex.index for ex in t.tests[0][2]] == [str(i) for i in range(5)]
+    assert [ex.index for ex in t.test_sets[0][2]] == [str(i) for i in range(5)]
     assert t.metrics[0] == "score" and GLUE_LAYOUTS[task][0] == spec.name
 
 
@@ -99,7 +99,7 @@ def test_sst2_learns_and_its_metrics_match_sklearn_on_transformers_predictions(s
     out = setup["root"] / "sst2"
     result = main(config(setup, "sst2", out))
     assert result["report"]["accuracy"] >= 0.9, result["history"]
-    dev = glue.Glue(config(setup, "sst2", out)).dev[0][1]
+    dev = glue.Glue(config(setup, "sst2", out)).dev_sets[0][1]
     gold, pred = [ex.label for ex in dev], hf_predict(out, dev)
     assert result["report"]["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(gold, pred))
     assert result["report"]["score"] == result["report"]["accuracy"] and result["metric"] == "score"
@@ -109,7 +109,7 @@ def test_stsb_regression_matches_scipy_on_transformers_predictions(setup):
     write_glue(setup["glue"], "stsb", 300, 60, 10)
     out = setup["root"] / "stsb"
     report = main(config(setup, "stsb", out, epochs=4, lr=2e-3))["report"]
-    dev = glue.Glue(config(setup, "stsb", out)).dev[0][1]
+    dev = glue.Glue(config(setup, "stsb", out)).dev_sets[0][1]
     gold, pred = [float(ex.label) for ex in dev], hf_predict(out, dev, regression=True)
     # HF's scores differ from ours in the 6th digit (another attention path), the correlations in the 5th
     assert report["pearson"] == pytest.approx(scipy_stats.pearsonr(gold, pred)[0], abs=1e-4)

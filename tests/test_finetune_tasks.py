@@ -43,11 +43,11 @@ def test_glue_tasks_are_read_by_glue_task(tmp_path):
     root = make_docs(tmp_path / "lib")
     tasks.build_glue(tasks.GlueConfig(output=str(tmp_path / "glue"), root=str(root), examples=40, seed=2))
     originals = {s for p in tasks.package_paragraphs(root).values() for para in p for s in tasks.sentences(para)}
-    for name in ("cola", "mrpc"):
+    for name in ("cola", "mrpc", "sst2"):
         cfg = FinetuneConfig(glue_task=name, data_dir=str(tmp_path / "glue"), init_from="x", output="y", predict=True)
         t = glue.Glue(cfg)
-        examples = t.train_examples + t.dev[0][1]
-        assert (len(t.train_examples), len(t.dev[0][1]), len(t.tests[0][2])) == (32, 8, 8)
+        examples = t.train_examples + t.dev_sets[0][1]
+        assert (len(t.train_examples), len(t.dev_sets[0][1]), len(t.test_sets[0][2])) == (32, 8, 8)
         assert sorted(ex.label for ex in examples) == ["0"] * 20 + ["1"] * 20
         if name == "cola":  # a "1" is a sentence as written, a "0" the same words in another order
             assert all((ex.text in originals) == (ex.label == "1") for ex in examples)
