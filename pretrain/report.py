@@ -120,7 +120,7 @@ def summary(train: list[dict], evals: list[dict]) -> str:
     for label, rec in (("first eval", evals[0] if evals else None), ("last eval", evals[-1] if evals else None)):
         if rec is None or (label == "last eval" and len(evals) < 2):
             continue
-        accs = ", ".join(f"{k} {rec[k]:.4f}" for k in EVAL_KEYS if k in rec)
+        accs = ", ".join(f"{k} {rec[k]:.4f}" for k in EVAL_KEYS if rec.get(k) is not None)  # None: no NSP
         lines.append(f"{label} (step {rec['step']}): {accs}")
     if not lines:
         lines.append("no step records yet")
