@@ -1,13 +1,14 @@
 """Two nodes simulated on one machine: scripts/launch_multinode.sh with a two-host hostfile, started once per
 node with `--no_ssh --node_rank 0|1` (master 127.0.0.1), must log the same losses as one node with two
-processes; a rank failing on one node must fail that node's launch with a message naming the node."""
+processes (BERT with LAMB; ModernBERT with packing and StableAdamW); a rank failing on one node must fail that
+node's launch with a message naming the node."""
 
 import signal
 import subprocess
 import time
 
 import pytest
-from fixtures_train import ROOT, free_port, losses, make_setup, run_env, train_args
+from fixtures_train import ROOT, ds_config_json, free_port, losses, make_setup, run_env, train_args
 
 from pretrain import checkpoint
 
@@ -23,18 +24,35 @@ def node_launch(hostfile, node_rank: int, args: list[str], port: int) -> subproc
     )
 
 
+def modernbert(setup: dict, root) -> tuple[dict, list[str]]:
+    """The setup's data with a small ModernBERT (dropout on), StableAdamW on a WSD schedule at ZeRO 1, packing."""
+    from pretrain.models import load_config
+
+    shape = ["vocab_size=200", "pad_token_id=0", "hidden_size=64", "num_attention_heads=2", "intermediate_size=96"]
+    config = load_config("modernbert-tiny", [*shape, "num_hidden_layers=3", "local_attention=16", "mlp_dropout=0.1"])
+    config.to_json(str(root / "modernbert.json"))
+    stable = {"type": "StableAdamW", "params": {"lr": 2e-3, "betas": [0.9, 0.98], "weight_decay": 1e-5}}
+    wsd = {"type": "WarmupStableDecay", "params": {"warmup_proportion": 0.2, "decay_proportion": 0.3}}
+    ds = ds_config_json(root / "ds_modernbert.json", world=2, stage=1, optimizer=stable, scheduler=wsd)
+    return {**setup, "model": str(root / "modernbert.json"), "ds": ds}, ["--pair-task", "none", "--packing"]
+
+
 @pytest.mark.slow
-def test_two_node_simulation_matches_one_node_two_processes(tmp_path):
-    setup = make_setup(tmp_path, stage=1, dropout=0.1, world=2)
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_two_node_simulation_matches_one_node_two_processes(tmp_path, family):
+    setup, extra = make_setup(tmp_path, stage=1, dropout=0.1, world=2), []
+    if family == "modernbert":
+        setup, extra = modernbert(setup, tmp_path)
     one_node, two_nodes = tmp_path / "one_node", tmp_path / "two_nodes"
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain.train"]
-    proc = subprocess.run([*cmd, *train_args(setup, one_node, STEPS)], cwd=ROOT, env=run_env(), capture_output=True)
+    args = train_args(setup, one_node, STEPS, *extra)
+    proc = subprocess.run([*cmd, *args], cwd=ROOT, env=run_env(), capture_output=True)
     assert proc.returncode == 0, proc.stdout[-3000:]
 
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     port = free_port()
-    procs = [node_launch(hostfile, r, train_args(setup, two_nodes, STEPS), port) for r in (0, 1)]
+    procs = [node_launch(hostfile, r, train_args(setup, two_nodes, STEPS, *extra), port) for r in (0, 1)]
     outs = [p.communicate(timeout=300)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     assert losses(two_nodes) == losses(one_node)
