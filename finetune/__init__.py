@@ -1,1 +1,1 @@
-"""Fine-tuning on downstream tasks (`bert-finetune`): readers, heads, metrics and the training loop."""
+"""Fine-tuning on downstream tasks (`bert-finetune`, `bert-glue`): readers, heads, metrics, the training loop."""

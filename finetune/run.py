@@ -135,8 +135,8 @@ def make_task(cfg: FinetuneConfig) -> kinds.Task:
 
 
 def default_lr(hidden_size: int) -> float:
-    """5e-5 x 768 / hidden: BERT-base 5e-5, BERT-tiny 3e-4 (see the module docstring)."""
-    return 5e-5 * 768 / hidden_size
+    """5e-5 x 768 / hidden to 3 digits: BERT-base 5e-5, BERT-tiny 3e-4 (see the module docstring)."""
+    return float(f"{5e-5 * 768 / hidden_size:.3g}")
 
 
 def load_pretrained(cfg: FinetuneConfig):

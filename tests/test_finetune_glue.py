@@ -105,6 +105,7 @@ def test_sst2_learns_and_its_metrics_match_sklearn_on_transformers_predictions(s
     assert result["report"]["score"] == result["report"]["accuracy"] and result["metric"] == "score"
 
 
+@pytest.mark.slow
 def test_stsb_regression_matches_scipy_on_transformers_predictions(setup):
     write_glue(setup["glue"], "stsb", 300, 60, 10)
     out = setup["root"] / "stsb"

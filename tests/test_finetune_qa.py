@@ -108,6 +108,7 @@ def answers(doc: dict) -> dict[str, list[str]]:
     return {p["qas"][0]["id"]: [a["text"] for a in p["qas"][0]["answers"]] for p in doc["data"][0]["paragraphs"]}
 
 
+@pytest.mark.slow
 def test_qa_learns_above_trivial_baselines_and_writes_official_predictions(setup):
     """One fact per paragraph amid filler and distractor words, cut into several windows: what is learned is
     finding and delimiting the answer (names of several pieces, two-word places) across windows, against
