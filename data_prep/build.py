@@ -49,7 +49,7 @@ from tqdm import tqdm
 from data_prep import indexed, text, tokenizer
 from data_prep.errors import UserError
 from data_prep.files import write_json_atomic
-from data_prep.flags import add_arguments, from_args, option
+from data_prep.flags import add_command, option
 from data_prep.log import get_logger
 
 log = get_logger(__name__)
@@ -63,7 +63,17 @@ SINGLE_SENTENCE_WARNING = 0.5  # share of one-sentence documents above which a b
 
 @dataclass
 class BuildConfig:
-    """Everything `bert-prep build` needs; each field is a command-line flag (data_prep.flags)."""
+    """Tokenize text into a memory-mapped indexed dataset (PREFIX.bin/.idx/.json).
+
+    Split documents into sentences, tokenize them with a Hugging Face tokenizer (BERT WordPiece from `bert-prep
+    vocab`, or any tokenizer.json: BPE, Unigram, WordPiece) and write a Megatron-compatible MMIDIDX dataset: one
+    sequence per sentence, grouped into documents, plus a JSON manifest. Inputs: txt (one paragraph per line, a
+    blank line between documents), jsonl, Parquet or Arrow (one document per row), as files, directories or
+    globs, txt/jsonl plain or .gz/.xz/.bz2/.zst; each input's format follows its extension. Re-running the same
+    command after a kill or Ctrl-C resumes the build.
+
+    Each field is a command-line flag of `bert-prep build` (data_prep.flags).
+    """
 
     input: list[str] = option(metavar="PATH")
     """Input files, directories or globs: txt or jsonl (plain, .gz, .xz, .bz2, .zst), Parquet, Arrow or a
@@ -471,23 +481,9 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `bert-prep build`."""
-    p = subparsers.add_parser(
-        "build",
-        help="tokenize text into a memory-mapped indexed dataset (PREFIX.bin/.idx/.json)",
-        description=(
-            "Split documents into sentences, tokenize them with a Hugging Face tokenizer (BERT WordPiece from "
-            "`bert-prep vocab`, or any tokenizer.json: BPE, Unigram, WordPiece) and write a Megatron-compatible "
-            "MMIDIDX dataset: one sequence per sentence, grouped into documents, plus a JSON manifest. Inputs: "
-            "txt (one paragraph per line, a blank line between documents), jsonl, Parquet or Arrow (one document "
-            "per row), as files, directories or globs, txt/jsonl plain or .gz/.xz/.bz2/.zst; each input's format "
-            "follows its extension. Re-running the same command after a kill or Ctrl-C resumes the build."
-        ),
-    )
-    add_arguments(p, BuildConfig)
-    p.set_defaults(func=run)
-    return p
+    return add_command(subparsers, "build", BuildConfig, run)
 
 
-def run(args: argparse.Namespace) -> int:
-    log.info(build(from_args(BuildConfig, args)).summary())
+def run(cfg: BuildConfig) -> int:
+    log.info(build(cfg).summary())
     return 0

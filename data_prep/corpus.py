@@ -34,7 +34,7 @@ from multiprocessing import Pool
 from pathlib import Path
 
 from data_prep.errors import UserError, run_cli
-from data_prep.flags import add_arguments, from_args, option
+from data_prep.flags import add_command, option
 from data_prep.log import get_logger
 
 log = get_logger(__name__)
@@ -369,7 +369,14 @@ def build_corpus(
 
 @dataclass
 class CorpusConfig:
-    """Everything `bert-prep corpus` needs; each field is a command-line flag (data_prep.flags)."""
+    """Build an English corpus from the documentation installed on this machine (no download).
+
+    Write the docstrings of the Python standard library and installed packages, and the READMEs bundled with
+    them, as a cleaned, deduplicated prose corpus: one paragraph per line, a blank line between documents (one
+    document per source file). Same machine, same corpus.
+
+    Each field is a command-line flag of `bert-prep corpus` (data_prep.flags).
+    """
 
     output: str = option(metavar="FILE")
     """Text file to write (txt convention)."""
@@ -395,22 +402,10 @@ class CorpusConfig:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `bert-prep corpus`."""
-    p = subparsers.add_parser(
-        "corpus",
-        help="build an English corpus from the documentation installed on this machine (no download)",
-        description=(
-            "Write the docstrings of the Python standard library and installed packages, and the READMEs "
-            "bundled with them, as a cleaned, deduplicated prose corpus: one paragraph per line, a blank line "
-            "between documents (one document per source file). Same machine, same corpus."
-        ),
-    )
-    add_arguments(p, CorpusConfig)
-    p.set_defaults(func=run)
-    return p
+    return add_command(subparsers, "corpus", CorpusConfig, run)
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = from_args(CorpusConfig, args)
+def run(cfg: CorpusConfig) -> int:
     cfg.validate()
     stats = build_corpus(cfg.output, cfg.roots, cfg.max_mb, cfg.workers, cfg.progress)
     log.info(stats.summary(cfg.output))

@@ -178,6 +178,18 @@ def _add_one(parser, f: dataclasses.Field, tp: Any, doc: str) -> None:
     parser.add_argument(flag_name(f), *meta.get("aliases", ()), dest=f.name, **kwargs)
 
 
+def add_command(subparsers, name: str, cls: type, run) -> argparse.ArgumentParser:
+    """A subcommand whose flags are `cls`'s fields and which calls `run(config)` (an exit code or None); its
+    one-line help is the first line of `cls`'s docstring, its description the paragraph after it."""
+    doc = inspect.cleandoc(cls.__doc__ or "").split("\n\n")
+    description = " ".join(doc[1].split()) if len(doc) > 1 else None
+    summary = doc[0].rstrip(".")
+    p = subparsers.add_parser(name, help=summary[:1].lower() + summary[1:], description=description)
+    add_arguments(p, cls)
+    p.set_defaults(func=lambda args: run(from_args(cls, args)))
+    return p
+
+
 def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
     """An instance of `cls` from parsed flags (nested dataclasses too); `overrides` win over the flags."""
     values = {}

@@ -21,7 +21,7 @@ import numpy as np
 from data_prep import indexed, tokenizer
 from data_prep.errors import UserError
 from data_prep.files import write_json_atomic
-from data_prep.flags import add_arguments, from_args, option
+from data_prep.flags import add_command, option
 from data_prep.log import get_logger
 
 log = get_logger(__name__)
@@ -137,7 +137,13 @@ def samples(ds: indexed.IndexedDataset, n: int, tok) -> list[str]:
 
 @dataclass
 class InspectConfig:
-    """Everything `bert-prep inspect` needs; each field is a command-line flag (data_prep.flags)."""
+    """Show counts, length histogram and sample sentences of a dataset; --verify checks it.
+
+    Summarize PREFIX.bin/.idx/.json. --verify checks every index entry against the .bin size and the manifest
+    and exits non-zero on the first inconsistency.
+
+    Each field is a command-line flag of `bert-prep inspect` (data_prep.flags).
+    """
 
     prefix: str = option(positional=True, metavar="PREFIX")
     """Dataset prefix (PREFIX.bin, PREFIX.idx, PREFIX.json)."""
@@ -164,17 +170,7 @@ class InspectConfig:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `bert-prep inspect`."""
-    p = subparsers.add_parser(
-        "inspect",
-        help="show counts, length histogram and sample sentences of a dataset; --verify checks it",
-        description=(
-            "Summarize PREFIX.bin/.idx/.json. --verify checks every index entry against the .bin size and "
-            "the manifest and exits non-zero on the first inconsistency."
-        ),
-    )
-    add_arguments(p, InspectConfig)
-    p.set_defaults(func=run)
-    return p
+    return add_command(subparsers, "inspect", InspectConfig, run)
 
 
 def _tokenizer(ds: indexed.IndexedDataset, cfg: InspectConfig):
@@ -211,8 +207,7 @@ def adopted_manifest(ds: indexed.IndexedDataset, tok, name: str) -> dict:
     }
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = from_args(InspectConfig, args)
+def run(cfg: InspectConfig) -> int:
     cfg.validate()
     shard = f"{cfg.prefix}_00000"
     if not indexed.exists(cfg.prefix) and indexed.exists(shard):

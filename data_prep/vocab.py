@@ -20,7 +20,7 @@ from pathlib import Path
 
 from data_prep import text
 from data_prep.errors import UserError
-from data_prep.flags import add_arguments, from_args, option
+from data_prep.flags import add_command, option
 from data_prep.log import get_logger
 
 log = get_logger(__name__)
@@ -30,7 +30,14 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 @dataclass
 class VocabConfig:
-    """Everything `bert-prep vocab` needs; each field is a command-line flag (data_prep.flags)."""
+    """Train a BERT WordPiece vocabulary (writes DIR/vocab.txt and the tokenizer files).
+
+    Train a BERT WordPiece vocabulary with Hugging Face tokenizers on text in the `bert-prep build` input
+    formats (txt, jsonl, Parquet, Arrow; mixed, each input's format from its extension) and save a directory
+    that transformers.BertTokenizerFast.from_pretrained loads.
+
+    Each field is a command-line flag of `bert-prep vocab` (data_prep.flags).
+    """
 
     input: list[str] = option(metavar="PATH")
     """Input files, directories or globs, as for `bert-prep build` (formats may differ per input)."""
@@ -99,22 +106,10 @@ def _save(tok, out: Path, cased: bool) -> Path:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register `bert-prep vocab`."""
-    p = subparsers.add_parser(
-        "vocab",
-        help="train a BERT WordPiece vocabulary (writes DIR/vocab.txt and the tokenizer files)",
-        description=(
-            "Train a BERT WordPiece vocabulary with Hugging Face tokenizers on text in the `bert-prep build` "
-            "input formats (txt, jsonl, Parquet, Arrow; mixed, each input's format from its extension) and save "
-            "a directory that transformers.BertTokenizerFast.from_pretrained loads."
-        ),
-    )
-    add_arguments(p, VocabConfig)
-    p.set_defaults(func=run)
-    return p
+    return add_command(subparsers, "vocab", VocabConfig, run)
 
 
-def run(args: argparse.Namespace) -> int:
-    cfg = from_args(VocabConfig, args)
+def run(cfg: VocabConfig) -> int:
     out = train_vocab(cfg)
     size = sum(1 for _ in open(out / "vocab.txt", encoding="utf-8"))
     log.info(f"wrote {out}/vocab.txt ({size} tokens, {'cased' if cfg.cased else 'uncased'}) and tokenizer files")

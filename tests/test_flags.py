@@ -150,3 +150,24 @@ def test_field_without_help_source_still_parses():
     p = argparse.ArgumentParser()
     flags.add_arguments(p, cls)
     assert flags.from_args(cls, p.parse_args(["--x", "2"])).x == 2
+
+
+def test_a_subcommand_takes_its_flags_help_and_description_from_its_config():
+    @dataclass
+    class Job:
+        """Do the job (quickly).
+
+        The long description of
+        the job.
+        """
+
+        size: int = 3
+        """How big."""
+
+    parser = argparse.ArgumentParser(prog="tool")
+    flags.add_command(parser.add_subparsers(dest="command"), "job", Job, lambda cfg: cfg.size * 2)
+    args = parser.parse_args(["job", "--size", "5"])
+    assert args.func(args) == 10
+    assert "do the job (quickly)" in parser.format_help()
+    sub = parser._subparsers._group_actions[0].choices["job"]
+    assert sub.description == "The long description of the job." and "How big. (default: 3)" in sub.format_help()
