@@ -46,7 +46,8 @@ class Encoded:
     """Token ids of a whole file, ready for `batches`; `labels` is (N,) for classify, per token for tag."""
 
     input_ids: list[list[int]]
-    token_type_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    """Segment ids (0: first text, 1: second); None for a model without them (ModernBERT)."""
     labels: list
     """Per example: a class id, a float (regression), a [start, end] pair (qa), or per token class ids (tag)."""
     truncated: int = 0
@@ -156,31 +157,37 @@ def _too_long(path: str, n: int, seq_len: int, count: int) -> UserError:
     )
 
 
+def segments(tok) -> bool:
+    """Whether the model reads token_type_ids: the tokenizer says so in `model_input_names`, as transformers'
+    tokenizers do (BERT's list them; ModernBERT's, and ours for a ModernBERT model, do not)."""
+    return "token_type_ids" in tok.model_input_names
+
+
 def encode_classify(
     tok, examples: list[ClassifyExample], labels: list[str] | None, seq_len: int, strict: bool, path: str
 ) -> Encoded:
-    """[CLS] text [SEP] (pair [SEP]) ids, truncated longest-first to seq_len; `labels` None: the label is a
-    number (regression). Examples without a label (test sets) get a placeholder."""
+    """[CLS] text [SEP] (pair [SEP]) ids (the tokenizer's template), truncated longest-first to seq_len; `labels`
+    None: the label is a number (regression). Examples without a label (test sets) get a placeholder."""
     texts, pairs = [ex.text for ex in examples], [ex.pair for ex in examples]
     args = (texts, pairs) if pairs[0] is not None else (texts,)
     full = tok(*args, add_special_tokens=True)["input_ids"]
     long = [n for n, ids in enumerate(full) if len(ids) > seq_len]
     if long and strict:
         raise _too_long(path, long[0], seq_len, len(full[long[0]]))
-    enc = tok(*args, truncation=True, max_length=seq_len, return_token_type_ids=True)
+    enc = tok(*args, truncation=True, max_length=seq_len, return_token_type_ids=segments(tok))
     if labels is None:
         ids = [float(ex.label) if ex.label else 0.0 for ex in examples]
     else:
         index = {label: i for i, label in enumerate(labels)}
         ids = [index[ex.label] if ex.label else 0 for ex in examples]
-    return Encoded(enc["input_ids"], enc["token_type_ids"], ids, len(long))
+    return Encoded(enc["input_ids"], enc.get("token_type_ids"), ids, len(long))
 
 
 def encode_tag(tok, examples: list[TagExample], labels: list[str], seq_len: int, strict: bool, path: str):
     """Words -> pieces; each word's label on its first piece, -100 elsewhere; cut at seq_len - 1 + [SEP]."""
     index = {label: i for i, label in enumerate(labels)}
     enc = tok([ex.words for ex in examples], is_split_into_words=True, add_special_tokens=True)
-    out = Encoded([], [], [], token_labels=True)
+    out = Encoded([], [] if segments(tok) else None, [], token_labels=True)
     for n, ex in enumerate(examples):
         ids, word_ids = enc["input_ids"][n], enc.word_ids(n)
         if len(ids) > seq_len:
@@ -196,23 +203,22 @@ def encode_tag(tok, examples: list[TagExample], labels: list[str], seq_len: int,
                 firsts.append(pos)
             prev = w
         out.input_ids.append(ids)
-        out.token_type_ids.append([0] * len(ids))
+        if out.token_type_ids is not None:
+            out.token_type_ids.append([0] * len(ids))
         out.labels.append(label_ids)
         out.word_index.append(firsts)
     return out
 
 
 def batches(enc: Encoded, order: list[int], batch_size: int, pad_id: int):
-    """Yield dicts of (B, S) long tensors (right-padded to the batch's longest) plus `labels`: (B,) long or float,
-    (B, 2) long (qa) or (B, S) long (tag)."""
+    """Yield dicts of (B, S) long tensors (right-padded to the batch's longest; token_type_ids only where the
+    model reads them) plus `labels`: (B,) long or float, (B, 2) long (qa) or (B, S) long (tag)."""
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids = [enc.input_ids[i] for i in rows]
-        batch = {
-            "input_ids": _pad(ids, pad_id),
-            "token_type_ids": _pad([enc.token_type_ids[i] for i in rows], 0),
-            "attention_mask": _pad([[1] * len(s) for s in ids], 0),
-        }
+        batch = {"input_ids": _pad(ids, pad_id), "attention_mask": _pad([[1] * len(s) for s in ids], 0)}
+        if enc.token_type_ids is not None:
+            batch["token_type_ids"] = _pad([enc.token_type_ids[i] for i in rows], 0)
         labels = [enc.labels[i] for i in rows]
         batch["labels"] = _pad(labels, IGNORE) if enc.token_labels else torch.tensor(labels)
         yield batch

@@ -17,7 +17,6 @@ from torch import Tensor
 from data_prep.errors import UserError
 from finetune import data, metrics
 from finetune.model import TaskModel
-from pretrain.model import BertConfig
 
 if TYPE_CHECKING:
     from finetune.run import FinetuneConfig
@@ -55,7 +54,7 @@ class Task:
         """The report as printed at the end."""
         return "\n".join(f"{k:>22} {v:.4f}" for k, v in report.items() if isinstance(v, float))
 
-    def build(self, config: BertConfig) -> TaskModel:
+    def build(self, config) -> TaskModel:
         return TaskModel(config, self.head, self.labels, self.regression)
 
 

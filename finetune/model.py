@@ -1,33 +1,105 @@
-"""Task heads on `pretrain.model.BertModel`, saved as Hugging Face directories.
+"""Task heads on either model family's encoder, saved as Hugging Face directories.
 
-Parameter names are those of `transformers.BertForSequenceClassification`, `BertForTokenClassification` and
-`BertForQuestionAnswering` (`bert.*`, then `classifier.*` or `qa_outputs.*`), and dropout sits where HF puts it
-(on the pooled output or on every token row, `classifier_dropout` falling back to `hidden_dropout_prob`; none
-before `qa_outputs`), so `save_hf` writes a directory `from_pretrained` loads with the same logits. The token and
-span heads have no pooler in HF, so their saved directories leave ours out.
+The encoder comes from `pretrain.models.build_encoder` (BertModel or ModernBertModel) and sits under its own
+`HF_PREFIX` (`bert.*` or `model.*`); the head's parameter names and dropout are those of the family's
+transformers classes (`FAMILIES`), so `save_hf` writes a directory `from_pretrained` loads with the same logits:
+- BERT (`BertFor{SequenceClassification,TokenClassification,QuestionAnswering}`): dropout
+  (`classifier_dropout`, falling back to `hidden_dropout_prob`) then `classifier` on the pooler's output (tanh
+  of the [CLS] row) or on every token row; `qa_outputs` on every token row, no dropout. The token and span
+  heads have no pooler in transformers, so their saved directories leave ours out.
+- ModernBERT (`ModernBertFor{SequenceClassification,TokenClassification,QuestionAnswering}`): `head` (dense,
+  GELU, LayerNorm: the MLM transform, loaded from the MLM checkpoint as transformers loads it) on the pooled
+  features (`classifier_pooling`: the first token's row or the mean over the real tokens) or on every token row,
+  then dropout (`classifier_dropout`) and `classifier` (two outputs, start and end, for QA). ModernBERT reads
+  no token_type_ids: a text pair is `[CLS] a [SEP] b [SEP]`, told apart by the separator alone.
 
-Heads: "sequence" reads the pooler (tanh of the [CLS] row) and gives one row of logits per sequence, or one
-value for a regression task (STS-B: MSE loss, HF's `problem_type="regression"`); "token" gives logits per token;
-"span" gives a start and an end logit per token (extractive QA).
+Heads: "sequence" gives one row of logits per sequence, or one value for a regression task (STS-B: MSE loss,
+transformers' `problem_type="regression"`); "token" gives logits per token; "span" gives a start and an end
+logit per token (extractive QA).
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finetune.data import IGNORE
-from pretrain.model import BertConfig, BertModel, init_weights
+from pretrain.kernels import FastPathsMixin
+from pretrain.models import build_encoder, trunc_normal_
+from pretrain.modernbert import PredictionHead
+from pretrain.modernbert import init_weights as modernbert_init
 
-HEADS = {
-    "sequence": "BertForSequenceClassification",
-    "token": "BertForTokenClassification",
-    "span": "BertForQuestionAnswering",
+
+def _bert_init(layer: nn.Linear, config) -> None:
+    """transformers' BERT init of a classifier (normal, initializer_range; ours truncated at 2 std)."""
+    trunc_normal_(layer.weight, config.initializer_range, 2.0)
+    nn.init.zeros_(layer.bias)
+
+
+def _modernbert_init(layer: nn.Linear, config) -> None:
+    """transformers' ModernBERT init of a classifier: truncated normal with std hidden_size^-0.5."""
+    trunc_normal_(layer.weight, 1 / math.sqrt(config.hidden_size), config.initializer_cutoff_factor)
+    nn.init.zeros_(layer.bias)
+
+
+def _modernbert_head(config) -> nn.Module:
+    head = PredictionHead(config)
+    modernbert_init(head, config, prefix="head.")  # dense: the output std, as transformers' init
+    return head
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one family's transformers task classes differ (BERT's are the reference)."""
+
+    classes: dict[str, str]
+    """Head kind -> the transformers class of the saved directory."""
+    span_layer: str
+    """Name of the span head's linear layer (the others' is `classifier`)."""
+    token_types: bool
+    """The encoder reads token_type_ids (BERT's segments A and B)."""
+    dropout: str
+    """The config field holding the dropout before the classifier."""
+    span_dropout: bool
+    """That dropout also comes before the span layer."""
+    init: Callable[[nn.Linear, object], None]
+    """Initialization of a new classifier."""
+    head: Callable[[object], nn.Module] | None = None
+    """The module between the encoder and the dropout, registered as `head` (ModernBERT's PredictionHead)."""
+
+
+FAMILIES = {
+    "bert": Family(
+        {
+            "sequence": "BertForSequenceClassification",
+            "token": "BertForTokenClassification",
+            "span": "BertForQuestionAnswering",
+        },
+        span_layer="qa_outputs",
+        token_types=True,
+        dropout="hidden_dropout",
+        span_dropout=False,
+        init=_bert_init,
+    ),
+    "modernbert": Family(
+        {
+            "sequence": "ModernBertForSequenceClassification",
+            "token": "ModernBertForTokenClassification",
+            "span": "ModernBertForQuestionAnswering",
+        },
+        span_layer="classifier",
+        token_types=False,
+        dropout="classifier_dropout",
+        span_dropout=True,
+        init=_modernbert_init,
+        head=_modernbert_head,
+    ),
 }
 
 
@@ -37,28 +109,39 @@ class TaskOutput:
     loss: Tensor | None = None
 
 
-class TaskModel(nn.Module):
-    """BERT plus one task head; `labels` name the outputs (empty for regression and span heads)."""
+class TaskModel(FastPathsMixin, nn.Module):
+    """An encoder of either family plus one task head; `labels` name the outputs (empty for regression and
+    span heads). The encoder's fast-path choice is the model's (`paths`), so the engine's ZeRO-3
+    `set_weights_partitioned` reaches it and no path reads a partitioned weight outside its module."""
 
     def __init__(
         self,
-        config: BertConfig,
-        head: str,
+        config,
+        kind: str,
         labels: list[str] = (),
         regression: bool = False,
         classifier_dropout: float | None = None,
     ):
         super().__init__()
-        self.config, self.head, self.labels, self.regression = config, head, list(labels), regression
-        self.classifier_dropout = config.hidden_dropout if classifier_dropout is None else classifier_dropout
-        self.bert = BertModel(config)
-        width = 2 if head == "span" else 1 if regression else len(self.labels)
+        self.config, self.kind, self.labels, self.regression = config, kind, list(labels), regression
+        self.family = family = FAMILIES[config.model_type]
+        encoder = build_encoder(config)
+        self.prefix = encoder.HF_PREFIX
+        self.add_module(self.prefix, encoder)
+        self.paths = encoder.paths
+        if family.head is not None:
+            self.head = family.head(config)
+        dropout = getattr(config, family.dropout) if classifier_dropout is None else classifier_dropout
+        self.classifier_dropout = dropout if kind != "span" or family.span_dropout else 0.0
+        width = 2 if kind == "span" else 1 if regression else len(self.labels)
         layer = nn.Linear(config.hidden_size, width)
-        layer.apply(partial(init_weights, std=config.initializer_range))
-        if head == "span":
-            self.qa_outputs = layer
-        else:
-            self.classifier = layer
+        family.init(layer, config)
+        self.output_name = family.span_layer if kind == "span" else "classifier"
+        self.add_module(self.output_name, layer)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return getattr(self, self.prefix)
 
     def forward(
         self,
@@ -67,12 +150,12 @@ class TaskModel(nn.Module):
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
     ) -> TaskOutput:
-        sequence, pooled = self.bert(input_ids, token_type_ids, attention_mask)  # (B, S, H), (B, H)
-        if self.head == "span":
-            out = TaskOutput(self.qa_outputs(sequence))  # (B, S, 2)
-        else:
-            features = pooled if self.head == "sequence" else sequence
-            out = TaskOutput(self.classifier(F.dropout(features, self.classifier_dropout, self.training)))
+        sequence, pooled = self.encoder(input_ids, token_type_ids, attention_mask)  # (B, S, H), (B, H)
+        features = pooled if self.kind == "sequence" else sequence
+        if self.family.head is not None:
+            features = self.head(features, self.paths.for_input(input_ids, features).ops)
+        features = F.dropout(features, self.classifier_dropout, self.training)
+        out = TaskOutput(getattr(self, self.output_name)(features))
         if labels is not None:
             out.loss = self._loss(out.logits, labels, attention_mask)
         return out
@@ -80,7 +163,7 @@ class TaskModel(nn.Module):
     def _loss(self, logits: Tensor, labels: Tensor, attention_mask: Tensor | None) -> Tensor:
         if self.regression:  # labels (B,) floats
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-        if self.head != "span":  # -100 marks tag positions without a label
+        if self.kind != "span":  # -100 marks tag positions without a label
             return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE)
         # span: labels (B, 2) token positions of the answer's first and last piece ([CLS] = 0: no answer here);
         # padded positions take no probability mass (HF pads to a fixed length and lets them, we pad per batch)
@@ -89,29 +172,33 @@ class TaskModel(nn.Module):
         start, end = logits.float().unbind(-1)
         return (F.cross_entropy(start, labels[:, 0]) + F.cross_entropy(end, labels[:, 1])) / 2
 
-    def load_encoder(self, state: dict[str, Tensor]) -> None:
-        """Take the `bert.*` weights of a BertForPreTraining state dict (the pretraining heads are dropped)."""
-        encoder = {k[len("bert.") :]: v for k, v in state.items() if k.startswith("bert.")}
-        self.bert.load_state_dict(encoder, strict=True)
+    def load_pretrained(self, state: dict[str, Tensor]) -> None:
+        """Take the encoder's weights (and ModernBERT's `head`, as transformers takes it from the MLM model) from
+        a pretraining state dict with transformers' names; the other pretraining heads are dropped."""
+        for name in (self.prefix, "head") if self.family.head is not None else (self.prefix,):
+            part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+            getattr(self, name).load_state_dict(part, strict=True)
 
     def hf_config(self):
-        """The `transformers.BertConfig` of the saved directory: architecture, labels, problem type, dropout."""
+        """The transformers config of the saved directory: architecture, labels, problem type, dropout."""
         hf = self.config.to_hf()
-        hf.architectures = [HEADS[self.head]]
+        hf.architectures = [self.family.classes[self.kind]]
         if self.regression:
             hf.num_labels, hf.problem_type = 1, "regression"
         elif self.labels:
             hf.id2label = dict(enumerate(self.labels))
             hf.label2id = {label: i for i, label in enumerate(self.labels)}
-        if self.head != "span":
+        else:  # span: ModernBertForQuestionAnswering sizes its classifier by num_labels
+            hf.num_labels = 2
+        if self.kind != "span" or self.family.span_dropout:
             hf.classifier_dropout = self.classifier_dropout
         return hf
 
     def saved_keys(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
-        """`state` without what the HF class of this head lacks (the pooler of the token and span heads)."""
-        if self.head == "sequence":
+        """`state` without what the transformers class of this head lacks (BERT's pooler, but for "sequence")."""
+        if self.kind == "sequence":
             return state
-        return {k: v for k, v in state.items() if not k.startswith("bert.pooler.")}
+        return {k: v for k, v in state.items() if not k.startswith(f"{self.prefix}.pooler.")}
 
 
 def save_hf(model: TaskModel, state: dict[str, Tensor], path: str, tokenizer=None) -> None:

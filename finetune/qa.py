@@ -131,7 +131,7 @@ def encode_windows(tok, examples: list[QAExample], seq_len: int, stride: int, ma
     """[CLS] question [SEP] context window [SEP] for every window of every question."""
     questions = tok([ex.question for ex in examples], add_special_tokens=False)["input_ids"]
     contexts = tok([ex.context for ex in examples], add_special_tokens=False, return_offsets_mapping=True)
-    out = Windows(data.Encoded([], [], []))
+    out = Windows(data.Encoded([], [] if data.segments(tok) else None, []))
     for n, ex in enumerate(examples):
         question = questions[n][:max_query]
         out.enc.truncated += len(questions[n]) > max_query
@@ -144,7 +144,8 @@ def encode_windows(tok, examples: list[QAExample], seq_len: int, stride: int, ma
         for k, (start, length) in enumerate(spans):
             head = [tok.cls_token_id, *question, tok.sep_token_id]
             out.enc.input_ids.append([*head, *ids[start : start + length], tok.sep_token_id])
-            out.enc.token_type_ids.append([0] * len(head) + [1] * (length + 1))
+            if out.enc.token_type_ids is not None:
+                out.enc.token_type_ids.append([0] * len(head) + [1] * (length + 1))
             out.offsets.append([None] * len(head) + offsets[start : start + length] + [None])
             context = [is_max_context(spans, k, start + j) for j in range(length)]
             out.max_context.append([False] * len(head) + context + [False])
@@ -175,7 +176,8 @@ def decode(windows: Windows, examples: list[QAExample], logits: list[Tensor], n_
         null[n] = min(null.get(n, math.inf), float(row[0, 0] + row[0, 1]))
         for score, s, e in candidate_spans(row, windows.offsets[w], windows.max_context[w], n_best, max_len):
             if score > best.get(n, (-math.inf, ""))[0]:
-                best[n] = (score, examples[n].context[windows.offsets[w][s][0] : windows.offsets[w][e][1]])
+                text = examples[n].context[windows.offsets[w][s][0] : windows.offsets[w][e][1]]
+                best[n] = (score, text.strip())  # a byte-level BPE piece's characters include its leading space
     texts = {ex.qid: best.get(n, (-math.inf, ""))[1] for n, ex in enumerate(examples)}
     odds = {ex.qid: null[n] - best.get(n, (-math.inf, ""))[0] for n, ex in enumerate(examples)}
     return texts, odds

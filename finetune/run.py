@@ -36,7 +36,7 @@ from data_prep.errors import UserError, run_cli
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
 from data_prep.log import get_logger
 from finetune import data, glue, kinds, qa
-from finetune.model import save_hf
+from finetune.model import FAMILIES, save_hf
 from pretrain import dist
 
 log = get_logger(__name__)
@@ -65,7 +65,8 @@ class FinetuneConfig:
     data_dir: str | None = None
     """--glue-task: the GLUE directory (glue_data/ with CoLA/, SST-2/, ...) or the task's own directory."""
     init_from: str
-    """Pretraining --save directory, one checkpoint tag directory, or a Hugging Face BERT directory."""
+    """Pretraining --save directory, one checkpoint tag directory, or a Hugging Face directory (BERT or
+    ModernBERT: `bert-export`'s, or one transformers wrote)."""
     output: str
     """Directory for the best model (HF format, with tokenizer), eval_report.json and prediction files."""
     epochs: int = 3
@@ -140,7 +141,8 @@ def default_lr(hidden_size: int) -> float:
 
 
 def load_pretrained(cfg: FinetuneConfig):
-    """(BertConfig, BertForPreTraining state dict, tokenizer directory) of --init-from."""
+    """(model config of either family, its pretraining model's fp32 state dict, tokenizer directory) of
+    --init-from."""
     from pretrain.checkpoint import load_weights
 
     config, state = load_weights(cfg.init_from)
@@ -207,6 +209,8 @@ def main(cfg: FinetuneConfig) -> dict:
     task = make_task(cfg)  # reads the files first: bad input stops before the model loads
     config, state, tok_dir = load_pretrained(cfg)
     tok = load_tokenizer(tok_dir)
+    if not FAMILIES[config.model_type].token_types:  # then no segment ids are encoded, fed or saved with it
+        tok.model_input_names = [name for name in tok.model_input_names if name != "token_type_ids"]
     if len(tok) > config.vocab_size:
         raise UserError(f"tokenizer {tok_dir} has {len(tok)} tokens, the model {config.vocab_size}; pass --tokenizer")
     metric = cfg.metric or task.metrics[0]
@@ -221,7 +225,7 @@ def main(cfg: FinetuneConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model = task.build(config)
     if not cfg.random_init:
-        model.load_encoder(state)
+        model.load_pretrained(state)
     engine = initialize(model, ds, total_steps=cfg.epochs * steps_per_epoch)
     log.info(json.dumps({"finetune": dataclasses.asdict(cfg), "labels": task.labels, "deepspeed": ds}, indent=2))
     log.info(f"truncated to --seq-len {cfg.seq_len}: {task.truncated}")
@@ -305,9 +309,9 @@ def finish(cfg: FinetuneConfig, task: kinds.Task, best: dict, history: list[dict
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bert-finetune",
-        description="Fine-tune a pretrained BERT on a classification (CSV/JSONL), tagging (CoNLL BIO), extractive "
-        "QA (SQuAD JSON) or GLUE task; write the best model as a Hugging Face directory, OUTPUT/eval_report.json "
-        "and the task's predictions.",
+        description="Fine-tune a pretrained BERT or ModernBERT on a classification (CSV/JSONL), tagging (CoNLL BIO), "
+        "extractive QA (SQuAD JSON) or GLUE task; write the best model as a Hugging Face directory, "
+        "OUTPUT/eval_report.json and the task's predictions.",
     )
     add_arguments(p, FinetuneConfig)
     accept_launcher_arguments(p)

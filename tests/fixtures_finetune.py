@@ -6,6 +6,7 @@ another class's *distractor* list (shared by all classes) mixed in; lengths are 
 class, so neither a constant nor a length-based guess beats chance (1/3).
 tag: filler words with PER and LOC names (a first word, maybe a continuation word) tagged B-/I-; names are
 made of rare syllables so the small WordPiece vocabulary splits many of them into several pieces.
+ModernBERT: a byte-level BPE tokenizer trained on the same words and a small transformers-written ModernBERT.
 """
 
 from __future__ import annotations
@@ -128,6 +129,101 @@ def tiny_checkpoint(directory: Path, tokenizer: Path, seed: int = 0) -> Path:
     BertForPreTraining(config).save_hf_pretrained(str(directory))
     (directory / "vocab.txt").write_text(vocab)
     return directory
+
+
+MODERNBERT_SPECIALS = ["[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"]  # the names ModernBERT's tokenizer uses
+
+
+def build_bpe_tokenizer(directory: Path, vocab_size: int = 600, extra: tuple[str, ...] = ()) -> Path:
+    """ModernBERT's kind of tokenizer, trained by `tokenizers` on the task words: byte-level BPE (`Ġ` word starts),
+    `[CLS] a [SEP]` / `[CLS] a [SEP] b [SEP]` post-processor, no token_type_ids among the model inputs; saved by
+    transformers (tokenizer.json + tokenizer_config.json) as a ModernBERT directory holds it."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    names = [w for pair in ENTITIES.values() for ws in pair for w in ws]
+    words = FILLER + DISTRACTORS + [w for ws in CLASSES.values() for w in ws] + names + list(extra)
+    text = [" ".join(random.Random(i).sample(words, k=10)) for i in range(300)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=MODERNBERT_SPECIALS, initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(text, trainer)
+    cls, sep = ("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[cls, sep]
+    )
+    roles = dict(cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]", mask_token="[MASK]", unk_token="[UNK]")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_input_names=["input_ids", "attention_mask"], **roles
+    )
+    fast.save_pretrained(str(directory))
+    return directory
+
+
+def tiny_modernbert(directory: Path, tokenizer: Path, seed: int = 0, **overrides) -> Path:
+    """A small `transformers.ModernBertForMaskedLM` (random init by transformers: 2 layers, the second one local
+    with a 16-token window), written by its own `save_pretrained`, with the tokenizer's files beside it."""
+    import shutil
+
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(tokenizer))
+    ids = dict(pad_token_id=tok.pad_token_id, cls_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id)
+    config = transformers.ModernBertConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        global_attn_every_n_layers=2,
+        local_attention=16,
+        max_position_embeddings=128,
+        bos_token_id=tok.cls_token_id,
+        eos_token_id=tok.sep_token_id,
+        classifier_pooling="mean",
+        **ids,
+        **overrides,
+    )
+    torch.manual_seed(seed)
+    transformers.ModernBertForMaskedLM(config).save_pretrained(str(directory))
+    for f in tokenizer.iterdir():
+        shutil.copy(f, directory / f.name)
+    return directory
+
+
+def hf_predictions(out_dir: Path, path: Path, task_name: str, max_length: int = 32) -> list:
+    """Predictions of a saved directory through transformers alone: its Auto classes (the one config.json names),
+    its own tokenizer and word ids; labels for classify, tag lists for tag."""
+    import torch
+    import transformers
+
+    from finetune import data
+
+    tok = transformers.AutoTokenizer.from_pretrained(out_dir)
+    auto = transformers.AutoModelForSequenceClassification if task_name == "classify" else None
+    model = (auto or transformers.AutoModelForTokenClassification).from_pretrained(out_dir).eval()
+    assert model.config.architectures == [type(model).__name__]
+    labels = model.config.id2label
+    if task_name == "classify":
+        texts = [ex.text for ex in data.read_classify(str(path), "text", "label")]
+        enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**enc).logits
+        return [labels[i] for i in logits.argmax(-1).tolist()]
+    preds = []
+    for ex in data.read_conll(str(path)):
+        enc = tok(ex.words, is_split_into_words=True, truncation=True, max_length=max_length, return_tensors="pt")
+        with torch.no_grad():
+            ids = model(**enc).logits.argmax(-1)[0].tolist()
+        words = enc.word_ids(0)
+        firsts = [i for i, w in enumerate(words) if w is not None and (i == 0 or words[i - 1] != w)]
+        preds.append([labels[ids[i]] for i in firsts] + ["O"] * (len(ex.words) - len(firsts)))
+    return preds
 
 
 # --- extractive QA: "NAME VERB OBJECT ." facts with filler between them; a question asks for one object --------

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_finetune import build_tokenizer, classify_rows, tag_sentences, tiny_checkpoint, write_conll, write_csv
+from fixtures_finetune import (
+    build_tokenizer,
+    classify_rows,
+    hf_predictions,
+    tag_sentences,
+    tiny_checkpoint,
+    write_conll,
+    write_csv,
+)
 from fixtures_train import free_port
 
 from finetune import data, metrics
@@ -34,34 +42,6 @@ def task(tmp_path_factory):
         "train_conll": write_conll(root / "train.conll", tag_sentences(300, seed=3)),
         "dev_conll": write_conll(root / "dev.conll", tag_sentences(90, seed=4)),
     }
-
-
-def hf_predictions(out_dir, path, task_name):
-    """Predictions of the saved directory through transformers alone (its own tokenizer, model and word ids)."""
-    import transformers
-
-    tok = transformers.AutoTokenizer.from_pretrained(out_dir)
-    cls = (
-        transformers.BertForSequenceClassification
-        if task_name == "classify"
-        else transformers.BertForTokenClassification
-    )
-    model = cls.from_pretrained(out_dir).eval()
-    labels = model.config.id2label
-    if task_name == "classify":
-        texts = [ex.text for ex in data.read_classify(str(path), "text", "label")]
-        with torch.no_grad():
-            logits = model(**tok(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")).logits
-        return [labels[i] for i in logits.argmax(-1).tolist()]
-    preds = []
-    for ex in data.read_conll(str(path)):
-        enc = tok(ex.words, is_split_into_words=True, truncation=True, max_length=32, return_tensors="pt")
-        with torch.no_grad():
-            ids = model(**enc).logits.argmax(-1)[0].tolist()
-        words = enc.word_ids(0)
-        firsts = [i for i, w in enumerate(words) if w is not None and (i == 0 or words[i - 1] != w)]
-        preds.append([labels[ids[i]] for i in firsts] + ["O"] * (len(ex.words) - len(firsts)))
-    return preds
 
 
 def test_classify_learns_the_task_and_hf_agrees(task):
@@ -158,7 +138,7 @@ def test_encoder_weights_come_from_the_checkpoint(task):
 
     pretrained = BertForPreTraining.from_hf_pretrained(str(task["ckpt"]))
     model = TaskModel(pretrained.config, "sequence", ["a", "b"])
-    model.load_encoder(pretrained.state_dict())
+    model.load_pretrained(pretrained.state_dict())
     for name, p in model.bert.state_dict().items():
         torch.testing.assert_close(p, pretrained.bert.state_dict()[name], atol=0, rtol=0)
 
