@@ -292,3 +292,14 @@ def test_from_our_bf16_checkpoint_and_its_export(setup, tmp_path):
     assert rounded  # the masters are not the bf16 copy: taking that one would fail above
     shipped = transformers.AutoTokenizer.from_pretrained(outs["ckpt"])
     assert shipped.get_vocab() == tok.get_vocab() and shipped.model_input_names == ["input_ids", "attention_mask"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_on_gpu_learns_the_task(setup, tmp_path):
+    """On CUDA: varlen attention over the unpadded rows and the fused LayerNorm where apex is installed."""
+    ds = json.loads(open(ROOT_DS).read())
+    ds["bf16"] = {"enabled": True}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    result = finetune(setup, "classify", tmp_path / "out", lr=1e-3, deepspeed_config=str(tmp_path / "ds.json"))
+    assert result["accuracy"] >= 0.85, result["history"]
