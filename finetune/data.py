@@ -5,7 +5,9 @@
   label outside it is an error, since the model has no output for it.
 - `tag`: CoNLL-style files: one `TOKEN ... TAG` line per token (first column the token, last the tag, so
   CoNLL-2003's four columns work), a blank line between sentences, `-DOCSTART-` lines skipped. Tags are BIO.
-  Each word's tag goes to its first WordPiece; continuation pieces and specials get -100 (no loss, no metric).
+  Each word's tag goes to its first piece (WordPiece or BPE); continuation pieces and specials get -100 (no loss,
+  no metric).
+- Token types (segment ids) only for a model that reads them (BERT): the tokenizer's `model_input_names` say so.
 - Sequences longer than `--seq-len` are truncated and counted (tagged words cut off are predicted `O`, so
   their entities still count against recall), or rejected with `--strict`.
 """

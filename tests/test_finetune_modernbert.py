@@ -146,16 +146,21 @@ def test_learns_the_task_and_transformers_predicts_the_same(setup, task, lr, flo
     assert transformers.AutoTokenizer.from_pretrained(out).model_input_names == ["input_ids", "attention_mask"]
 
 
-def test_glue_pair_task_matches_transformers_and_the_family_tokenizer(setup, tmp_path):
-    """MRPC-layout sentence pairs: encoded as ModernBERT's own tokenizer does (`[CLS] a [SEP] b [SEP]`, no segment
-    ids), trained at the default learning rate for the width, and the --predict submission is what transformers
-    predicts from the saved directory, pair for pair."""
+def test_glue_pair_task_through_bert_glue_matches_transformers_and_the_family_tokenizer(setup, tmp_path):
+    """`bert-glue` on an MRPC-layout task: sentence pairs encoded as ModernBERT's own tokenizer does (`[CLS] a [SEP]
+    b [SEP]`, no segment ids), trained at the default learning rate for the width, and the --predict submission is
+    what transformers predicts from the saved directory, pair for pair."""
+    from finetune.suite import SuiteConfig
+    from finetune.suite import main as bert_glue
+
     write_glue(tmp_path, "mrpc", 60, 20, 12)
-    out = tmp_path / "out"
-    cfg = FinetuneConfig(glue_task="mrpc", data_dir=str(tmp_path), init_from=str(setup["hf"]), output=str(out))
-    result = main(dataclasses.replace(cfg, epochs=1, seq_len=64, predict=True))
-    assert result["lr"] == default_lr(128) == pytest.approx(3e-4)
-    test = glue.Glue(dataclasses.replace(cfg, predict=True)).test_sets[0][2]
+    run = FinetuneConfig(
+        data_dir=str(tmp_path), init_from=str(setup["hf"]), output=str(tmp_path / "glue"), epochs=1, seq_len=64
+    )
+    result = bert_glue(SuiteConfig(tasks=["mrpc"], seeds=[1], run=dataclasses.replace(run, predict=True)))
+    assert [r["lr"] for r in result["runs"]] == [default_lr(128)] and default_lr(128) == pytest.approx(3e-4)
+    out = tmp_path / "glue" / "mrpc" / "lr_default" / "seed1"
+    test = glue.Glue(dataclasses.replace(run, glue_task="mrpc", predict=True)).test_sets[0][2]
     family, saved = (transformers.AutoTokenizer.from_pretrained(d) for d in (setup["tok"], out))
     pairs = ([ex.text for ex in test], [ex.pair for ex in test])
     assert saved(*pairs)["input_ids"] == family(*pairs)["input_ids"] and "token_type_ids" not in saved(*pairs)
