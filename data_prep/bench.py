@@ -215,7 +215,7 @@ def _timed_build(cfg: BuildConfig) -> float:
 
 
 # The probe's own peak is its VmHWM: getrusage's ru_maxrss survives exec, so it would report this (large)
-# benchmark process instead; the workers are forked from the probe, so their ru_maxrss is theirs.
+# benchmark process instead; the workers are the probe's own children, so their ru_maxrss is theirs.
 PEAK_PROBE = """
 import resource, sys
 from data_prep.cli import main

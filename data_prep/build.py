@@ -33,13 +33,11 @@ import glob
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import sys
 import time
 import warnings
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +49,7 @@ from data_prep.errors import UserError
 from data_prep.files import write_json_atomic
 from data_prep.flags import add_command, option
 from data_prep.log import get_logger
+from data_prep.pool import ordered_map
 
 log = get_logger(__name__)
 
@@ -283,7 +282,7 @@ def _tokenize_into(
         )
     before = np.sum(router.counts(), axis=0)
     start = last_journal = time.perf_counter()
-    results = _ordered_map(work, chunks, cfg.workers)
+    results = ordered_map(work, chunks, cfg.workers)
     try:
         for result in results:
             router.write(*result)
@@ -447,36 +446,6 @@ class _ChunkWork:
             per_part = np.bincount(part_of_sentence[keep], minlength=len(per_part)).astype(np.int64)
             lengths = lengths[keep]
         return ids, lengths, per_part, np.array([ends for _, ends in parts], bool)
-
-
-_WORK: list[Callable] = []  # the pool worker's own copy of the chunk function, set once by _init_worker
-
-
-def _init_worker(work: Callable) -> None:
-    _WORK.append(work)
-
-
-def _run_worker(chunk):
-    return _WORK[0](chunk)
-
-
-def _ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
-    """`map(fn, items)` over `workers` processes, in order, with at most `2 * workers` items in flight.
-
-    (`Pool.imap` would read the whole input ahead of the workers, which defeats bounded memory.)
-    """
-    if workers == 1:
-        yield from map(fn, items)
-        return
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(fn,)) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.apply_async(_run_worker, (item,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -30,12 +30,12 @@ import sysconfig
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from multiprocessing import Pool
 from pathlib import Path
 
 from data_prep.errors import UserError, run_cli
 from data_prep.flags import add_command, option
 from data_prep.log import get_logger
+from data_prep.pool import ordered_map
 
 log = get_logger(__name__)
 
@@ -337,9 +337,8 @@ def build_corpus(
     stats = CorpusStats()
     seen: set[bytes] = set()
     limit = None if max_mb is None else int(max_mb * 1e6)
-    pool = Pool(workers) if workers > 1 else None
+    results = ordered_map(document_paragraphs, paths, workers)
     try:
-        results = pool.imap(document_paragraphs, paths, chunksize=32) if pool else map(document_paragraphs, paths)
         with open(output, "w", encoding="utf-8") as f:
             for paras in tqdm(results, total=len(paths), desc="corpus", unit="file", disable=not progress):
                 stats.files += 1
@@ -362,8 +361,7 @@ def build_corpus(
                 if limit is not None and stats.bytes >= limit:
                     break
     finally:
-        if pool:
-            pool.terminate()
+        results.close()  # stops the workers at once after --max-mb or an error
     return stats
 
 

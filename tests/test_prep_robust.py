@@ -76,6 +76,49 @@ def test_killed_build_leaves_no_dataset_and_a_rerun_resumes_to_the_same_bytes(tm
     assert run_cli("inspect", tmp_path / "d", "--verify") == 0
 
 
+def _children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live children of `pid`."""
+    out = []
+    for stat in os.listdir("/proc"):
+        try:
+            fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            cmdline = open(f"/proc/{stat}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if fields[1] == str(pid):
+            out.append((int(stat), cmdline))
+    return out
+
+
+def test_a_killed_worker_ends_the_build_with_one_line_and_the_rerun_finishes(tmp_path, prep_tokenizer):
+    """A worker killed by a real SIGKILL (the OOM killer's signal) must not hang the build (as
+    `multiprocessing.Pool` does, forever): exit 2 with one line, and the same command goes on."""
+    src = tmp_path / "big.txt"
+    _corpus(src, 2, seed=21)
+    args = ["build", "--input", src, "--tokenizer", prep_tokenizer, "--output", tmp_path / "d", "--no-progress"]
+    args += ["--workers", "2", "--chunk-mb", "0.05"]
+    cmd = [sys.executable, "-c", BUILD_JOURNALING, *map(str, args)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "d.journal.tmp").exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, "build never recorded a journal"
+            time.sleep(0.01)
+        workers = [pid for pid, cmdline in _children(proc.pid) if "spawn_main" in cmdline]
+        assert proc.poll() is None and len(workers) == 2, (proc.poll(), _children(proc.pid))
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines() == ["error: a worker process died (killed by a signal or out of memory?); "
+                                        "rerun the same command to go on"], err  # fmt: skip
+    assert not (tmp_path / "d.bin").exists()
+    assert subprocess.run(cmd, cwd=ROOT, timeout=120).returncode == 0
+    assert run_cli("inspect", tmp_path / "d", "--verify") == 0
+
+
 # VmHWM, not getrusage's ru_maxrss: ru_maxrss survives exec, so a child started from a large parent (pytest)
 # reports the parent's size, and two builds would compare equal whatever they use.
 PEAK_RSS = """

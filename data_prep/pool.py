@@ -1,0 +1,62 @@
+"""Worker processes for data preparation: in order, bounded, and never hung by a dead worker.
+
+`multiprocessing.Pool` waits forever for the result of a worker that was killed (the OOM killer, a signal),
+and forking a process that already runs threads (torch, gloo, a tokenizer's pool) can deadlock the child on a
+lock held at the fork. Workers here are spawned (fresh interpreters, direct children, so getrusage's
+RUSAGE_CHILDREN counts them) by `concurrent.futures.ProcessPoolExecutor`, which fails every pending item at
+once when a worker dies; that failure becomes one `UserError` line.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
+
+from data_prep.errors import UserError
+
+_WORK: list[Callable] = []  # the worker's own copy of the function, set once by _init_worker
+
+
+def _init_worker(work: Callable) -> None:
+    _WORK.append(work)
+
+
+def _run_worker(item):
+    return _WORK[0](item)
+
+
+@contextmanager
+def _executor(fn: Callable, workers: int) -> Iterator[ProcessPoolExecutor]:
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(fn,))
+    try:
+        yield pool
+    except BrokenProcessPool:
+        raise UserError(
+            "a worker process died (killed by a signal or out of memory?); rerun the same command to go on"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """`map(fn, items)` over `workers` processes, in order, with at most `2 * workers` items in flight.
+
+    `fn` travels to each worker once, pickled. (`Pool.imap` would read the whole input ahead of the workers,
+    which defeats bounded memory.) `workers == 1` runs in this process, with no pickling at all.
+    """
+    if workers == 1:
+        yield from map(fn, items)
+        return
+    with _executor(fn, workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(_run_worker, item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
