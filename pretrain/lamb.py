@@ -77,6 +77,32 @@ class PerTensorOptimizer(torch.optim.Optimizer):
         held = self._layouts.get(id(p))
         return held[1] if held is not None and held[0] is p else None
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, p.grad.to(p.dtype), *self._moments(p), group)
+        return loss
+
+    def _moments(self, p: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Adam's state of `p` with its step count advanced: (step, exp_avg, exp_avg_sq), zeros at first."""
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        return state["step"], state["exp_avg"], state["exp_avg_sq"]
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, t: int, m: torch.Tensor, v: torch.Tensor, group: dict):
+        """Step `p` in place with its gradient (in `p`'s dtype), step count `t` and moments `m`, `v`."""
+        raise NotImplementedError
+
 
 class Lamb(PerTensorOptimizer):
     """LAMB with DeepSpeed FusedLamb's hyperparameters; per-tensor trust ratios even on flat ZeRO partitions."""
@@ -105,29 +131,8 @@ class Lamb(PerTensorOptimizer):
         super().__init__(params, defaults)
         self.eps_inside_sqrt = eps_inside_sqrt
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
-        return loss
-
-    def _update(self, p: torch.Tensor, group: dict) -> None:
-        grad = p.grad.to(p.dtype)
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, t: int, m: torch.Tensor, v: torch.Tensor, group: dict):
         b1, b2 = group["betas"]
-        state["step"] += 1
-        t = state["step"]
         m.mul_(b1).add_(grad, alpha=1 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         denom = (v + group["eps"]).sqrt_() if self.eps_inside_sqrt else v.sqrt().add_(group["eps"])

@@ -54,28 +54,8 @@ class StableAdamW(PerTensorOptimizer):
         super().__init__(params, defaults)
         self.update_clipping = update_clipping
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
-        return loss
-
-    def _update(self, p: torch.Tensor, group: dict) -> None:
-        grad = p.grad.to(p.dtype)
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        state["step"] += 1
-        b1, b2 = (_debiased(beta, state["step"]) for beta in group["betas"])
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, t: int, m: torch.Tensor, v: torch.Tensor, group: dict):
+        b1, b2 = (_debiased(beta, t) for beta in group["betas"])
         m.lerp_(grad, 1 - b1)
         v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
         lr = self._clipped_lr(p, grad, v, group)  # scalar or (numel,): per original tensor
