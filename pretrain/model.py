@@ -27,7 +27,6 @@ code (pretrain/models.py, which also picks the family of a config).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -41,15 +40,14 @@ from data_prep.flags import fields_in, option
 from pretrain import kernels
 from pretrain.kernels import FastPathsMixin, Packing, PathChoice
 from pretrain.models import (  # noqa: F401  (ModelFlags, load_config, flops_per_sequence: importable from here too)
+    ModelConfig,
     ModelFlags,
     PreTrainingModel,
     PreTrainingOutput,
     cross_entropy,
     flops_per_sequence,
     load_config,
-    read_json,
     trunc_normal_,
-    unknown_keys,
 )
 
 # name: (layers, hidden); heads = hidden / 64 and intermediate = 4 * hidden, as in Google's BERT release.
@@ -71,9 +69,10 @@ HF_NAMES = {
 
 
 @dataclass
-class BertConfig:
+class BertConfig(ModelConfig):
     """Model shape and fast-path switches (defaults are the fast paths); JSON-serializable."""
 
+    HF_KEYS = ("num_hidden_layers",)
     model_type: Literal["bert"] = "bert"
     """Model family (pretrain.models); `bert` as in transformers' config.json."""
     vocab_size: int = option(30522, group="shape")
@@ -155,22 +154,6 @@ class BertConfig:
         ours, skip = {v: k for k, v in HF_NAMES.items()}, {"model_type", *fields_in(BertConfig, "switch")}
         shape = {ours.get(k, k): v for k, v in dataclasses.asdict(self).items() if k not in skip}
         return HFBertConfig(**shape, hidden_act="gelu", architectures=["BertForPreTraining"])
-
-    @classmethod
-    def from_json(cls, path: str) -> BertConfig:
-        """Read our JSON (see `to_json`) or a Hugging Face BERT config.json."""
-        return cls.from_dict(read_json(path), path)
-
-    @classmethod
-    def from_dict(cls, d: dict, path: str = "the model config") -> BertConfig:
-        if "num_hidden_layers" in d:
-            return cls.from_hf(d)
-        unknown_keys(cls, d, path)
-        return cls(**d)
-
-    def to_json(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2)
 
     @staticmethod
     def pretraining_class() -> type[BertForPreTraining]:

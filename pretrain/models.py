@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data_prep.errors import UserError
+from data_prep.files import write_json_atomic
 from data_prep.flags import fields_in, option, parse_value
 from pretrain.kernels import FastPathsMixin, Packing
 
@@ -160,6 +161,29 @@ def unknown_keys(cls, d: dict, path: str, known: set[str] = frozenset()) -> None
     unknown = set(d) - {f.name for f in dataclasses.fields(cls)} - known
     if unknown:
         raise UserError(f"--model: {path} has unknown keys {sorted(unknown)}; remove them")
+
+
+class ModelConfig:
+    """JSON in and out, shared by both families' config dataclasses. A subclass sets HF_KEYS (keys only
+    transformers' config.json has) and `from_hf`."""
+
+    HF_KEYS: tuple[str, ...] = ()
+
+    @classmethod
+    def from_json(cls, path: str):
+        """Read our JSON (see `to_json`) or transformers' config.json."""
+        return cls.from_dict(read_json(path), path)
+
+    @classmethod
+    def from_dict(cls, d: dict, path: str = "the model config"):
+        """Our JSON (`asdict`) or transformers' config.json (told apart by HF_KEYS)."""
+        if any(k in d for k in cls.HF_KEYS):
+            return cls.from_hf(d)
+        unknown_keys(cls, d, path)
+        return cls(**d)
+
+    def to_json(self, path: str) -> None:
+        write_json_atomic(path, dataclasses.asdict(self))
 
 
 @dataclass

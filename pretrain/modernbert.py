@@ -31,7 +31,7 @@ from data_prep.errors import UserError
 from data_prep.flags import fields_in, option
 from pretrain import kernels
 from pretrain.kernels import FastPathsMixin, Packing, PathChoice
-from pretrain.models import PreTrainingModel, PreTrainingOutput, read_json, trunc_normal_, unknown_keys
+from pretrain.models import ModelConfig, PreTrainingModel, PreTrainingOutput, trunc_normal_
 
 PRESETS = {  # the released ModernBERT-base and -large shapes, and a small one of the same design
     "modernbert-tiny": dict(num_hidden_layers=6, hidden_size=256, num_attention_heads=4, intermediate_size=384),
@@ -42,9 +42,10 @@ HF_MARKS = ("architectures", "transformers_version", "layer_types", "rope_parame
 
 
 @dataclass
-class ModernBertConfig:
+class ModernBertConfig(ModelConfig):
     """Model shape (transformers' field names and defaults) and fast-path switches; JSON-serializable."""
 
+    HF_KEYS = HF_MARKS
     model_type: Literal["modernbert"] = "modernbert"
     """Model family (pretrain.models), as in transformers' config.json."""
     vocab_size: int = option(50368, group="shape")
@@ -155,18 +156,6 @@ class ModernBertConfig:
         return 24 * L * s * h * h + 18 * L * s * h * i + 12 * h * pairs + 6 * masked_positions * h * (h + V)
 
     @classmethod
-    def from_json(cls, path: str) -> ModernBertConfig:
-        return cls.from_dict(read_json(path), path)
-
-    @classmethod
-    def from_dict(cls, d: dict, path: str = "the model config") -> ModernBertConfig:
-        """Our JSON (`asdict`) or transformers' config.json (told apart by the keys only transformers writes)."""
-        if any(k in d for k in HF_MARKS):
-            return cls.from_hf(d)
-        unknown_keys(cls, d, path)
-        return cls(**d)
-
-    @classmethod
     def from_hf(cls, hf) -> ModernBertConfig:
         """From a `transformers.ModernBertConfig` or its config.json dict; our switches keep their defaults."""
         d = dict(hf if isinstance(hf, dict) else hf.to_dict())
@@ -196,12 +185,6 @@ class ModernBertConfig:
             "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta},
         }
         return HFModernBertConfig(**d, layer_types=kinds, rope_parameters=rope, architectures=["ModernBertForMaskedLM"])
-
-    def to_json(self, path: str) -> None:
-        import json
-
-        with open(path, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=2)
 
     @staticmethod
     def pretraining_class() -> type[ModernBertForMaskedLM]:
