@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 from tokenizers import BertWordPieceTokenizer
+from torch.utils.flop_counter import FlopCounterMode
 
 from data_prep.errors import UserError
 from pretrain.model import BertConfig, BertForPreTraining, BertModel, flops_per_sequence, load_config
@@ -220,7 +221,7 @@ def test_flops_formula_matches_counted_matmuls():
     s, P = 40, 6
     ids = torch.randint(1, 500, (1, s))
     masked = torch.arange(1, 1 + P)
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         model(ids, masked_positions=masked, mlm_labels=ids[0, 1 : 1 + P]).loss.backward()
     L, h, V = 2, 64, 500
     documented = 72 * L * s * h * h + 12 * L * s * s * h + 6 * P * h * (h + V)

@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from data_prep.errors import UserError
 from pretrain import kernels, models
@@ -135,7 +136,7 @@ def test_flops_formula_matches_counted_matmuls():
     model = ModernBertForMaskedLM(config)
     s, P, L, h, i, V = 30, 6, 4, 64, 96, 500
     ids = torch.randint(1, 500, (1, s))
-    with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter:
         model(ids, masked_positions=torch.arange(1, 1 + P), mlm_labels=ids[0, 1 : 1 + P]).loss.backward()
     documented = 24 * L * s * h * h + 18 * L * s * h * i + 12 * h * L * s * s + 6 * P * h * (h + V)
     assert models.flops_per_sequence(config, s, P) == documented == counter.get_total_flops()
