@@ -28,6 +28,7 @@ setup(
         "logging": ["tensorboard>=2.16", "wandb>=0.17"],
         "dev": [
             "pytest>=8",
+            "pytest-timeout==2.4.0",  # a hung test fails with every thread's stack instead of stalling the suite
             "ruff==0.17.5",
             "megatron-core==0.16.1",
             "scikit-learn>=1.4",
