@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from data_prep.errors import UserError, run_cli
+from data_prep.errors import UserError
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
 from data_prep.log import get_logger
 from finetune import data, glue, kinds, qa
@@ -328,11 +328,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    rc = run_cli(_main, argv)
-    if rc == 0:
-        from pretrain.engine import shutdown
-
-        shutdown()
+    rc = dist.run_cli(_main, argv)
     raise SystemExit(rc)
 
 

@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from data_prep.errors import UserError, run_cli
+from data_prep.errors import UserError
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
 from data_prep.log import get_logger
 from pretrain import dist
@@ -421,11 +421,7 @@ def report(results: dict, args: BenchConfig, device: torch.device) -> str:
 
 
 def cli() -> None:
-    rc = run_cli(main)
-    if rc == 0:
-        from pretrain.engine import shutdown
-
-        shutdown()
+    rc = dist.run_cli(main)
     sys.exit(rc)
 
 

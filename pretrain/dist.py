@@ -21,6 +21,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from data_prep import errors
+
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -83,3 +85,14 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
         os.kill(os.getpid(), sig)
+
+
+def run_cli(main, argv=None) -> int:
+    """`data_prep.errors.run_cli` for a command that may start DeepSpeed: after a clean run, the bounded
+    `pretrain.engine.shutdown` (every rank meets, then leaves the group); a failed run exits at once."""
+    rc = errors.run_cli(main, argv)
+    if rc == 0:
+        from pretrain.engine import shutdown
+
+        shutdown()
+    return rc

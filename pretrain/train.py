@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.errors import UserError, run_cli
+from data_prep.errors import UserError
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
 from data_prep.log import get_logger
 from pretrain import dist
@@ -570,11 +570,7 @@ def _cli_main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """Console entry point (`bert-pretrain`), also run by `deepspeed --module pretrain.train`."""
-    rc = run_cli(_cli_main, argv)
-    if rc == 0:
-        from pretrain.engine import shutdown
-
-        shutdown()
+    rc = dist.run_cli(_cli_main, argv)
     return rc
 
 
