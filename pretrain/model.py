@@ -38,8 +38,9 @@ from torch import Tensor, nn
 from data_prep.errors import UserError
 from data_prep.flags import fields_in, option
 from pretrain import kernels
-from pretrain.kernels import FastPathsMixin, Packing, PathChoice
+from pretrain.kernels import Packing, PathChoice
 from pretrain.models import (  # noqa: F401  (ModelFlags, load_config, flops_per_sequence: importable from here too)
+    Encoder,
     ModelConfig,
     ModelFlags,
     PreTrainingModel,
@@ -230,7 +231,7 @@ class Layer(nn.Module):
         return torch.cat([q(x), k(x), v(x)], dim=1)
 
 
-class BertModel(FastPathsMixin, nn.Module):
+class BertModel(Encoder):
     """The encoder: embeddings, L layers and the pooler; usable alone (fine-tuning heads sit on top)."""
 
     HF_PREFIX = "bert"  # its parameters' prefix inside transformers' task models
@@ -243,17 +244,6 @@ class BertModel(FastPathsMixin, nn.Module):
         self.encoder = _named(layer=nn.ModuleList(Layer(config) for _ in range(config.num_layers)))
         self.pooler = _named(dense=nn.Linear(config.hidden_size, config.hidden_size))
         self.apply(partial(init_weights, std=config.initializer_range))
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        token_type_ids: Tensor | None = None,
-        attention_mask: Tensor | None = None,
-        document_ids: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """-> (sequence_output (B, S, H), pooled_output (B, H)); padded rows are zeros when unpadding."""
-        x, pack = self.encode(input_ids, token_type_ids, attention_mask, document_ids)
-        return pack.pad(x).view(*input_ids.shape, -1), self.pool(x, pack)
 
     def encode(
         self,

@@ -197,6 +197,23 @@ class PreTrainingOutput:
     nsp_loss: Tensor | None = None
 
 
+class Encoder(FastPathsMixin, nn.Module):
+    """What both families' encoders share: `forward` pads `encode`'s rows back to (B, S, H) and pools them.
+    A subclass defines `encode(input_ids, token_type_ids, attention_mask, document_ids) -> (rows (T, H),
+    Packing)` and `pool(rows, pack) -> (B, H)`."""
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        document_ids: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """-> (sequence_output (B, S, H), pooled (B, H)); padded rows are zeros when unpadding."""
+        x, pack = self.encode(input_ids, token_type_ids, attention_mask, document_ids)
+        return pack.pad(x).view(*input_ids.shape, -1), self.pool(x, pack)
+
+
 class PreTrainingModel(FastPathsMixin, nn.Module):
     """What both families' pretraining models share: the MLM logits and losses, and transformers directories.
     A subclass sets CONFIG (our config class), HF_CLASS (the transformers class it matches parameter for

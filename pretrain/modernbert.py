@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from data_prep.errors import UserError
 from data_prep.flags import fields_in, option
 from pretrain import kernels
-from pretrain.kernels import FastPathsMixin, Packing, PathChoice
-from pretrain.models import ModelConfig, PreTrainingModel, PreTrainingOutput, trunc_normal_
+from pretrain.kernels import Packing, PathChoice
+from pretrain.models import Encoder, ModelConfig, PreTrainingModel, PreTrainingOutput, trunc_normal_
 
 PRESETS = {  # the released ModernBERT-base and -large shapes, and a small one of the same design
     "modernbert-tiny": dict(num_hidden_layers=6, hidden_size=256, num_attention_heads=4, intermediate_size=384),
@@ -263,7 +263,7 @@ class Layer(nn.Module):
         return x + self.mlp.Wo(F.dropout(h, c.mlp_dropout, self.training))
 
 
-class ModernBertModel(FastPathsMixin, nn.Module):
+class ModernBertModel(Encoder):
     """The encoder (transformers' `ModernBertModel`): embeddings, L layers, final norm."""
 
     HF_PREFIX = "model"  # its parameters' prefix inside transformers' task models
@@ -277,22 +277,15 @@ class ModernBertModel(FastPathsMixin, nn.Module):
         self.final_norm = _norm(config)
         init_weights(self, config)
 
-    def forward(
+    def encode(
         self,
         input_ids: Tensor,
         token_type_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         document_ids: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """-> (sequence_output (B, S, H), pooled (B, H): the `classifier_pooling` features before any head);
-        padded rows are zeros when unpadding. token_type_ids is ignored (BertModel's signature)."""
-        x, pack = self.encode(input_ids, attention_mask, document_ids)
-        return pack.pad(x).view(*input_ids.shape, -1), self.pool(x, pack)
-
-    def encode(
-        self, input_ids: Tensor, attention_mask: Tensor | None = None, document_ids: Tensor | None = None
     ) -> tuple[Tensor, Packing]:
-        """-> (the kept token rows (T, H) after the final norm, where they sit in the (B, S) batch)."""
+        """-> (the kept token rows (T, H) after the final norm, where they sit in the (B, S) batch);
+        token_type_ids is ignored (ModernBERT has none; BertModel's signature)."""
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         paths = self.paths.for_input(input_ids, self.embeddings.tok_embeddings.weight)
         pack = Packing.build(attention_mask, document_ids, paths)
@@ -347,7 +340,7 @@ class ModernBertForMaskedLM(PreTrainingModel):
         document_ids: Tensor | None = None,
     ) -> PreTrainingOutput:
         """The batch dict of docs/DESIGN.md; token_type_ids and nsp_labels are ignored (no NSP head)."""
-        x, pack = self.model.encode(input_ids, attention_mask, document_ids)  # (T, H)
+        x, pack = self.model.encode(input_ids, None, attention_mask, document_ids)  # (T, H)
         return self._with_losses(PreTrainingOutput(self._mlm_logits(x, pack, masked_positions)), mlm_labels, None)
 
     def mlm_head(self, x: Tensor, ops: str) -> Tensor:  # (N, H) -> (N, V)
