@@ -98,26 +98,20 @@ def compute_dtype(cfg: dict) -> torch.dtype:
 
 def resolve_batch(cfg: dict, world_size: int) -> tuple[int, int, int]:
     """(train_batch_size, micro_batch_per_gpu, grad_accum) from the JSON, checked the way DeepSpeed checks them."""
-    tbs = cfg.get("train_batch_size")
-    mb = cfg.get("train_micro_batch_size_per_gpu")
-    ga = cfg.get("gradient_accumulation_steps")
-    if tbs is not None and mb is not None and ga is None:
-        ga = tbs // (mb * world_size) if tbs % (mb * world_size) == 0 else None
-        if ga is None:
-            raise UserError(
-                f"DeepSpeed config: train_batch_size {tbs} is not divisible by train_micro_batch_size_per_gpu {mb} "
-                f"x {world_size} processes; change train_batch_size or the micro batch"
-            )
-    elif tbs is not None and ga is not None and mb is None:
-        mb = tbs // (ga * world_size) if tbs % (ga * world_size) == 0 else None
-        if mb is None:
-            raise UserError(
-                f"DeepSpeed config: train_batch_size {tbs} is not divisible by gradient_accumulation_steps {ga} "
-                f"x {world_size} processes; fix the batch settings"
-            )
-    elif mb is not None and tbs is None:
+    keys = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+    tbs, mb, ga = (cfg.get(k) for k in keys)
+    if tbs is None and mb is not None:
         ga = ga or 1
         tbs = mb * ga * world_size
+    elif tbs is not None and (mb is None) != (ga is None):  # the missing one is train_batch_size / the rest
+        name, given = (keys[1], mb) if ga is None else (keys[2], ga)
+        if given >= 1 and tbs % (given * world_size):
+            raise UserError(
+                f"DeepSpeed config: train_batch_size {tbs} is not divisible by {name} {given} x {world_size} "
+                f"processes; change train_batch_size or {name}"
+            )
+        missing = tbs // (given * world_size) if given >= 1 else 0
+        mb, ga = (mb, missing) if ga is None else (missing, ga)
     if tbs is None or mb is None or ga is None:
         raise UserError("DeepSpeed config: set train_batch_size and/or train_micro_batch_size_per_gpu")
     if tbs != mb * ga * world_size or min(tbs, mb, ga) < 1:
