@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+
+from data_prep.errors import UserError
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -20,3 +23,16 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:
     """`obj` as indented JSON, atomically (`write_text_atomic`)."""
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def json_lines(path: str | os.PathLike, hint: str) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a JSON Lines file; a line that is not JSON is a one-line
+    `UserError` naming the file and line, then `hint` (what the file should be)."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {n} is not JSON ({e.msg}); {hint}") from None

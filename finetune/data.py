@@ -15,13 +15,13 @@
 from __future__ import annotations
 
 import csv
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from data_prep.errors import UserError
+from data_prep.files import json_lines
 
 IGNORE = -100  # label of positions without a loss (HF's convention)
 OUTSIDE = "O"
@@ -73,13 +73,7 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row dict) of a CSV/TSV (header row) or JSON Lines file."""
     if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n}: not a JSON object ({e.msg}); write one JSON object per line") from None
+        for n, row in json_lines(path, "write one JSON object per line"):
             if not isinstance(row, dict):
                 raise UserError(f"{path}:{n}: expected a JSON object per line, found {type(row).__name__}")
             rows.append((n, row))

@@ -11,12 +11,12 @@ last record for a step wins: the curve shows what the finished run actually did.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from data_prep.errors import UserError, run_cli
+from data_prep.files import json_lines
 from data_prep.log import get_logger
 
 log = get_logger(__name__)
@@ -39,19 +39,12 @@ def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
     """(train records, eval records), each sorted by step with the last record per step kept."""
     train: dict[int, dict] = {}
     evals: dict[int, dict] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno} is not JSON ({e.msg}); is this a metrics.jsonl file?") from e
-            if not isinstance(rec, dict) or "step" not in rec:
-                continue
-            target = evals if rec.get("split") == "eval" else train if rec.get("split", "train") == "train" else None
-            if target is not None:
-                target[int(rec["step"])] = rec
+    for _, rec in json_lines(path, "is this a metrics.jsonl file?"):
+        if not isinstance(rec, dict) or "step" not in rec:
+            continue
+        target = evals if rec.get("split") == "eval" else train if rec.get("split", "train") == "train" else None
+        if target is not None:
+            target[int(rec["step"])] = rec
     return [train[s] for s in sorted(train)], [evals[s] for s in sorted(evals)]
 
 

@@ -38,7 +38,7 @@ def test_sentence_pairs_become_segments(tmp_path, tok):
         ("text,label\n", "h.csv", "header but no examples"),
         ("sentence,label\nhello,a\n", "c.csv", "no column 'text'.*--text-column"),
         ("text,tag\nhello,a\n", "c.csv", "no column 'label'.*--label-column"),
-        ('{"text": "a", "label": "x"}\n{"text": "b"\n', "j.jsonl", r"j.jsonl:2: not a JSON object"),
+        ('{"text": "a", "label": "x"}\n{"text": "b"\n', "j.jsonl", r"j.jsonl line 2 is not JSON"),
     ],
 )
 def test_bad_classify_files(tmp_path, content, name, match):
