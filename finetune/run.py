@@ -322,14 +322,8 @@ def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
     return from_args(FinetuneConfig, build_parser().parse_args(argv))
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
-    main(parse_args(argv))
-    return 0
-
-
 def cli(argv: Sequence[str] | None = None) -> int:
-    rc = dist.run_cli(_main, argv)
-    raise SystemExit(rc)
+    raise SystemExit(dist.run_cli(main, argv, parse=parse_args))
 
 
 if __name__ == "__main__":

@@ -136,14 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _main(argv: Sequence[str] | None = None) -> int:
-    main(from_args(SuiteConfig, build_parser().parse_args(argv)))
-    return 0
+def parse_args(argv: Sequence[str] | None = None) -> SuiteConfig:
+    return from_args(SuiteConfig, build_parser().parse_args(argv))
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    rc = dist.run_cli(_main, argv)
-    raise SystemExit(rc)
+    raise SystemExit(dist.run_cli(main, argv, parse=parse_args))
 
 
 if __name__ == "__main__":

@@ -87,10 +87,18 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), sig)
 
 
-def run_cli(main, argv=None) -> int:
+def run_cli(main, argv=None, parse=None) -> int:
     """`data_prep.errors.run_cli` for a command that may start DeepSpeed: after a clean run, the bounded
-    `pretrain.engine.shutdown` (every rank meets, then leaves the group); a failed run exits at once."""
-    rc = errors.run_cli(main, argv)
+    `pretrain.engine.shutdown` (every rank meets, then leaves the group); a failed run exits at once.
+    With `parse`, `main` runs on `parse(argv)` (its config) and a run that returns is exit code 0."""
+
+    def call(args):
+        if parse is None:
+            return main(args)
+        main(parse(args))
+        return 0
+
+    rc = errors.run_cli(call, argv)
     if rc == 0:
         from pretrain.engine import shutdown
 

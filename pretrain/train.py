@@ -563,15 +563,9 @@ def _report(bar, cfg: TrainConfig, r: dict, eta_s: float) -> None:
         )
 
 
-def _cli_main(argv=None) -> int:
-    main(TrainConfig.from_args(argv))
-    return 0
-
-
 def cli(argv=None) -> int:
     """Console entry point (`bert-pretrain`), also run by `deepspeed --module pretrain.train`."""
-    rc = dist.run_cli(_cli_main, argv)
-    return rc
+    return dist.run_cli(main, argv, parse=TrainConfig.from_args)
 
 
 if __name__ == "__main__":
