@@ -18,7 +18,7 @@ cd "$root"
 out=${1:-${DEMO_DIR:-runs/demo}}
 model=${DEMO_MODEL:-tiny}
 case "$model" in  # checkpoints often enough that the interruption below comes well within the budget
-  modernbert-*) family=modernbert every=25 ;;  # ModernBERT-tiny: ~8x BERT-tiny's work a step, ~90 CPU steps
+  modernbert-*) family=modernbert every=25 ;;  # ModernBERT-tiny: ~7x BERT-tiny's work a step, 80-140 CPU steps
   *) family=bert every=100 ;;
 esac
 minutes=${DEMO_MINUTES:-6}
