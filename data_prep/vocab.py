@@ -7,6 +7,13 @@ accent stripping unless `--cased`; BertPreTokenizer; `##` continuation prefix), 
 take ids 0-4 in the order [PAD] [UNK] [CLS] [SEP] [MASK], and the text streams from the same reader as
 `bert-prep build` (any mix of txt, jsonl, Parquet and Arrow inputs, each in its own format), so the
 vocabulary sees exactly the paragraphs that will be tokenized.
+
+Deterministic: the same inputs give the same vocab.txt, byte for byte. `tokenizers`' WordPiece trainer alone
+does not (huggingface/tokenizers#1794, unfixed in 0.23): it numbers the `##c` continuation tokens in hash-map
+order, and merges of equal count are then chosen by those numbers, so two runs can differ in ids and even in
+tokens. A first pass over the text finds every character that can continue a word; their `##c` tokens go to
+the trainer as extra special tokens, numbered in sorted order before training starts, and become ordinary
+vocabulary entries in the saved tokenizer.
 """
 
 from __future__ import annotations
@@ -62,24 +69,47 @@ def train_vocab(cfg: VocabConfig) -> Path:
     if cfg.vocab_size <= len(SPECIALS) + 10:
         raise UserError(f"--vocab-size must be larger than {len(SPECIALS) + 10}, got {cfg.vocab_size}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, trainers
 
-    reader = text.TextReader(text.resolve_inputs(cfg.input, cfg.format), cfg.text_key)
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=not cfg.cased)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
+    files = text.resolve_inputs(cfg.input, cfg.format)
+    tok = _pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), cfg.cased)
+    continuations = _continuation_tokens(text.TextReader(files, cfg.text_key).paragraphs(), tok)
     trainer = trainers.WordPieceTrainer(
         vocab_size=cfg.vocab_size,
         min_frequency=cfg.min_frequency,
-        special_tokens=SPECIALS,
+        special_tokens=SPECIALS + continuations,
         continuing_subword_prefix="##",
         show_progress=cfg.progress,
     )
+    reader = text.TextReader(files, cfg.text_key)
     tok.train_from_iterator(reader.paragraphs(), trainer)
-    if tok.get_vocab_size() <= len(SPECIALS):
+    if tok.get_vocab_size() <= len(SPECIALS) + len(continuations):
         raise UserError(f"the inputs ({reader.files[0]} ...) hold no text to learn a vocabulary from; check --input")
-    return _save(tok, Path(cfg.output), cfg.cased)
+    # The same vocabulary in a tokenizer whose only special tokens are the five (the trainer added the `##c`).
+    trained = _pipeline(Tokenizer(models.WordPiece(tok.get_vocab(), unk_token="[UNK]")), cfg.cased)
+    trained.add_special_tokens(SPECIALS)
+    return _save(trained, Path(cfg.output), cfg.cased)
+
+
+def _pipeline(tok, cased: bool):
+    """BERT's normalizer, pre-tokenizer and decoder on `tok`."""
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=not cased)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _continuation_tokens(paragraphs, tok) -> list[str]:
+    """`##c` for every character c of the normalized text that can follow another inside a word (not
+    whitespace, punctuation or a CJK character, which the pre-tokenizer makes words of their own), sorted."""
+    raw: set[str] = set()
+    for paragraph in paragraphs:
+        raw.update(paragraph)
+    chars = {c for r in raw for c in tok.normalizer.normalize_str(r) if not c.isspace()}
+    inside = [c for c in sorted(chars) if len(tok.pre_tokenizer.pre_tokenize_str("a" + c)) == 1]
+    return ["##" + c for c in inside]
 
 
 def _save(tok, out: Path, cased: bool) -> Path:

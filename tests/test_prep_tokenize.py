@@ -56,6 +56,24 @@ def test_vocab_loads_in_transformers_and_matches_vocab_txt(prep_tokenizer):
     assert hf.decode(enc[1:-1]).split()[:2] == ["cafe", "naive"]
 
 
+def test_vocab_is_the_same_on_every_run(tmp_path):
+    """`tokenizers`' WordPiece trainer numbers `##c` tokens in hash-map order and breaks ties between merges of
+    equal count by those numbers (huggingface/tokenizers#1794): a small vocabulary over text full of ties came
+    out different on nearly every run. `bert-prep vocab` must give the same files each time."""
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyzäé") for _ in range(rng.randint(3, 8))) for _ in range(120)]
+    (tmp_path / "t.txt").write_text("".join(" ".join(random.Random(i).sample(words, 10)) + "\n" for i in range(300)))
+    runs = []
+    for i in range(4):
+        assert run_cli("vocab", "--input", tmp_path / "t.txt", "--vocab-size", 200, "--min-frequency", 1,
+                       "--output", tmp_path / f"v{i}", "--no-progress") == 0  # fmt: skip
+        runs.append([(tmp_path / f"v{i}" / name).read_bytes() for name in ("vocab.txt", "tokenizer.json")])
+    assert all(r == runs[0] for r in runs[1:])
+    hf = BertTokenizerFast.from_pretrained(str(tmp_path / "v0"))
+    assert sorted(hf.all_special_tokens) == sorted(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    assert "##a" in hf.get_vocab() and hf.tokenize("x ##a") == hf.tokenize("x # # a")  # an ordinary token
+
+
 def test_build_equals_bert_tokenizer_fast_uncased_txt(tmp_path, prep_tokenizer):
     docs = documents(60, seed=1)
     (tmp_path / "a.txt").write_text(txt(docs), encoding="utf-8")
