@@ -80,19 +80,15 @@ def _documents(num_docs: int, seed: int) -> list[list[str]]:
 
 
 def build_tokenizer(directory: Path, texts: list[str], vocab_size: int = 200) -> Path:
-    """Train a WordPiece vocabulary on `texts` and save vocab.txt (+ tokenizer config) in `directory`."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-    from transformers import BertTokenizer
+    """Train a WordPiece vocabulary on `texts` with `bert-prep vocab` (the same on every run) into `directory`."""
+    from data_prep.vocab import SPECIALS, VocabConfig, train_vocab
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL))
+    assert SPECIALS == SPECIAL
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    (directory / "vocab.txt").write_text("\n".join(t for t, _ in vocab) + "\n")
-    BertTokenizer.from_pretrained(str(directory)).save_pretrained(str(directory))
-    return directory
+    corpus = directory.parent / f"{directory.name}_texts.txt"
+    corpus.write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
+    cfg = VocabConfig([str(corpus)], vocab_size, str(directory), min_frequency=0, progress=False)
+    return train_vocab(cfg)
 
 
 def make_dataset(root: Path, num_docs: int = 60, seed: int = 0, name: str = "corpus") -> str:
