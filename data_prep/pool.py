@@ -4,7 +4,8 @@
 and forking a process that already runs threads (torch, gloo, a tokenizer's pool) can deadlock the child on a
 lock held at the fork. Workers here are spawned (fresh interpreters, direct children, so getrusage's
 RUSAGE_CHILDREN counts them) by `concurrent.futures.ProcessPoolExecutor`, which fails every pending item at
-once when a worker dies; that failure becomes one `UserError` line.
+once when a worker dies; that failure becomes one `UserError` line. (As with any spawned pool, a script that
+calls `build` with several workers keeps its top-level work under `if __name__ == "__main__":`.)
 """
 
 from __future__ import annotations
