@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 
 from data_prep.errors import UserError
+from data_prep.files import write_json_atomic
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
 from data_prep.log import get_logger
 from finetune import data, glue, kinds, qa
@@ -206,6 +207,7 @@ def main(cfg: FinetuneConfig) -> dict:
     from pretrain.engine import init_distributed, initialize, resolve_batch
 
     cfg.validate()
+    requested = json.loads(json.dumps(dataclasses.asdict(cfg)))  # the flags as given, before defaults resolve
     task = make_task(cfg)  # reads the files first: bad input stops before the model loads
     config, state, tok_dir = load_pretrained(cfg)
     tok = load_tokenizer(tok_dir)
@@ -229,7 +231,10 @@ def main(cfg: FinetuneConfig) -> dict:
     engine = initialize(model, ds, total_steps=cfg.epochs * steps_per_epoch)
     log.info(json.dumps({"finetune": dataclasses.asdict(cfg), "labels": task.labels, "deepspeed": ds}, indent=2))
     log.info(f"truncated to --seq-len {cfg.seq_len}: {task.truncated}")
-    return fit(cfg, engine, task, tok, (micro, accum))
+    result = fit(cfg, engine, task, tok, (micro, accum)) | {"config": requested}
+    if dist.is_rank0():
+        write_json_atomic(Path(cfg.output, "eval_report.json"), result)  # written last: the run is complete
+    return result
 
 
 def train_epoch(cfg: FinetuneConfig, engine, enc: data.Encoded, epoch: int, pad_id: int, layout) -> float:
@@ -284,7 +289,7 @@ def save_best(cfg: FinetuneConfig, engine, task: kinds.Task, predict, tok) -> No
 
 
 def finish(cfg: FinetuneConfig, task: kinds.Task, best: dict, history: list[dict]) -> dict:
-    """The run's result (also OUTPUT/eval_report.json), printed on rank 0."""
+    """The run's result (main adds the flags as given and writes it to OUTPUT/eval_report.json), on rank 0."""
     value = best["report"][cfg.metric]
     result = {
         "task": cfg.glue_task or cfg.task,
@@ -300,7 +305,6 @@ def finish(cfg: FinetuneConfig, task: kinds.Task, best: dict, history: list[dict
         "report": best["report"],
     }
     if dist.is_rank0():
-        Path(cfg.output, "eval_report.json").write_text(json.dumps(result, indent=2))
         log.info(task.describe(best["report"]))
         log.info(f"best eval {cfg.metric} {value:.4f} at epoch {best['epoch']}; model in {cfg.output}")
     return result

@@ -10,6 +10,8 @@ Design choices:
   print them. With several learning rates, each task's best one (highest mean `score`) is the one summed up:
   the last line is the mean over tasks of those scores, GLUE's overall number (here on the dev sets).
 - OUTPUT/glue_results.json keeps every run's report and the table's numbers.
+- Relaunching the same command goes on where a stopped launch left off: a run whose eval_report.json (written
+  last, with the flags it ran with) matches its flags is not run again.
 """
 
 from __future__ import annotations
@@ -65,11 +67,27 @@ def run_all(cfg: SuiteConfig) -> list[dict]:
         for lr in cfg.lrs or [None]:
             for seed in cfg.seeds:
                 out = Path(cfg.run.output, task, "lr_default" if lr is None else f"lr{lr:g}", f"seed{seed}")
-                log.info(f"== {task}, lr {lr or 'default'}, seed {seed} -> {out}")
                 run = dataclasses.replace(cfg.run, glue_task=task, lr=lr, seed=seed, output=str(out))
-                result = finetune(run)
+                result = _finished(run)
+                if result is None:
+                    log.info(f"== {task}, lr {lr or 'default'}, seed {seed} -> {out}")
+                    result = finetune(run)
+                else:
+                    log.info(f"== {task}, lr {lr or 'default'}, seed {seed}: done by an earlier launch ({out})")
                 runs.append({k: result[k] for k in ("task", "lr", "seed", "best_epoch", "report")})
     return runs
+
+
+def _finished(run: FinetuneConfig) -> dict | None:
+    """The result of a run an earlier launch completed with the same flags (its eval_report.json, written last),
+    when every rank sees it; else None. A relaunched suite goes on where it stopped."""
+    path = Path(run.output, "eval_report.json")
+    try:
+        saved = json.loads(path.read_text())
+        same = saved.get("config") == json.loads(json.dumps(dataclasses.asdict(run)))
+    except (OSError, ValueError):
+        saved, same = None, False
+    return saved if dist.all_reduce([float(same)], "min")[0] == 1.0 else None
 
 
 def summarize(runs: list[dict]) -> dict:

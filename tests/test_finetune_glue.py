@@ -3,6 +3,7 @@ scikit-learn/scipy on what transformers predicts from the saved directory, the s
 runner's table, and the learning-rate default."""
 
 import csv
+import dataclasses
 import json
 import statistics
 
@@ -172,6 +173,26 @@ def test_suite_runs_tasks_and_seeds_and_prints_the_table(setup, tmp_path, capsys
     assert saved["average"] == pytest.approx((means["rte", "accuracy"] + means["mrpc", "score"]) / 2)
     printed = capsys.readouterr().out
     assert format_table(saved) in printed and "GLUE average (dev sets, 2 tasks)" in printed
+
+
+def test_a_relaunched_suite_skips_the_runs_an_earlier_launch_completed(setup, tmp_path, capsys):
+    write_glue(setup["glue"], "rte", 120, 30, 5, seed=3)
+    suite = SuiteConfig(tasks=["rte"], seeds=[1, 2], lrs=[1e-3], run=config(setup, None, tmp_path, epochs=1))
+    first = suite_main(suite)
+    reports = [tmp_path / "rte" / "lr0.001" / f"seed{s}" / "eval_report.json" for s in (1, 2)]
+    kept = reports[0].stat().st_mtime_ns
+    reports[1].unlink()  # as if the launch was stopped during the second run
+    capsys.readouterr()
+    again = suite_main(suite)
+    out = capsys.readouterr().out
+    assert "rte, lr 0.001, seed 1: done by an earlier launch" in out and "rte, lr 0.001, seed 2 ->" in out
+    assert reports[0].stat().st_mtime_ns == kept and reports[1].exists()
+    assert again["runs"][0] == first["runs"][0]
+    # other flags: nothing is reused
+    changed = dataclasses.replace(suite, run=dataclasses.replace(suite.run, epochs=2))
+    suite_main(changed)
+    assert "done by an earlier launch" not in capsys.readouterr().out
+    assert reports[0].stat().st_mtime_ns != kept
 
 
 def test_suite_command_line_parses_the_run_flags(setup):
