@@ -4,13 +4,19 @@
 and forking a process that already runs threads (torch, gloo, a tokenizer's pool) can deadlock the child on a
 lock held at the fork. Workers here are spawned (fresh interpreters, direct children, so getrusage's
 RUSAGE_CHILDREN counts them) by `concurrent.futures.ProcessPoolExecutor`, which fails every pending item at
-once when a worker dies; that failure becomes one `UserError` line. (As with any spawned pool, a script that
-calls `build` with several workers keeps its top-level work under `if __name__ == "__main__":`.)
+once when a worker dies; that failure becomes one `UserError` line. The executor itself would still wait
+forever on a result message that a killed worker left half-written in its result pipe (results are larger
+than a pipe's buffer), so each result travels through a file and the pipe carries only the file's name, a
+write too small to be split. (As with any spawned pool, a script that calls `build` with several workers
+keeps its top-level work under `if __name__ == "__main__":`.)
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import pickle
+import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -26,8 +32,22 @@ def _init_worker(work: Callable) -> None:
     _WORK.append(work)
 
 
-def _run_worker(item):
-    return _WORK[0](item)
+def _run_worker(item, spool: str) -> str:
+    """Run the work on `item`; the result goes to a file in `spool`, and only its name through the pipe."""
+    fd, path = tempfile.mkstemp(dir=spool, suffix=".pkl")
+    with os.fdopen(fd, "wb") as f:
+        pickle.dump(_WORK[0](item), f, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+
+def _collect(future) -> object:
+    """The result a worker left in its file (the file is removed)."""
+    path = future.result()
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    finally:
+        os.unlink(path)
 
 
 @contextmanager
@@ -53,11 +73,11 @@ def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
     if workers == 1:
         yield from map(fn, items)
         return
-    with _executor(fn, workers) as pool:
+    with _executor(fn, workers) as pool, tempfile.TemporaryDirectory(prefix="bert-prep-pool-") as spool:
         pending: deque = deque()
         for item in items:
-            pending.append(pool.submit(_run_worker, item))
+            pending.append(pool.submit(_run_worker, item, spool))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
+                yield _collect(pending.popleft())
         while pending:
-            yield pending.popleft().result()
+            yield _collect(pending.popleft())
