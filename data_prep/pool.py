@@ -73,7 +73,9 @@ def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
     if workers == 1:
         yield from map(fn, items)
         return
-    with _executor(fn, workers) as pool, tempfile.TemporaryDirectory(prefix="bert-prep-pool-") as spool:
+    # The spool is entered first so it is removed last, after the executor's shutdown has waited for the
+    # workers: on an error, a running worker still writes its result there.
+    with tempfile.TemporaryDirectory(prefix="bert-prep-pool-") as spool, _executor(fn, workers) as pool:
         pending: deque = deque()
         for item in items:
             pending.append(pool.submit(_run_worker, item, spool))
