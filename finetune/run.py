@@ -201,13 +201,18 @@ def predict_logits(engine, enc: data.Encoded, batch_size: int, pad_id: int) -> l
     return out
 
 
+def flags_json(cfg: FinetuneConfig) -> dict:
+    """`cfg` as eval_report.json keeps it (`config`): what a relaunch compares its own flags with."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
 def main(cfg: FinetuneConfig) -> dict:
     """Fine-tune, keep the best model in cfg.output, and return the eval report of that model."""
     from data_prep.tokenizer import load as load_tokenizer
     from pretrain.engine import init_distributed, initialize, resolve_batch
 
     cfg.validate()
-    requested = json.loads(json.dumps(dataclasses.asdict(cfg)))  # the flags as given, before defaults resolve
+    requested = flags_json(cfg)  # as given, before defaults resolve
     task = make_task(cfg)  # reads the files first: bad input stops before the model loads
     config, state, tok_dir = load_pretrained(cfg)
     tok = load_tokenizer(tok_dir)

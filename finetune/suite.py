@@ -28,7 +28,7 @@ from data_prep.errors import UserError
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
 from data_prep.log import get_logger
 from finetune import glue
-from finetune.run import FinetuneConfig
+from finetune.run import FinetuneConfig, flags_json
 from finetune.run import main as finetune
 from pretrain import dist
 
@@ -84,7 +84,7 @@ def _finished(run: FinetuneConfig) -> dict | None:
     path = Path(run.output, "eval_report.json")
     try:
         saved = json.loads(path.read_text())
-        same = saved.get("config") == json.loads(json.dumps(dataclasses.asdict(run)))
+        same = saved.get("config") == flags_json(run)
     except (OSError, ValueError):
         saved, same = None, False
     return saved if dist.all_reduce([float(same)], "min")[0] == 1.0 else None
