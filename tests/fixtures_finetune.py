@@ -106,16 +106,12 @@ def write_conll(path: Path, sentences: list[list[tuple[str, str]]]) -> Path:
 def build_tokenizer(directory: Path, vocab_size: int = 200, extra: tuple[str, ...] = ()) -> Path:
     """A lowercase WordPiece vocabulary trained by `bert-prep vocab` on the task words (small, so rare names split
     into pieces); the same on every run (tokenizers' own trainer alone is not: data_prep.vocab)."""
-    from data_prep.vocab import VocabConfig, train_vocab
+    from fixtures_train import build_tokenizer as train_tokenizer
 
     names = [w for pair in ENTITIES.values() for ws in pair for w in ws]
     words = FILLER + DISTRACTORS + [w for ws in CLASSES.values() for w in ws] + names + list(extra)
     text = [" ".join(random.Random(i).sample(words, k=10)) for i in range(300)]
-    directory.mkdir(parents=True, exist_ok=True)
-    corpus = directory.parent / f"{directory.name}_words.txt"
-    corpus.write_text("".join(line + "\n" for line in text), encoding="utf-8")
-    cfg = VocabConfig([str(corpus)], vocab_size, str(directory), min_frequency=1, progress=False)
-    return train_vocab(cfg)
+    return train_tokenizer(directory, text, vocab_size, min_frequency=1)
 
 
 def tiny_checkpoint(directory: Path, tokenizer: Path, seed: int = 0) -> Path:

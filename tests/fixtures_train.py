@@ -79,7 +79,7 @@ def _documents(num_docs: int, seed: int) -> list[list[str]]:
     return docs
 
 
-def build_tokenizer(directory: Path, texts: list[str], vocab_size: int = 200) -> Path:
+def build_tokenizer(directory: Path, texts: list[str], vocab_size: int = 200, min_frequency: int = 0) -> Path:
     """Train a WordPiece vocabulary on `texts` with `bert-prep vocab` (the same on every run) into `directory`."""
     from data_prep.vocab import SPECIALS, VocabConfig, train_vocab
 
@@ -87,7 +87,7 @@ def build_tokenizer(directory: Path, texts: list[str], vocab_size: int = 200) ->
     directory.mkdir(parents=True, exist_ok=True)
     corpus = directory.parent / f"{directory.name}_texts.txt"
     corpus.write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
-    cfg = VocabConfig([str(corpus)], vocab_size, str(directory), min_frequency=0, progress=False)
+    cfg = VocabConfig([str(corpus)], vocab_size, str(directory), min_frequency=min_frequency, progress=False)
     return train_vocab(cfg)
 
 
