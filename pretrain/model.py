@@ -106,6 +106,8 @@ class BertConfig(ModelConfig):
     """Run the encoder on real tokens only (False: every padded position too)."""
     sparse_mlm_head: bool = option(True, group="switch")
     """Run the MLM head only on masked positions (False: on every position, then gather)."""
+    sparse_embedding_grad: bool = option(True, group="switch")
+    """CPU: the word embedding's gradient as its looked-up rows, added into the tied decoder's (False: dense)."""
     fused_qkv: bool = option(True, group="switch")
     """Project q, k and v with one GEMM (False: three)."""
     fused_ops: str = option("auto", group="switch")
@@ -292,6 +294,7 @@ class BertForPreTraining(PreTrainingModel):
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias",
     }
+    EMBEDDING = "bert.embeddings.word_embeddings"
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -315,7 +318,8 @@ class BertForPreTraining(PreTrainingModel):
         nsp_labels: Tensor | None = None,
         document_ids: Tensor | None = None,
     ) -> PreTrainingOutput:
-        x, pack = self.bert.encode(input_ids, token_type_ids, attention_mask, document_ids)  # (T, H)
+        with self._embedding_grad(input_ids, mlm_labels):
+            x, pack = self.bert.encode(input_ids, token_type_ids, attention_mask, document_ids)  # (T, H)
         nsp_logits = self.cls.seq_relationship(self.bert.pool(x, pack))  # (B, 2)
         return self._with_losses(
             PreTrainingOutput(self._mlm_logits(x, pack, masked_positions), nsp_logits), mlm_labels, nsp_labels

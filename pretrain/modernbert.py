@@ -116,6 +116,8 @@ class ModernBertConfig(ModelConfig):
     """Run the encoder on real tokens only (False: every padded position too)."""
     sparse_mlm_head: bool = option(True, group="switch")
     """Run the MLM head only on masked positions (False: on every position, then gather)."""
+    sparse_embedding_grad: bool = option(True, group="switch")
+    """CPU: the token embedding's gradient as its looked-up rows, added into the tied decoder's (False: dense)."""
     fused_ops: str = option("auto", group="switch")
     """LayerNorm, GeGLU and RoPE backend: auto (apex LayerNorm if on CUDA), plain, compile or apex."""
 
@@ -316,6 +318,7 @@ class ModernBertForMaskedLM(PreTrainingModel):
 
     CONFIG, HF_CLASS = ModernBertConfig, "ModernBertForMaskedLM"
     TIED = {"decoder.weight": "model.embeddings.tok_embeddings.weight"}
+    EMBEDDING = "model.embeddings.tok_embeddings"
 
     def __init__(self, config: ModernBertConfig):
         super().__init__()
@@ -340,7 +343,8 @@ class ModernBertForMaskedLM(PreTrainingModel):
         document_ids: Tensor | None = None,
     ) -> PreTrainingOutput:
         """The batch dict of docs/DESIGN.md; token_type_ids and nsp_labels are ignored (no NSP head)."""
-        x, pack = self.model.encode(input_ids, None, attention_mask, document_ids)  # (T, H)
+        with self._embedding_grad(input_ids, mlm_labels):
+            x, pack = self.model.encode(input_ids, None, attention_mask, document_ids)  # (T, H)
         return self._with_losses(PreTrainingOutput(self._mlm_logits(x, pack, masked_positions)), mlm_labels, None)
 
     def mlm_head(self, x: Tensor, ops: str) -> Tensor:  # (N, H) -> (N, V)

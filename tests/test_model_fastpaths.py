@@ -5,15 +5,21 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
-from pretrain import kernels
+from pretrain import kernels, models
 from pretrain.model import BertConfig, BertForPreTraining
+from pretrain.modernbert import ModernBertConfig
 
 BASE = BertConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
-PLAIN = {"use_sdpa": False, "unpad": False, "sparse_mlm_head": False, "fused_qkv": False, "fused_ops": "plain"}
+MODERN_SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
+PLAIN = {
+    **{"use_sdpa": False, "unpad": False, "sparse_mlm_head": False, "fused_qkv": False, "fused_ops": "plain"},
+    "sparse_embedding_grad": False,
+}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -51,7 +57,7 @@ def assert_same_step(fast, plain, **tol) -> None:
         torch.testing.assert_close(fast[2][name], g, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("switch", ["use_sdpa", "unpad", "sparse_mlm_head", "fused_qkv"])
+@pytest.mark.parametrize("switch", ["use_sdpa", "unpad", "sparse_mlm_head", "fused_qkv", "sparse_embedding_grad"])
 def test_each_switch_alone_matches_plain(switch):
     plain = dataclasses.replace(BASE, **PLAIN)
     fast = dataclasses.replace(plain, **{switch: getattr(BASE, switch)})
@@ -62,6 +68,49 @@ def test_each_switch_alone_matches_plain(switch):
 def test_all_fast_paths_together_match_plain():
     b = batch()
     assert_same_step(step(BASE, b), step(dataclasses.replace(BASE, **PLAIN), b), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_embedding_grad_as_rows_only_beside_the_mlm_loss_and_dense_for_the_optimizer(family):
+    """The rows path (values: the switch test above) hands the optimizer a dense .grad; a backward without the
+    tied decoder (the encoder alone, no MLM labels) keeps the lookup dense, and CUDA resolves to dense."""
+    config = BASE if family == "bert" else ModernBertConfig(**{**MODERN_SHAPE, "pad_token_id": 0})
+    torch.manual_seed(0)
+    model = models.build_pretraining_model(config)
+    embedding = model.get_submodule(model.EMBEDDING)
+    b = batch()
+    loss = model(**b).loss
+    assert lookups(loss) == {300: True, **({512: False, 2: False} if family == "bert" else {})}  # the rows path ran
+    loss.backward()
+    assert embedding.weight.grad.layout == torch.strided and not embedding.sparse
+    assert lookups(model(**b).loss) == lookups(model(**b).loss) and not embedding.sparse  # on again, then off
+    plain = dataclasses.replace(config, sparse_embedding_grad=False)
+    assert lookups(models.build_pretraining_model(plain)(**b).loss)[300] is False
+    for backward in (
+        lambda: model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).mlm_logits.sum().backward(),
+        lambda: getattr(model, "bert", getattr(model, "model", None))(b["input_ids"])[0].sum().backward(),
+    ):
+        model.zero_grad(set_to_none=True)
+        backward()
+        assert embedding.weight.grad.layout == torch.strided
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the varlen fallback's warning on a machine without flash-attn
+        assert not kernels.resolve(config, torch.device("cuda"), torch.bfloat16).sparse_embedding_grad
+    assert kernels.resolve(config, torch.device("cpu"), torch.float32).sparse_embedding_grad
+
+
+def lookups(loss: torch.Tensor) -> dict[int, bool]:
+    """Each embedding lookup in `loss`'s autograd graph: its table's row count -> whether its gradient is rows."""
+    found, todo, seen = {}, [loss.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "EmbeddingBackward0":
+            found[node._saved_weight_sym_argsize_0] = node._saved_sparse
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 def test_unpad_without_padding_and_with_dropout_in_training():

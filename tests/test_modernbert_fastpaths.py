@@ -16,7 +16,13 @@ BASE = ModernBertConfig(
     vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
     local_attention=8, pad_token_id=0, embedding_dropout=0.1, attention_dropout=0.1, mlp_dropout=0.1,
 )  # fmt: skip
-PLAIN = {"use_sdpa": False, "unpad": False, "sparse_mlm_head": False, "fused_ops": "plain"}
+PLAIN = {
+    "use_sdpa": False,
+    "unpad": False,
+    "sparse_mlm_head": False,
+    "fused_ops": "plain",
+    "sparse_embedding_grad": False,
+}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -51,7 +57,7 @@ def assert_same_step(fast, plain, **tol) -> None:
         torch.testing.assert_close(fast[2][name], g, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("switch", ["use_sdpa", "unpad", "sparse_mlm_head", "all"])
+@pytest.mark.parametrize("switch", ["use_sdpa", "unpad", "sparse_mlm_head", "sparse_embedding_grad", "all"])
 def test_each_switch_matches_plain(switch):
     plain = dataclasses.replace(BASE, **PLAIN)
     fast = BASE if switch == "all" else dataclasses.replace(plain, **{switch: getattr(BASE, switch)})
@@ -119,7 +125,8 @@ def test_cuda_fallbacks_name_their_cause(monkeypatch):
     assert paths["attention"] == "padded + SDPA" and len(said) == 1 and "attention_dropout=0" in said[0]
     modern = ModernBertForMaskedLM(dataclasses.replace(BASE, attention_dropout=0.0))
     on_cpu = resolved(modern, "cpu", torch.float32)[0]
-    assert resolved(modern, "cuda", torch.bfloat16) == ({**on_cpu, "attention": "torch varlen"}, [])
+    on_cuda = {**on_cpu, "attention": "torch varlen", "embedding_grad": "dense"}  # rows are a CPU path
+    assert resolved(modern, "cuda", torch.bfloat16) == (on_cuda, [])
     monkeypatch.setattr(kernels, "flash_attn_varlen_func", object())
     assert resolved(bert, "cuda", torch.float16)[0]["attention"] == "flash-attn varlen"
     monkeypatch.setattr(kernels, "fused_layer_norm_affine", object())  # as if apex were installed
