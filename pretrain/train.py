@@ -118,6 +118,7 @@ class StopFlag:
 
     def __init__(self):
         self.signal: int | None = None
+        self.stopping = False  # the ranks agreed to stop for a signal (this rank's, or a peer's)
         self._previous = {}
 
     def install(self) -> None:
@@ -125,10 +126,12 @@ class StopFlag:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:
-        """Give the signals back; a process that was asked to stop goes on ignoring SIGTERM while it exits (a
-        supervisor may repeat the request, and the checkpoint is written by now)."""
+        """Give the signals back; a run that stopped for a signal goes on ignoring SIGTERM while it exits: the
+        checkpoint is written by now, a supervisor may repeat the request, and a rank that stopped because a
+        peer was signalled may get its own SIGTERM only now (the launcher's on another node came late), which
+        must not kill it in the exit's last collective."""
         for sig, handler in self._previous.items():
-            stopping = self.signal is not None and sig == signal.SIGTERM
+            stopping = (self.stopping or self.signal is not None) and sig == signal.SIGTERM
             signal.signal(sig, signal.SIG_IGN if stopping else handler)
 
     def _handle(self, signum, frame) -> None:
@@ -138,7 +141,12 @@ class StopFlag:
 
     def agreed(self) -> bool:
         """Whether any rank was signalled (a collective: every rank calls it at the same point)."""
-        return bool(dist.all_reduce([float(self.signal is not None)], op="max")[0])
+        return self.note(dist.all_reduce([float(self.signal is not None)], op="max")[0])
+
+    def note(self, signalled_anywhere: float) -> bool:
+        """Record the ranks' agreement (an all-reduced max of `signal is not None`) and return it."""
+        self.stopping = self.stopping or bool(signalled_anywhere)
+        return self.stopping
 
 
 @torch.no_grad()
@@ -396,6 +404,7 @@ class _Run:
         memory, signalled, budget = dist.all_reduce(
             [_peak_memory(), float(stop.signal is not None), self.clock.spent()], "max"
         )
+        signalled = stop.note(signalled)
         state.step += 1
         state.consumed_samples += self.global_batch
         state.elapsed_s = self.clock.elapsed()

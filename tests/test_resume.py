@@ -6,6 +6,7 @@ that was never interrupted: bitwise in fp32 on CPU with the same process count (
 states matter; two processes over ssh: tests/test_launch_ssh.py), and within float32 rounding on another count.
 """
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,31 @@ def test_relaunching_on_another_process_count_resumes_with_the_same_global_batch
         _, from_zero = checkpoint.load_weights(run / checkpoint.tag_name(3))
         _, from_universal = checkpoint.load_weights(run / f"{checkpoint.tag_name(3)}_universal")
         assert all(torch.equal(from_zero[k], from_universal[k]) for k in from_zero)
+
+
+STOP_THEN_SIGTERM = """
+import os, signal, sys, time
+from pretrain.train import StopFlag
+stop = StopFlag()
+stop.install()
+stop.note(float(sys.argv[1]))  # the ranks' all-reduced "was any rank signalled"
+stop.uninstall()  # main() returns; the exit's last collective follows
+os.kill(os.getpid(), signal.SIGTERM)  # this rank's own SIGTERM, sent by its node's launcher, arrives only now
+time.sleep(0.5)
+print("alive")
+"""
+
+
+@pytest.mark.parametrize("peer_signalled", [1.0, 0.0])
+def test_a_rank_stopped_by_a_peers_signal_survives_its_own_late_sigterm(peer_signalled):
+    """The two-node SIGTERM test once failed so: the supervisor's SIGTERM reached one node late, after its rank
+    had stopped with the other (through the all-reduce) and given the signals back, and killed it inside the
+    exit's barrier. After a stop for a signal anywhere SIGTERM is ignored; a run that ended otherwise gets the
+    default back (the signal kills it)."""
+    run = subprocess.run(
+        [sys.executable, "-c", STOP_THEN_SIGTERM, str(peer_signalled)], capture_output=True, text=True, timeout=120
+    )
+    if peer_signalled:
+        assert run.returncode == 0 and run.stdout.strip() == "alive", run.stderr[-2000:]
+    else:
+        assert run.returncode == -signal.SIGTERM, run.stderr[-2000:]
