@@ -97,7 +97,8 @@ def test_a_killed_worker_ends_the_build_with_one_line_and_the_rerun_finishes(tmp
     _corpus(src, 2, seed=21)
     args = ["build", "--input", src, "--tokenizer", prep_tokenizer, "--output", tmp_path / "d", "--no-progress"]
     args += ["--workers", "2", "--chunk-mb", "0.05"]
-    cmd = [sys.executable, "-c", BUILD_JOURNALING, *map(str, args)]
+    dump_on_usr1 = "import faulthandler, signal\nfaulthandler.register(signal.SIGUSR1, all_threads=True)\n"
+    cmd = [sys.executable, "-c", dump_on_usr1 + BUILD_JOURNALING, *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -107,7 +108,15 @@ def test_a_killed_worker_ends_the_build_with_one_line_and_the_rerun_finishes(tmp
         workers = [pid for pid, cmdline in _children(proc.pid) if "spawn_main" in cmdline]
         assert proc.poll() is None and len(workers) == 2, (proc.poll(), _children(proc.pid))
         os.kill(workers[0], signal.SIGKILL)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # a hang: fail with every thread's stack and what is left alive
+            left = _children(proc.pid)
+            os.kill(proc.pid, signal.SIGUSR1)  # faulthandler, registered by the harness
+            time.sleep(2)
+            os.killpg(proc.pid, signal.SIGKILL)
+            stacks = proc.communicate()[1][-6000:]
+            raise AssertionError(f"the build hung after the kill; alive: {left}\n{stacks}") from None
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
