@@ -121,6 +121,7 @@ def test_relaunching_on_another_process_count_resumes_with_the_same_global_batch
 STOP_THEN_SIGTERM = """
 import os, signal, sys, time
 from pretrain.train import StopFlag
+signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a rank starts (not whatever this test's parent ignores)
 stop = StopFlag()
 stop.install()
 stop.note(float(sys.argv[1]))  # the ranks' all-reduced "was any rank signalled"
