@@ -16,10 +16,8 @@ from pretrain.modernbert import ModernBertConfig
 
 BASE = BertConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
 MODERN_SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
-PLAIN = {
-    **{"use_sdpa": False, "unpad": False, "sparse_mlm_head": False, "fused_qkv": False, "fused_ops": "plain"},
-    "sparse_embedding_grad": False,
-}
+PLAIN = {"use_sdpa": False, "unpad": False, "sparse_mlm_head": False, "fused_qkv": False, "fused_ops": "plain"}
+PLAIN |= {"sparse_embedding_grad": False}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -79,11 +77,12 @@ def test_embedding_grad_as_rows_only_beside_the_mlm_loss_and_dense_for_the_optim
     model = models.build_pretraining_model(config)
     embedding = model.get_submodule(model.EMBEDDING)
     b = batch()
+    rows_path = {300: True, **({512: False, 2: False} if family == "bert" else {})}  # word embedding: rows
     loss = model(**b).loss
-    assert lookups(loss) == {300: True, **({512: False, 2: False} if family == "bert" else {})}  # the rows path ran
+    assert lookups(loss) == rows_path
     loss.backward()
     assert embedding.weight.grad.layout == torch.strided and not embedding.sparse
-    assert lookups(model(**b).loss) == lookups(model(**b).loss) and not embedding.sparse  # on again, then off
+    assert lookups(model(**b).loss) == rows_path and not embedding.sparse  # on again for the next forward, then off
     plain = dataclasses.replace(config, sparse_embedding_grad=False)
     assert lookups(models.build_pretraining_model(plain)(**b).loss)[300] is False
     for backward in (
