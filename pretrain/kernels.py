@@ -68,6 +68,7 @@ class FastPaths:
     ops: str = "plain"  # "plain" | "compile" | "apex"
     fused_qkv: bool = True  # one GEMM on concatenated q/k/v weights (BERT; ModernBERT's Wqkv is one module)
     sparse_mlm_head: bool = True  # MLM head on masked positions only
+    sparse_last_layer: bool = True  # the last layer past attention on the heads' rows only (with sparse_mlm_head)
     sparse_embedding_grad: bool = False  # the tied token embedding's gradient as rows (PreTrainingModel)
     deterministic: bool = False  # flash-attn's deterministic backward (ModernBERT's deterministic_flash_attn)
 
@@ -79,15 +80,17 @@ class FastPaths:
             "ops": self.ops,
             "qkv": "one GEMM" if self.fused_qkv else "one per projection",
             "mlm_head": "masked positions only" if self.sparse_mlm_head else "every position",
+            "last_layer": "the heads' rows past attention" if self.sparse_last_layer else "every row",
             "embedding_grad": "looked-up rows into the decoder's" if self.sparse_embedding_grad else "dense",
         }
 
 
 def resolve(config, device: torch.device, dtype: torch.dtype, partitioned: bool = False) -> FastPaths:
-    """Decide every switch of `config` (unpad, use_sdpa, fused_ops, sparse_mlm_head, sparse_embedding_grad,
-    fused_qkv, attention_dropout) for `device` and compute `dtype`; `partitioned`: weights exist only while their
-    module is called (ZeRO-3). sparse_embedding_grad is a CPU path: on CUDA zeroing and adding a dense
-    vocabulary x hidden gradient costs well under a millisecond, so the well-trodden dense kernel stays."""
+    """Decide every switch of `config` (unpad, use_sdpa, fused_ops, sparse_mlm_head, sparse_last_layer,
+    sparse_embedding_grad, fused_qkv, attention_dropout) for `device` and compute `dtype`; `partitioned`: weights
+    exist only while their module is called (ZeRO-3). sparse_embedding_grad is a CPU path: on CUDA zeroing and
+    adding a dense vocabulary x hidden gradient costs well under a millisecond, so the well-trodden dense kernel
+    stays."""
     device = torch.device(device)
     fused_qkv = getattr(config, "fused_qkv", False)
     if fused_qkv and partitioned:
@@ -100,6 +103,7 @@ def resolve(config, device: torch.device, dtype: torch.dtype, partitioned: bool 
         ops=_resolve_ops(config.fused_ops, device, partitioned),
         fused_qkv=fused_qkv,
         sparse_mlm_head=config.sparse_mlm_head,
+        sparse_last_layer=config.sparse_last_layer and config.sparse_mlm_head,  # a dense head reads every row
         sparse_embedding_grad=config.sparse_embedding_grad and device.type == "cpu",
         deterministic=getattr(config, "deterministic_flash_attn", False),
     )

@@ -7,7 +7,8 @@ model (each behind a `BertConfig` switch whose other setting is the plain path; 
   attention score matrix, on CUDA varlen flash attention never sees it. Padded rows of `sequence_output`
   are therefore zeros, not the meaningless values HF computes there.
 - The MLM head runs only on the masked positions (gather before transform and vocabulary projection), so
-  the loss never materializes (B, S, V).
+  the loss never materializes (B, S, V). With it, the last layer carries past attention only the rows the
+  heads read: the masked ones and each row's [CLS] (every row still gives its keys and values).
 - q, k and v are projected by one GEMM on the concatenated weights; the state dict keeps HF's three
   (under ZeRO-3, which gathers weights per called module, the three modules are called instead).
 - Weights start from BERT's truncated normal (+-2 std) rather than HF's plain normal.
@@ -47,6 +48,7 @@ from pretrain.models import (  # noqa: F401  (ModelFlags, load_config, flops_per
     PreTrainingOutput,
     cross_entropy,
     flops_per_sequence,
+    last_layer,
     load_config,
     trunc_normal_,
 )
@@ -106,6 +108,9 @@ class BertConfig(ModelConfig):
     """Run the encoder on real tokens only (False: every padded position too)."""
     sparse_mlm_head: bool = option(True, group="switch")
     """Run the MLM head only on masked positions (False: on every position, then gather)."""
+    sparse_last_layer: bool = option(True, group="switch")
+    """With sparse_mlm_head: the last layer's output projection and feed-forward run only on the rows the heads
+    read (masked positions, [CLS]) (False: on every row)."""
     sparse_embedding_grad: bool = option(True, group="switch")
     """CPU: the word embedding's gradient as its looked-up rows, added into the tied decoder's (False: dense)."""
     fused_qkv: bool = option(True, group="switch")
@@ -126,11 +131,14 @@ class BertConfig(ModelConfig):
         """Training FLOPs (forward + backward = 3x forward) of one sequence of `seq_len` real tokens.
 
         F = 24 L s h^2 + 12 L s h i + 12 L s^2 h + 6 P h (h + V), which for i = 4h is the documented
-        72 L s h^2 + 12 L s^2 h + 6 P h (h + V); P is the number of rows the MLM head runs on.
-        Embeddings, LayerNorms, biases and the NSP head are left out (under 1%).
+        72 L s h^2 + 12 L s^2 h + 6 P h (h + V); P is the number of rows the MLM head runs on. With the sparse
+        last layer, its output projection and feed-forward (6 h^2 + 12 h i a row) run on P rows, not s.
+        Embeddings, LayerNorms, biases, the NSP head and its [CLS] row are left out (under 1%).
         """
         L, s, h, i, V = self.num_layers, seq_len, self.hidden_size, self.intermediate_size, self.vocab_size
-        return 24 * L * s * h * h + 12 * L * s * h * i + 12 * L * s * s * h + 6 * masked_positions * h * (h + V)
+        P = masked_positions
+        skipped = (s - P) * (6 * h * h + 12 * h * i) if self.sparse_last_layer and self.sparse_mlm_head else 0
+        return 24 * L * s * h * h + 12 * L * s * h * i + 12 * L * s * s * h + 6 * P * h * (h + V) - skipped
 
     @classmethod
     def preset(cls, name: str, **overrides) -> BertConfig:
@@ -216,10 +224,13 @@ class Layer(nn.Module):
         self.intermediate = _named(dense=nn.Linear(H, inner))
         self.output = _named(dense=nn.Linear(inner, H), LayerNorm=nn.LayerNorm(H, eps=c.layer_norm_eps))
 
-    def forward(self, x: Tensor, pack: Packing) -> Tensor:  # x: (T, H)
+    def forward(self, x: Tensor, pack: Packing, rows: Tensor | None = None) -> Tensor:  # x: (T, H)
+        """-> (T, H), or with `rows` (R,) only those rows past attention: (R, H)."""
         c, ops, p = self.config, pack.paths.ops, self.config.hidden_dropout if self.training else 0.0
         attn_p = c.attention_dropout if self.training else 0.0
         ctx = kernels.attention(self._qkv(x, pack.paths.fused_qkv), pack, c.num_heads, attn_p)  # (T, H)
+        if rows is not None:
+            ctx, x = ctx[rows], x[rows]  # (R, H)
         out = self.attention.output
         x = kernels.dense_residual_norm(ctx, out.dense, x, out.LayerNorm, p, ops)
         h = kernels.dense_gelu(x, self.intermediate.dense, ops)  # (T, I)
@@ -253,20 +264,25 @@ class BertModel(Encoder):
         token_type_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         document_ids: Tensor | None = None,
+        subset: Tensor | None = None,
     ) -> tuple[Tensor, Packing]:
-        """-> (the kept token rows (T, H), where they sit in the (B, S) batch)."""
+        """-> (the kept token rows (T, H), where they sit in the (B, S) batch); with `subset` (R,) flat positions
+        of real tokens, the rows of those alone (R, H), in its order (`last_layer`)."""
         token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         paths = self.paths.for_input(input_ids, self.embeddings.word_embeddings.weight)
         pack = Packing.build(attention_mask, document_ids, paths)
         x = self.embeddings(input_ids, token_type_ids, pack)  # (T, H)
-        for layer in self.encoder.layer:
-            x = layer(x, pack)
+        for layer, rows in last_layer(self.encoder.layer, pack, subset):
+            x = layer(x, pack, rows)
         return x, pack
 
     def pool(self, x: Tensor, pack: Packing) -> Tensor:
         """tanh(dense([CLS] row)) -> (B, H)."""
-        return torch.tanh(self.pooler.dense(x[pack.first_rows()]))
+        return self.pool_rows(x[pack.first_rows()])
+
+    def pool_rows(self, cls_rows: Tensor) -> Tensor:  # (B, H) -> (B, H)
+        return torch.tanh(self.pooler.dense(cls_rows))
 
 
 class MaskedLMHead(nn.Module):
@@ -318,12 +334,17 @@ class BertForPreTraining(PreTrainingModel):
         nsp_labels: Tensor | None = None,
         document_ids: Tensor | None = None,
     ) -> PreTrainingOutput:
+        B, S = input_ids.shape
+        cls = torch.arange(B, device=input_ids.device) * S
+        subset = self._subset(input_ids, masked_positions, cls)  # [CLS] rows, then the masked ones
         with self._embedding_grad(input_ids, mlm_labels):
-            x, pack = self.bert.encode(input_ids, token_type_ids, attention_mask, document_ids)  # (T, H)
-        nsp_logits = self.cls.seq_relationship(self.bert.pool(x, pack))  # (B, 2)
-        return self._with_losses(
-            PreTrainingOutput(self._mlm_logits(x, pack, masked_positions), nsp_logits), mlm_labels, nsp_labels
-        )
+            x, pack = self.bert.encode(input_ids, token_type_ids, attention_mask, document_ids, subset)  # (T, H)
+        if subset is None:
+            pooled, mlm_logits = self.bert.pool(x, pack), self._mlm_logits(x, pack, masked_positions)
+        else:  # (B + N, H)
+            pooled, mlm_logits = self.bert.pool_rows(x[:B]), self.mlm_head(x[B:], pack.paths.ops)
+        nsp_logits = self.cls.seq_relationship(pooled)  # (B, 2)
+        return self._with_losses(PreTrainingOutput(mlm_logits, nsp_logits), mlm_labels, nsp_labels)
 
     def mlm_head(self, x: Tensor, ops: str) -> Tensor:
         return self.cls.predictions(x, ops)

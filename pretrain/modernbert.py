@@ -11,9 +11,10 @@ shapes are transformers', so weights and config.json move both ways (`from_hf_pr
 Where this differs from transformers' code (same numbers; tests/test_modernbert.py): the same kernels and
 packing as BERT (pretrain/kernels.py): the layers run unpadded, attention is varlen on CUDA and grouped on CPU,
 with `document_ids` documents packed in one row attend only within themselves and positions restart there;
-the MLM head runs on masked positions only; RoPE angles come from each kept row's position, with no buffers
-(a bf16 engine would round them). Forward takes BERT's batch dict: token_type_ids and nsp_labels are accepted
-and ignored, and the output's nsp_logits and nsp_loss are None.
+the MLM head runs on masked positions only, and the last layer past attention on those rows alone; RoPE
+angles come from each kept row's position, with no buffers (a bf16 engine would round them). Forward takes
+BERT's batch dict: token_type_ids and nsp_labels are accepted and ignored, and the output's nsp_logits and
+nsp_loss are None.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from data_prep.errors import UserError
 from data_prep.flags import fields_in, option
 from pretrain import kernels
 from pretrain.kernels import Packing, PathChoice
-from pretrain.models import Encoder, ModelConfig, PreTrainingModel, PreTrainingOutput, trunc_normal_
+from pretrain.models import Encoder, ModelConfig, PreTrainingModel, PreTrainingOutput, last_layer, trunc_normal_
 
 PRESETS = {  # the released ModernBERT-base and -large shapes, and a small one of the same design
     "modernbert-tiny": dict(num_hidden_layers=6, hidden_size=256, num_attention_heads=4, intermediate_size=384),
@@ -116,6 +117,9 @@ class ModernBertConfig(ModelConfig):
     """Run the encoder on real tokens only (False: every padded position too)."""
     sparse_mlm_head: bool = option(True, group="switch")
     """Run the MLM head only on masked positions (False: on every position, then gather)."""
+    sparse_last_layer: bool = option(True, group="switch")
+    """With sparse_mlm_head: the last layer's output projection and feed-forward run only on the rows the heads
+    read (masked positions) (False: on every row)."""
     sparse_embedding_grad: bool = option(True, group="switch")
     """CPU: the token embedding's gradient as its looked-up rows, added into the tied decoder's (False: dense)."""
     fused_ops: str = option("auto", group="switch")
@@ -150,12 +154,14 @@ class ModernBertConfig(ModelConfig):
         F = 24 L s h^2 + 18 L s h i + 12 h (G s^2 + (L - G) A) + 6 P h (h + V): q|k|v and output projections,
         the GeGLU's 2i-wide Wi and its Wo, attention scores and weighted sum over the query-key pairs that may
         attend (G global layers: s^2; local layers: A = s (2r + 1) - r (r + 1), r = min(local_attention / 2,
-        s - 1)), and the MLM head. Embeddings, norms, RoPE and the GeGLU product are left out (under 1%)."""
+        s - 1)), and the MLM head. With the sparse last layer, its output projection and GeGLU (6 h^2 + 18 h i a
+        row) run on P rows, not s. Embeddings, norms, RoPE and the GeGLU product are left out (under 1%)."""
         L, s, h, i, V = self.num_hidden_layers, seq_len, self.hidden_size, self.intermediate_size, self.vocab_size
-        G = len(range(0, L, self.global_attn_every_n_layers))
+        P, G = masked_positions, len(range(0, L, self.global_attn_every_n_layers))
         r = min(self.local_attention // 2, s - 1)
         pairs = G * s * s + (L - G) * (s * (2 * r + 1) - r * (r + 1))
-        return 24 * L * s * h * h + 18 * L * s * h * i + 12 * h * pairs + 6 * masked_positions * h * (h + V)
+        skipped = (s - P) * (6 * h * h + 18 * h * i) if self.sparse_last_layer and self.sparse_mlm_head else 0
+        return 24 * L * s * h * h + 18 * L * s * h * i + 12 * h * pairs + 6 * P * h * (h + V) - skipped
 
     @classmethod
     def from_hf(cls, hf) -> ModernBertConfig:
@@ -253,13 +259,16 @@ class Layer(nn.Module):
         self.theta = c.global_rope_theta if c.is_global(index) else c.local_rope_theta
         self.window = None if c.is_global(index) else c.local_attention // 2
 
-    def forward(self, x: Tensor, pack: Packing) -> Tensor:  # x: (T, H)
+    def forward(self, x: Tensor, pack: Packing, rows: Tensor | None = None) -> Tensor:  # x: (T, H)
+        """-> (T, H), or with `rows` (R,) only those rows past attention: (R, H)."""
         c, ops, heads = self.config, pack.paths.ops, self.config.num_attention_heads
         attn_p = c.attention_dropout if self.training else 0.0
         h = kernels.layer_norm(x, self.attn_norm, ops) if self.index else x
         cos, sin = pack.rotary(self.theta, c.hidden_size // heads)  # (T, d) each
         qkv = kernels.rotary(self.attn.Wqkv(h), cos, sin, heads, ops)  # (T, 3H)
         ctx = kernels.attention(qkv, pack, heads, attn_p, self.window)  # (T, H)
+        if rows is not None:
+            ctx, x = ctx[rows], x[rows]  # (R, H)
         x = x + F.dropout(self.attn.Wo(ctx), attn_p)
         h = kernels.geglu(self.mlp.Wi(kernels.layer_norm(x, self.mlp_norm, ops)), ops)  # (T, I)
         return x + self.mlp.Wo(F.dropout(h, c.mlp_dropout, self.training))
@@ -285,15 +294,17 @@ class ModernBertModel(Encoder):
         token_type_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         document_ids: Tensor | None = None,
+        subset: Tensor | None = None,
     ) -> tuple[Tensor, Packing]:
-        """-> (the kept token rows (T, H) after the final norm, where they sit in the (B, S) batch);
+        """-> (the kept token rows (T, H) after the final norm, where they sit in the (B, S) batch); with `subset`
+        (R,) flat positions of real tokens, the rows of those alone (R, H), in its order (`last_layer`).
         token_type_ids is ignored (ModernBERT has none; BertModel's signature)."""
         attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         paths = self.paths.for_input(input_ids, self.embeddings.tok_embeddings.weight)
         pack = Packing.build(attention_mask, document_ids, paths)
         x = self.embeddings(input_ids, pack)  # (T, H)
-        for layer in self.layers:
-            x = layer(x, pack)
+        for layer, rows in last_layer(self.layers, pack, subset):
+            x = layer(x, pack, rows)
         return kernels.layer_norm(x, self.final_norm, paths.ops), pack
 
     def pool(self, x: Tensor, pack: Packing) -> Tensor:
@@ -343,9 +354,11 @@ class ModernBertForMaskedLM(PreTrainingModel):
         document_ids: Tensor | None = None,
     ) -> PreTrainingOutput:
         """The batch dict of docs/DESIGN.md; token_type_ids and nsp_labels are ignored (no NSP head)."""
+        subset = self._subset(input_ids, masked_positions)
         with self._embedding_grad(input_ids, mlm_labels):
-            x, pack = self.model.encode(input_ids, None, attention_mask, document_ids)  # (T, H)
-        return self._with_losses(PreTrainingOutput(self._mlm_logits(x, pack, masked_positions)), mlm_labels, None)
+            x, pack = self.model.encode(input_ids, None, attention_mask, document_ids, subset)  # (T or N, H)
+        logits = self._mlm_logits(x, pack, masked_positions) if subset is None else self.mlm_head(x, pack.paths.ops)
+        return self._with_losses(PreTrainingOutput(logits), mlm_labels, None)
 
     def mlm_head(self, x: Tensor, ops: str) -> Tensor:  # (N, H) -> (N, V)
         return self.decoder(self.head(x, ops))

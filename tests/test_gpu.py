@@ -29,10 +29,12 @@ from pretrain.model import BertConfig, BertForPreTraining
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 PLAIN = {"use_sdpa": False, "unpad": False, "sparse_mlm_head": False, "fused_qkv": False, "fused_ops": "plain"}
+PLAIN |= {"sparse_last_layer": False}
 FAST = {  # each fused path alone on top of the plain model, then all of them (the default config)
     "sdpa": {"use_sdpa": True},
     "unpad_varlen": {"unpad": True, "use_sdpa": True},
     "sparse_mlm_head": {"sparse_mlm_head": True},
+    "sparse_last_layer": {"sparse_mlm_head": True, "sparse_last_layer": True},
     "fused_qkv": {"fused_qkv": True},
     "compile_ln_gelu": {"fused_ops": "compile"},
     "apex_ln": {"fused_ops": "apex"},

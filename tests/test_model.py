@@ -1,5 +1,6 @@
 """pretrain.model against the real reference, transformers.BertForPreTraining (fp32, CPU, random weights)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -214,20 +215,24 @@ def test_flops_formula_matches_counted_matmuls():
     """The documented formula against torch's FLOP counter on a forward+backward of one sequence (MLM loss only).
 
     Plain attention, because the counter does not see CPU's fused SDPA kernel."""
-    config = BertConfig(
-        vocab_size=500, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, use_sdpa=False
-    )
-    model = BertForPreTraining(config).eval()
-    s, P = 40, 6
+    s, P, L, h, V = 40, 6, 2, 64, 500
     ids = torch.randint(1, 500, (1, s))
     masked = torch.arange(1, 1 + P)
-    with FlopCounterMode(display=False) as counter:
-        model(ids, masked_positions=masked, mlm_labels=ids[0, 1 : 1 + P]).loss.backward()
-    L, h, V = 2, 64, 500
-    documented = 72 * L * s * h * h + 12 * L * s * s * h + 6 * P * h * (h + V)
-    assert flops_per_sequence(config, s, P) == documented
+    every_row = 72 * L * s * h * h + 12 * L * s * s * h + 6 * P * h * (h + V)
+    row_past_attention = 6 * h * h + 12 * h * 4 * h  # the last layer's output projection and feed-forward
     pooler_and_nsp = 2 * h * h + 2 * h * 2  # forward only without NSP labels; left out of the formula on purpose
-    assert counter.get_total_flops() == documented + pooler_and_nsp
+    for sparse_last_layer in (False, True):
+        config = BertConfig(
+            vocab_size=V, hidden_size=h, num_layers=L, num_heads=4, intermediate_size=4 * h, use_sdpa=False
+        )
+        config = dataclasses.replace(config, sparse_last_layer=sparse_last_layer)
+        model = BertForPreTraining(config).eval()
+        with FlopCounterMode(display=False) as counter:
+            model(ids, masked_positions=masked, mlm_labels=ids[0, 1 : 1 + P]).loss.backward()
+        documented = every_row - (s - P) * row_past_attention if sparse_last_layer else every_row
+        assert flops_per_sequence(config, s, P) == documented
+        cls_row = row_past_attention if sparse_last_layer else 0  # the [CLS] row too; left out of the formula
+        assert counter.get_total_flops() == documented + cls_row + pooler_and_nsp
 
 
 def test_fill_mask_pipeline_on_saved_directory(tmp_path):

@@ -17,7 +17,7 @@ from pretrain.modernbert import ModernBertConfig
 BASE = BertConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
 MODERN_SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
 PLAIN = {"use_sdpa": False, "unpad": False, "sparse_mlm_head": False, "fused_qkv": False, "fused_ops": "plain"}
-PLAIN |= {"sparse_embedding_grad": False}
+PLAIN |= {"sparse_embedding_grad": False, "sparse_last_layer": False}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -96,6 +96,43 @@ def test_embedding_grad_as_rows_only_beside_the_mlm_loss_and_dense_for_the_optim
         warnings.simplefilter("ignore")  # the varlen fallback's warning on a machine without flash-attn
         assert not kernels.resolve(config, torch.device("cuda"), torch.bfloat16).sparse_embedding_grad
     assert kernels.resolve(config, torch.device("cpu"), torch.float32).sparse_embedding_grad
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_sparse_last_layer_matches_every_row_and_runs_on_the_heads_rows_only(family, packed):
+    """The last layer past attention on the rows the heads read gives the loss, logits and every gradient of the
+    last layer on every row (padding, packed documents, ModernBERT's window), and it carries exactly those rows:
+    the masked ones ([CLS] first for BERT's NSP), while the layers before it carry all T real rows."""
+    shape = dict(MODERN_SHAPE, pad_token_id=0, local_attention=8) if family == "modernbert" else {}
+    config = BASE if family == "bert" else ModernBertConfig(**shape)
+    b = batch()
+    if packed:  # two documents in the first row: attention and [CLS] stay per row, keys per document
+        b["document_ids"] = (torch.arange(24) >= 10).long().expand(4, 24) * b["attention_mask"]
+    every_row = dataclasses.replace(config, sparse_last_layer=False)
+
+    def step_of(c):
+        torch.manual_seed(0)
+        model = models.build_pretraining_model(c).eval()
+        layers = model.bert.encoder.layer if family == "bert" else model.model.layers
+        ffn_out = (lambda layer: layer.output.dense) if family == "bert" else (lambda layer: layer.mlp.Wo)
+        rows = []
+        for layer in layers:
+            ffn_out(layer).register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+        out = model(**b)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        return (out.loss, out.mlm_logits, grads), rows
+
+    fast, fast_rows = step_of(config)
+    plain, plain_rows = step_of(every_row)
+    assert_same_step(fast, plain, rtol=1e-5, atol=1e-6)
+    real, N, L = int(b["attention_mask"].sum()), len(b["masked_positions"]), len(plain_rows)
+    heads_rows = N + 4 if family == "bert" else N
+    assert plain_rows == [real] * L and fast_rows == [real] * (L - 1) + [heads_rows]
+    no_sparse_head = dataclasses.replace(config, sparse_mlm_head=False)
+    assert not kernels.resolve(no_sparse_head, torch.device("cpu"), torch.float32).sparse_last_layer
+    assert step_of(no_sparse_head)[1] == [real] * L  # the head reads every row, so the last layer gives them all
 
 
 def lookups(loss: torch.Tensor) -> dict[int, bool]:

@@ -22,6 +22,7 @@ PLAIN = {
     "sparse_mlm_head": False,
     "fused_ops": "plain",
     "sparse_embedding_grad": False,
+    "sparse_last_layer": False,
 }
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -139,17 +140,21 @@ def test_flops_formula_matches_counted_matmuls():
     plain attention (the counter does not see CPU's fused SDPA). The counter sees every score of the dense
     masked attention, so here the window covers the sequence; the window's pair count A is checked against the
     attention mask the model builds."""
-    config = dataclasses.replace(BASE, **{**PLAIN, "sparse_mlm_head": True}, vocab_size=500, local_attention=64)
-    model = ModernBertForMaskedLM(config)
     s, P, L, h, i, V = 30, 6, 4, 64, 96, 500
     ids = torch.randint(1, 500, (1, s))
-    with FlopCounterMode(display=False) as counter:
-        model(ids, masked_positions=torch.arange(1, 1 + P), mlm_labels=ids[0, 1 : 1 + P]).loss.backward()
-    documented = 24 * L * s * h * h + 18 * L * s * h * i + 12 * h * L * s * s + 6 * P * h * (h + V)
-    assert models.flops_per_sequence(config, s, P) == documented == counter.get_total_flops()
+    every_row = 24 * L * s * h * h + 18 * L * s * h * i + 12 * h * L * s * s + 6 * P * h * (h + V)
+    last_layer_on_the_masked_rows = every_row - (s - P) * (6 * h * h + 18 * h * i)
+    for sparse_last_layer, documented in [(False, every_row), (True, last_layer_on_the_masked_rows)]:
+        switches = {**PLAIN, "sparse_mlm_head": True, "sparse_last_layer": sparse_last_layer}
+        config = dataclasses.replace(BASE, **switches, vocab_size=500, local_attention=64)
+        model = ModernBertForMaskedLM(config)
+        with FlopCounterMode(display=False) as counter:
+            model(ids, masked_positions=torch.arange(1, 1 + P), mlm_labels=ids[0, 1 : 1 + P]).loss.backward()
+        assert models.flops_per_sequence(config, s, P) == documented == counter.get_total_flops()
     for s, radius in [(30, 4), (7, 4), (200, 64)]:
         mask = kernels._mask(torch.ones(1, s, dtype=torch.bool), None, radius)
         local = dataclasses.replace(config, local_attention=2 * radius, global_attn_every_n_layers=L)
+        local = dataclasses.replace(local, sparse_last_layer=False)
         G = 1  # layer 0 only
         attention = 12 * h * (G * s * s + (L - G) * int(mask.sum()))
         assert local.training_flops(s, 0) == 24 * L * s * h * h + 18 * L * s * h * i + attention
