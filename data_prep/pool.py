@@ -106,8 +106,9 @@ def ordered_map(fn: Callable, items: Iterable, workers: int) -> Iterator:
         return
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bert-prep-pool-") as spool:
-        pool = [_Worker(ctx, fn, spool) for _ in range(workers)]
+        pool: list[_Worker] = []
         try:
+            pool.extend(_Worker(ctx, fn, spool) for _ in range(workers))  # inside: a failed start stops the others
             yield from _run(pool, iter(items), 2 * workers)
             for w in pool:  # the work is done: a worker that died since has nothing left to lose
                 with contextlib.suppress(OSError):
