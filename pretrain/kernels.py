@@ -103,7 +103,7 @@ def resolve(config, device: torch.device, dtype: torch.dtype, partitioned: bool 
         ops=_resolve_ops(config.fused_ops, device, partitioned),
         fused_qkv=fused_qkv,
         sparse_mlm_head=config.sparse_mlm_head,
-        sparse_last_layer=config.sparse_last_layer and config.sparse_mlm_head,  # a dense head reads every row
+        sparse_last_layer=config.last_layer_on_heads_rows,
         sparse_embedding_grad=config.sparse_embedding_grad and device.type == "cpu",
         deterministic=getattr(config, "deterministic_flash_attn", False),
     )

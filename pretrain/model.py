@@ -137,7 +137,7 @@ class BertConfig(ModelConfig):
         """
         L, s, h, i, V = self.num_layers, seq_len, self.hidden_size, self.intermediate_size, self.vocab_size
         P = masked_positions
-        skipped = (s - P) * (6 * h * h + 12 * h * i) if self.sparse_last_layer and self.sparse_mlm_head else 0
+        skipped = (s - P) * (6 * h * h + 12 * h * i) if self.last_layer_on_heads_rows else 0
         return 24 * L * s * h * h + 12 * L * s * h * i + 12 * L * s * s * h + 6 * P * h * (h + V) - skipped
 
     @classmethod
@@ -335,9 +335,10 @@ class BertForPreTraining(PreTrainingModel):
         document_ids: Tensor | None = None,
     ) -> PreTrainingOutput:
         B, S = input_ids.shape
+        paths = self._fast_paths(input_ids)
         cls = torch.arange(B, device=input_ids.device) * S
-        subset = self._subset(input_ids, masked_positions, cls)  # [CLS] rows, then the masked ones
-        with self._embedding_grad(input_ids, mlm_labels):
+        subset = self._subset(paths, masked_positions, cls)  # [CLS] rows, then the masked ones
+        with self._embedding_grad(paths, mlm_labels):
             x, pack = self.bert.encode(input_ids, token_type_ids, attention_mask, document_ids, subset)  # (T, H)
         if subset is None:
             pooled, mlm_logits = self.bert.pool(x, pack), self._mlm_logits(x, pack, masked_positions)

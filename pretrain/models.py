@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from data_prep.errors import UserError
 from data_prep.files import write_json_atomic
 from data_prep.flags import fields_in, option, parse_value
-from pretrain.kernels import FastPathsMixin, Packing
+from pretrain.kernels import FastPaths, FastPathsMixin, Packing
 
 
 def families() -> dict[str, type]:
@@ -186,6 +186,11 @@ class ModelConfig:
     def to_json(self, path: str) -> None:
         write_json_atomic(path, dataclasses.asdict(self))
 
+    @property
+    def last_layer_on_heads_rows(self) -> bool:
+        """sparse_last_layer as it applies: only with sparse_mlm_head (a head on every position reads every row)."""
+        return self.sparse_last_layer and self.sparse_mlm_head
+
 
 @dataclass
 class PreTrainingOutput:
@@ -242,8 +247,12 @@ class PreTrainingModel(FastPathsMixin, nn.Module):
         self.compiled = True
         super().compile(*args, **kwargs)
 
+    def _fast_paths(self, input_ids: Tensor) -> FastPaths:
+        """The paths this forward follows (the encoder's `encode` looks up the same)."""
+        return self.paths.for_input(input_ids, self.get_submodule(self.EMBEDDING).weight)
+
     @contextlib.contextmanager
-    def _embedding_grad(self, input_ids: Tensor, mlm_labels: Tensor | None) -> Iterator[None]:
+    def _embedding_grad(self, paths: FastPaths, mlm_labels: Tensor | None) -> Iterator[None]:
         """While a forward that computes the MLM loss runs: with `sparse_embedding_grad`, the token embedding
         returns its gradient as the looked-up rows (a sparse tensor), which autograd adds to the tied decoder's
         dense vocabulary x hidden gradient of the same backward, instead of a second dense one zero-filled and
@@ -251,7 +260,6 @@ class PreTrainingModel(FastPathsMixin, nn.Module):
         page-faulted in (glibc's defaults; docs/PERFORMANCE.md). The weight's `.grad` stays dense. Not in a
         compiled model: inductor cannot trace a sparse gradient (it would fall back to eager)."""
         embedding = self.get_submodule(self.EMBEDDING)
-        paths = self.paths.for_input(input_ids, embedding.weight)
         rows = paths.sparse_embedding_grad and mlm_labels is not None and torch.is_grad_enabled()
         if not rows or self.compiled or torch.compiler.is_compiling():
             yield
@@ -265,10 +273,10 @@ class PreTrainingModel(FastPathsMixin, nn.Module):
     def mlm_head(self, x: Tensor, ops: str) -> Tensor:
         raise NotImplementedError
 
-    def _subset(self, input_ids: Tensor, masked_positions: Tensor | None, *lead: Tensor) -> Tensor | None:
+    @staticmethod
+    def _subset(paths: FastPaths, masked_positions: Tensor | None, *lead: Tensor) -> Tensor | None:
         """The flat positions the heads read (`lead`, then the masked ones) when the last layer runs on them
         alone (`sparse_last_layer`), else None."""
-        paths = self.paths.for_input(input_ids, self.get_submodule(self.EMBEDDING).weight)
         if masked_positions is None or not paths.sparse_last_layer:
             return None
         return torch.cat([*lead, masked_positions])

@@ -160,7 +160,7 @@ class ModernBertConfig(ModelConfig):
         P, G = masked_positions, len(range(0, L, self.global_attn_every_n_layers))
         r = min(self.local_attention // 2, s - 1)
         pairs = G * s * s + (L - G) * (s * (2 * r + 1) - r * (r + 1))
-        skipped = (s - P) * (6 * h * h + 18 * h * i) if self.sparse_last_layer and self.sparse_mlm_head else 0
+        skipped = (s - P) * (6 * h * h + 18 * h * i) if self.last_layer_on_heads_rows else 0
         return 24 * L * s * h * h + 18 * L * s * h * i + 12 * h * pairs + 6 * P * h * (h + V) - skipped
 
     @classmethod
@@ -354,8 +354,9 @@ class ModernBertForMaskedLM(PreTrainingModel):
         document_ids: Tensor | None = None,
     ) -> PreTrainingOutput:
         """The batch dict of docs/DESIGN.md; token_type_ids and nsp_labels are ignored (no NSP head)."""
-        subset = self._subset(input_ids, masked_positions)
-        with self._embedding_grad(input_ids, mlm_labels):
+        paths = self._fast_paths(input_ids)
+        subset = self._subset(paths, masked_positions)
+        with self._embedding_grad(paths, mlm_labels):
             x, pack = self.model.encode(input_ids, None, attention_mask, document_ids, subset)  # (T or N, H)
         logits = self._mlm_logits(x, pack, masked_positions) if subset is None else self.mlm_head(x, pack.paths.ops)
         return self._with_losses(PreTrainingOutput(logits), mlm_labels, None)
