@@ -142,8 +142,7 @@ def _run(pool: list[_Worker], items: Iterator, window: int) -> Iterator:
         if head == sent and exhausted:
             return
         busy = {w.conn: w for w in pool if w.index is not None}
-        sentinels = {w.process.sentinel: w for w in pool}
-        for ready in wait([*busy, *sentinels]):
+        for ready in wait([*busy, *(w.process.sentinel for w in pool)]):
             if ready in busy:  # an answer (read before any death that followed it), or the end of a dead one
                 w = busy[ready]
                 try:

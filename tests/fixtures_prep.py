@@ -7,6 +7,7 @@ emoji, control characters, odd whitespace, abbreviations and numbers.
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -149,4 +150,18 @@ def prep_tokenizers_fixture(tmp_path_factory) -> dict[str, Path]:
     out["bpe_file"] = root / "bpe_file.json"  # the same tokenizer with no config beside it
     out["bpe_file"].write_bytes(out["bpe"].read_bytes())
     out["bpe_dir"] = root / "bpe"
+    return out
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the live children of `pid`."""
+    out = []
+    for stat in os.listdir("/proc"):
+        try:
+            fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            cmdline = open(f"/proc/{stat}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+        if fields[1] == str(pid):
+            out.append((int(stat), cmdline))
     return out

@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from fixtures_prep import ROOT, children
 
 from data_prep.errors import UserError
 from data_prep.pool import DIED, ordered_map
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def slow_square(x: int) -> int:
@@ -109,8 +108,7 @@ def test_workers_exit_when_the_parent_is_killed(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().startswith("got 0")
-        children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
-        workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        workers = [pid for pid, cmdline in children(proc.pid) if "spawn_main" in cmdline]
         assert len(workers) == 2, workers
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)

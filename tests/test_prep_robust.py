@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from fixtures_prep import ROOT, documents, prep_tokenizer_fixture, run_cli, txt  # noqa: F401
+from fixtures_prep import ROOT, children, documents, prep_tokenizer_fixture, run_cli, txt  # noqa: F401
 
 from data_prep.indexed import IndexedDataset
 
@@ -76,20 +76,6 @@ def test_killed_build_leaves_no_dataset_and_a_rerun_resumes_to_the_same_bytes(tm
     assert run_cli("inspect", tmp_path / "d", "--verify") == 0
 
 
-def _children(pid: int) -> list[tuple[int, str]]:
-    """(pid, command line) of the live children of `pid`."""
-    out = []
-    for stat in os.listdir("/proc"):
-        try:
-            fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
-            cmdline = open(f"/proc/{stat}/cmdline", "rb").read().replace(b"\0", b" ").decode()
-        except (OSError, ValueError, IndexError):
-            continue
-        if fields[1] == str(pid):
-            out.append((int(stat), cmdline))
-    return out
-
-
 def test_a_killed_worker_ends_the_build_with_one_line_and_the_rerun_finishes(tmp_path, prep_tokenizer):
     """A worker killed by a real SIGKILL (the OOM killer's signal) must not hang the build (as
     `multiprocessing.Pool` does, forever): exit 2 with one line, and the same command goes on."""
@@ -105,13 +91,13 @@ def test_a_killed_worker_ends_the_build_with_one_line_and_the_rerun_finishes(tmp
         while not (tmp_path / "d.journal.tmp").exists() and proc.poll() is None:
             assert time.monotonic() < deadline, "build never recorded a journal"
             time.sleep(0.01)
-        workers = [pid for pid, cmdline in _children(proc.pid) if "spawn_main" in cmdline]
-        assert proc.poll() is None and len(workers) == 2, (proc.poll(), _children(proc.pid))
+        workers = [pid for pid, cmdline in children(proc.pid) if "spawn_main" in cmdline]
+        assert proc.poll() is None and len(workers) == 2, (proc.poll(), children(proc.pid))
         os.kill(workers[0], signal.SIGKILL)
         try:
             _, err = proc.communicate(timeout=60)
         except subprocess.TimeoutExpired:  # a hang: fail with every thread's stack and what is left alive
-            left = _children(proc.pid)
+            left = children(proc.pid)
             os.kill(proc.pid, signal.SIGUSR1)  # faulthandler, registered by the harness
             time.sleep(2)
             os.killpg(proc.pid, signal.SIGKILL)
