@@ -459,3 +459,77 @@ def _bias_dropout_residual_norm(
 def _compiled(fn):
     """One torch.compile per function, dynamic in the token count (it changes every batch when unpadded)."""
     return torch.compile(fn, dynamic=True)
+
+
+class TiedGrad:
+    """The dense gradient of a vocabulary matrix that one pretraining forward uses twice, as the MLM decoder and as
+    the token embedding: the decoder's backward, which runs first, leaves its product here; the embedding's
+    backward adds the looked-up rows into it in place and hands autograd the sum as the weight's one gradient.
+    Autograd's own sum of the two would be a second vocabulary x hidden buffer (PreTrainingModel._embedding_grad)."""
+
+    def __init__(self) -> None:
+        self.grad: Tensor | None = None
+
+    def add(self, grad: Tensor) -> None:
+        self.grad = grad if self.grad is None else self.grad.add_(grad)
+
+    def take(self, shape: torch.Size, like: Tensor) -> Tensor:
+        grad, self.grad = self.grad, None
+        return like.new_zeros(shape) if grad is None else grad
+
+
+class TiedEmbedding(nn.Embedding):
+    """nn.Embedding whose backward, while `tied` is set, adds its rows into the tied decoder's gradient."""
+
+    tied: TiedGrad | None = None
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if self.tied is None:
+            return super().forward(ids)
+        return _TiedLookup.apply(ids, self.weight, self.padding_idx, self.tied)
+
+
+class TiedDecoder(nn.Linear):
+    """nn.Linear whose backward, while `tied` is set, leaves its weight's gradient to the tied embedding's."""
+
+    tied: TiedGrad | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.tied is None:
+            return super().forward(x)
+        return _TiedLinear.apply(x, self.weight, self.bias, self.tied)
+
+
+class _TiedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, tied: TiedGrad) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.tied, ctx.bias_dtype = tied, None if bias is None else bias.dtype
+        return F.linear(x, weight, bias)  # in autocast's dtype when it is on
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight = ctx.saved_tensors
+        rows, dtype = grad.flatten(0, -2), grad.dtype  # (N, V) in the dtype the product was computed in
+        ctx.tied.add((rows.t() @ x.flatten(0, -2).to(dtype)).to(weight.dtype))  # (V, H)
+        grad_x = (grad @ weight.to(dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = rows.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias, None
+
+
+class _TiedLookup(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: Tensor, weight: Tensor, padding_idx: int | None, tied: TiedGrad) -> Tensor:
+        ctx.save_for_backward(ids)
+        ctx.tied, ctx.padding_idx, ctx.shape = tied, padding_idx, weight.shape
+        return F.embedding(ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (ids,) = ctx.saved_tensors
+        ids, rows = ids.flatten(), grad.flatten(0, -2)
+        if ctx.padding_idx is not None:  # as nn.Embedding: the padding row gets no gradient
+            kept = ids != ctx.padding_idx
+            ids, rows = ids[kept], rows[kept]
+        weight_grad = ctx.tied.take(ctx.shape, rows)
+        return None, weight_grad.index_add_(0, ids, rows.to(weight_grad.dtype)), None, None

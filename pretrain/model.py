@@ -199,7 +199,7 @@ class Embeddings(nn.Module):
     def __init__(self, c: BertConfig):
         super().__init__()
         self.config = c
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.word_embeddings = kernels.TiedEmbedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
         self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
@@ -293,7 +293,7 @@ class MaskedLMHead(nn.Module):
         H = config.hidden_size
         self.transform = _named(dense=nn.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=config.layer_norm_eps))
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.decoder = nn.Linear(H, config.vocab_size, bias=False, device="meta")
+        self.decoder = kernels.TiedDecoder(H, config.vocab_size, bias=False, device="meta")
         self.decoder.weight = word_embeddings.weight
         self.decoder.bias = self.bias
 
@@ -310,7 +310,7 @@ class BertForPreTraining(PreTrainingModel):
         "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias",
     }
-    EMBEDDING = "bert.embeddings.word_embeddings"
+    EMBEDDING, DECODER = "bert.embeddings.word_embeddings", "cls.predictions.decoder"
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -340,10 +340,10 @@ class BertForPreTraining(PreTrainingModel):
         subset = self._subset(paths, masked_positions, cls)  # [CLS] rows, then the masked ones
         with self._embedding_grad(paths, mlm_labels):
             x, pack = self.bert.encode(input_ids, token_type_ids, attention_mask, document_ids, subset)  # (T, H)
-        if subset is None:
-            pooled, mlm_logits = self.bert.pool(x, pack), self._mlm_logits(x, pack, masked_positions)
-        else:  # (B + N, H)
-            pooled, mlm_logits = self.bert.pool_rows(x[:B]), self.mlm_head(x[B:], pack.paths.ops)
+            if subset is None:
+                pooled, mlm_logits = self.bert.pool(x, pack), self._mlm_logits(x, pack, masked_positions)
+            else:  # (B + N, H)
+                pooled, mlm_logits = self.bert.pool_rows(x[:B]), self.mlm_head(x[B:], paths.ops)
         nsp_logits = self.cls.seq_relationship(pooled)  # (B, 2)
         return self._with_losses(PreTrainingOutput(mlm_logits, nsp_logits), mlm_labels, nsp_labels)
 

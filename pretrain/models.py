@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from data_prep.errors import UserError
 from data_prep.files import write_json_atomic
 from data_prep.flags import fields_in, option, parse_value
-from pretrain.kernels import FastPaths, FastPathsMixin, Packing
+from pretrain.kernels import FastPaths, FastPathsMixin, Packing, TiedGrad
 
 
 def families() -> dict[str, type]:
@@ -233,13 +233,15 @@ def last_layer(layers: nn.ModuleList, pack: Packing, subset: Tensor | None) -> l
 class PreTrainingModel(FastPathsMixin, nn.Module):
     """What both families' pretraining models share: the MLM logits and losses, and transformers directories.
     A subclass sets CONFIG (our config class), HF_CLASS (the transformers class it matches parameter for
-    parameter), TIED (keys that transformers stores once -> the key they equal), EMBEDDING (the token embedding
-    the decoder is tied to) and `mlm_head(rows, ops)`."""
+    parameter), TIED (keys that transformers stores once -> the key they equal), EMBEDDING and DECODER (the token
+    embedding, a kernels.TiedEmbedding, and the MLM decoder tied to it, a kernels.TiedDecoder) and
+    `mlm_head(rows, ops)`."""
 
     CONFIG: type
     HF_CLASS: str
     TIED: dict[str, str]
     EMBEDDING: str
+    DECODER: str
     compiled = False  # `compile()` was called (DeepSpeed's engine.compile calls it)
 
     def compile(self, *args, **kwargs) -> None:
@@ -253,22 +255,22 @@ class PreTrainingModel(FastPathsMixin, nn.Module):
 
     @contextlib.contextmanager
     def _embedding_grad(self, paths: FastPaths, mlm_labels: Tensor | None) -> Iterator[None]:
-        """While a forward that computes the MLM loss runs: with `sparse_embedding_grad`, the token embedding
-        returns its gradient as the looked-up rows (a sparse tensor), which autograd adds to the tied decoder's
-        dense vocabulary x hidden gradient of the same backward, instead of a second dense one zero-filled and
-        summed: one 155 MB buffer less per ModernBERT-base step, a fifth of its CPU step where each new buffer is
-        page-faulted in (glibc's defaults; docs/PERFORMANCE.md). The weight's `.grad` stays dense. Not in a
-        compiled model: inductor cannot trace a sparse gradient (it would fall back to eager)."""
-        embedding = self.get_submodule(self.EMBEDDING)
+        """While a forward that computes the MLM loss runs: with `sparse_embedding_grad`, the tied decoder's
+        backward keeps its dense vocabulary x hidden weight gradient for the token embedding's backward, which
+        adds the looked-up rows into it in place (`TiedGrad`), instead of a zero-filled dense gradient of
+        its own and a third buffer for autograd's sum: two 155 MB buffers less per ModernBERT-base step, a fifth
+        of its CPU step where each new buffer is page-faulted in (glibc's defaults; docs/PERFORMANCE.md). Not in
+        a compiled model: the decoder and the lookup stay the modules inductor traces."""
         rows = paths.sparse_embedding_grad and mlm_labels is not None and torch.is_grad_enabled()
         if not rows or self.compiled or torch.compiler.is_compiling():
             yield
             return
-        embedding.sparse = True
+        embedding, decoder = self.get_submodule(self.EMBEDDING), self.get_submodule(self.DECODER)
+        embedding.tied = decoder.tied = TiedGrad()
         try:
             yield
         finally:
-            embedding.sparse = False
+            embedding.tied = decoder.tied = None
 
     def mlm_head(self, x: Tensor, ops: str) -> Tensor:
         raise NotImplementedError

@@ -235,7 +235,7 @@ class Embeddings(nn.Module):
     def __init__(self, c: ModernBertConfig):
         super().__init__()
         self.config = c
-        self.tok_embeddings = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.tok_embeddings = kernels.TiedEmbedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
         self.norm = _norm(c)
 
     def forward(self, input_ids: Tensor, pack: Packing) -> Tensor:  # -> (T, H)
@@ -329,7 +329,7 @@ class ModernBertForMaskedLM(PreTrainingModel):
 
     CONFIG, HF_CLASS = ModernBertConfig, "ModernBertForMaskedLM"
     TIED = {"decoder.weight": "model.embeddings.tok_embeddings.weight"}
-    EMBEDDING = "model.embeddings.tok_embeddings"
+    EMBEDDING, DECODER = "model.embeddings.tok_embeddings", "decoder"
 
     def __init__(self, config: ModernBertConfig):
         super().__init__()
@@ -337,7 +337,7 @@ class ModernBertForMaskedLM(PreTrainingModel):
         self.model = ModernBertModel(config)
         self.paths = self.model.paths
         self.head = PredictionHead(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
+        self.decoder = kernels.TiedDecoder(config.hidden_size, config.vocab_size, bias=False, device="meta")
         self.decoder.weight = self.model.embeddings.tok_embeddings.weight
         if config.decoder_bias:
             self.decoder.bias = nn.Parameter(torch.zeros(config.vocab_size))
@@ -358,7 +358,7 @@ class ModernBertForMaskedLM(PreTrainingModel):
         subset = self._subset(paths, masked_positions)
         with self._embedding_grad(paths, mlm_labels):
             x, pack = self.model.encode(input_ids, None, attention_mask, document_ids, subset)  # (T or N, H)
-        logits = self._mlm_logits(x, pack, masked_positions) if subset is None else self.mlm_head(x, pack.paths.ops)
+            logits = self._mlm_logits(x, pack, masked_positions) if subset is None else self.mlm_head(x, paths.ops)
         return self._with_losses(PreTrainingOutput(logits), mlm_labels, None)
 
     def mlm_head(self, x: Tensor, ops: str) -> Tensor:  # (N, H) -> (N, V)

@@ -69,22 +69,37 @@ def test_all_fast_paths_together_match_plain():
 
 
 @pytest.mark.parametrize("family", ["bert", "modernbert"])
-def test_embedding_grad_as_rows_only_beside_the_mlm_loss_and_dense_for_the_optimizer(family):
-    """The rows path (values: the switch test above) hands the optimizer a dense .grad; a backward without the
-    tied decoder (the encoder alone, no MLM labels) keeps the lookup dense, and CUDA resolves to dense."""
+def test_embedding_grad_as_rows_into_the_decoders_gradient_only_beside_the_mlm_loss(family, monkeypatch):
+    """The rows path (values: the switch test above) adds the lookup's rows into the very buffer of the tied
+    decoder's weight gradient, which becomes the weight's dense .grad (no second vocabulary x hidden buffer); a
+    backward without the tied decoder (the encoder alone, no MLM labels) keeps the plain lookup, and CUDA resolves
+    to the plain path."""
     config = BASE if family == "bert" else ModernBertConfig(**{**MODERN_SHAPE, "pad_token_id": 0})
     torch.manual_seed(0)
     model = models.build_pretraining_model(config)
-    embedding = model.get_submodule(model.EMBEDDING)
+    embedding, decoder = model.get_submodule(model.EMBEDDING), model.get_submodule(model.DECODER)
+    products = []
+    add = kernels.TiedGrad.add
+    monkeypatch.setattr(kernels.TiedGrad, "add", lambda self, g: (products.append(g.data_ptr()), add(self, g)))
     b = batch()
     rows_path = {300: True, **({512: False, 2: False} if family == "bert" else {})}  # word embedding: rows
     loss = model(**b).loss
     assert lookups(loss) == rows_path
     loss.backward()
-    assert embedding.weight.grad.layout == torch.strided and not embedding.sparse
-    assert lookups(model(**b).loss) == rows_path and not embedding.sparse  # on again for the next forward, then off
+    assert embedding.weight.grad.layout == torch.strided and [embedding.weight.grad.data_ptr()] == products
+    assert embedding.tied is None and decoder.tied is None
+    assert lookups(model(**b).loss) == rows_path and embedding.tied is None  # on again for the next forward, then off
     plain = dataclasses.replace(config, sparse_embedding_grad=False)
     assert lookups(models.build_pretraining_model(plain)(**b).loss)[300] is False
+    b["input_ids"][0, 5] = config.pad_token_id  # a real token with the padding id: its row gets no lookup gradient
+
+    def weight_grad(c):
+        torch.manual_seed(0)
+        m = models.build_pretraining_model(c).eval()
+        m(**b).loss.backward()
+        return m.get_submodule(m.EMBEDDING).weight.grad
+
+    torch.testing.assert_close(weight_grad(config), weight_grad(plain), rtol=1e-5, atol=1e-6)
     for backward in (
         lambda: model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).mlm_logits.sum().backward(),
         lambda: getattr(model, "bert", getattr(model, "model", None))(b["input_ids"])[0].sum().backward(),
@@ -136,7 +151,8 @@ def test_sparse_last_layer_matches_every_row_and_runs_on_the_heads_rows_only(fam
 
 
 def lookups(loss: torch.Tensor) -> dict[int, bool]:
-    """Each embedding lookup in `loss`'s autograd graph: its table's row count -> whether its gradient is rows."""
+    """Each embedding lookup in `loss`'s autograd graph: its table's row count -> whether it adds its rows into the
+    tied decoder's gradient."""
     found, todo, seen = {}, [loss.grad_fn], set()
     while todo:
         node = todo.pop()
@@ -144,7 +160,9 @@ def lookups(loss: torch.Tensor) -> dict[int, bool]:
             continue
         seen.add(node)
         if type(node).__name__ == "EmbeddingBackward0":
-            found[node._saved_weight_sym_argsize_0] = node._saved_sparse
+            found[node._saved_weight_sym_argsize_0] = False
+        elif type(node).__name__ == "_TiedLookupBackward":
+            found[node.shape[0]] = True
         todo.extend(next_node for next_node, _ in node.next_functions)
     return found
 
