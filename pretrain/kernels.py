@@ -46,7 +46,7 @@ except ImportError:
     flash_attn_varlen_func = None
 
 BACKENDS = ("auto", "plain", "compile", "apex")
-SCORE_BUDGET = 1 << 17  # padded score entries per head in one CPU attention call (8 x 128^2, 2 x 256^2, 1 x 362^2)
+SCORE_BUDGET = 1 << 14  # padded score entries per head in one CPU attention call (1 x 128^2, 4 x 64^2, 16 x 32^2)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
