@@ -13,8 +13,9 @@ fallback that tests compare it against.
   variable-length flash attention (the `flash-attn` package when installed, else PyTorch's
   `torch.nn.attention.varlen`, which has no dropout). Otherwise it re-pads q|k|v for the score matrix only
   and runs batched `scaled_dot_product_attention` with a mask. A sliding window (ModernBERT's local layers)
-  is a `window` radius: query i sees key j when |i - j| <= window. `use_sdpa=False` swaps SDPA for explicit
-  softmax math everywhere but inside varlen kernels.
+  is a `window` radius: query i sees key j when |i - j| <= window; on CPU a long sequence's window runs in
+  blocks of queries against the keys they reach, so the scores outside the band are never computed.
+  `use_sdpa=False` swaps SDPA for explicit softmax math everywhere but inside varlen kernels.
 - `dense_gelu`, `dense_residual_norm`, `geglu`, `rotary` and `layer_norm` are the pointwise tails of linear
   layers. Ops backends: "plain" (eager PyTorch's best on CPU), "compile" (the bias and pointwise ops as one
   `torch.compile`d function), "apex" (apex's fused LayerNorm; CUDA only); "auto" resolves to apex on CUDA when
@@ -46,6 +47,7 @@ except ImportError:
     flash_attn_varlen_func = None
 
 BACKENDS = ("auto", "plain", "compile", "apex")
+WINDOW_BLOCK = 128  # queries per CPU attention call when a sliding window lets a long sequence skip keys
 SCORE_BUDGET = 1 << 14  # padded score entries per head in one CPU attention call (1 x 128^2, 4 x 64^2, 16 x 32^2)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -335,7 +337,8 @@ def _attention_grouped(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: fl
     """CPU varlen: runs of consecutive sequences share one SDPA call, padded only to their own longest member,
     while (sequences x longest^2) stays under SCORE_BUDGET; a long sequence goes alone. Small, cache-sized score
     matrices and little padding beat one masked (B, nh, S, S) call on CPU, and grouping keeps the number of
-    calls (each a thread barrier) low when the batch holds many short sequences."""
+    calls (each a thread barrier) low when the batch holds many short sequences. A sliding window over a
+    sequence longer than 3 x WINDOW_BLOCK runs in bands (`_banded`)."""
     offsets = [0, *itertools.accumulate(pack.lengths)]
     out = []
     for first, last in _groups(pack.lengths):
@@ -343,11 +346,28 @@ def _attention_grouped(qkv: Tensor, pack: Packing, num_heads: int, dropout_p: fl
         lengths = torch.tensor(pack.lengths[first:last], device=qkv.device)
         real = torch.arange(max(pack.lengths[first:last]), device=qkv.device) < lengths[:, None]  # (g, longest)
         indices = None if bool(real.all()) else real.flatten().nonzero().squeeze(1)
-        mask = None if indices is None and window is None else _mask(real, None, window)
         q, k, v = _split_heads(_scatter(rows, indices, real.numel()), last - first, num_heads)  # (g, nh, L, d)
-        ctx = _core(q, k, v, mask, dropout_p, pack.paths.sdpa)  # (g * longest, H)
+        if window is not None and last - first == 1 and real.shape[1] > 3 * WINDOW_BLOCK:
+            ctx = _banded(q, k, v, window, dropout_p, pack.paths.sdpa)  # (longest, H)
+        else:
+            mask = None if indices is None and window is None else _mask(real, None, window)
+            ctx = _core(q, k, v, mask, dropout_p, pack.paths.sdpa)  # (g * longest, H)
         out.append(ctx if indices is None else ctx[indices])
     return torch.cat(out)  # (T, H)
+
+
+def _banded(q: Tensor, k: Tensor, v: Tensor, window: int, dropout_p: float, use_sdpa: bool) -> Tensor:
+    """A sliding window over one long sequence, q, k, v (1, nh, L, d) -> (L, H): blocks of WINDOW_BLOCK queries,
+    each against only the keys its window reaches (the block and `window` on either side), so the scores
+    outside the band are never computed."""
+    L, out = q.shape[2], []
+    for a in range(0, L, WINDOW_BLOCK):
+        b = min(a + WINDOW_BLOCK, L)
+        lo, hi = max(0, a - window), min(L, b + window)
+        keys = torch.arange(lo, hi, device=q.device)
+        mask = (keys[None, :] - keys[a - lo : b - lo, None]).abs() <= window  # (b - a, hi - lo)
+        out.append(_core(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], mask, dropout_p, use_sdpa))
+    return torch.cat(out)
 
 
 def _groups(lengths: list[int]) -> Iterator[tuple[int, int]]:

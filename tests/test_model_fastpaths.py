@@ -253,6 +253,28 @@ def test_weight_reading_paths_under_zero3_train_like_stage0():
     assert "fused_qkv=true falls back" in run.stderr and "fused_ops=compile falls back" in run.stderr
 
 
+def test_cpu_banded_window_matches_the_masked_window_and_skips_the_keys_outside_it(monkeypatch):
+    """A sliding window over a long sequence runs in blocks of queries against the keys they reach: the same
+    context and grads as the masked full square (float64), with every score it computes inside the band."""
+    S, window, lengths = 700, 40, torch.tensor([700, 300, 90, 60])
+    mask = (torch.arange(S) < lengths[:, None]).long()
+    packed = kernels.Packing.build(mask, None, kernels.FastPaths(unpad=True, attention="grouped"))
+    padded = kernels.Packing.build(mask, None, kernels.FastPaths(unpad=False, attention="padded", sdpa=False))
+    scores = []
+    core = kernels._core
+    monkeypatch.setattr(kernels, "_core", lambda q, k, *a: (scores.append((q.shape[2], k.shape[2])), core(q, k, *a))[1])
+    qkv = torch.randn(int(lengths.sum()), 3 * 32, dtype=torch.float64, requires_grad=True)
+    banded = kernels.attention(qkv, packed, 4, 0.0, window)
+    (g1,) = torch.autograd.grad((banded * banded).sum(), qkv)
+    block = kernels.WINDOW_BLOCK
+    assert scores[:6] == [(block, block + window)] + [(block, block + 2 * window)] * 4 + [(60, 60 + window)]
+    assert scores[6:] == [(300, 300), (90, 90)]  # up to 3 blocks long: the masked square (90 and 60 share one)
+    full = kernels.attention(packed.pad(qkv), padded, 4, 0.0, window)[packed.indices]
+    (g2,) = torch.autograd.grad((full * full).sum(), qkv)
+    torch.testing.assert_close(banded, full)
+    torch.testing.assert_close(g1, g2)
+
+
 def test_cpu_varlen_groups_match_padded_attention():
     """Long sequences alone, short ones grouped (see kernels.SCORE_BUDGET): same context and grads as padded SDPA."""
     S, lengths = 400, torch.tensor([400, 380, 30, 20, 10])
