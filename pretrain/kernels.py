@@ -531,7 +531,8 @@ class _TiedLinear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         rows, dtype = grad.flatten(0, -2), grad.dtype  # (N, V) in the dtype the product was computed in
-        ctx.tied.add((rows.t() @ x.flatten(0, -2).to(dtype)).to(weight.dtype))  # (V, H)
+        if ctx.needs_input_grad[1]:  # (a frozen vocabulary matrix gets none)
+            ctx.tied.add((rows.t() @ x.flatten(0, -2).to(dtype)).to(weight.dtype))  # (V, H)
         grad_x = (grad @ weight.to(dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_bias = rows.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias, None

@@ -107,6 +107,11 @@ def test_embedding_grad_as_rows_into_the_decoders_gradient_only_beside_the_mlm_l
         model.zero_grad(set_to_none=True)
         backward()
         assert embedding.weight.grad.layout == torch.strided
+    embedding.weight.requires_grad_(False)  # frozen: the decoder's backward computes no product for it
+    model.zero_grad(set_to_none=True)
+    products.clear()
+    model(**b).loss.backward()
+    assert embedding.weight.grad is None and products == []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the varlen fallback's warning on a machine without flash-attn
         assert not kernels.resolve(config, torch.device("cuda"), torch.bfloat16).sparse_embedding_grad
