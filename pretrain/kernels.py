@@ -20,6 +20,8 @@ fallback that tests compare it against.
   layers. Ops backends: "plain" (eager PyTorch's best on CPU), "compile" (the bias and pointwise ops as one
   `torch.compile`d function), "apex" (apex's fused LayerNorm; CUDA only); "auto" resolves to apex on CUDA when
   importable, else plain.
+- `TiedEmbedding` and `TiedDecoder` are nn.Embedding and nn.Linear that, while a pretraining forward sets one
+  `TiedGrad` on both (`sparse_embedding_grad`), build their shared weight's gradient in one buffer.
 """
 
 from __future__ import annotations
