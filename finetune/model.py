@@ -153,7 +153,7 @@ class TaskModel(FastPathsMixin, nn.Module):
         sequence, pooled = self.encoder(input_ids, token_type_ids, attention_mask)  # (B, S, H), (B, H)
         features = pooled if self.kind == "sequence" else sequence
         if self.family.head is not None:
-            features = self.head(features, self.paths.for_input(input_ids, features).ops)
+            features = self.head(features, self.paths.for_input(input_ids, features))
         features = F.dropout(features, self.classifier_dropout, self.training)
         out = TaskOutput(getattr(self, self.output_name)(features))
         if labels is not None:

@@ -20,7 +20,11 @@ fallback that tests compare it against.
   layers. Ops backends: "plain" (eager PyTorch's best on CPU), "compile" (the bias and pointwise ops as one
   `torch.compile`d function), "apex" (apex's fused LayerNorm; CUDA only); "auto" resolves to apex on CUDA when
   importable, else plain.
-- `TiedEmbedding` and `TiedDecoder` are nn.Embedding and nn.Linear that, while a pretraining forward sets one
+- `Linear` is nn.Linear taking the GEMM the paths chose: on an x86 CPU in float32, "onednn" runs the forward
+  and both backward products through oneDNN's matmul (`torch.ops.mkldnn._linear_pointwise`, strided operands,
+  no copies) instead of torch's BLAS. MKL, torch's BLAS, takes its AVX2 kernels on AMD CPUs; oneDNN's use
+  AVX-512 there, twice the speed (docs/PERFORMANCE.md). In a model torch.compile traces, inductor chooses.
+- `TiedEmbedding` and `TiedDecoder` are nn.Embedding and kernels.Linear that, while a pretraining forward sets one
   `TiedGrad` on both (`sparse_embedding_grad`), build their shared weight's gradient in one buffer.
 """
 
@@ -29,6 +33,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import platform
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -74,6 +79,7 @@ class FastPaths:
     sparse_mlm_head: bool = True  # MLM head on masked positions only
     sparse_last_layer: bool = True  # the last layer past attention on the heads' rows only (with sparse_mlm_head)
     sparse_embedding_grad: bool = False  # the tied token embedding's gradient as rows (PreTrainingModel)
+    gemm: str = "torch"  # linear layers' matrix products: "onednn" (oneDNN's matmul) | "torch" (torch's BLAS)
     deterministic: bool = False  # flash-attn's deterministic backward (ModernBERT's deterministic_flash_attn)
 
     def describe(self) -> dict[str, str]:
@@ -86,15 +92,16 @@ class FastPaths:
             "mlm_head": "masked positions only" if self.sparse_mlm_head else "every position",
             "last_layer": "the heads' rows past attention" if self.sparse_last_layer else "every row",
             "embedding_grad": "looked-up rows into the decoder's" if self.sparse_embedding_grad else "dense",
+            "gemm": "oneDNN" if self.gemm == "onednn" else "torch",
         }
 
 
 def resolve(config, device: torch.device, dtype: torch.dtype, partitioned: bool = False) -> FastPaths:
     """Decide every switch of `config` (unpad, use_sdpa, fused_ops, sparse_mlm_head, sparse_last_layer,
-    sparse_embedding_grad, fused_qkv, attention_dropout) for `device` and compute `dtype`; `partitioned`: weights
-    exist only while their module is called (ZeRO-3). sparse_embedding_grad is a CPU path: on CUDA zeroing and
-    adding a dense vocabulary x hidden gradient costs well under a millisecond, so the well-trodden dense kernel
-    stays."""
+    sparse_embedding_grad, onednn_gemm, fused_qkv, attention_dropout) for `device` and compute `dtype`;
+    `partitioned`: weights exist only while their module is called (ZeRO-3). sparse_embedding_grad is a CPU path:
+    on CUDA zeroing and adding a dense vocabulary x hidden gradient costs well under a millisecond, so the
+    well-trodden dense kernel stays. onednn_gemm is a float32 x86 CPU path (`_resolve_gemm`)."""
     device = torch.device(device)
     fused_qkv = getattr(config, "fused_qkv", False)
     if fused_qkv and partitioned:
@@ -109,6 +116,7 @@ def resolve(config, device: torch.device, dtype: torch.dtype, partitioned: bool 
         sparse_mlm_head=config.sparse_mlm_head,
         sparse_last_layer=config.last_layer_on_heads_rows,
         sparse_embedding_grad=config.sparse_embedding_grad and device.type == "cpu",
+        gemm=_resolve_gemm(config.onednn_gemm, device, dtype),
         deterministic=getattr(config, "deterministic_flash_attn", False),
     )
 
@@ -155,6 +163,22 @@ def _resolve_ops(backend: str, device: torch.device, partitioned: bool) -> str:
     if backend == "auto":
         return "apex" if fused_layer_norm_affine is not None and device.type == "cuda" and not partitioned else "plain"
     return backend
+
+
+def _resolve_gemm(onednn: bool, device: torch.device, dtype: torch.dtype) -> str:
+    """oneDNN's matmul for float32 on x86 CPUs; elsewhere torch's (CUDA's cuBLAS; bf16 on CPU goes to oneDNN
+    already; on ARM oneDNN's float32 GEMM may trail the platform's BLAS, and is not measured here)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if not (onednn and device.type == "cpu" and dtype == torch.float32 and x86):
+        return "torch"
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise") or not torch.backends.mkldnn.is_available():
+        warnings.warn(
+            "--model-set onednn_gemm=true falls back to torch's GEMM: this torch build has no oneDNN matmul "
+            "(torch.ops.mkldnn._linear_pointwise)",
+            stacklevel=3,
+        )
+        return "torch"
+    return "onednn"
 
 
 @functools.cache
@@ -442,21 +466,22 @@ def _geglu(y: Tensor) -> Tensor:
     return F.gelu(a) * gate
 
 
-def dense_gelu(x: Tensor, dense: nn.Linear, ops: str) -> Tensor:
+def dense_gelu(x: Tensor, dense: Linear, paths: FastPaths) -> Tensor:
     """gelu(x W^T + b): BERT's intermediate layer and both families' MLM transform."""
-    if ops == "compile" and dense.bias is not None:
-        return _compiled(_bias_gelu)(F.linear(x, dense.weight), dense.bias)
-    return F.gelu(dense(x))
+    if paths.ops == "compile" and dense.bias is not None:
+        return _compiled(_bias_gelu)(linear(x, dense.weight, None, paths.gemm), dense.bias)
+    return F.gelu(dense(x, paths.gemm))
 
 
 def dense_residual_norm(
-    x: Tensor, dense: nn.Linear, residual: Tensor, norm: nn.LayerNorm, dropout_p: float, ops: str
+    x: Tensor, dense: Linear, residual: Tensor, norm: nn.LayerNorm, dropout_p: float, paths: FastPaths
 ) -> Tensor:
     """LayerNorm(dropout(x W^T + b) + residual): BERT's attention output and layer output."""
-    if ops == "compile":
+    if paths.ops == "compile":
         fused = _compiled(_bias_dropout_residual_norm)
-        return fused(F.linear(x, dense.weight), dense.bias, residual, norm.weight, norm.bias, norm.eps, dropout_p)
-    return layer_norm(F.dropout(dense(x), dropout_p) + residual, norm, ops)
+        y = linear(x, dense.weight, None, paths.gemm)
+        return fused(y, dense.bias, residual, norm.weight, norm.bias, norm.eps, dropout_p)
+    return layer_norm(F.dropout(dense(x, paths.gemm), dropout_p) + residual, norm, paths.ops)
 
 
 def layer_norm(x: Tensor, norm: nn.LayerNorm, ops: str) -> Tensor:
@@ -511,33 +536,61 @@ class TiedEmbedding(nn.Embedding):
         return _TiedLookup.apply(ids, self.weight, self.padding_idx, self.tied)
 
 
-class TiedDecoder(nn.Linear):
-    """nn.Linear whose backward, while `tied` is set, leaves its weight's gradient to the tied embedding's."""
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, gemm: str) -> Tensor:
+    """F.linear through the GEMM the paths chose (`FastPaths.gemm`); plain F.linear in a model torch.compile
+    traces, whose products inductor chooses."""
+    if gemm == "torch" or torch.compiler.is_compiling():
+        return F.linear(x, weight, bias)
+    return _Linear.apply(x, weight, bias, gemm, None)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose call takes the GEMM the paths chose; called as a module, so ZeRO-3 gathers its weight."""
+
+    def forward(self, x: Tensor, gemm: str = "torch") -> Tensor:
+        return linear(x, self.weight, self.bias, gemm)
+
+
+class TiedDecoder(Linear):
+    """kernels.Linear whose backward, while `tied` is set, leaves its weight's gradient to the tied embedding's."""
 
     tied: TiedGrad | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, gemm: str = "torch") -> Tensor:
         if self.tied is None:
-            return super().forward(x)
-        return _TiedLinear.apply(x, self.weight, self.bias, self.tied)
+            return super().forward(x, gemm)
+        return _Linear.apply(x, self.weight, self.bias, gemm, self.tied)
 
 
-class _TiedLinear(torch.autograd.Function):
+def _gemm(a: Tensor, b: Tensor, gemm: str, bias: Tensor | None = None) -> Tensor:
+    """a b^T (+ bias): (..., K), (N, K) -> (..., N), either operand any strides (transposed views included)."""
+    if gemm == "onednn" and a.numel() and b.numel():  # (oneDNN has no product over an empty dimension)
+        return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return F.linear(a, b, bias)
+
+
+class _Linear(torch.autograd.Function):
+    """F.linear with its three products through `gemm`; with a TiedGrad, the weight's gradient is left in it."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, tied: TiedGrad) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.tied, ctx.bias_dtype = tied, None if bias is None else bias.dtype
-        return F.linear(x, weight, bias)  # in autocast's dtype when it is on
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, gemm: str, tied: TiedGrad | None) -> Tensor:
+        ctx.save_for_backward(x, weight)  # the weight itself, never a view: ZeRO-3 refills it before backward
+        ctx.gemm, ctx.tied, ctx.bias_dtype = gemm, tied, None if bias is None else bias.dtype
+        return _gemm(x, weight, gemm, bias)  # in autocast's dtype when it is on (torch's GEMM)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         rows, dtype = grad.flatten(0, -2), grad.dtype  # (N, V) in the dtype the product was computed in
-        if ctx.needs_input_grad[1]:  # (a frozen vocabulary matrix gets none)
-            ctx.tied.add((rows.t() @ x.flatten(0, -2).to(dtype)).to(weight.dtype))  # (V, H)
-        grad_x = (grad @ weight.to(dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:  # (a frozen weight gets none)
+            grad_weight = _gemm(rows.t(), x.flatten(0, -2).to(dtype).t(), ctx.gemm).to(weight.dtype)  # (V, H)
+            if ctx.tied is not None:  # the embedding's backward hands autograd the sum
+                ctx.tied.add(grad_weight)
+                grad_weight = None
+        grad_x = _gemm(grad, weight.to(dtype).t(), ctx.gemm).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_bias = rows.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
-        return grad_x, None, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None, None
 
 
 class _TiedLookup(torch.autograd.Function):

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from data_prep.errors import UserError
 from data_prep.flags import fields_in, option
 from pretrain import kernels
-from pretrain.kernels import Packing, PathChoice
+from pretrain.kernels import FastPaths, Packing, PathChoice
 from pretrain.models import (  # noqa: F401  (ModelFlags, load_config, flops_per_sequence: importable from here too)
     Encoder,
     ModelConfig,
@@ -113,6 +113,8 @@ class BertConfig(ModelConfig):
     read (masked positions, [CLS]) (False: on every row)."""
     sparse_embedding_grad: bool = option(True, group="switch")
     """CPU: the word embedding's gradient as its looked-up rows, added into the tied decoder's (False: dense)."""
+    onednn_gemm: bool = option(True, group="switch")
+    """x86 CPU, float32: the linear layers' products through oneDNN's matmul (False: torch's BLAS, MKL)."""
     fused_qkv: bool = option(True, group="switch")
     """Project q, k and v with one GEMM (False: three)."""
     fused_ops: str = option("auto", group="switch")
@@ -217,31 +219,32 @@ class Layer(nn.Module):
     def __init__(self, c: BertConfig):
         super().__init__()
         self.config = c
-        H, inner = c.hidden_size, c.intermediate_size
-        qkv = _named(query=nn.Linear(H, H), key=nn.Linear(H, H), value=nn.Linear(H, H))
-        out = _named(dense=nn.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=c.layer_norm_eps))
+        H, inner, Linear = c.hidden_size, c.intermediate_size, kernels.Linear
+        qkv = _named(query=Linear(H, H), key=Linear(H, H), value=Linear(H, H))
+        out = _named(dense=Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=c.layer_norm_eps))
         self.attention = _named(self=qkv, output=out)
-        self.intermediate = _named(dense=nn.Linear(H, inner))
-        self.output = _named(dense=nn.Linear(inner, H), LayerNorm=nn.LayerNorm(H, eps=c.layer_norm_eps))
+        self.intermediate = _named(dense=Linear(H, inner))
+        self.output = _named(dense=Linear(inner, H), LayerNorm=nn.LayerNorm(H, eps=c.layer_norm_eps))
 
     def forward(self, x: Tensor, pack: Packing, rows: Tensor | None = None) -> Tensor:  # x: (T, H)
         """-> (T, H), or with `rows` (R,) only those rows past attention: (R, H)."""
-        c, ops, p = self.config, pack.paths.ops, self.config.hidden_dropout if self.training else 0.0
+        c, paths, p = self.config, pack.paths, self.config.hidden_dropout if self.training else 0.0
         attn_p = c.attention_dropout if self.training else 0.0
-        ctx = kernels.attention(self._qkv(x, pack.paths.fused_qkv), pack, c.num_heads, attn_p)  # (T, H)
+        ctx = kernels.attention(self._qkv(x, paths), pack, c.num_heads, attn_p)  # (T, H)
         if rows is not None:
             ctx, x = ctx[rows], x[rows]  # (R, H)
         out = self.attention.output
-        x = kernels.dense_residual_norm(ctx, out.dense, x, out.LayerNorm, p, ops)
-        h = kernels.dense_gelu(x, self.intermediate.dense, ops)  # (T, I)
-        return kernels.dense_residual_norm(h, self.output.dense, x, self.output.LayerNorm, p, ops)
+        x = kernels.dense_residual_norm(ctx, out.dense, x, out.LayerNorm, p, paths)
+        h = kernels.dense_gelu(x, self.intermediate.dense, paths)  # (T, I)
+        return kernels.dense_residual_norm(h, self.output.dense, x, self.output.LayerNorm, p, paths)
 
-    def _qkv(self, x: Tensor, fused: bool) -> Tensor:
+    def _qkv(self, x: Tensor, paths: FastPaths) -> Tensor:
         """(T, H) -> (T, 3H) as q | k | v."""
         q, k, v = self.attention.self.query, self.attention.self.key, self.attention.self.value
-        if fused:
-            return F.linear(x, torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias]))
-        return torch.cat([q(x), k(x), v(x)], dim=1)
+        if paths.fused_qkv:
+            weight, bias = torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias])
+            return kernels.linear(x, weight, bias, paths.gemm)
+        return torch.cat([q(x, paths.gemm), k(x, paths.gemm), v(x, paths.gemm)], dim=1)
 
 
 class BertModel(Encoder):
@@ -291,15 +294,15 @@ class MaskedLMHead(nn.Module):
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
         super().__init__()
         H = config.hidden_size
-        self.transform = _named(dense=nn.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=config.layer_norm_eps))
+        self.transform = _named(dense=kernels.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=config.layer_norm_eps))
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder = kernels.TiedDecoder(H, config.vocab_size, bias=False, device="meta")
         self.decoder.weight = word_embeddings.weight
         self.decoder.bias = self.bias
 
-    def forward(self, x: Tensor, ops: str) -> Tensor:  # (N, H) -> (N, V)
-        h = kernels.dense_gelu(x, self.transform.dense, ops)
-        return self.decoder(kernels.layer_norm(h, self.transform.LayerNorm, ops))
+    def forward(self, x: Tensor, paths: FastPaths) -> Tensor:  # (N, H) -> (N, V)
+        h = kernels.dense_gelu(x, self.transform.dense, paths)
+        return self.decoder(kernels.layer_norm(h, self.transform.LayerNorm, paths.ops), paths.gemm)
 
 
 class BertForPreTraining(PreTrainingModel):
@@ -343,12 +346,12 @@ class BertForPreTraining(PreTrainingModel):
             if subset is None:
                 pooled, mlm_logits = self.bert.pool(x, pack), self._mlm_logits(x, pack, masked_positions)
             else:  # (B + N, H)
-                pooled, mlm_logits = self.bert.pool_rows(x[:B]), self.mlm_head(x[B:], paths.ops)
+                pooled, mlm_logits = self.bert.pool_rows(x[:B]), self.mlm_head(x[B:], paths)
         nsp_logits = self.cls.seq_relationship(pooled)  # (B, 2)
         return self._with_losses(PreTrainingOutput(mlm_logits, nsp_logits), mlm_labels, nsp_labels)
 
-    def mlm_head(self, x: Tensor, ops: str) -> Tensor:
-        return self.cls.predictions(x, ops)
+    def mlm_head(self, x: Tensor, paths: FastPaths) -> Tensor:
+        return self.cls.predictions(x, paths)
 
 
 TIED_KEYS = tuple(BertForPreTraining.TIED)  # the keys transformers' BERT directories store once

@@ -235,7 +235,7 @@ class PreTrainingModel(FastPathsMixin, nn.Module):
     A subclass sets CONFIG (our config class), HF_CLASS (the transformers class it matches parameter for
     parameter), TIED (keys that transformers stores once -> the key they equal), EMBEDDING and DECODER (the token
     embedding, a kernels.TiedEmbedding, and the MLM decoder tied to it, a kernels.TiedDecoder) and
-    `mlm_head(rows, ops)`."""
+    `mlm_head(rows, paths)`."""
 
     CONFIG: type
     HF_CLASS: str
@@ -272,7 +272,7 @@ class PreTrainingModel(FastPathsMixin, nn.Module):
         finally:
             embedding.tied = decoder.tied = None
 
-    def mlm_head(self, x: Tensor, ops: str) -> Tensor:
+    def mlm_head(self, x: Tensor, paths: FastPaths) -> Tensor:
         raise NotImplementedError
 
     @staticmethod
@@ -284,12 +284,12 @@ class PreTrainingModel(FastPathsMixin, nn.Module):
         return torch.cat([*lead, masked_positions])
 
     def _mlm_logits(self, x: Tensor, pack: Packing, masked_positions: Tensor | None) -> Tensor:
-        ops = pack.paths.ops
+        paths = pack.paths
         if masked_positions is None:
-            return self.mlm_head(pack.pad(x), ops).view(pack.batch, pack.seq_len, -1)  # (B, S, V)
-        if pack.paths.sparse_mlm_head:
-            return self.mlm_head(x[pack.rows_of(masked_positions)], ops)  # (N, V): gather first, then the head
-        return self.mlm_head(pack.pad(x), ops)[masked_positions]  # (N, V) via all B*S rows
+            return self.mlm_head(pack.pad(x), paths).view(pack.batch, pack.seq_len, -1)  # (B, S, V)
+        if paths.sparse_mlm_head:
+            return self.mlm_head(x[pack.rows_of(masked_positions)], paths)  # (N, V): gather first, then the head
+        return self.mlm_head(pack.pad(x), paths)[masked_positions]  # (N, V) via all B*S rows
 
     @staticmethod
     def _with_losses(out: PreTrainingOutput, mlm_labels: Tensor | None, nsp_labels: Tensor | None):

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from data_prep.errors import UserError
 from data_prep.flags import fields_in, option
 from pretrain import kernels
-from pretrain.kernels import Packing, PathChoice
+from pretrain.kernels import FastPaths, Packing, PathChoice
 from pretrain.models import Encoder, ModelConfig, PreTrainingModel, PreTrainingOutput, last_layer, trunc_normal_
 
 PRESETS = {  # the released ModernBERT-base and -large shapes, and a small one of the same design
@@ -122,6 +122,8 @@ class ModernBertConfig(ModelConfig):
     read (masked positions) (False: on every row)."""
     sparse_embedding_grad: bool = option(True, group="switch")
     """CPU: the token embedding's gradient as its looked-up rows, added into the tied decoder's (False: dense)."""
+    onednn_gemm: bool = option(True, group="switch")
+    """x86 CPU, float32: the linear layers' products through oneDNN's matmul (False: torch's BLAS, MKL)."""
     fused_ops: str = option("auto", group="switch")
     """LayerNorm, GeGLU and RoPE backend: auto (apex LayerNorm if on CUDA), plain, compile or apex."""
 
@@ -249,29 +251,28 @@ class Layer(nn.Module):
     def __init__(self, c: ModernBertConfig, index: int):
         super().__init__()
         self.config, self.index = c, index
-        H, bias = c.hidden_size, c.attention_bias
+        H, inner, bias, Linear = c.hidden_size, c.intermediate_size, c.attention_bias, kernels.Linear
         if index:  # layer 0 reads the embedding norm's output
             self.attn_norm = _norm(c)
-        self.attn = nn.ModuleDict(dict(Wqkv=nn.Linear(H, 3 * H, bias=bias), Wo=nn.Linear(H, H, bias=bias)))
+        self.attn = nn.ModuleDict(dict(Wqkv=Linear(H, 3 * H, bias), Wo=Linear(H, H, bias)))
         self.mlp_norm = _norm(c)
-        Wi, Wo = nn.Linear(H, 2 * c.intermediate_size, bias=c.mlp_bias), nn.Linear(c.intermediate_size, H, c.mlp_bias)
-        self.mlp = nn.ModuleDict(dict(Wi=Wi, Wo=Wo))
+        self.mlp = nn.ModuleDict(dict(Wi=Linear(H, 2 * inner, c.mlp_bias), Wo=Linear(inner, H, c.mlp_bias)))
         self.theta = c.global_rope_theta if c.is_global(index) else c.local_rope_theta
         self.window = None if c.is_global(index) else c.local_attention // 2
 
     def forward(self, x: Tensor, pack: Packing, rows: Tensor | None = None) -> Tensor:  # x: (T, H)
         """-> (T, H), or with `rows` (R,) only those rows past attention: (R, H)."""
-        c, ops, heads = self.config, pack.paths.ops, self.config.num_attention_heads
+        c, ops, gemm, heads = self.config, pack.paths.ops, pack.paths.gemm, self.config.num_attention_heads
         attn_p = c.attention_dropout if self.training else 0.0
         h = kernels.layer_norm(x, self.attn_norm, ops) if self.index else x
         cos, sin = pack.rotary(self.theta, c.hidden_size // heads)  # (T, d) each
-        qkv = kernels.rotary(self.attn.Wqkv(h), cos, sin, heads, ops)  # (T, 3H)
+        qkv = kernels.rotary(self.attn.Wqkv(h, gemm), cos, sin, heads, ops)  # (T, 3H)
         ctx = kernels.attention(qkv, pack, heads, attn_p, self.window)  # (T, H)
         if rows is not None:
             ctx, x = ctx[rows], x[rows]  # (R, H)
-        x = x + F.dropout(self.attn.Wo(ctx), attn_p)
-        h = kernels.geglu(self.mlp.Wi(kernels.layer_norm(x, self.mlp_norm, ops)), ops)  # (T, I)
-        return x + self.mlp.Wo(F.dropout(h, c.mlp_dropout, self.training))
+        x = x + F.dropout(self.attn.Wo(ctx, gemm), attn_p)
+        h = kernels.geglu(self.mlp.Wi(kernels.layer_norm(x, self.mlp_norm, ops), gemm), ops)  # (T, I)
+        return x + self.mlp.Wo(F.dropout(h, c.mlp_dropout, self.training), gemm)
 
 
 class ModernBertModel(Encoder):
@@ -317,11 +318,11 @@ class PredictionHead(nn.Module):
 
     def __init__(self, c: ModernBertConfig):
         super().__init__()
-        self.dense = nn.Linear(c.hidden_size, c.hidden_size, bias=c.classifier_bias)
+        self.dense = kernels.Linear(c.hidden_size, c.hidden_size, bias=c.classifier_bias)
         self.norm = _norm(c)
 
-    def forward(self, x: Tensor, ops: str = "plain") -> Tensor:
-        return kernels.layer_norm(kernels.dense_gelu(x, self.dense, ops), self.norm, ops)
+    def forward(self, x: Tensor, paths: FastPaths) -> Tensor:
+        return kernels.layer_norm(kernels.dense_gelu(x, self.dense, paths), self.norm, paths.ops)
 
 
 class ModernBertForMaskedLM(PreTrainingModel):
@@ -358,8 +359,8 @@ class ModernBertForMaskedLM(PreTrainingModel):
         subset = self._subset(paths, masked_positions)
         with self._embedding_grad(paths, mlm_labels):
             x, pack = self.model.encode(input_ids, None, attention_mask, document_ids, subset)  # (T or N, H)
-            logits = self._mlm_logits(x, pack, masked_positions) if subset is None else self.mlm_head(x, paths.ops)
+            logits = self._mlm_logits(x, pack, masked_positions) if subset is None else self.mlm_head(x, paths)
         return self._with_losses(PreTrainingOutput(logits), mlm_labels, None)
 
-    def mlm_head(self, x: Tensor, ops: str) -> Tensor:  # (N, H) -> (N, V)
-        return self.decoder(self.head(x, ops))
+    def mlm_head(self, x: Tensor, paths: FastPaths) -> Tensor:  # (N, H) -> (N, V)
+        return self.decoder(self.head(x, paths), paths.gemm)

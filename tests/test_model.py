@@ -214,7 +214,7 @@ def test_model_set_overrides_fields_with_their_types():
 def test_flops_formula_matches_counted_matmuls():
     """The documented formula against torch's FLOP counter on a forward+backward of one sequence (MLM loss only).
 
-    Plain attention, because the counter does not see CPU's fused SDPA kernel."""
+    Plain attention and torch's GEMM, because the counter sees neither CPU's fused SDPA kernel nor oneDNN's matmul."""
     s, P, L, h, V = 40, 6, 2, 64, 500
     ids = torch.randint(1, 500, (1, s))
     masked = torch.arange(1, 1 + P)
@@ -223,8 +223,9 @@ def test_flops_formula_matches_counted_matmuls():
     pooler_and_nsp = 2 * h * h + 2 * h * 2  # forward only without NSP labels; left out of the formula on purpose
     for sparse_last_layer in (False, True):
         config = BertConfig(
-            vocab_size=V, hidden_size=h, num_layers=L, num_heads=4, intermediate_size=4 * h, use_sdpa=False
-        )
+            vocab_size=V, hidden_size=h, num_layers=L, num_heads=4, intermediate_size=4 * h, use_sdpa=False,
+            onednn_gemm=False,
+        )  # fmt: skip
         config = dataclasses.replace(config, sparse_last_layer=sparse_last_layer)
         model = BertForPreTraining(config).eval()
         with FlopCounterMode(display=False) as counter:

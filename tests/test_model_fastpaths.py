@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import platform
 import subprocess
 import sys
 import warnings
@@ -17,7 +18,7 @@ from pretrain.modernbert import ModernBertConfig
 BASE = BertConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
 MODERN_SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
 PLAIN = {"use_sdpa": False, "unpad": False, "sparse_mlm_head": False, "fused_qkv": False, "fused_ops": "plain"}
-PLAIN |= {"sparse_embedding_grad": False, "sparse_last_layer": False}
+PLAIN |= {"sparse_embedding_grad": False, "sparse_last_layer": False, "onednn_gemm": False}
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -55,7 +56,10 @@ def assert_same_step(fast, plain, **tol) -> None:
         torch.testing.assert_close(fast[2][name], g, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("switch", ["use_sdpa", "unpad", "sparse_mlm_head", "fused_qkv", "sparse_embedding_grad"])
+SWITCHES = ["use_sdpa", "unpad", "sparse_mlm_head", "fused_qkv", "sparse_embedding_grad", "onednn_gemm"]
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
 def test_each_switch_alone_matches_plain(switch):
     plain = dataclasses.replace(BASE, **PLAIN)
     fast = dataclasses.replace(plain, **{switch: getattr(BASE, switch)})
@@ -170,6 +174,75 @@ def lookups(loss: torch.Tensor) -> dict[int, bool]:
             found[node.shape[0]] = True
         todo.extend(next_node for next_node, _ in node.next_functions)
     return found
+
+
+x86 = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="oneDNN GEMM: x86 only")
+
+
+def onednn_calls(fn) -> int:
+    """How many oneDNN matmuls `fn()` runs (torch.ops.mkldnn._linear_pointwise, forward and backward)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.name == "mkldnn::_linear_pointwise" for e in prof.events())
+
+
+@x86
+@pytest.mark.parametrize("layout", ["contiguous", "column slice", "3-D", "no rows"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_onednn_linear_against_float64(layout, with_bias):
+    """kernels.linear through oneDNN: output and the three gradients within float32 rounding of a float64
+    recomputation, for any strides of the input, and all three products in oneDNN (the private op it relies on
+    changing in a torch upgrade fails here, not silently)."""
+    gen = torch.Generator().manual_seed(0)
+    x = {
+        "contiguous": torch.randn(37, 48, generator=gen),
+        "column slice": torch.randn(37, 80, generator=gen)[:, 16:64],
+        "3-D": torch.randn(3, 11, 48, generator=gen),
+        "no rows": torch.randn(0, 48, generator=gen),
+    }[layout].requires_grad_()
+    w = torch.randn(56, 48, generator=gen).requires_grad_()
+    b = torch.randn(56, generator=gen).requires_grad_() if with_bias else None
+    r = torch.randn(*x.shape[:-1], 56, generator=gen)
+    leaves = [t for t in (x, w, b) if t is not None]
+
+    def run(gemm, dtype):
+        args = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        y = kernels.linear(args[0], args[1], args[2] if with_bias else None, gemm)
+        (y * r.to(dtype)).sum().backward()
+        return [y, *(a.grad for a in args)]
+
+    calls = onednn_calls(lambda: run("onednn", torch.float32))
+    assert calls == (0 if layout == "no rows" else 3)  # forward, input gradient, weight gradient; none is empty
+    for got, want in zip(run("onednn", torch.float32), run("torch", torch.float64)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@x86
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_onednn_gemm_carries_every_layer_product_and_is_decided_for_x86_float32(family, monkeypatch):
+    """With the switch on, each of the encoder's and the MLM head's linear layers runs its forward and both
+    backward products in oneDNN (values against torch's GEMM: the switch test above); off, none does. Only float32
+    on an x86 CPU takes it; a torch without the op falls back with one warning."""
+    config = BASE if family == "bert" else ModernBertConfig(**{**MODERN_SHAPE, "pad_token_id": 0})
+    b = batch()
+    for onednn, per_layer in ((True, 3 * 4), (False, 0)):  # BERT: q|k|v, attention out, intermediate, output
+        model = models.build_pretraining_model(dataclasses.replace(config, onednn_gemm=onednn))
+        calls = onednn_calls(lambda m=model: m(**b).loss.backward())
+        assert calls == per_layer * config.num_hidden_layers + (3 * 2 if onednn else 0)  # + transform, decoder
+
+    def gemm(device="cpu", dtype=torch.float32):
+        return kernels.resolve(config, torch.device(device), dtype).gemm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the varlen fallback's warning on a machine without flash-attn
+        assert gemm() == "onednn" and gemm("cuda") == gemm("cuda", torch.bfloat16) == "torch"
+    assert gemm(dtype=torch.bfloat16) == gemm(dtype=torch.float64) == "torch"  # bf16 goes to oneDNN anyway
+    monkeypatch.setattr(platform, "machine", lambda: "arm64")
+    assert gemm() == "torch"
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    with pytest.warns(UserWarning, match="onednn_gemm=true falls back to torch's GEMM"):
+        assert gemm() == "torch"
 
 
 def test_unpad_without_padding_and_with_dropout_in_training():

@@ -23,6 +23,7 @@ PLAIN = {
     "fused_ops": "plain",
     "sparse_embedding_grad": False,
     "sparse_last_layer": False,
+    "onednn_gemm": False,
 }
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -58,7 +59,10 @@ def assert_same_step(fast, plain, **tol) -> None:
         torch.testing.assert_close(fast[2][name], g, **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("switch", ["use_sdpa", "unpad", "sparse_mlm_head", "sparse_embedding_grad", "all"])
+SWITCHES = ["use_sdpa", "unpad", "sparse_mlm_head", "sparse_embedding_grad", "onednn_gemm", "all"]
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
 def test_each_switch_matches_plain(switch):
     plain = dataclasses.replace(BASE, **PLAIN)
     fast = BASE if switch == "all" else dataclasses.replace(plain, **{switch: getattr(BASE, switch)})
@@ -126,7 +130,7 @@ def test_cuda_fallbacks_name_their_cause(monkeypatch):
     assert paths["attention"] == "padded + SDPA" and len(said) == 1 and "attention_dropout=0" in said[0]
     modern = ModernBertForMaskedLM(dataclasses.replace(BASE, attention_dropout=0.0))
     on_cpu = resolved(modern, "cpu", torch.float32)[0]
-    on_cuda = {**on_cpu, "attention": "torch varlen", "embedding_grad": "dense"}  # rows are a CPU path
+    on_cuda = {**on_cpu, "attention": "torch varlen", "embedding_grad": "dense", "gemm": "torch"}  # CPU paths
     assert resolved(modern, "cuda", torch.bfloat16) == (on_cuda, [])
     monkeypatch.setattr(kernels, "flash_attn_varlen_func", object())
     assert resolved(bert, "cuda", torch.float16)[0]["attention"] == "flash-attn varlen"
@@ -137,9 +141,9 @@ def test_cuda_fallbacks_name_their_cause(monkeypatch):
 
 def test_flops_formula_matches_counted_matmuls():
     """The documented formula against torch's FLOP counter on a forward+backward of one sequence (MLM loss only),
-    plain attention (the counter does not see CPU's fused SDPA). The counter sees every score of the dense
-    masked attention, so here the window covers the sequence; the window's pair count A is checked against the
-    attention mask the model builds."""
+    plain attention and torch's GEMM (the counter sees neither CPU's fused SDPA nor oneDNN's matmul). The counter
+    sees every score of the dense masked attention, so here the window covers the sequence; the window's pair
+    count A is checked against the attention mask the model builds."""
     s, P, L, h, i, V = 30, 6, 4, 64, 96, 500
     ids = torch.randint(1, 500, (1, s))
     every_row = 24 * L * s * h * h + 18 * L * s * h * i + 12 * h * L * s * s + 6 * P * h * (h + V)
