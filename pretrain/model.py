@@ -11,6 +11,7 @@ model (each behind a `BertConfig` switch whose other setting is the plain path; 
   heads read: the masked ones and each row's [CLS] (every row still gives its keys and values).
 - q, k and v are projected by one GEMM on the concatenated weights; the state dict keeps HF's three
   (under ZeRO-3, which gathers weights per called module, the three modules are called instead).
+- On an x86 CPU in float32 the linear layers (kernels.Linear) compute on oneDNN's matmul, not torch's BLAS.
 - Weights start from BERT's truncated normal (+-2 std) rather than HF's plain normal.
 - Fast paths are decided once per device and compute dtype (`resolve_fast_paths`, kernels.resolve); forward
   follows the decision. Under ZeRO-3 (`set_weights_partitioned`) only paths that call modules are taken.

@@ -11,7 +11,8 @@ shapes are transformers', so weights and config.json move both ways (`from_hf_pr
 Where this differs from transformers' code (same numbers; tests/test_modernbert.py): the same kernels and
 packing as BERT (pretrain/kernels.py): the layers run unpadded, attention is varlen on CUDA and grouped on CPU,
 with `document_ids` documents packed in one row attend only within themselves and positions restart there;
-the MLM head runs on masked positions only, and the last layer past attention on those rows alone; RoPE
+the MLM head runs on masked positions only, and the last layer past attention on those rows alone; on an x86
+CPU in float32 the linear layers compute on oneDNN's matmul (kernels.Linear); RoPE
 angles come from each kept row's position, with no buffers (a bf16 engine would round them). Forward takes
 BERT's batch dict: token_type_ids and nsp_labels are accepted and ignored, and the output's nsp_logits and
 nsp_loss are None.
