@@ -103,7 +103,7 @@ PartitionName=test Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP OverSubscri
 EOF
 
 export SLURM_CONF=$dir/slurm.conf
-slurmctld -f "$SLURM_CONF" -i
+slurmctld -f "$SLURM_CONF" -c  # -c: no job or node state from an earlier start
 slurmd -f "$SLURM_CONF" -N n1
 slurmd -f "$SLURM_CONF" -N n2
 for _ in $(seq 150); do
