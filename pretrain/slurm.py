@@ -18,6 +18,9 @@ Design choices:
   The restarted job resumes from the newest complete checkpoint, as any relaunch does.
 - SIGTERM here (preemption, `scancel`): Slurm has sent SIGTERM to the ranks too; they save within `KillWait`
   and this script does not requeue (a cluster with PreemptMode=REQUEUE requeues the job itself).
+- The tasks run `python` from PATH, the submitting shell's (sbatch exports it): the virtualenv active there.
+  `SRUN_ARGS` adds srun flags (pyxis's `--container-image`, `--cpu-bind`, ...); `TASK_PREFIX` goes before
+  `python` in each task (`apptainer exec --nv IMAGE.sif`).
 - Failure: srun's first "error: NODE: task N: ..." line is repeated as this job's one-line verdict, and the
   job exits non-zero without a requeue.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -118,8 +122,9 @@ class Batch:
             say(f"requeue {self.restarts} of {self.max_requeues}, {at}")
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
-        cmd = ["srun", "--kill-on-bad-exit=1", "--export=ALL", "bash", "-c", TASK, "task"]
-        cmd += [sys.executable, "-m", self.module, *self.args]
+        cmd = ["srun", "--kill-on-bad-exit=1", "--export=ALL", *shlex.split(os.environ.get("SRUN_ARGS", ""))]
+        cmd += ["bash", "-c", TASK, "task", *shlex.split(os.environ.get("TASK_PREFIX", ""))]
+        cmd += ["python", "-m", self.module, *self.args]
         proc = subprocess.Popen(cmd, env=self.environment(), stderr=subprocess.PIPE, text=True, errors="replace")
         reader = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
         reader.start()

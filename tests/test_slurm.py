@@ -6,7 +6,8 @@ rank (srun), one rank per node, the job submitted with sbatch from this environm
 - The time-limit signal (USR1 to the batch shell, as `--signal=B:USR1@300` sends it): every rank saves at the
   same step, the job requeues itself, and once released resumes and logs the losses of an uninterrupted job.
 - `scancel`: the ranks save and the job ends, not requeued, with no process of it left on either node.
-- A rank SIGKILLed on n2: the job ends within 60 s, FAILED, its log naming n2 and rank 1; not requeued.
+- A rank SIGKILLed on n2: the job ends within 60 s, FAILED, its log naming n2 and rank 1; not requeued
+  (this job also takes srun flags from SRUN_ARGS and a command before python from TASK_PREFIX).
 
 Skipped, with the reason, where the testbed is not running (BERT_SLURM_TESTBED unset); CI sets
 BERT_REQUIRE_SLURM_TESTBED=1 so that a missing testbed fails there instead.
@@ -101,9 +102,10 @@ def run(conf: Path, *cmd: str) -> str:
     return subprocess.run(cmd, env=_env(conf), capture_output=True, text=True, check=True, timeout=30).stdout
 
 
-def submit(conf: Path, setup: dict, save: Path, steps: int) -> str:
+def submit(conf: Path, setup: dict, save: Path, steps: int, **env: str) -> str:
     args = train_args(setup, save, steps, "--save-every", "10", "--log-every", "1")
-    return run(conf, "sbatch", "--parsable", "-N2", f"--output={save}.log", SBATCH, *args).strip()
+    cmd = ["sbatch", "--parsable", "-N2", f"--output={save}.log", SBATCH, *args]
+    return subprocess.run(cmd, env={**_env(conf), **env}, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def job(conf: Path, job_id: str) -> dict:
@@ -208,10 +210,11 @@ def test_scancel_saves_and_leaves_no_task_on_either_node(conf, setup):
 @pytest.mark.slow
 def test_a_killed_rank_ends_the_job_within_60_s_naming_the_node(conf, setup):
     save = setup["root"] / "killed"
-    job_id = submit(conf, setup, save, 4000)
+    job_id = submit(conf, setup, save, 4000, SRUN_ARGS="--label --cpu-bind=none", TASK_PREFIX="nice -n 3")
     wait_for_step(conf, job_id, save, 3)
     victim = rank_process(save, 1)
     assert victim.environ()["SLURMD_NODENAME"] == "n2" and victim.environ()["MASTER_ADDR"] == "127.0.0.1"
+    assert victim.nice() == 3 and re.search(r"^1: ", output(save), re.M)  # TASK_PREFIX, SRUN_ARGS (--label)
     victim.send_signal(signal.SIGKILL)
     t0 = time.monotonic()
     info = ended(conf, job_id, save, 60)
