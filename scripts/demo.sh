@@ -34,7 +34,7 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "[1/8] setup"
 bash scripts/setup.sh
-venv=${VENV:-$root/.venv}
+venv=${VENV:-${VIRTUAL_ENV:-$root/.venv}}  # where setup.sh installed
 export PATH="$venv/bin:$PATH" TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -gt 0 ]; then

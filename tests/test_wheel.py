@@ -1,0 +1,89 @@
+"""The package works installed like a library: a wheel, no source tree.
+
+The wheel is built from a copy of the tracked sources (the checkout stays clean), installed with
+`pip install --no-deps --target SITE`, and run from a directory outside any source tree with PYTHONPATH=SITE
+on this venv's python (the dependencies come from the venv). `bert-finetune` with its default DeepSpeed config
+(package data, found through importlib.resources) fine-tunes a tiny model, and every module it ran came from
+SITE, not from the checkout or the venv's editable install.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fixtures_finetune import build_tokenizer, classify_rows, tiny_checkpoint, write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tracked_sources(dst: Path) -> Path:
+    """The files git tracks (plus ds_configs/__init__.py-style new ones git sees), copied to `dst`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert listed.returncode == 0, listed.stderr
+    for name in listed.stdout.splitlines():
+        if (ROOT / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("wheel")
+    src = tracked_sources(root / "src")
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    # no build isolation: the venv's setuptools builds it, with no index to reach
+    build = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(src)])
+    assert build.returncode == 0
+    (wheel,) = (root / "dist").glob("*.whl")
+    install = subprocess.run([*pip, "install", "--no-deps", "--target", str(root / "site"), str(wheel)])
+    assert install.returncode == 0
+    return root / "site"
+
+
+def clean_env(site: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "RANK", "WORLD_SIZE", "MASTER_"))}
+    return dict(env, PYTHONPATH=str(site), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_every_deepspeed_config(site):
+    shipped = sorted(p.name for p in (site / "ds_configs").glob("*.json"))
+    assert shipped == sorted(p.name for p in (ROOT / "ds_configs").glob("*.json"))
+    assert all(filecmp.cmp(site / "ds_configs" / n, ROOT / "ds_configs" / n, shallow=False) for n in shipped)
+    assert not (site / "tests").exists() and not (site / "scripts").exists()
+
+
+@pytest.mark.slow
+def test_an_installed_wheel_fine_tunes_with_the_default_config(site, tmp_path):
+    work = tmp_path / "elsewhere"  # no source tree here or above (pytest's tmp is outside the checkout)
+    work.mkdir()
+    assert not (work / "ds_configs").exists() and ROOT not in work.parents
+    tok = build_tokenizer(tmp_path / "tok")
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", tok)
+    train = write_csv(tmp_path / "train.csv", classify_rows(60, seed=1))
+    dev = write_csv(tmp_path / "dev.csv", classify_rows(30, seed=2))
+    script = site / "bin" / "bert-finetune"  # the console script pip wrote, on this venv's python
+    flags = ["--task", "classify", "--train", str(train), "--eval", str(dev), "--init-from", str(ckpt)]
+    flags += ["--output", str(tmp_path / "out"), "--epochs", "1", "--seq-len", "32"]
+    run = subprocess.run(
+        [sys.executable, str(script), *flags], cwd=work, env=clean_env(site), capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (tmp_path / "out" / "eval_report.json").is_file()
+    where = subprocess.run(
+        [sys.executable, "-c", "import ds_configs, finetune.run as r, pretrain.engine as e, data_prep.flags as f; "
+         "print(ds_configs.__file__, r.__file__, e.__file__, f.__file__, r.DEFAULT_DS_CONFIG, sep='\\n')"],
+        cwd=work, env=clean_env(site), capture_output=True, text=True,
+    )  # fmt: skip
+    assert where.returncode == 0, where.stderr
+    for path in where.stdout.split():
+        assert Path(path).resolve().is_relative_to(site.resolve()), f"{path} is not from the installed wheel"
