@@ -180,7 +180,7 @@ print(f"pretraining adds {statistics.mean(gains):+.1f} accuracy points on this t
       f"per seed {min(gains):+.1f} to {max(gains):+.1f})")
 if statistics.mean(gains) < 0:
     print("a few CPU minutes of pretraining can leave features that fine-tune worse than random weights "
-          "(README, fine-tuning); a longer DEMO_MINUTES gives pretraining room to pay")
+          "(docs/PERFORMANCE.md, fine-tuning results); a longer DEMO_MINUTES gives pretraining room to pay")
 EOF
 
 say "done in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s; everything is under $out"
