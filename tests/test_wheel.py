@@ -10,6 +10,7 @@ SITE, not from the checkout or the venv's editable install.
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import shutil
 import subprocess
@@ -81,9 +82,26 @@ def test_an_installed_wheel_fine_tunes_with_the_default_config(site, tmp_path):
     assert (tmp_path / "out" / "eval_report.json").is_file()
     where = subprocess.run(
         [sys.executable, "-c", "import ds_configs, finetune.run as r, pretrain.engine as e, data_prep.flags as f; "
-         "print(ds_configs.__file__, r.__file__, e.__file__, f.__file__, r.DEFAULT_DS_CONFIG, sep='\\n')"],
+         "print(ds_configs.__file__, r.__file__, e.__file__, f.__file__, r.DEFAULT_DS_CONFIG, "
+         "ds_configs.shipped('ds_configs/demo.json'), sep='\\n')"],
         cwd=work, env=clean_env(site), capture_output=True, text=True,
     )  # fmt: skip
     assert where.returncode == 0, where.stderr
     for path in where.stdout.split():
         assert Path(path).resolve().is_relative_to(site.resolve()), f"{path} is not from the installed wheel"
+
+
+def test_a_shipped_config_is_found_from_any_directory_and_a_local_file_wins(tmp_path, monkeypatch):
+    from data_prep.errors import UserError
+    from pretrain.engine import load_ds_config
+
+    monkeypatch.chdir(tmp_path)  # no ds_configs/ here
+    demo = json.loads((ROOT / "ds_configs" / "demo.json").read_text())
+    assert load_ds_config("ds_configs/demo.json") == demo and load_ds_config("demo.json") == demo
+    (tmp_path / "ds_configs").mkdir()
+    (tmp_path / "ds_configs" / "demo.json").write_text(json.dumps({"train_batch_size": 2}))
+    assert load_ds_config("ds_configs/demo.json") == {"train_batch_size": 2}  # the user's own file
+    with pytest.raises(UserError, match="does not exist"):
+        load_ds_config("elsewhere/demo.json")  # a path into another directory is never swapped for ours
+    with pytest.raises(UserError, match="does not exist"):
+        load_ds_config("ds_configs/nope.json")
