@@ -1,6 +1,6 @@
 """The package works installed like a library: a wheel, no source tree.
 
-The wheel is built from a copy of the tracked sources (the checkout stays clean), installed with
+The wheel is built from a copy of the source tree (the checkout stays clean), installed with
 `pip install --no-deps --target SITE`, and run from a directory outside any source tree with PYTHONPATH=SITE
 on this venv's python (the dependencies come from the venv). `bert-finetune` with its default DeepSpeed config
 (package data, found through importlib.resources) fine-tunes a tiny model, and every module it ran came from
@@ -23,23 +23,17 @@ from fixtures_finetune import build_tokenizer, classify_rows, tiny_checkpoint, w
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tracked_sources(dst: Path) -> Path:
-    """The files git tracks (plus ds_configs/__init__.py-style new ones git sees), copied to `dst`."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True
-    )
-    assert listed.returncode == 0, listed.stderr
-    for name in listed.stdout.splitlines():
-        if (ROOT / name).is_file():
-            (dst / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, dst / name)
+def source_copy(dst: Path) -> Path:
+    """The source tree without what runs and builds leave in it (virtualenvs, outputs, caches, git)."""
+    leftovers = (".git", ".venv", "runs", "out", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "wandb")
+    shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(*leftovers, "gpu_check_out", ".gpu_data", ".whl"))
     return dst
 
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
-    src = tracked_sources(root / "src")
+    src = source_copy(root / "src")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     # no build isolation: the venv's setuptools builds it, with no index to reach
     build = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(src)])
