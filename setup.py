@@ -36,6 +36,7 @@ setup(
             "seqeval==1.2.2",
             "datasets==5.2.0",
             "torch-optimi==0.3.3",  # the reference StableAdamW that tests/test_optim.py checks ours against
+            "setuptools>=70.1",  # tests/test_wheel.py builds the wheel without build isolation (no index needed)
         ],
     },
     entry_points={
