@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="BERT pretraining on DeepSpeed: offline data prep, fused model, exact resume, multi-node.",
     python_requires=">=3.10",
-    packages=find_packages(include=["data_prep*", "pretrain*", "finetune*"]),
+    # ds_configs/ is a package too, so the DeepSpeed JSON ships in the wheel (found through importlib.resources)
+    packages=find_packages(include=["data_prep*", "pretrain*", "finetune*", "ds_configs"]),
     package_data={"": ["*.json"]},
     install_requires=[
         # torch is left loose on purpose: clusters bring their own CUDA build.
@@ -35,6 +36,7 @@ setup(
             "seqeval==1.2.2",
             "datasets==5.2.0",
             "torch-optimi==0.3.3",  # the reference StableAdamW that tests/test_optim.py checks ours against
+            "setuptools>=70.1",  # tests/test_wheel.py builds the wheel without build isolation (no index needed)
         ],
     },
     entry_points={

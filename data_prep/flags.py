@@ -1,4 +1,4 @@
-"""Command-line flags derived from config dataclasses: one declaration per setting (STYLE.md, habit 11).
+"""Command-line flags derived from config dataclasses: one declaration per setting (docs/STYLE.md, habit 11).
 
 A field's type, default and docstring are its flag's type, default and `--help`. `option(...)` in a field
 declaration adds only what a dataclass cannot say: another flag name or aliases, a metavar, choices,

@@ -32,6 +32,7 @@ from typing import Literal
 
 import torch
 
+import ds_configs
 from data_prep.errors import UserError
 from data_prep.files import write_json_atomic
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
@@ -42,7 +43,7 @@ from pretrain import dist
 
 log = get_logger(__name__)
 
-DEFAULT_DS_CONFIG = str(Path(__file__).resolve().parent.parent / "ds_configs" / "finetune_cpu.json")
+DEFAULT_DS_CONFIG = str(ds_configs.path("finetune_cpu.json"))  # package data: found in a wheel install too
 KINDS = {"classify": kinds.Classify, "tag": kinds.Tag, "qa": qa.QA}
 METRICS = sorted(
     {m for kind in KINDS.values() for m in kind.metrics}

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+import ds_configs
 from data_prep.errors import UserError
 from data_prep.log import get_logger
 from pretrain import dist
@@ -72,8 +73,8 @@ def load_ds_config(spec: str | os.PathLike | dict) -> dict:
         cfg = copy.deepcopy(spec)
         name = "the DeepSpeed config"
     else:
-        path = Path(spec)
-        name = str(path)
+        path = ds_configs.shipped(spec) or Path(spec)  # `ds_configs/demo.json` works from any directory
+        name = str(spec)
         if not path.is_file():
             raise UserError(f"{path} does not exist; pass --deepspeed_config with a file from ds_configs/")
         try:

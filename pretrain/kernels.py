@@ -1,7 +1,7 @@
 """Fast paths shared by both model families (pretrain/model.py, pretrain/modernbert.py), each with a plain-PyTorch
 fallback that tests compare it against.
 
-- `FastPaths` is every switch decided once for a device and compute dtype (`resolve`, STYLE.md habit 12): an
+- `FastPaths` is every switch decided once for a device and compute dtype (`resolve`, docs/STYLE.md habit 12): an
   impossible request is a one-line UserError, a fallback one warning naming its cause; kernels only read it.
   `PathChoice` keeps the decisions of one model; under ZeRO-3 (`set_weights_partitioned`) the paths that
   read `module.weight` without calling the module are not chosen (the model knows nothing of the engine).

@@ -34,7 +34,7 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "[1/8] setup"
 bash scripts/setup.sh
-venv=${VENV:-$root/.venv}
+venv=${VENV:-${VIRTUAL_ENV:-$root/.venv}}  # where setup.sh installed
 export PATH="$venv/bin:$PATH" TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline} HF_HUB_OFFLINE=1
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 if [ "$gpus" -gt 0 ]; then
@@ -180,7 +180,7 @@ print(f"pretraining adds {statistics.mean(gains):+.1f} accuracy points on this t
       f"per seed {min(gains):+.1f} to {max(gains):+.1f})")
 if statistics.mean(gains) < 0:
     print("a few CPU minutes of pretraining can leave features that fine-tune worse than random weights "
-          "(README, fine-tuning); a longer DEMO_MINUTES gives pretraining room to pay")
+          "(docs/PERFORMANCE.md, fine-tuning results); a longer DEMO_MINUTES gives pretraining room to pay")
 EOF
 
 say "done in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s; everything is under $out"

@@ -1,4 +1,4 @@
-"""`bert-bench --deepspeed_config` under the deepspeed launcher: the README's multi-node benchmark, on 2 CPU ranks."""
+"""`bert-bench --deepspeed_config` under the deepspeed launcher, on 2 CPU ranks (docs/operations.md, Benchmarking)."""
 
 from __future__ import annotations
 
