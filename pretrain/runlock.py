@@ -100,8 +100,10 @@ def _utc(t: float) -> str:
 def describe(record: dict) -> str:
     """'pid P on HOST (Slurm job J), since T, lease renewed S s ago' for messages."""
     job = f" (Slurm job {record['slurm_job_id']})" if record.get("slurm_job_id") else ""
+    if not record.get("started_unix"):  # no record, or a cut-short one
+        return f"pid {record.get('pid', '?')} on {record.get('host', '?')}{job} (no readable {RECORD})"
     age = time.time() - float(record.get("lease_unix", 0))
-    since = _utc(float(record.get("started_unix", 0)))
+    since = _utc(float(record["started_unix"]))
     return f"pid {record.get('pid')} on {record.get('host')}{job}, since {since}, lease renewed {age:.0f} s ago"
 
 
@@ -150,7 +152,7 @@ class RunLock:
 
     def _acquire(self) -> None:
         if self._flock():
-            holder = self._read() or {"host": socket.gethostname(), "pid": "?", "lease_unix": 0, "started_unix": 0}
+            holder = self._read() or {"host": socket.gethostname(), "pid": "?"}
             raise self._refusal(holder, f"it holds the OS lock on {self.save / FLOCK}")
         for _ in range(3):  # a record that vanishes or appears between our looks: look again
             if self._create():

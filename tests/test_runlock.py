@@ -80,6 +80,35 @@ def test_a_live_holder_on_this_host_is_refused_without_the_os_lock(tmp_path, sle
     assert json.loads((tmp_path / runlock.RECORD).read_text())["pid"] == sleeper.pid  # untouched
 
 
+def test_a_held_os_lock_refuses_even_without_a_record(tmp_path):
+    import fcntl
+
+    with open(tmp_path / runlock.FLOCK, "w") as f:  # a run that is starting: flock taken, record not yet written
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with pytest.raises(UserError, match=rf"no readable run.lock\) \(it holds the OS lock on {tmp_path}"):
+            runlock.RunLock.acquire(tmp_path)
+    assert not (tmp_path / runlock.RECORD).exists()
+
+
+def test_without_an_os_lock_the_lease_alone_decides_with_a_warning(tmp_path, sleeper, monkeypatch):
+    """What Lustre without `-o flock` or NFS without lockd answer (the fault injected: flock's ENOLCK)."""
+    import errno
+    import fcntl
+
+    def no_lock(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_lock)
+    with pytest.warns(UserWarning, match="has no OS lock .* relies on its lease alone"):
+        first = runlock.RunLock.acquire(tmp_path / "a")
+    with pytest.warns(UserWarning, match="no OS lock"), pytest.raises(UserError, match="it is alive"):
+        runlock.RunLock.acquire(tmp_path / "a")  # the record of a live holder on this host still refuses
+    first.release()
+    write_record(tmp_path / "b", host="other-node", pid=sleeper.pid, lease_unix=time.time() - 700)
+    with pytest.warns(UserWarning, match="no OS lock"), pytest.warns(UserWarning, match="stale after 600 s"):
+        runlock.RunLock.acquire(tmp_path / "b").release()
+
+
 def test_a_dead_or_reused_pid_or_a_reboot_on_this_host_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
