@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures_train import ROOT, make_setup, run_env, train_args
+from fixtures_train import ROOT, free_port, make_setup, run_env, train_args
 
 from data_prep.errors import UserError
 from data_prep.files import write_text_atomic
@@ -278,3 +278,23 @@ def test_a_second_run_is_refused_at_once_and_a_killed_holder_is_taken_over(tmp_p
             os.killpg(first.pid, signal.SIGKILL)
         first.wait()
         first_log.close()
+
+
+@pytest.mark.slow
+def test_every_rank_of_a_refused_two_process_launch_ends_with_the_refusal(tmp_path):
+    setup = make_setup(tmp_path, dropout=0.0, world=2)
+    save = tmp_path / "save"
+    holder = runlock.RunLock.acquire(save)  # this test process holds --save
+    try:
+        before = snapshot(save)
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "--module", "pretrain.train"]
+        run = subprocess.run(
+            [*cmd, *train_args(setup, save, 2)], cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=240
+        )
+        assert run.returncode != 0 and snapshot(save) == before
+        errors = [line for line in run.stdout.splitlines() + run.stderr.splitlines() if "error: " in line]
+        assert any(f"in use by another run: pid {os.getpid()}" in line for line in errors), errors
+        assert any("rank 0 could not lock --save" in line for line in errors), errors  # rank 1 learnt it too
+        assert "Traceback" not in run.stdout + run.stderr
+    finally:
+        holder.release()
