@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,13 +12,19 @@ from data_prep.errors import UserError
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through `path.tmp` and a rename: a crash leaves the old file or the new one."""
-    tmp = Path(f"{path}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `text` to `path` through a temporary file beside it and a rename: a crash leaves the old file or
+    the new one. The temporary name is unique (`path.tmp-PID-RANDOM.tmp`), so two writers of one path never write
+    into each other's temporary file; the last rename wins."""
+    tmp = Path(f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")  # `*.tmp`: swept by bert-prep
+    try:
+        with open(tmp, "x") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomic(path: str | os.PathLike, obj: dict) -> None:

@@ -9,14 +9,19 @@ Design choices:
   same calls as a 64-GPU one; without a process group they return their input.
 - Nothing else in the project calls `torch.distributed` collectives directly (a test checks the sources).
 - A rank and its loader workers never outlive the process that started them (`die_with_parent`): a
-  launcher that is killed takes its ranks with it, instead of leaving them waiting on their peers.
+  launcher that is killed takes its ranks with it, instead of leaving them waiting on their peers. A rank of
+  scripts/launch_multinode.sh also ends with its launch's output (`die_with_launch`): a SIGKILLed supervisor
+  or a lost ssh connection leaves nothing training.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import select
 import signal
+import stat
+import threading
 
 import torch
 import torch.distributed as dist
@@ -85,6 +90,42 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         return
     if os.getppid() != parent:  # the parent died before prctl took effect
         os.kill(os.getpid(), sig)
+
+
+LAUNCH_ID = "BERT_LAUNCH_ID"  # set by scripts/launch_multinode.sh (pretrain.launcher) for every process of a launch
+
+
+def die_with_launch() -> None:
+    """A rank of a supervised launch (`LAUNCH_ID` set) whose output is a pipe or socket: when the reader of that
+    output goes away (the supervisor; on another node, the ssh connection that started it), kill this node's
+    DeepSpeed launch.py (so it starts nothing more) and this rank. A daemon thread blocks in poll(2) on stdout,
+    which reports POLLERR/POLLHUP once no reader is left: no polling interval, no cost."""
+    if LAUNCH_ID not in os.environ:
+        return
+    try:
+        mode = os.fstat(1).st_mode
+    except OSError:
+        return
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        threading.Thread(target=_end_with_output, name="die-with-launch", daemon=True).start()
+
+
+def _end_with_output() -> None:
+    poller = select.poll()
+    poller.register(1, 0)  # POLLERR and POLLHUP are reported whatever the mask
+    while True:
+        for _, events in poller.poll():
+            if events & select.POLLNVAL:  # stdout was closed here: nothing to watch
+                return
+            if events & (select.POLLERR | select.POLLHUP):
+                parent = os.getppid()
+                try:
+                    launcher = b"deepspeed.launcher.launch" in open(f"/proc/{parent}/cmdline", "rb").read()
+                except OSError:
+                    launcher = False
+                if launcher:
+                    os.kill(parent, signal.SIGKILL)
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_cli(main, argv=None, parse=None) -> int:

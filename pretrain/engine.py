@@ -383,6 +383,7 @@ def init_distributed(timeout_min: float = DIST_TIMEOUT_MIN) -> None:
     for a missing peer before it fails (the process-group timeout)."""
     if "LOCAL_RANK" in os.environ:  # started by a launcher (deepspeed, torchrun): end with it
         dist.die_with_parent()
+        dist.die_with_launch()
     _ensure_dist_env()
     share_cpu_cores()
     if not ds_dist.is_initialized():

@@ -20,6 +20,11 @@ Design choices:
   later, nor to pdsh. The ranks stop at the same micro-batch, save and exit 0, and the launch ends by
   itself; whatever is left after `--stop-timeout` seconds is killed. A second Ctrl-C kills at once.
 - The supervisor exits only once no process of the launch is left on any node (checked, not assumed).
+- Nothing outlives the supervisor, even a SIGKILLed one: a guard process (its own session) holds a pipe from
+  it; when that pipe closes without a "done" line, the supervisor is gone, and the guard kills the runner's
+  process group (runner, local launch.py and ranks, pdsh and its ssh clients) and sweeps every node by the
+  launch id. The ranks watch their own output too (`pretrain.dist.die_with_launch`): when its reader goes
+  away (the supervisor, or the ssh connection to their node), they kill their node's launch.py and themselves.
 """
 
 from __future__ import annotations
@@ -59,6 +64,14 @@ for f in $(grep -lzx "{key}=$id" /proc/[0-9]*/environ 2>/dev/null); do
   else kill -$what $p 2>/dev/null; fi
 done; true"""
 
+# Run by `sh -c` in a process of its own, its stdin a pipe from the supervisor: the runner's process group id,
+# then "done" once the launch ended. End of input before "done" means the supervisor died: kill the runner's
+# process group and sweep ($1) this node, or every node of $2 over pdsh.
+_GUARD = r"""read pgid || exit 0
+if read done; then exit 0; fi
+kill -s KILL -- "-$pgid" 2>/dev/null
+if [ -n "$2" ]; then PDSH_RCMD_TYPE=ssh pdsh -S -u 60 -w "$2" "$1"; else sh -c "$1"; fi"""
+
 
 @dataclass(kw_only=True)
 class LaunchConfig:
@@ -90,17 +103,25 @@ class Outcome:
 
 
 def read_hostfile(path: str) -> list[str]:
-    """Host names of a DeepSpeed hostfile, in order."""
+    """Host names of a DeepSpeed hostfile, in order; every line `hostname slots=N` with N a positive integer."""
     if not Path(path).is_file():
         raise UserError(f"hostfile {path} does not exist; pass a file with lines 'hostname slots=N'")
     hosts = []
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if not re.match(r"^\S+\s+slots=\d+", line):
-            raise UserError(f"hostfile {path}: bad line {line!r}; write 'hostname slots=N'")
-        hosts.append(line.split()[0])
+        m = re.match(r"^(\S+)\s+slots=(\S*)\s*(#.*)?$", line)
+        if not m:
+            raise UserError(f"hostfile {path} line {n}: bad line {line!r}; write 'hostname slots=N'")
+        if not re.fullmatch(r"[0-9]+", m.group(2)) or int(m.group(2)) < 1:
+            raise UserError(
+                f"hostfile {path} line {n}: slots={m.group(2)} is not a positive integer; write 'hostname slots=N' "
+                "with N the number of GPUs (processes) on that node"
+            )
+        if m.group(1) in hosts:
+            raise UserError(f"hostfile {path} line {n}: host {m.group(1)} is named twice; give each node one line")
+        hosts.append(m.group(1))
     if not hosts:
         raise UserError(f"hostfile {path} names no host; write one 'hostname slots=N' line per node")
     return hosts
@@ -189,7 +210,22 @@ class Launch:
         """What every node's ranks get through DeepSpeed's env file (pdsh exports it there)."""
         names = ["PATH", "VIRTUAL_ENV", "PYTHONPATH"] + sorted(k for k in os.environ if EXPORTED.match(k))
         lines = [f"{k}={os.environ[k]}" for k in names if k in os.environ and k != "DS_ENV_FILE"]
+        # the job id for the --save lock's requeue rule (pretrain.runlock); pdsh does not pass Slurm's variables
+        lines += [f"BERT_{k}={os.environ[k]}" for k in ("SLURM_JOB_ID", "SLURM_RESTART_COUNT") if k in os.environ]
         Path(path).write_text("\n".join([*lines, f"{LAUNCH_ID}={self.id}"]) + "\n")
+
+    def guard(self) -> subprocess.Popen:
+        """The dead man's switch of this launch (see the module docstring); `arm` tells it the runner."""
+        hosts = ",".join(self.hosts) if self.remote else ""
+        script = _SWEEP.format(id=self.id, who="all", what="KILL", key=LAUNCH_ID)
+        return subprocess.Popen(
+            ["sh", "-c", _GUARD, "bert-launch-guard", script, hosts],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,  # neither a Ctrl-C at the terminal nor a kill of our group reaches it
+        )
 
     def sweep(self, what: str, who: str = "all") -> list[str]:
         """`what` (list, TERM or KILL) this launch's processes on every node; `who`: ranks or all."""
@@ -231,6 +267,18 @@ class Launch:
 
     def _supervise(self, stop: StopRequest, env_file: str) -> Outcome:
         print("launching: " + shlex.join(self.cmd), file=sys.stderr, flush=True)
+        guard = self.guard()
+        try:
+            outcome = self._start(stop, env_file, guard)
+        except BaseException:
+            guard.stdin.close()  # no "done": the guard ends whatever this launch left
+            raise
+        guard.stdin.write("done\n")  # everything of the launch has ended (`_finish` checked)
+        guard.stdin.close()
+        guard.wait()
+        return outcome
+
+    def _start(self, stop: StopRequest, env_file: str, guard: subprocess.Popen) -> Outcome:
         proc = subprocess.Popen(
             self.cmd,
             env=self.environment(env_file),
@@ -240,6 +288,8 @@ class Launch:
             errors="replace",
             start_new_session=True,  # Ctrl-C at a terminal reaches this process only; it decides what to pass on
         )
+        guard.stdin.write(f"{proc.pid}\n")  # the runner leads its own process group (its new session)
+        guard.stdin.flush()
         with open(self.log_path, "a") as log:
             reader = threading.Thread(target=self.watch, args=(proc.stdout, log), daemon=True)
             reader.start()

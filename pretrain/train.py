@@ -230,11 +230,15 @@ def main(cfg: TrainConfig) -> dict:
     stop.install()
     try:
         model_cfg, data, ds_cfg, found = _prepare(cfg)
-        run = _Run(cfg, model_cfg, data, ds_cfg, found)
-        try:
-            return run.train(stop)
-        finally:
-            run.close()
+        from pretrain import engine, runlock
+
+        engine.init_distributed(cfg.dist_timeout)  # the lock's outcome reaches every rank through the group
+        with runlock.hold(cfg.save):  # one writer per --save: before anything is written there
+            run = _Run(cfg, model_cfg, data, ds_cfg, found)
+            try:
+                return run.train(stop)
+            finally:
+                run.close()
     finally:
         stop.uninstall()
 

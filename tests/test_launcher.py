@@ -80,6 +80,26 @@ def test_hostfile_errors_are_one_line(tmp_path):
     (tmp_path / "h").write_text("node1 8\n")
     with pytest.raises(UserError, match="bad line"):
         launcher.read_hostfile(str(tmp_path / "h"))
+    (tmp_path / "h").write_text("node1 slots=8  # the big one\nnode2 slots=16\n")
+    assert launcher.read_hostfile(str(tmp_path / "h")) == ["node1", "node2"]
+
+
+@pytest.mark.parametrize("slots", ["0", "8x", "-1", "", "1.5", "00", "\u00b2"])
+def test_hostfile_slots_must_be_a_positive_integer(tmp_path, slots):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(f"# two nodes\nnode1 slots=8\nnode2 slots={slots}\n")
+    with pytest.raises(UserError) as e:
+        launcher.read_hostfile(str(hostfile))
+    assert str(e.value) == (
+        f"hostfile {hostfile} line 3: slots={slots} is not a positive integer; write 'hostname slots=N' with N the "
+        "number of GPUs (processes) on that node"
+    )
+
+
+def test_a_host_named_twice_is_a_one_line_error(tmp_path):
+    (tmp_path / "h").write_text("node1 slots=1\nnode1 slots=1\n")
+    with pytest.raises(UserError, match="line 2: host node1 is named twice"):
+        launcher.read_hostfile(str(tmp_path / "h"))
 
 
 def test_the_sweep_finds_and_ends_exactly_the_launchs_processes(tmp_path):
