@@ -54,7 +54,7 @@ from data_prep.pool import ordered_map
 log = get_logger(__name__)
 
 FORMAT_NAME = "mmidx-bert"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest's `integrity` entry (docs/DATA_CHECKS.md)
 TOOL_VERSION = "0.1.0"
 JOURNAL_SECONDS = 30.0  # how often a build records its position for a restart (an fsync and a small JSON)
 SINGLE_SENTENCE_WARNING = 0.5  # share of one-sentence documents above which a build warns
