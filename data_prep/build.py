@@ -355,6 +355,7 @@ class _Journal:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        Path(f"{self.path}.tmp").unlink(missing_ok=True)  # a kill while the journal was being written leaves it
 
 
 @dataclass
