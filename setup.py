@@ -20,6 +20,7 @@ setup(
         "numpy>=1.26,<2.6",
         "blingfire>=0.1.8,<0.2",
         "zstandard>=0.22",
+        "xxhash>=3.4",  # dataset checksums (data_prep/indexed.py)
         "pyarrow>=15",
         "tqdm>=4.66",
         "matplotlib>=3.8",

@@ -7,9 +7,9 @@ and tokenize it in one batch; the main process writes results in chunk order. De
 - Deterministic: results are consumed in submission order, so the output is byte-identical for any
   `--workers` (and `--workers 1` runs in-process, with no pickling at all).
 - Bounded memory: at most `2 * workers` chunks are in flight, a document longer than a chunk travels in
-  parts (stored as one document), and the tokenizer works through a chunk in batches of 1024 sentences,
-  so memory depends on `--chunk-mb` and `--workers`, never on the corpus or document size (a single
-  line must fit in memory):
+  parts (stored as one document), a line longer than `text.MAX_PIECE_CHARS` (1 MiB) is cut into pieces at
+  whitespace, and the tokenizer works through a chunk in batches of 1024 sentences, so memory depends on
+  `--chunk-mb` and `--workers`, never on the corpus, document or line size:
   about (2 * workers + 2) chunks of text as Python strings (~2-3x their size) on top of the baseline of each
   process; the index side data is spilled to disk by the writer. docs/PERFORMANCE.md has measured peaks.
 - Crash safety: everything is written under `*.tmp` names and renamed at the end, `.idx` last (with the
@@ -20,7 +20,9 @@ and tokenize it in one batch; the main process writes results in chunk order. De
   journal, re-reads the inputs up to that chunk without tokenizing them, and continues: the result is
   byte-identical to an uninterrupted run. Anything else (no journal, another command, bad input) starts over.
 - Sharding: `--shards K` deals documents round-robin to `PREFIX_00000` ... `PREFIX_{K-1}`, each a complete
-  dataset with its own manifest.
+  dataset with its own manifest (`bert-pretrain --data PREFIX` reads them all).
+- The manifest (format_version 2) records the largest token id and checksums of `.bin` and `.idx`, which
+  `bert-pretrain` checks before step 1 (data_prep/integrity.py).
 - A build whose documents are mostly one sentence long warns: NSP/SOP pretraining skips such documents
   (a pair needs two sentences of one document), which usually means `--doc-boundary` cut them too finely.
 """
@@ -54,7 +56,7 @@ from data_prep.pool import ordered_map
 log = get_logger(__name__)
 
 FORMAT_NAME = "mmidx-bert"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest's `integrity` entry (docs/DATA_CHECKS.md)
 TOOL_VERSION = "0.1.0"
 JOURNAL_SECONDS = 30.0  # how often a build records its position for a restart (an fsync and a small JSON)
 SINGLE_SENTENCE_WARNING = 0.5  # share of one-sentence documents above which a build warns
@@ -353,6 +355,7 @@ class _Journal:
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
+        Path(f"{self.path}.tmp").unlink(missing_ok=True)  # a kill while the journal was being written leaves it
 
 
 @dataclass

@@ -6,9 +6,13 @@ a one-line error: pointers must be the running sum of the lengths, the last sequ
 the end of `.bin`, document boundaries must be increasing from 0 to the sequence count, every id must be
 below the vocabulary size, and the counts and dtype must equal the manifest's.
 
+With a format_version 2 manifest, `--verify` also compares the recorded checksums of `.idx` and `.bin` and
+the largest token id (data_prep/integrity.py). A format_version 1 manifest (no checksums) is checked as
+before, and `--verify --write-manifest` upgrades it to version 2 (a full read of both files).
+
 Data written by Megatron's `preprocess_data.py` has no manifest: `--verify` then checks the index against
 the `.bin`, and the ids against `--tokenizer`'s vocabulary when one is given; `--write-manifest` adds the
-manifest (`adopted: true`, no sources) so `bert-pretrain` can train on it.
+manifest (`adopted: true`, no sources, the integrity entry of a full read) so `bert-pretrain` can train on it.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep import indexed, tokenizer
+from data_prep import indexed, integrity, tokenizer
 from data_prep.errors import UserError
 from data_prep.files import write_json_atomic
 from data_prep.flags import add_command, option
@@ -48,30 +52,8 @@ def verify(ds: indexed.IndexedDataset, vocab_size: int | None = None) -> None:
 
     Without a manifest, ids are checked against `vocab_size` when it is given.
     """
-    bin_path, idx_path, json_path = indexed.paths(ds.prefix)
-    n, item = len(ds), ds.dtype.itemsize
-    lengths, pointers, docs = ds.sequence_lengths, ds.sequence_pointers, ds.document_indices
-    end = 0
-    for i in range(0, n, _CHUNK):
-        ln = lengths[i : i + _CHUNK].astype(np.int64)
-        if (ln < 0).any():
-            j = i + int(np.argmax(ln < 0))
-            raise UserError(f"{idx_path}: sequence {j} has negative length {int(lengths[j])}; the index is corrupt")
-        expected = end + np.cumsum(ln * item) - ln * item
-        bad = np.flatnonzero(pointers[i : i + _CHUNK] != expected)
-        if len(bad):
-            j = i + int(bad[0])
-            raise UserError(
-                f"{idx_path}: sequence {j} points to byte {int(pointers[j])}, expected {int(expected[bad[0]])} "
-                "(lengths and pointers disagree); the index is corrupt, rebuild the dataset"
-            )
-        end = int(expected[-1] + ln[-1] * item)
-    if end != bin_path.stat().st_size:
-        raise UserError(f"{bin_path} has {bin_path.stat().st_size} bytes but the index describes {end}; rebuild it")
-    if len(docs) == 0 or docs[0] != 0 or docs[-1] != n or (np.diff(docs) <= 0).any():
-        raise UserError(
-            f"{idx_path}: document boundaries must increase from 0 to {n}; the index is corrupt, rebuild it"
-        )
+    json_path = indexed.paths(ds.prefix)[2]
+    integrity.check_index(ds, exact=True)
     if ds.manifest:
         _verify_manifest(ds, ds.manifest, json_path)
     elif vocab_size is not None:
@@ -91,7 +73,10 @@ def _verify_manifest(ds: indexed.IndexedDataset, manifest: dict, json_path) -> N
             raise UserError(f"{json_path} says {counts.get(key)} {key}, the dataset holds {value}; rebuild it")
     if dtype != ds.dtype.name:
         raise UserError(f"{json_path} says dtype {dtype}, the index says {ds.dtype.name}; rebuild the dataset")
-    _verify_ids(ds, vocab_size)
+    if "integrity" in manifest:  # every checksum, and every id against the recorded largest one
+        integrity.check(ds, manifest, vocab_size, full_scan_bytes=len(ds.tokens) * ds.dtype.itemsize)
+    else:
+        _verify_ids(ds, vocab_size)
 
 
 def _verify_ids(ds: indexed.IndexedDataset, vocab_size: int) -> None:
@@ -157,14 +142,17 @@ class InspectConfig:
     """Special tokens of --tokenizer by role, as for `bert-prep build` (default: the manifest's, else its config)."""
     write_manifest: bool = False
     """After --verify passes, write PREFIX.json for data without one (needs --tokenizer), so bert-pretrain can
-    train on it."""
+    train on it, or upgrade a format_version 1 manifest to version 2 (checksums, largest token id)."""
 
     def validate(self) -> None:
         """Raise UserError naming the flag to change."""
         if self.show < 0:
             raise UserError(f"--show must be 0 or more, got {self.show}")
-        if self.write_manifest and not (self.verify and self.tokenizer):
-            raise UserError("--write-manifest needs --verify and --tokenizer (the vocabulary the ids come from)")
+        if self.write_manifest and not self.verify:
+            raise UserError(
+                "--write-manifest needs --verify, and for data without a manifest --tokenizer (the vocabulary the "
+                "ids come from)"
+            )
         tokenizer.parse_special_tokens(self.special_tokens)
 
 
@@ -190,7 +178,7 @@ def adopted_manifest(ds: indexed.IndexedDataset, tok, name: str) -> dict:
     """The manifest of a dataset written by another tool (Megatron), for `--write-manifest`."""
     from data_prep import build
 
-    return {
+    manifest = {
         "format": build.FORMAT_NAME,
         "format_version": build.FORMAT_VERSION,
         "tool_version": build.TOOL_VERSION,
@@ -205,6 +193,14 @@ def adopted_manifest(ds: indexed.IndexedDataset, tok, name: str) -> dict:
         "sources": [],
         "adopted": True,
     }
+    return upgraded_manifest(ds, manifest)
+
+
+def upgraded_manifest(ds: indexed.IndexedDataset, manifest: dict) -> dict:
+    """`manifest` at the current format_version: with the integrity entry of a full read of the files."""
+    from data_prep import build
+
+    return {**manifest, "format_version": build.FORMAT_VERSION, "integrity": integrity.record(ds)}
 
 
 def run(cfg: InspectConfig) -> int:
@@ -213,8 +209,16 @@ def run(cfg: InspectConfig) -> int:
     if not indexed.exists(cfg.prefix) and indexed.exists(shard):
         raise UserError(f"{cfg.prefix} was written with --shards; inspect each shard, e.g. {shard}")
     ds = indexed.IndexedDataset(cfg.prefix)
-    if cfg.write_manifest and ds.manifest:
-        raise UserError(f"{indexed.paths(cfg.prefix)[2]} already exists; --write-manifest is for data without one")
+    if cfg.write_manifest and "integrity" in ds.manifest:
+        raise UserError(
+            f"{indexed.paths(cfg.prefix)[2]} already exists; --write-manifest is for data without one or with a "
+            "format_version 1 manifest"
+        )
+    if cfg.write_manifest and not ds.manifest and not cfg.tokenizer:
+        raise UserError(
+            "--write-manifest needs --verify, and for data without a manifest --tokenizer (the vocabulary the ids "
+            "come from)"
+        )
     log.info("\n".join(report(ds)))
     tok = name = None
     if cfg.show or (cfg.tokenizer and cfg.verify):
@@ -228,6 +232,7 @@ def run(cfg: InspectConfig) -> int:
         if not ds.manifest and tok is None:
             log.info("          no manifest: counts and ids unchecked (pass --tokenizer to check the ids)")
     if cfg.write_manifest:
-        write_json_atomic(indexed.paths(cfg.prefix)[2], adopted_manifest(ds, tok, name))
+        manifest = upgraded_manifest(ds, ds.manifest) if ds.manifest else adopted_manifest(ds, tok, name)
+        write_json_atomic(indexed.paths(cfg.prefix)[2], manifest)
         log.info(f"wrote     {indexed.paths(cfg.prefix)[2]}")
     return 0

@@ -20,7 +20,13 @@ Design choices:
   on the first rows) through a 1 MB read buffer; Arrow files are memory-mapped and sliced the same
   way. Documents longer than a chunk are cut into parts (flagged, so they are stored as one document) and
   parts are grouped into chunks of about `chunk_bytes` of text, so memory depends on neither the corpus nor
-  the document size (only one line of a text file, or one row, must fit in memory).
+  the document size.
+- Lines of any length: a line (of a txt file, or of a row's text) longer than `MAX_PIECE_CHARS` is cut into
+  pieces of at most that many characters, each after its last space or tab (mid-word only where a whole
+  piece holds none), and each piece is a paragraph of its own; `pieces` is the one rule, so txt and row
+  formats cut a line alike. A txt file is read in blocks of at most `MAX_PIECE_CHARS` bytes, so a 50 MB
+  line never sits whole in memory; a jsonl line or Parquet/Arrow value is held whole once (JSON must be
+  parsed whole), then cut. Shorter lines, i.e. all ordinary text, are read exactly as before.
 - Input bytes are decoded line by line; invalid UTF-8 is replaced with U+FFFD and counted (or is an
   error with `strict`), so one bad byte in a 100 GB crawl neither kills the run nor passes silently.
 - A NUL byte in a text file means a binary file was passed by mistake: an error naming the file. A corrupt
@@ -60,6 +66,23 @@ EXTENSIONS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "json
 EXTENSIONS.update({".parquet": "parquet", ".pq": "parquet", ".arrow": "arrow"})
 _FORMAT_PREFIX = re.compile(rf"^({'|'.join(FORMATS)}):(.+)$")
 _REPLACEMENT_UTF8 = "\ufffd".encode()
+MAX_PIECE_CHARS = 1 << 20  # longest piece of a line handled at once (sentence splitter and tokenizer memory)
+
+
+def pieces(line: str, limit: int | None = None) -> Iterator[str]:
+    """`line` cut into pieces of at most `limit` characters, each ending after its last space or tab (a cut
+    mid-word only where `limit` characters hold no space); the line itself when it is short enough.
+
+    Greedy from the start, so a reader that sees the line `limit` characters at a time cuts it the same way."""
+    limit = limit or MAX_PIECE_CHARS
+    start, n = 0, len(line)
+    while n - start > limit:
+        cut = max(line.rfind(" ", start, start + limit), line.rfind("\t", start, start + limit)) + 1
+        cut = cut if cut > start else start + limit
+        yield line[start:cut]
+        start = cut
+    if start < n or n == 0:
+        yield line[start:] if start else line
 
 
 @dataclass(frozen=True, order=True)
@@ -177,24 +200,34 @@ class ReadStats:
 class _Documents:
     """Stripped non-blank lines -> `(paragraphs, ends)` parts, collected in `ready`."""
 
-    __slots__ = ("blank_ends", "max_bytes", "doc", "size", "open", "ready")
+    __slots__ = ("blank_ends", "max_bytes", "doc", "size", "open", "ready", "line_text")
 
     def __init__(self, blank_ends: bool, max_bytes: int):
         self.blank_ends, self.max_bytes = blank_ends, max_bytes
         self.doc: list[str] = []
         self.size, self.open = 0, False  # open: parts of the current document were already handed out
         self.ready: list[tuple[list[str], bool]] = []
+        self.line_text = False  # the current line had text in an earlier piece
 
-    def add(self, line: str) -> None:
-        text = line.strip()
+    def add(self, piece: str, line_ends: bool = True) -> None:
+        """One piece of a line (`pieces`); the line's last piece has `line_ends`. Only a blank line, not a
+        blank piece of a long line, ends a document."""
+        text = piece.strip()
         if text:
             self.doc.append(text)
             self.size += len(text)
             if self.max_bytes and self.size >= self.max_bytes:
                 self.ready.append((self.doc, False))
                 self.doc, self.size, self.open = [], 0, True
-        elif self.blank_ends:
+        elif line_ends and self.blank_ends and not self.line_text:
             self.end()
+        self.line_text = bool(text or self.line_text) and not line_ends
+
+    def add_line(self, line: str) -> None:
+        """A whole line, cut into pieces when long."""
+        for piece in pieces(line):
+            self.add(piece, False)
+        self.add("", True)
 
     def end(self) -> None:
         """End the current document (nothing when it is empty)."""
@@ -248,21 +281,64 @@ class TextReader:
 
     def _file_parts(self, inp: Input, boundary: str, done: int, max_bytes: int) -> Iterator[tuple[list[str], bool]]:
         docs = _Documents(boundary == "blank", max_bytes)
-        is_txt = inp.format == "txt"
-        for row in self._rows(inp, done, max_bytes):
-            for line in (row,) if is_txt else row.splitlines() or ("",):  # an empty row is a blank line
-                docs.add(line)
-            if boundary == "row":
-                docs.end()
-            if docs.ready:
-                yield from docs.take()
+        if inp.format == "txt":
+            for piece, line_ends in self._line_pieces(inp.path, done):
+                docs.add(piece, line_ends)
+                if line_ends and boundary == "row":
+                    docs.end()
+                if docs.ready:
+                    yield from docs.take()
+        else:
+            for row in self._rows(inp, done, max_bytes):
+                for line in row.splitlines() or ("",):  # an empty row is a blank line
+                    docs.add_line(line)
+                if boundary == "row":
+                    docs.end()
+                if docs.ready:
+                    yield from docs.take()
         docs.end()
         yield from docs.take()
 
+    def _line_pieces(self, path: Path, done: int) -> Iterator[tuple[str, bool]]:
+        """A txt file's lines as `(piece, ends the line)`: read in blocks of at most `MAX_PIECE_CHARS` bytes
+        (a character cut by a block's end moves to the next block) and cut as `pieces` cuts the whole line,
+        so no line is ever held whole."""
+        stream, raw = open_binary(path)
+        lineno, reads, text, carry = 1, 0, "", b""
+        try:
+            while block := carry + stream.readline(MAX_PIECE_CHARS - len(carry)):
+                newline = block.endswith(b"\n")
+                ends = newline or len(block) < MAX_PIECE_CHARS  # readline stops short only at a newline or EOF
+                cut = 0 if ends else _partial_character(block)
+                block, carry = (block[:-cut], block[-cut:]) if cut else (block, b"")
+                self.stats.text_bytes += len(block)
+                text += self._decode(block, path, lineno)
+                if newline:
+                    text = text[:-2] if text.endswith("\r\n") else text[:-1]
+                start, known = 0, len(text) - (not ends and text.endswith("\r"))  # a "\r" may begin "\r\n"
+                while known - start > MAX_PIECE_CHARS or (ends and start < len(text)):
+                    piece = next(pieces(text[start : start + MAX_PIECE_CHARS + 1], MAX_PIECE_CHARS))
+                    start += len(piece)
+                    yield piece, ends and start == len(text)
+                text = text[start:]
+                if ends:
+                    if start == 0:  # an empty line
+                        yield "", True
+                    lineno += 1
+                reads += 1
+                if reads % 256 == 0:
+                    self.stats.bytes_read = done + raw.tell()
+            if text:  # the file ended a block exactly where its last line ended, without a newline
+                last = list(pieces(text, MAX_PIECE_CHARS))
+                yield from ((piece, i == len(last) - 1) for i, piece in enumerate(last))
+        except (OSError, EOFError, lzma.LZMAError, zstandard.ZstdError) as e:
+            raise UserError(f"{path} could not be read or decompressed ({e}); check that the file is intact") from e
+        finally:
+            stream.close()
+            raw.close()
+
     def _rows(self, inp: Input, done: int, max_bytes: int) -> Iterator[str]:
-        """A txt file's lines, or the texts of the rows of the other formats."""
-        if inp.format == "txt":
-            return (text for _, text in self._lines(inp.path, done))
+        """The texts of the rows of the row formats (jsonl, Parquet, Arrow)."""
         if inp.format == "jsonl":
             return self._jsonl_rows(inp.path, done)
         from data_prep import columnar  # pyarrow only for the formats that need it
@@ -325,6 +401,16 @@ def chunked(parts: Iterator[tuple[list[str], bool]], chunk_bytes: int) -> Iterat
             chunk, size = [], 0
     if chunk:
         yield chunk
+
+
+def _partial_character(block: bytes) -> int:
+    """How many bytes at the end of `block` begin a UTF-8 character that the block's end cuts (0 to 3)."""
+    for back in range(1, min(4, len(block)) + 1):
+        byte = block[-back]
+        if byte & 0xC0 != 0x80:  # not a continuation byte: the character's first byte
+            size = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+            return back if back < size else 0
+    return 0
 
 
 class SentenceSplitter:

@@ -45,6 +45,12 @@ Design choices that differ from the textbook:
 - Mixing weights: each epoch of N = sum of dataset sample counts gives dataset k `round(w_k * N)` slots,
   filled by walking a keyed permutation of its own samples across epochs (no sample repeats before all
   of that dataset's samples are used).
+- Data is checked before step 1 (`data_prep.integrity.check`: index, checksums, recorded largest id against
+  the vocabulary, a token scan) and every token a sample reads is checked again: a sample that meets a bad id
+  (the `.bin` damaged after the start check, or outside the scanned blocks) is skipped with a one-line
+  warning naming file and document, and global sample `g + 1` takes its place (then `g + 2`, ...). The
+  choice depends only on `g` and the data, so every rank, process count and relaunch skips alike and resume
+  stays exact (docs/DATA_CHECKS.md).
 - Packing keeps no sample map: the stream is the split's documents in a seeded order with the running total
   of their slots (two int64 per document); sample i of a pass over the stream starts at slot `offset + i *
   seq_len` (one searchsorted), where `offset` is drawn per pass, so every pass cuts the documents elsewhere.
@@ -64,9 +70,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data_prep import integrity
 from data_prep.errors import UserError
 from data_prep.flags import option
-from data_prep.indexed import IndexedDataset
+from data_prep.indexed import IndexedDataset, expand
 from data_prep.indexed import exists as dataset_exists
 from pretrain.masking import Masker, continuation_flags
 
@@ -76,6 +83,11 @@ PAIR_TASKS = get_args(PairTask)
 IGNORE_INDEX = -100
 _REQUIRED_SPECIALS = ("pad", "cls", "sep", "mask")
 _U64 = (1 << 64) - 1
+MAX_SKIPPED = 64  # consecutive damaged samples after which the data is declared unusable
+
+
+class BadSample(UserError):
+    """A sample reads a token id outside the dataset's ids (damaged `.bin`); the message names file and document."""
 
 
 @dataclass
@@ -83,9 +95,11 @@ class DataConfig:
     """How pretraining samples are read, paired and masked."""
 
     prefixes: list[str] = option(flag="--data", metavar="PREFIX")
-    """Dataset prefixes from `bert-prep build` (PREFIX.bin/.idx/.json), one per dataset or shard."""
+    """Datasets from `bert-prep build`, one PREFIX (PREFIX.bin/.idx/.json) each; a PREFIX written with --shards
+    stands for all its shards PREFIX_00000 ..., and a quoted glob ('data/*') for every dataset it matches."""
     weights: list[float] | None = option(None, flag="--data-weights", metavar="W")
-    """Mixing weight per --data prefix; default: in proportion to each dataset's size."""
+    """Mixing weight per --data entry (shards or glob matches share theirs by size); default: in proportion to
+    each dataset's size."""
     seq_len: int = 128
     """Maximum tokens per sample, [CLS] and [SEP] included."""
     short_seq_prob: float = 0.1
@@ -147,11 +161,12 @@ class _Source:
         self.prefix = prefix
         self.ds = IndexedDataset(prefix)
         self.manifest = self.ds.manifest
+        integrity.check_index(self.ds)  # before any map is built from the index
+        self.max_id = self.vocab_size = np.iinfo(self.ds.dtype).max  # until `integrity.check` knows the vocabulary
+        self.signed = self.ds.dtype.kind == "i"
         lengths = self.ds.sequence_lengths.astype(np.int64)
         self.cum = np.concatenate([[0], np.cumsum(lengths)])  # tokens before sentence i
         self.start = self.ds.sequence_pointers // self.ds.dtype.itemsize  # first token of sentence i
-        if len(lengths) and not np.array_equal(self.start - self.start[0], self.cum[:-1]):
-            raise UserError(f"{prefix}.bin does not store sentences back to back; rebuild it with `bert-prep build`")
         self.docs = self.ds.document_indices.astype(np.int64)
         self.split_docs = _split_documents(self.ds.num_documents, cfg.eval_fraction, [cfg.seed, k, 11])
         self.seq_len, self.key = cfg.seq_len, (cfg.seed, k)
@@ -215,18 +230,26 @@ class _Source:
 
     def _framed(self, doc: int, start: int, length: int, special: dict[str, int]) -> np.ndarray:
         """Slots [start, start + length) of `[CLS] tokens of doc [SEP]`."""
-        tokens = self.tokens(int(self.docs[doc]), int(self.docs[doc + 1]))
-        end = start + length
+        s, e = int(self.docs[doc]), int(self.docs[doc + 1])
+        n, end = int(self.cum[e] - self.cum[s]), start + length
         parts = [np.array([special["cls"]])] if start == 0 else []
-        parts.append(tokens[max(start - 1, 0) : min(end - 1, len(tokens))].astype(np.int64))
-        if end == len(tokens) + 2:
+        lo, hi = max(start - 1, 0), min(end - 1, n)
+        parts.append(self._checked(int(self.start[s]) + lo, max(hi - lo, 0)).astype(np.int64))
+        if end == n + 2:
             parts.append(np.array([special["sep"]]))
         return np.concatenate(parts)
 
     def tokens(self, s: int, e: int) -> np.ndarray:
-        """Token ids of sentences [s, e) of this dataset, one contiguous view."""
-        first = int(self.start[s])
-        return self.ds.tokens[first : first + int(self.cum[e] - self.cum[s])]
+        """Token ids of sentences [s, e) of this dataset, one contiguous view; BadSample on a damaged id."""
+        return self._checked(int(self.start[s]), int(self.cum[e] - self.cum[s]))
+
+    def _checked(self, first: int, count: int) -> np.ndarray:
+        """Tokens `first : first + count` of `.bin`, every id checked against the dataset's ids."""
+        tokens = self.ds.tokens[first : first + count]
+        if count and (int(tokens.max()) > self.max_id or (self.signed and int(tokens.min()) < 0)):
+            at = first + int(np.argmax((tokens > self.max_id) | (tokens < 0)))
+            raise BadSample(integrity.bad_token_message(self.ds, at, self.max_id, self.vocab_size))
+        return tokens
 
     def random_span(self, split: str, doc: int, want: int, rng: np.random.Generator) -> np.ndarray:
         """Sentences from a random start in a random other document of `split`, up to `want` tokens."""
@@ -246,17 +269,21 @@ class PretrainingData:
     def __init__(self, cfg: DataConfig):
         cfg.validate()
         self.cfg = cfg
-        self.sources = [_Source(p, k, cfg) for k, p in enumerate(cfg.prefixes)]
+        groups = [expand(name) for name in cfg.prefixes]  # each --data entry: one dataset, its shards or matches
+        self._group = np.repeat(np.arange(len(groups)), [len(g) for g in groups])  # --data entry of each source
+        self.sources = [_Source(p, k, cfg) for k, p in enumerate(p for g in groups for p in g)]
         _warn_single_sentence_documents(self.sources, cfg.pair_task)
         tok = _shared_tokenizer(self.sources)
         self.vocab_size = int(tok["vocab_size"])
+        for src in self.sources:
+            src.max_id, src.vocab_size = integrity.check(src.ds, src.manifest, self.vocab_size), self.vocab_size
         self.special_tokens = {name: int(i) for name, i in tok["special_tokens"].items()}
         self.masker = Masker(
             self.vocab_size,
             self.special_tokens["mask"],
             self.special_tokens.values(),
             cfg.mask_prob,
-            _continuation_ids(tok["path"], self.vocab_size, cfg.prefixes[0]) if cfg.whole_word_mask else None,
+            _continuation_ids(tok["path"], self.vocab_size, self.sources[0].prefix) if cfg.whole_word_mask else None,
         )
         self._slots = {split: self._mixture(split) for split in SPLITS}
         if self.num_samples("train") == 0:
@@ -271,12 +298,15 @@ class PretrainingData:
                         )
 
     def _mixture(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """(slots per dataset in one epoch, first slot of each dataset)."""
+        """(slots per dataset in one epoch, first slot of each dataset). A --data entry's weight is shared by its
+        datasets (shards, glob matches) in proportion to their sizes."""
         sizes = np.array([s.num_samples(split) for s in self.sources], dtype=np.int64)
         if self.cfg.weights is None:
             counts = sizes
         else:
-            w = np.where(sizes > 0, np.asarray(self.cfg.weights, dtype=np.float64), 0.0)
+            entry = np.bincount(self._group, weights=sizes)[self._group]  # samples of each source's --data entry
+            share = np.divide(sizes, entry, out=np.zeros(len(sizes)), where=entry > 0)
+            w = np.where(sizes > 0, np.asarray(self.cfg.weights, dtype=np.float64)[self._group] * share, 0.0)
             counts = np.rint(w / w.sum() * sizes.sum()).astype(np.int64) if w.sum() > 0 else sizes * 0
         return counts, np.concatenate([[0], np.cumsum(counts)])
 
@@ -325,8 +355,20 @@ class PretrainingData:
         return a, b, 1
 
     def masked_sample(self, split: str, g: int) -> dict[str, np.ndarray]:
-        """Global sample `g` of `split`, masked: adds `masked_positions` and `mlm_labels`."""
-        out = self.sample(split, *self.global_index(split, g))
+        """Global sample `g` of `split`, masked: adds `masked_positions` and `mlm_labels`. A damaged sample is
+        skipped with a warning and the next global sample that reads cleanly takes its place."""
+        for skip in range(MAX_SKIPPED):
+            try:
+                out = self.sample(split, *self.global_index(split, g + skip))
+                break
+            except BadSample as e:
+                warnings.warn(
+                    f"{e}; skipping {split} sample {g + skip} (sample {g + skip + 1} takes its place)", stacklevel=2
+                )
+        else:
+            raise UserError(
+                f"{MAX_SKIPPED} {split} samples in a row from {g} read damaged tokens; restore or rebuild the data"
+            )
         rng = np.random.default_rng([self.cfg.seed, SPLITS[split], int(g), 29])
         out["input_ids"], out["masked_positions"], out["mlm_labels"] = self.masker.mask(out["input_ids"], rng)
         return out

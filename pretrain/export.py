@@ -53,6 +53,16 @@ def recorded_data_prefixes(source: Path) -> list[str]:
     return [data] if isinstance(data, str) else list(data)
 
 
+def _first_dataset(name: str) -> str:
+    """The first dataset a --data entry stands for (itself, its first shard or glob match)."""
+    from data_prep.indexed import expand
+
+    try:
+        return expand(name)[0]
+    except UserError:
+        return name
+
+
 def tokenizer_dir(source: Path, tokenizer: str | None, data: str | None) -> str:
     """The tokenizer to ship: --tokenizer, else the manifest of --data or of the run's recorded dataset."""
     return tokenizer_source(source, tokenizer, data)[0]
@@ -65,7 +75,7 @@ def tokenizer_source(source: Path, tokenizer: str | None, data: str | None) -> t
         return tokenizer, {}
     prefixes = [data] if data else recorded_data_prefixes(source)
     for prefix in prefixes:
-        manifest = Path(prefix + ".json")
+        manifest = Path(_first_dataset(prefix) + ".json")
         if manifest.is_file():
             entry = json.loads(manifest.read_text()).get("tokenizer", {})
             path = entry.get("path")

@@ -198,10 +198,7 @@ def _prepare(cfg: TrainConfig):
             f"--seq-len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
             f"{model_cfg.max_position_embeddings}; lower --seq-len or use a larger --model"
         )
-    for prefix in cfg.data.prefixes:
-        if not Path(prefix + ".idx").is_file() or not Path(prefix + ".bin").is_file():
-            raise UserError(f"dataset {prefix}.bin/.idx does not exist; pass a PREFIX written by `bert-prep build`")
-    data = PretrainingData(cfg.data)
+    data = PretrainingData(cfg.data)  # names a missing dataset, checks the data (pretrain.data)
     if data.vocab_size > model_cfg.vocab_size:
         raise UserError(
             f"the data's vocabulary ({data.vocab_size} ids, {cfg.data.prefixes[0]}.json) is larger than the model's "

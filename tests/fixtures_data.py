@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.indexed import IndexedDatasetWriter
+from data_prep import integrity
+from data_prep.indexed import IndexedDataset, IndexedDatasetWriter
 
 SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 _SPECIAL_NAMES = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -72,7 +73,7 @@ def make_corpus(
             documents.append(sentences)
     manifest = {
         "format": "mmidx-bert",
-        "format_version": 1,
+        "format_version": 2,
         "dtype": "uint16",
         "tokenizer": {
             "path": str(tokenizer_dir),
@@ -83,5 +84,6 @@ def make_corpus(
         },
         "counts": {"documents": num_docs, "sentences": n_sent, "tokens": next_id - first_id},
     }
+    manifest["integrity"] = integrity.record(IndexedDataset(prefix))
     Path(prefix + ".json").write_text(json.dumps(manifest))
     return Corpus(prefix, documents, doc, sent, pos, continuation, vocab_size)

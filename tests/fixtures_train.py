@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.indexed import IndexedDatasetWriter, token_dtype
+from data_prep import integrity
+from data_prep.indexed import IndexedDataset, IndexedDatasetWriter, token_dtype
 
 SUBJECTS = [
     "the farmer",
@@ -111,7 +112,7 @@ def make_dataset(root: Path, num_docs: int = 60, seed: int = 0, name: str = "cor
     vocab_txt = tok_dir / "vocab.txt"
     manifest = {
         "format": "mmidx-bert",
-        "format_version": 1,
+        "format_version": 2,
         "tool_version": "0.1.0",
         "dtype": str(token_dtype(vocab_size)),
         "tokenizer": {
@@ -125,6 +126,7 @@ def make_dataset(root: Path, num_docs: int = 60, seed: int = 0, name: str = "cor
         "sources": [],
         "split_sentences": True,
     }
+    manifest["integrity"] = integrity.record(IndexedDataset(prefix))
     Path(prefix + ".json").write_text(json.dumps(manifest))
     return prefix
 

@@ -250,7 +250,7 @@ def test_eval_batches_are_fixed_and_held_out(corpus):
 
 
 def test_errors_are_one_line_user_errors(tmp_path, corpus):
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(UserError, match="missing.bin/.idx does not exist"):
         PretrainingData(DataConfig([str(tmp_path / "missing")]))
     with pytest.raises(UserError, match="--pair-task"):
         PretrainingData(DataConfig([corpus.prefix], pair_task="mlm"))

@@ -59,7 +59,7 @@ def test_manifest_counts_sources_and_megatron_reads_the_build(tmp_path, prep_tok
     src = _write(tmp_path / "a.txt.gz", txt(documents(30, seed=6)), gzip.compress)
     ds = build(prep_tokenizer, tmp_path / "d", src)
     m = ds.manifest
-    assert m["format"] == "mmidx-bert" and m["format_version"] == 1 and m["tool_version"]
+    assert m["format"] == "mmidx-bert" and m["format_version"] == 2 and m["tool_version"]
     assert m["counts"]["documents"] == ds.num_documents == 30
     assert m["counts"]["sentences"] == len(ds) and m["counts"]["tokens"] == ds.num_tokens
     assert m["sources"] == [
