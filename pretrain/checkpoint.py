@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import gc
 import json
 import math
 import os
@@ -193,7 +194,12 @@ def save(
     except Exception as e:
         if not _disk_full(e, save_dir):
             raise
-        raise _full_disk_error(save_dir, tag_dir, rank) from None
+        full = True
+    else:
+        full = False
+    if full:  # outside the handler: the failed writer (held by the traceback's frames) has closed its file
+        gc.collect()
+        raise _full_disk_error(save_dir, tag_dir, rank)
     if rank == 0:
         keep.verified[tag] = mark is None
         if mark:

@@ -160,7 +160,7 @@ class LossWatch:
     """The recent training losses, to mark a checkpoint saved at a non-finite or spiking loss."""
 
     def __init__(self):
-        self.recent: deque[float] = deque(maxlen=SPIKE_WINDOW)
+        self.recent: deque[float] = deque(maxlen=SPIKE_WINDOW + 1)  # the window, and the newest loss
         self.last: float | None = None
 
     def add(self, loss: float) -> None:

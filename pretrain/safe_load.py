@@ -61,8 +61,8 @@ def load(path: str | os.PathLike, trust: bool = False, map_location="cpu", mmap:
     try:
         return _safe_load(Path(path), mmap=mmap, map_location=map_location)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise  # damage, not a refused class
+        if not any(marker in str(e) for marker in _REFUSED):
+            raise  # damage (random bytes make unknown opcodes), not a refused class or call
         raise UntrustedCheckpoint(f"refusing to load {path}: {_why(e)}; {TRUST_HINT}") from None
 
 
@@ -73,10 +73,13 @@ def check_all(files, trust: bool = False) -> None:
             check(f)
 
 
+_REFUSED = ("Unsupported global: GLOBAL ", "Trying to call reduce for ", "Trying to call ")
+
+
 def _why(e: Exception) -> str:
     """The class torch refused, from its long 'Weights only load failed' message, in a few words."""
     text = str(e)
-    for marker in ("Unsupported global: GLOBAL ", "Unsupported operand", "Trying to call reduce for "):
+    for marker in _REFUSED:
         if marker in text:
             return "it holds pickled code or a class outside the allow-list (" + text.split(marker, 1)[1].split(
                 " ", 1
