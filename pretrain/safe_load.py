@@ -77,11 +77,10 @@ _REFUSED = ("Unsupported global: GLOBAL ", "Trying to call reduce for ", "Trying
 
 
 def _why(e: Exception) -> str:
-    """The class torch refused, from its long 'Weights only load failed' message, in a few words."""
-    text = str(e)
+    """The global torch refused, from its long 'Weights only load failed' message, in a few words."""
+    text, what = str(e), ""
     for marker in _REFUSED:
         if marker in text:
-            return "it holds pickled code or a class outside the allow-list (" + text.split(marker, 1)[1].split(
-                " ", 1
-            )[0].rstrip(".,") + ")"
-    return "it holds pickled code or a class outside the allow-list"
+            what = " (" + text.split(marker, 1)[1].split(" ", 1)[0].rstrip(".,") + ")"
+            break
+    return "it holds pickled code or a class outside the allow-list" + what
