@@ -451,9 +451,10 @@ def resume(
                     warnings.warn(
                         f"--resume-from {tag}: {integrity.mark(save_dir / tag)}; loading it as asked", stacklevel=2
                     )
-                if only:
-                    _set_aside_newer(save_dir, only)
-            return tag, _load(engine, save_dir / tag, rank, trust)
+            state = _load(engine, save_dir / tag, rank, trust)
+            if rank == 0 and only:
+                _set_aside_newer(save_dir, only)
+            return tag, state
         if why is not None and rank != 0:
             warnings.warn(f"rank {rank} cannot read checkpoint {save_dir}/{tag or agreed // 2}: {why}", stacklevel=2)
         if rank == 0:

@@ -352,7 +352,7 @@ class _Run:
         only = checkpoint.rollback_target(self.cfg.save, self.cfg.resume_from)
         tag, resumed = checkpoint.resume(self.engine, self.cfg.save, self.cfg.trust_checkpoint, only)
         self.keep.protect.add(tag)
-        self.keep.verified[tag] = True
+        self.keep.verified[tag] = not checkpoint.integrity.mark(Path(self.cfg.save) / tag)  # hashed by resume
         self.state = dataclasses.replace(resumed, world_size=dist.world_size(), config=self.resolved)
         self.clock.before_s = self.state.elapsed_s
         log.info(f"resumed from {self.cfg.save} at step {self.state.step} ({self.state.consumed_samples} samples)")

@@ -141,3 +141,15 @@ def test_the_allow_list_is_enough_for_every_regime_that_runs_here(setup, tmp_pat
             "numpy._core.multiarray._reconstruct"
         }, f
     assert main(config({**setup, "ds": str(ds)}, save, steps=2))["step"] == 2  # and resume loads them
+
+
+def test_the_fp16_dynamic_loss_scaler_loads_safely(tmp_path):
+    """fp16 does not run on CPU: DeepSpeed's dynamic loss scaler, as its ZeRO optimizers save it, round-trips."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    scaler = DynamicLossScaler(
+        init_scale=2**16, scale_window=1000, min_scale=1, delayed_shift=2, consecutive_hysteresis=False
+    )
+    torch.save({"loss_scaler": scaler, "dynamic_loss_scale": True}, tmp_path / "optim_states.pt")
+    loaded = safe_load.load(tmp_path / "optim_states.pt")["loss_scaler"]
+    assert type(loaded) is DynamicLossScaler and vars(loaded) == vars(scaler)
