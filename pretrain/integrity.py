@@ -7,9 +7,8 @@ Each rank writes `checksums_rank{R}.json` into the tag after its own files (docs
      "loss": 7.9, "mark": null}                       (rank 0 only: the saved step's loss and its mark)
 
 Design choices:
-- The hash is xxHash's XXH3-128 (the `xxhash` package): about 12 GiB/s against blake2b's 0.8 GiB/s on this
-  project's CPU test machine (loaded, one 256 MiB buffer each), so verifying a BERT-large ZeRO checkpoint costs
-  far less than reading it. It detects damage (flipped bits, a cut file, a foreign file), not an attacker, who
+- The hash is xxHash's XXH3-128 (the `xxhash` package): over 10x hashlib's blake2b and sha256 on this project's
+  CPU test machine (docs/PERFORMANCE.md), so verifying a checkpoint costs far less than reading it. It detects damage (flipped bits, a cut file, a foreign file), not an attacker, who
   can rewrite the checksums as easily: pretrain.safe_load is the defence against planted code.
 - A rank hashes the files it wrote: those named after its rank (`zero_pp_rank_R_*`, `rng_rankR.pt`) and, on
   rank 0, the shared ones. No file crosses ranks, so a node-local --save works like a shared one.
