@@ -517,7 +517,12 @@ def _optimizer_source(init_from: str, world: int, ds_cfg: dict, trust: bool = Fa
     from pretrain import checkpoint
 
     path = Path(init_from)
-    found = checkpoint.newest(path) if path.is_dir() and not (path / checkpoint.STATE_FILE).is_file() else None
+    good = (
+        checkpoint.newest_good(path, warn=False)
+        if path.is_dir() and not (path / checkpoint.STATE_FILE).is_file()
+        else None
+    )
+    found = (good, checkpoint.read_state(path / good)) if good else None  # the tag load_weights takes the weights of
     if (path / checkpoint.STATE_FILE).is_file():
         path, found = path.parent, (path.name, checkpoint.read_state(path))
     if found is None:
