@@ -69,6 +69,8 @@ class FinetuneConfig:
     init_from: str
     """Pretraining --save directory, one checkpoint tag directory, or a Hugging Face directory (BERT or
     ModernBERT: `bert-export`'s, or one transformers wrote)."""
+    trust_checkpoint: bool = False
+    """Load --init-from without the weights_only check (docs/CHECKPOINTS.md): only for files of known origin."""
     output: str
     """Directory for the best model (HF format, with tokenizer), eval_report.json and prediction files."""
     epochs: int = 3
@@ -147,7 +149,7 @@ def load_pretrained(cfg: FinetuneConfig):
     --init-from."""
     from pretrain.checkpoint import load_weights
 
-    config, state = load_weights(cfg.init_from)
+    config, state = load_weights(cfg.init_from, cfg.trust_checkpoint)
     if cfg.seq_len > config.max_position_embeddings:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's {config.max_position_embeddings} positions")
     if cfg.tokenizer:

@@ -4,7 +4,9 @@ The output holds config.json, model.safetensors and the tokenizer files, and loa
 `transformers.BertForPreTraining/BertModel/BertForMaskedLM.from_pretrained(OUT_DIR)` (a ModernBERT run:
 `ModernBertForMaskedLM`/`ModernBertModel`; either: `AutoModelForMaskedLM`) and
 `pipeline("fill-mask", model=OUT_DIR)`. Weights come through `pretrain.checkpoint.load_weights`, which
-consolidates any ZeRO stage; the tokenizer is the one the dataset was built with (the manifest's
+consolidates any ZeRO stage, takes a run directory's newest checkpoint that verifies (checksums, not marked as
+diverged), refuses a named tag that does not, and loads nothing that fails `weights_only=True` unless
+`--trust-checkpoint`; the tokenizer is the one the dataset was built with (the manifest's
 `tokenizer.path`, found through the data prefix the run recorded) unless `--tokenizer` names another.
 
 After writing, the export is loaded back with transformers and run next to our model on a fixed batch;
@@ -137,6 +139,7 @@ def export(
     tokenizer: str | None = None,
     data: str | None = None,
     check: bool = True,
+    trust: bool = False,
 ) -> PreTrainingModel:
     """Write the Hugging Face directory; returns our model with the exported weights (eval mode)."""
     from pretrain.checkpoint import load_weights
@@ -146,7 +149,7 @@ def export(
     if not source.exists():
         raise UserError(f"checkpoint {source} does not exist; pass a training --save directory (and --tag)")
     tok_src, special_tokens = tokenizer_source(source, tokenizer, data)  # fail before the slow part
-    config, state = load_weights(str(source))
+    config, state = load_weights(str(source), trust)
     model = build_model(config, state)
     model.save_hf_pretrained(str(out_dir))
     save_tokenizer(tok_src, out_dir, config, special_tokens)
@@ -172,8 +175,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--data", default=None, metavar="PREFIX", help="dataset prefix whose manifest names the tokenizer"
     )
     parser.add_argument("--no-verify", action="store_true", help="skip reloading with transformers and comparing")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load the checkpoint without the weights_only check (docs/CHECKPOINTS.md): only for files of known origin",
+    )
     args = parser.parse_args(argv)
-    model = export(args.checkpoint, args.out_dir, args.tag, args.tokenizer, args.data, check=not args.no_verify)
+    model = export(
+        args.checkpoint, args.out_dir, args.tag, args.tokenizer, args.data, not args.no_verify, args.trust_checkpoint
+    )
     c = model.config
     n, family = sum(p.numel() for p in model.parameters()), {"bert": "BERT", "modernbert": "ModernBERT"}[c.model_type]
     shape = f"{c.num_hidden_layers}-layer, {c.hidden_size}-wide {family} ({n / 1e6:.1f}M parameters)"

@@ -54,7 +54,15 @@ class TrainConfig(ModelFlags):
     save_every: int = 0
     """Checkpoint every N steps; 0 saves only at the end and on a signal."""
     keep_last: int = 0
-    """Keep only the newest K checkpoints; 0 keeps all."""
+    """Keep only the newest K good checkpoints (complete, verified, saved at a sane loss) and the one the run
+    resumed from; 0 keeps all."""
+    keep_every: int = 0
+    """With --keep-last: also keep every checkpoint whose step is a multiple of N (milestones); 0: none."""
+    resume_from: str | None = None
+    """Roll back: resume from this checkpoint tag of --save (e.g. step_00004000) instead of the newest good one;
+    the newer tags are moved into SAVE/abandoned/."""
+    trust_checkpoint: bool = False
+    """Load checkpoints (resume, --init-from) without the weights_only check: only for files of known origin."""
     eval_every: int = 0
     """Evaluate every N steps, at step 0 and at the end; 0 never."""
     eval_samples: int = 1024
@@ -94,7 +102,16 @@ class TrainConfig(ModelFlags):
         for name in ("train_steps",):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        for name in ("save_every", "keep_last", "eval_every", "time_budget", "log_every", "max_nonfinite"):
+        nonnegative = (
+            "save_every",
+            "keep_last",
+            "keep_every",
+            "eval_every",
+            "time_budget",
+            "log_every",
+            "max_nonfinite",
+        )
+        for name in nonnegative:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
         if self.init_optimizer and not self.init_from:
@@ -210,7 +227,7 @@ def _prepare(cfg: TrainConfig):
             f"the data's [PAD] id is {pad} ({cfg.data.prefixes[0]}.json) but the model's pad_token_id is "
             f"{model_cfg.pad_token_id}; pass --model-set pad_token_id={pad}"
         )
-    found = checkpoint.newest(cfg.save)
+    found = checkpoint.starting_point(cfg.save, cfg.resume_from)
     if found is not None:
         diff = shape_mismatch(found[1].config.get("model", {}), model_cfg)
         if diff:
@@ -298,9 +315,10 @@ class _Run:
         rank, world = dist.rank(), dist.world_size()
         _, self.micro_batch, self.grad_accum = eng.resolve_batch(ds_cfg, world)
         self.global_batch = self.micro_batch * self.grad_accum * world
-        found = _loadable(Path(cfg.save), found, world, ds_cfg)
+        found = _loadable(Path(cfg.save), found, world, ds_cfg, cfg.trust_checkpoint)
+        trust = cfg.trust_checkpoint
         optimizer_from = (
-            _optimizer_source(cfg.init_from, world, ds_cfg) if found is None and cfg.init_optimizer else None
+            _optimizer_source(cfg.init_from, world, ds_cfg, trust) if found is None and cfg.init_optimizer else None
         )
         model = _build_model(cfg, model_cfg, init=cfg.init_from if found is None else None)
         # elapsed time of a resumed run is needed before resume: loading the LR scheduler evaluates the budget
@@ -313,10 +331,12 @@ class _Run:
             self.engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints are unchanged
         torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per rank
         self.state = checkpoint.TrainState(world_size=world, config=self.resolved)
+        self.keep = checkpoint.Retention(cfg.keep_last, cfg.keep_every)
+        self.losses = checkpoint.integrity.LossWatch()  # marks a checkpoint saved at a non-finite or spiking loss
         if found is not None:
             self._resume()
         elif optimizer_from is not None:
-            checkpoint.load_optimizer_state(self.engine, optimizer_from)
+            checkpoint.load_optimizer_state(self.engine, optimizer_from, cfg.trust_checkpoint)
             log.info(f"took the optimizer state of {optimizer_from}; the schedule and the step count start afresh")
         self.peak_flops = _peak_tflops(eng.compute_dtype(ds_cfg))
         self.metrics = Metrics(cfg.save, self.state.step, self.resolved, cfg.tensorboard, cfg.wandb_project)
@@ -330,7 +350,10 @@ class _Run:
     def _resume(self) -> None:
         from pretrain import checkpoint
 
-        resumed = checkpoint.resume(self.engine, self.cfg.save)
+        only = checkpoint.rollback_target(self.cfg.save, self.cfg.resume_from)
+        tag, resumed = checkpoint.resume(self.engine, self.cfg.save, self.cfg.trust_checkpoint, only)
+        self.keep.protect.add(tag)
+        self.keep.verified[tag] = not checkpoint.integrity.mark(Path(self.cfg.save) / tag)  # hashed by resume
         self.state = dataclasses.replace(resumed, world_size=dist.world_size(), config=self.resolved)
         self.clock.before_s = self.state.elapsed_s
         log.info(f"resumed from {self.cfg.save} at step {self.state.step} ({self.state.consumed_samples} samples)")
@@ -353,9 +376,13 @@ class _Run:
             _report(self.bar, cfg, record, min(eta, self._budget_left()))
             nonfinite = nonfinite + 1 if bad else 0
             if nonfinite >= max(cfg.max_nonfinite, 1):
+                from pretrain import checkpoint
+
+                good = checkpoint.newest_good(cfg.save, warn=False)
+                where = f"the newest good checkpoint is {Path(cfg.save) / good}" if good else "no good checkpoint yet"
                 raise UserError(
                     f"the loss was non-finite for {nonfinite} consecutive steps (last at step {state.step}); stopping "
-                    f"without saving, the last good checkpoint in {cfg.save} is intact; lower the learning rate"
+                    f"without saving; {where} (a relaunch resumes from it); lower the learning rate"
                 )
             last = state.step == cfg.train_steps
             if self.evals is not None and (state.step % cfg.eval_every == 0 or last or (budget and not signalled)):
@@ -419,6 +446,7 @@ class _Run:
             record["grad_norm"] = step.grad_norm
         record.update(_loss_scaling(self.engine))
         self.metrics.write(record)
+        self.losses.add(record["loss"])
         self.result.update(step=state.step, loss=record["loss"])
         return record, bool(bad), bool(signalled), bool(budget)
 
@@ -435,9 +463,9 @@ class _Run:
         from pretrain import checkpoint
 
         t0 = time.monotonic()
-        tag_dir = checkpoint.save(self.engine, self.cfg.save, self.state, self.cfg.keep_last or None)
+        tag_dir = checkpoint.save(self.engine, self.cfg.save, self.state, keep=self.keep, watch=self.losses)
         size = checkpoint.size_on_disk(tag_dir) if dist.is_rank0() else 0
-        log.info(f"saved {tag_dir} ({size / 1e9:.2f} GB in {time.monotonic() - t0:.1f} s)")
+        log.info(f"saved {tag_dir} ({checkpoint.integrity.human_bytes(size)} in {time.monotonic() - t0:.1f} s)")
 
     def _stop(self, reason: str, save: bool) -> dict:
         from pretrain import checkpoint
@@ -456,7 +484,7 @@ class _Run:
         self.metrics.close()
 
 
-def _loadable(save_dir: Path, found, world: int, ds_cfg: dict):
+def _loadable(save_dir: Path, found, world: int, ds_cfg: dict, trust: bool = False):
     """(tag, state) that `world` processes can load of a checkpoint found in `save_dir`: the tag itself when it was
     written by as many processes, is universal, or holds its optimizer state whole (stage 0); otherwise a
     universal copy that rank 0 makes once while the other ranks wait. Says which in one line."""
@@ -472,7 +500,7 @@ def _loadable(save_dir: Path, found, world: int, ds_cfg: dict):
             f"converting it to the universal format to load it on {world} (once; the other ranks wait)"
         )
         if dist.is_rank0():
-            checkpoint.to_universal(save_dir, tag)
+            checkpoint.to_universal(save_dir, tag, trust)
         dist.barrier()
         tag = f"{tag}_universal"
     elif state.world_size != world and not tag.endswith("_universal"):
@@ -485,12 +513,17 @@ def _loadable(save_dir: Path, found, world: int, ds_cfg: dict):
     return tag, state
 
 
-def _optimizer_source(init_from: str, world: int, ds_cfg: dict) -> Path:
+def _optimizer_source(init_from: str, world: int, ds_cfg: dict, trust: bool = False) -> Path:
     """The checkpoint tag whose optimizer state --init-optimizer takes: --init-from's newest, or that tag."""
     from pretrain import checkpoint
 
     path = Path(init_from)
-    found = checkpoint.newest(path) if path.is_dir() and not (path / checkpoint.STATE_FILE).is_file() else None
+    good = (
+        checkpoint.newest_good(path, warn=False)
+        if path.is_dir() and not (path / checkpoint.STATE_FILE).is_file()
+        else None
+    )
+    found = (good, checkpoint.read_state(path / good)) if good else None  # the tag load_weights takes the weights of
     if (path / checkpoint.STATE_FILE).is_file():
         path, found = path.parent, (path.name, checkpoint.read_state(path))
     if found is None:
@@ -498,7 +531,7 @@ def _optimizer_source(init_from: str, world: int, ds_cfg: dict) -> Path:
             f"--init-optimizer: --init-from {init_from} is not one of our checkpoints (a --save directory or a tag), "
             "so it has no optimizer state to take; drop --init-optimizer"
         )
-    return path / _loadable(path, found, world, ds_cfg)[0]
+    return path / _loadable(path, found, world, ds_cfg, trust)[0]
 
 
 def _resolved_config(cfg: TrainConfig, model_cfg, ds_cfg: dict, data, world: int, fast_paths: dict) -> dict:
@@ -531,7 +564,7 @@ def _build_model(cfg: TrainConfig, model_cfg, init: str | None):
     torch.manual_seed(cfg.seed)
     if not init:
         return build_pretraining_model(model_cfg)
-    _, weights = load_weights(init)
+    _, weights = load_weights(init, cfg.trust_checkpoint)
     model = pretraining_from_state(model_cfg, weights, f"--init-from {init} (use the --model it was trained with)")
     log.info(f"initialized weights from {init}")
     return model
