@@ -20,12 +20,11 @@ setup(
         "numpy>=1.26,<2.6",
         "blingfire>=0.1.8,<0.2",
         "zstandard>=0.22",
-        "xxhash>=3.4",  # dataset checksums (data_prep/indexed.py)
         "pyarrow>=15",
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "hjson>=3.1",
-        "xxhash>=3.0,<5",  # checkpoint checksums (pretrain.integrity): XXH3-128, over 10x blake2b's speed
+        "xxhash>=3.4,<5",  # dataset and checkpoint checksums (data_prep.indexed, pretrain.integrity): XXH3-128, >10x blake2b
     ],
     extras_require={
         "logging": ["tensorboard>=2.16", "wandb>=0.17"],
