@@ -38,7 +38,7 @@ from data_prep.flags import accept_launcher_arguments, add_arguments, from_args,
 from data_prep.log import get_logger
 from finetune import data, glue, kinds, qa
 from finetune.model import FAMILIES, save_hf
-from pretrain import dist
+from pretrain import dist, identity
 
 log = get_logger(__name__)
 
@@ -83,6 +83,8 @@ class FinetuneConfig:
     """DeepSpeed JSON: optimizer, schedule, precision, ZeRO stage."""
     tokenizer: str | None = None
     """Tokenizer directory (default: the one in --init-from, else the pretraining dataset's)."""
+    allow_tokenizer_change: bool = False
+    """Fine-tune with a --tokenizer whose fingerprint differs from the one --init-from was trained with."""
     text_column: str = "text"
     """classify: column holding the text."""
     pair_column: str | None = None
@@ -150,6 +152,8 @@ def load_pretrained(cfg: FinetuneConfig):
     if cfg.seq_len > config.max_position_embeddings:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's {config.max_position_embeddings} positions")
     if cfg.tokenizer:
+        current = identity.describe_tokenizer(cfg.tokenizer)
+        identity.check_init_from(cfg.init_from, current, f"--tokenizer {cfg.tokenizer}", cfg.allow_tokenizer_change)
         return config, state, cfg.tokenizer
     init = Path(cfg.init_from)
     if any((init / f).is_file() for f in TOKENIZER_FILES):  # an HF directory (e.g. from bert-export)

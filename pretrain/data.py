@@ -249,6 +249,7 @@ class PretrainingData:
         self.sources = [_Source(p, k, cfg) for k, p in enumerate(cfg.prefixes)]
         _warn_single_sentence_documents(self.sources, cfg.pair_task)
         tok = _shared_tokenizer(self.sources)
+        self.tokenizer = dict(tok)  # the manifest's entry: fingerprint, ids (pretrain.identity)
         self.vocab_size = int(tok["vocab_size"])
         self.special_tokens = {name: int(i) for name, i in tok["special_tokens"].items()}
         self.masker = Masker(
