@@ -10,7 +10,9 @@ Design choices:
   the number of processes; the same all-reduce carries the stop flag (SIGTERM/SIGINT, time budget), so all
   ranks stop at the same step boundary, save and exit 0.
 - Resume is exact: the data position is `consumed_samples` (samples are a pure function of their index),
-  dropout RNG states are saved per rank, and metrics.jsonl is cut back to the resumed step.
+  dropout is seeded per micro-batch from its first global sample (`dropout_seed`, not per rank), and
+  metrics.jsonl is cut back to the resumed step; so a run is the same on any process count and after a resume
+  on another count, up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data_prep.errors import UserError
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
 from data_prep.log import get_logger
-from pretrain import dist
+from pretrain import dist, identity
 from pretrain.data import DataConfig, PretrainingData, eval_batches
 from pretrain.metrics import Metrics
 from pretrain.models import ModelFlags, build_pretraining_model, pretraining_from_state, shape_mismatch
@@ -77,6 +80,8 @@ class TrainConfig(ModelFlags):
     dist_timeout: float = 10.0
     """Minutes a collective may wait for a missing peer before the run fails (the process-group timeout; a
     launch by scripts/launch_multinode.sh ends every rank within seconds of a failure anyway)."""
+    allow_tokenizer_change: bool = False
+    """Resume or --init-from a checkpoint trained with another tokenizer than the data's (refused otherwise)."""
     compile: bool = False
     """torch.compile the whole model through DeepSpeed's engine.compile() (the first steps compile, then run
     faster; checkpoints keep the eager names)."""
@@ -192,26 +197,21 @@ def _prepare(cfg: TrainConfig):
     cfg.validate()
     ds_cfg = load_ds_config(cfg.deepspeed_config)
     resolve_batch(ds_cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    model_cfg = cfg.model_config()
+    for prefix in cfg.data.prefixes:
+        if not Path(prefix + ".idx").is_file() or not Path(prefix + ".bin").is_file():
+            raise UserError(f"dataset {prefix}.bin/.idx does not exist; pass a PREFIX written by `bert-prep build`")
+    data = PretrainingData(cfg.data)
+    manifest = f"{cfg.data.prefixes[0]}.json"
+    model_cfg = identity.model_config(cfg.model, cfg.model_set, data.tokenizer, manifest)  # the data's token ids
     if cfg.data.seq_len > model_cfg.max_position_embeddings:
         raise UserError(
             f"--seq-len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
             f"{model_cfg.max_position_embeddings}; lower --seq-len or use a larger --model"
         )
-    for prefix in cfg.data.prefixes:
-        if not Path(prefix + ".idx").is_file() or not Path(prefix + ".bin").is_file():
-            raise UserError(f"dataset {prefix}.bin/.idx does not exist; pass a PREFIX written by `bert-prep build`")
-    data = PretrainingData(cfg.data)
     if data.vocab_size > model_cfg.vocab_size:
         raise UserError(
-            f"the data's vocabulary ({data.vocab_size} ids, {cfg.data.prefixes[0]}.json) is larger than the model's "
+            f"the data's vocabulary ({data.vocab_size} ids, {manifest}) is larger than the model's "
             f"vocab_size {model_cfg.vocab_size}; pass --model-set vocab_size={data.vocab_size} (or more)"
-        )
-    pad = data.special_tokens["pad"]
-    if pad != model_cfg.pad_token_id:  # the model would freeze another token's embedding at zero as its padding row
-        raise UserError(
-            f"the data's [PAD] id is {pad} ({cfg.data.prefixes[0]}.json) but the model's pad_token_id is "
-            f"{model_cfg.pad_token_id}; pass --model-set pad_token_id={pad}"
         )
     found = checkpoint.newest(cfg.save)
     if found is not None:
@@ -221,6 +221,16 @@ def _prepare(cfg: TrainConfig):
                 f"--save {cfg.save} holds a checkpoint of a different model shape ({', '.join(diff)} differ); "
                 "use a new --save directory or the same --model"
             )
+        saved = found[1].config
+        identity.compare(
+            saved.get("tokenizer"),
+            data.tokenizer,
+            f"{cfg.save}/{found[0]}",
+            f"--data {manifest}",
+            cfg.allow_tokenizer_change,
+        )
+    elif cfg.init_from:
+        identity.check_init_from(cfg.init_from, data.tokenizer, f"--data {manifest}", cfg.allow_tokenizer_change)
     return model_cfg, data, ds_cfg, found
 
 
@@ -310,7 +320,6 @@ class _Run:
         self.resolved = _resolved_config(cfg, model_cfg, ds_cfg, data, world, fast_paths)
         if cfg.compile:
             self.engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints are unchanged
-        torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per rank
         self.state = checkpoint.TrainState(world_size=world, config=self.resolved)
         if found is not None:
             self._resume()
@@ -376,11 +385,14 @@ class _Run:
 
         engine, step = self.engine, _Step()
         rng = checkpoint.rng_state() if self.grad_accum > 1 else None
+        rank, world, consumed = dist.rank(), dist.world_size(), self.state.consumed_samples
         for i in range(self.grad_accum):
             if i and stop.agreed():
                 checkpoint.set_rng_state(rng)
                 return None
             batch = next(self.batches)
+            # the loader's i-th micro-batch on this rank starts at this global sample (pretrain.data)
+            torch.manual_seed(dropout_seed(self.cfg.seed, consumed + (i * world + rank) * self.micro_batch))
             step.tokens += float(batch["attention_mask"].sum())
             step.capacity += batch["attention_mask"].shape[0] * self.cfg.data.seq_len
             step.flops += batch_flops(self.model_cfg, batch)
@@ -509,6 +521,7 @@ def _resolved_config(cfg: TrainConfig, model_cfg, ds_cfg: dict, data, world: int
         "deepspeed": ds_cfg,
         "world_size": world,
         "data": {"vocab_size": data.vocab_size, "train_samples": data.num_samples("train")},
+        "tokenizer": data.tokenizer,  # the fingerprint that resume, export and fine-tuning compare (identity)
     }
     log.info("resolved configuration:\n" + json.dumps(resolved, indent=2))
     if model_cfg.vocab_size - data.vocab_size > 64:  # more than rounding up to a multiple of 64 (30522 -> 30528)
@@ -534,6 +547,12 @@ def _build_model(cfg: TrainConfig, model_cfg, init: str | None):
     model = pretraining_from_state(model_cfg, weights, f"--init-from {init} (use the --model it was trained with)")
     log.info(f"initialized weights from {init}")
     return model
+
+
+def dropout_seed(seed: int, first_sample: int) -> int:
+    """The dropout seed of the micro-batch that starts at global sample `first_sample`: a function of the samples
+    alone, so the same micro-batch draws the same dropout on any process count and after any resume."""
+    return int(np.random.SeedSequence([seed, first_sample, 43]).generate_state(1, np.uint64)[0])
 
 
 def _peak_tflops(dtype: torch.dtype) -> float | None:
