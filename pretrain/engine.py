@@ -326,7 +326,9 @@ class ProgressSchedule:
         return {"last_step": self.last_step, "base_lrs": self.base_lrs}
 
     def load_state_dict(self, state: dict) -> None:
-        self.last_step, self.base_lrs = state["last_step"], state["base_lrs"]
+        """The step count of the checkpoint; the peak rates stay this run's (the JSON's "lr"), so a relaunch
+        with a lower rate after a divergence takes effect instead of the saved one."""
+        self.last_step = state["last_step"]
         self._apply()
 
 

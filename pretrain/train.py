@@ -34,7 +34,7 @@ import torch
 from data_prep.errors import UserError
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
 from data_prep.log import get_logger
-from pretrain import dist, identity
+from pretrain import dist, identity, recipe
 from pretrain.data import DataConfig, PretrainingData, eval_batches
 from pretrain.metrics import Metrics
 from pretrain.models import ModelFlags, build_pretraining_model, pretraining_from_state, shape_mismatch
@@ -82,6 +82,15 @@ class TrainConfig(ModelFlags):
     launch by scripts/launch_multinode.sh ends every rank within seconds of a failure anyway)."""
     allow_tokenizer_change: bool = False
     """Resume or --init-from a checkpoint trained with another tokenizer than the data's (refused otherwise)."""
+    recipe: str | None = option(None, metavar="FILE")
+    """Recipe file (YAML or JSON of field: value, with optional phases:); over the model family's recipe, under
+    the command line (docs/RECIPES.md)."""
+    phase: str | None = None
+    """Apply this entry of the --recipe file's phases: (e.g. phase2, context) over the rest of the file."""
+    print_recipe: bool = False
+    """Print the resolved recipe (each value with where it came from, and the provenance) and exit."""
+    given: list[str] | None = option(None, cli=False)
+    """The fields named on the command line (set by from_args; None: those that differ from their default)."""
     compile: bool = False
     """torch.compile the whole model through DeepSpeed's engine.compile() (the first steps compile, then run
     faster; checkpoints keep the eager names)."""
@@ -93,7 +102,9 @@ class TrainConfig(ModelFlags):
 
     @classmethod
     def from_args(cls, argv=None) -> TrainConfig:
-        return from_args(cls, build_parser().parse_args(argv))
+        parser = build_parser()
+        cfg = from_args(cls, parser.parse_args(argv))
+        return dataclasses.replace(cfg, given=sorted(recipe.given_on_command_line(parser, argv)))
 
     def validate(self) -> None:
         for name in ("train_steps",):
@@ -229,18 +240,52 @@ def _prepare(cfg: TrainConfig):
             f"--data {manifest}",
             cfg.allow_tokenizer_change,
         )
+        _check_resume(cfg, saved, ds_cfg, found[1].world_size)
     elif cfg.init_from:
         identity.check_init_from(cfg.init_from, data.tokenizer, f"--data {manifest}", cfg.allow_tokenizer_change)
     return model_cfg, data, ds_cfg, found
 
 
+def _check_resume(cfg: TrainConfig, saved: dict, ds_cfg: dict, saved_world: int) -> None:
+    """A resume keeps the recipe: what may change (recipe.RESUMABLE, the learning rate, the process count)
+    takes effect and is printed; any other changed recipe field (or the global batch) refuses, naming it."""
+    from pretrain.engine import resolve_batch
+
+    taking, refused = recipe.resume_changes(saved.get("train", {}), recipe.flat(cfg))
+    old_ds, world = saved.get("deepspeed"), int(os.environ.get("WORLD_SIZE", "1"))
+    if old_ds:
+        old_lr, new_lr = (d.get("optimizer", {}).get("params", {}).get("lr") for d in (old_ds, ds_cfg))
+        if old_lr != new_lr:
+            taking.append(f"lr {old_lr} -> {new_lr}")
+        old_batch, new_batch = resolve_batch(old_ds, saved_world)[0], resolve_batch(ds_cfg, world)[0]
+        if old_batch != new_batch:
+            refused.append(f"global batch (train_batch_size) {old_batch} -> {new_batch}")
+    if saved_world != world:
+        taking.append(f"processes {saved_world} -> {world} (gradient accumulation follows)")
+    if refused:
+        raise UserError(
+            f"--save {cfg.save} holds a run whose recipe differs: {'; '.join(refused)}; a resume may change only "
+            "--train-steps, the learning rate, --time-budget, the cadences and the process count: relaunch with "
+            "the checkpoint's values or use a new --save directory"
+        )
+    if taking:
+        log.info(f"resuming {cfg.save} with changes that take effect: {'; '.join(taking)}")
+
+
 def main(cfg: TrainConfig) -> dict:
     """Train (or resume) and return the final metrics: step, loss, eval (if any), stopped_by."""
+    given = set(cfg.given) if cfg.given is not None else recipe.given_in_python(cfg)
+    file = recipe.read_file(cfg.recipe) if cfg.recipe else None
+    cfg, origin = recipe.resolve(cfg, given, file, cfg.phase, cfg.recipe or "")
+    if cfg.print_recipe:
+        model_cfg, data, ds_cfg, _ = _prepare(cfg)
+        print(json.dumps(_recipe_record(cfg, origin, model_cfg, ds_cfg, data), indent=2))
+        return {"step": 0, "stopped_by": None}
     stop = StopFlag()
     stop.install()
     try:
         model_cfg, data, ds_cfg, found = _prepare(cfg)
-        run = _Run(cfg, model_cfg, data, ds_cfg, found)
+        run = _Run(cfg, model_cfg, data, ds_cfg, found, origin)
         try:
             return run.train(stop)
         finally:
@@ -298,7 +343,7 @@ class _Run:
     `train` is the loop: optimizer steps, each followed by its record, evaluation, checkpoint and stop check.
     """
 
-    def __init__(self, cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found):
+    def __init__(self, cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, origin: dict):
         from pretrain import checkpoint
         from pretrain import engine as eng
 
@@ -317,7 +362,7 @@ class _Run:
         progress = self.clock.progress if cfg.time_budget else None
         self.engine = eng.initialize(model, ds_cfg, total_steps=cfg.train_steps, progress=progress)
         fast_paths = model.resolve_fast_paths(self.engine.device, eng.compute_dtype(ds_cfg))  # after ZeRO-3's say
-        self.resolved = _resolved_config(cfg, model_cfg, ds_cfg, data, world, fast_paths)
+        self.resolved = _resolved_config(cfg, model_cfg, ds_cfg, data, world, fast_paths, origin)
         if cfg.compile:
             self.engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints are unchanged
         self.state = checkpoint.TrainState(world_size=world, config=self.resolved)
@@ -512,16 +557,28 @@ def _optimizer_source(init_from: str, world: int, ds_cfg: dict) -> Path:
     return path / _loadable(path, found, world, ds_cfg)[0]
 
 
-def _resolved_config(cfg: TrainConfig, model_cfg, ds_cfg: dict, data, world: int, fast_paths: dict) -> dict:
-    """What this run is, printed at start and saved with every checkpoint."""
-    resolved = {
+def _recipe_record(cfg: TrainConfig, origin: dict, model_cfg, ds_cfg: dict, data) -> dict:
+    """The resolved recipe: the flags, the model config, the DeepSpeed JSON, where each flag's value came from
+    (those not at their default), the data's tokenizer and the provenance (pretrain.recipe)."""
+    return {
         "train": dataclasses.asdict(cfg),
         "model": dataclasses.asdict(model_cfg),
-        "fast_paths": fast_paths,
         "deepspeed": ds_cfg,
+        "origin": {k: v for k, v in origin.items() if v != "default"},
+        "provenance": recipe.provenance(),
+        "tokenizer": data.tokenizer,  # the fingerprint that resume, export and fine-tuning compare (identity)
+    }
+
+
+def _resolved_config(
+    cfg: TrainConfig, model_cfg, ds_cfg: dict, data, world: int, fast_paths: dict, origin: dict
+) -> dict:
+    """What this run is, printed at start and saved with every checkpoint."""
+    resolved = {
+        **_recipe_record(cfg, origin, model_cfg, ds_cfg, data),
+        "fast_paths": fast_paths,
         "world_size": world,
         "data": {"vocab_size": data.vocab_size, "train_samples": data.num_samples("train")},
-        "tokenizer": data.tokenizer,  # the fingerprint that resume, export and fine-tuning compare (identity)
     }
     log.info("resolved configuration:\n" + json.dumps(resolved, indent=2))
     if model_cfg.vocab_size - data.vocab_size > 64:  # more than rounding up to a multiple of 64 (30522 -> 30528)
@@ -584,9 +641,10 @@ def _report(bar, cfg: TrainConfig, r: dict, eta_s: float) -> None:
         bar.update(1)
     elif cfg.log_every and (r["step"] % cfg.log_every == 0 or r["step"] == cfg.train_steps):
         scaling = f"scale {r['loss_scale']:g} skipped {r['skipped_steps']} " if "loss_scale" in r else ""
+        nsp = f"nsp {r['nsp_loss']:.4f} " if cfg.data.pair_task != "none" else ""  # MLM only: no NSP column
         log.info(
             f"step {r['step']}/{cfg.train_steps} loss {r['loss']:.4f} mlm {r['mlm_loss']:.4f} "
-            f"nsp {r['nsp_loss']:.4f} lr {r['lr']:.3e} {scaling}{r['seq_per_s']:.1f} seq/s "
+            f"{nsp}lr {r['lr']:.3e} {scaling}{r['seq_per_s']:.1f} seq/s "
             f"ETA {int(eta_s // 3600)}:{int(eta_s % 3600 // 60):02d}:{int(eta_s % 60):02d}"
         )
 

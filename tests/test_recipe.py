@@ -1,0 +1,138 @@
+"""The recipe (issue 28, items 1 and 3; silent cases 2, 5 and 6): a preset brings its family's objective, a recipe
+file sits between the preset and the command line, the resolved recipe is printed with its provenance, and a
+resume may change only what RESUMABLE names (the learning rate then takes effect)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from fixtures_train import ds_config_json, losses, make_dataset, tiny_model_json
+
+from data_prep.errors import UserError
+from pretrain import recipe
+from pretrain.train import TrainConfig, main
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("recipe")
+    make_dataset(root / "data")
+    tiny_model_json(root / "model.json", vocab_size=200, max_positions=64)
+    ds_config_json(root / "ds.json", micro_batch=2)
+    return root
+
+
+def argv(root: Path, save: Path, *extra: str, model: str | None = None) -> list[str]:
+    args = ["--deepspeed_config", str(root / "ds.json"), "--model", model or str(root / "model.json")]
+    args += ["--data", str(root / "data" / "corpus"), "--save", str(save), "--seq-len", "32"]
+    return args + ["--eval-fraction", "0.1", "--num-workers", "0", "--log-every", "1", *extra]
+
+
+def printed(root: Path, capsys, *extra: str, model: str | None = None) -> dict:
+    main(TrainConfig.from_args(argv(root, root / "unused", "--print-recipe", *extra, model=model)))
+    return json.loads(capsys.readouterr().out)
+
+
+def test_a_modernbert_preset_brings_its_objective_and_bert_keeps_nsp(root, capsys):
+    """Silent case 2: `--model modernbert-tiny` trained NSP pairs at 15% unless the user remembered three flags."""
+    modern = printed(root, capsys, "--model-set", "vocab_size=256", model="modernbert-tiny")
+    assert {k: modern["train"]["data"][k] for k in ("pair_task", "packing", "mask_prob")} == recipe.FAMILY_RECIPES[
+        "modernbert"
+    ]
+    assert modern["origin"]["mask_prob"].startswith("modernbert recipe")
+    bert = printed(root, capsys)
+    assert {k: bert["train"]["data"][k] for k in ("pair_task", "packing", "mask_prob")} == recipe.FAMILY_RECIPES["bert"]
+    assert not (root / "unused").exists()  # --print-recipe trains nothing
+
+
+def test_the_command_line_wins_even_with_the_default_value(root, capsys):
+    out = printed(root, capsys, "--model-set", "vocab_size=256", "--mask-prob", "0.15", model="modernbert-tiny")
+    assert out["train"]["data"]["mask_prob"] == 0.15 and out["origin"]["mask_prob"] == "command line"
+
+
+def test_recipe_file_sits_between_preset_and_command_line_with_phases(root, capsys, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("mask_prob: 0.2\nseq_len: 48\nphases:\n  context:\n    seq_len: 64\n    seed: 7\n")
+    out = printed(root, capsys, "--recipe", str(path), "--seq-len", "40")
+    assert (out["train"]["data"]["mask_prob"], out["train"]["data"]["seq_len"]) == (0.2, 40)
+    assert out["origin"]["mask_prob"] == f"recipe {path}" and out["origin"]["seq_len"] == "command line"
+    out = printed(root, capsys, "--recipe", str(path), "--phase", "context")
+    assert (out["train"]["data"]["seq_len"], out["train"]["data"]["seed"]) == (32, 7)  # --seq-len 32 is in argv
+    assert out["origin"]["seed"] == f"recipe {path} phase context"
+
+
+def test_recipe_file_errors_are_one_line(root, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mask_probability: 0.2\n")
+    with pytest.raises(UserError, match="unknown recipe field 'mask_probability'; did you mean mask_prob"):
+        main(TrainConfig.from_args(argv(root, tmp_path / "s", "--recipe", str(bad))))
+    good = tmp_path / "r.json"
+    good.write_text(json.dumps({"seed": 3}))
+    with pytest.raises(UserError, match="--phase two: .* has phases none"):
+        main(TrainConfig.from_args(argv(root, tmp_path / "s", "--recipe", str(good), "--phase", "two")))
+
+
+def test_the_recipe_and_its_provenance_are_saved_with_every_checkpoint(root, tmp_path):
+    from pretrain import checkpoint
+
+    main(TrainConfig.from_args(argv(root, tmp_path / "run", "--train-steps", "1")))
+    saved = checkpoint.newest(tmp_path / "run")[1].config
+    assert saved["provenance"]["git_commit"] and saved["provenance"]["torch"]
+    assert saved["provenance"]["command"] and saved["origin"]["seq_len"] == "command line"
+
+
+@pytest.fixture(scope="module")
+def two_steps(root, tmp_path_factory) -> Path:
+    save = tmp_path_factory.mktemp("resume") / "run"
+    main(TrainConfig.from_args(argv(root, save, "--train-steps", "2")))
+    return save
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--seq-len", "48"], "seq_len 32 -> 48"),
+        (["--mask-prob", "0.3"], "mask_prob 0.15 -> 0.3"),
+        (["--pair-task", "sop"], "pair_task 'nsp' -> 'sop'"),
+        (["--seed", "5"], "seed 1234 -> 5"),
+    ],
+)
+def test_a_resume_that_changes_the_recipe_is_refused_naming_the_field(root, two_steps, tmp_path, flags, named):
+    """Silent case 5: a resume with another --seq-len, mask rate, pair task or seed reshaped the run."""
+    save = tmp_path / "run"
+    shutil.copytree(two_steps, save)
+    with pytest.raises(UserError, match="holds a run whose recipe differs: ") as e:
+        main(TrainConfig.from_args(argv(root, save, "--train-steps", "3", *flags)))
+    assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_resume_on_another_dataset_is_refused(root, two_steps, tmp_path):
+    save = tmp_path / "run"
+    shutil.copytree(two_steps, save)
+    for ext in ("bin", "idx", "json"):  # the same data under another name: the tokenizer check passes
+        shutil.copy(root / "data" / f"corpus.{ext}", root / "data" / f"other.{ext}")
+    args = argv(root, save, "--train-steps", "3")
+    args[args.index("--data") + 1] = str(root / "data" / "other")
+    with pytest.raises(UserError, match=r"prefixes \[.*corpus'\] -> \[.*other'\]"):
+        main(TrainConfig.from_args(args))
+
+
+def test_a_resume_with_a_lower_learning_rate_uses_it(root, two_steps, tmp_path):
+    """Silent case 6: the scheduler restored its base rate from the checkpoint and ignored the JSON's new one;
+    now steps 3-4 of the resumed run use the rate of a run started with the lower one."""
+    save, straight = tmp_path / "run", tmp_path / "straight"
+    shutil.copytree(two_steps, save)
+    lower = ds_config_json(tmp_path / "lower.json", micro_batch=2, lr=0.001)
+    args = argv(root, save, "--train-steps", "4")
+    args[args.index("--deepspeed_config") + 1] = lower
+    main(TrainConfig.from_args(args))
+    args = argv(root, straight, "--train-steps", "4")
+    args[args.index("--deepspeed_config") + 1] = lower
+    main(TrainConfig.from_args(args))
+    rates = {}
+    for name in (save, straight):
+        rows = [json.loads(line) for line in (name / "metrics.jsonl").read_text().splitlines()]
+        rates[name] = {r["step"]: r["lr"] for r in rows if "split" not in r}
+    assert rates[save][3] == pytest.approx(rates[straight][3]) and rates[save][4] == pytest.approx(rates[straight][4])
+    assert rates[save][3] > 0 and sorted(losses(save)) == [1, 2, 3, 4]
