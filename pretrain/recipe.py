@@ -196,6 +196,10 @@ def resolve(cfg, given: set[str], recipe: dict[str, Any] | None, phase: str | No
                 continue
             cfg = _set(cfg, name, value)
             origin[name] = where
+    values = flat(cfg)
+    if values["packing"] and values["pair_task"] != "none" and origin["packing"].endswith(f"(--model {model})"):
+        # the family packs only for its MLM-only objective: a pair task asked for above it takes unpacked samples
+        cfg, origin["packing"] = _set(cfg, "packing", False), f"off for pair_task {values['pair_task']}"
     return cfg, origin
 
 

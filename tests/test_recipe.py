@@ -49,6 +49,8 @@ def test_a_modernbert_preset_brings_its_objective_and_bert_keeps_nsp(root, capsy
 def test_the_command_line_wins_even_with_the_default_value(root, capsys):
     out = printed(root, capsys, "--model-set", "vocab_size=256", "--mask-prob", "0.15", model="modernbert-tiny")
     assert out["train"]["data"]["mask_prob"] == 0.15 and out["origin"]["mask_prob"] == "command line"
+    out = printed(root, capsys, "--model-set", "vocab_size=256", "--pair-task", "nsp", model="modernbert-tiny")
+    assert out["train"]["data"]["pair_task"] == "nsp" and not out["train"]["data"]["packing"]  # NSP: unpacked
 
 
 def test_recipe_file_sits_between_preset_and_command_line_with_phases(root, capsys, tmp_path):
