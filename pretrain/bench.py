@@ -306,7 +306,8 @@ class BenchConfig(ModelFlags):
     warmup: int = 3
     """Untimed steps per model first."""
     padding: Literal["realistic", "none"] = "realistic"
-    """Synthetic length distribution (module docstring of pretrain.bench)."""
+    """Synthetic lengths: realistic (BERT's data generator's: 10% short, the rest in [S/2, S], about 73% fill)
+    or none (every sequence --seq-len tokens)."""
     mask_prob: float | None = None
     """Share of real tokens masked (default: the model family's recipe, as bert-pretrain: 0.15 for BERT, 0.30
     for ModernBERT)."""

@@ -151,7 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="bert-export",
         description="Export a pretraining checkpoint (any ZeRO stage) to a Hugging Face directory: config.json, "
         "model.safetensors and the tokenizer files, loadable by transformers' BertForPreTraining, BertModel, "
-        "BertForMaskedLM and the fill-mask pipeline.",
+        "BertForMaskedLM (a ModernBERT run: ModernBertForMaskedLM, ModernBertModel; either: AutoModelForMaskedLM) "
+        "and the fill-mask pipeline. The tokenizer must be the one the checkpoint was trained with (its fingerprint "
+        "is compared).",
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="training --save directory or checkpoint tag dir")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")

@@ -69,7 +69,7 @@ class TrainConfig(ModelFlags):
     phase 2 does; the schedule and the step count start afresh, the hyperparameters are this run's JSON's."""
     log_every: int = 10
     """Plain log line every N steps when not on a terminal."""
-    time_budget: float = 0.0
+    time_budget: float = option(0.0, flag="--time-budget-hours", aliases=("--time-budget",), metavar="HOURS")
     """Wall-clock hours that drive the schedule; the run stops with a checkpoint when they are spent; 0: none."""
     max_nonfinite: int = 10
     """Stop after this many consecutive non-finite losses."""
@@ -77,7 +77,7 @@ class TrainConfig(ModelFlags):
     """Log to this Weights & Biases project (offline without an API key)."""
     tensorboard: bool = False
     """Write TensorBoard events to SAVE/tensorboard."""
-    dist_timeout: float = 10.0
+    dist_timeout: float = option(10.0, flag="--dist-timeout-minutes", aliases=("--dist-timeout",), metavar="MIN")
     """Minutes a collective may wait for a missing peer before the run fails (the process-group timeout; a
     launch by scripts/launch_multinode.sh ends every rank within seconds of a failure anyway)."""
     allow_tokenizer_change: bool = False
@@ -120,8 +120,9 @@ class TrainConfig(ModelFlags):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bert-pretrain",
-        description="Pretrain BERT (MLM + NSP) with DeepSpeed. Batch size, optimizer, precision and ZeRO stage "
-        "come from --deepspeed_config. Relaunching with the same --save resumes exactly. Multi-process: "
+        description="Pretrain BERT (MLM + NSP/SOP) or ModernBERT (MLM on packed documents) with DeepSpeed; a "
+        "--model preset brings its family's objective (docs/RECIPES.md). Batch size, optimizer, precision and "
+        "ZeRO stage come from --deepspeed_config. Relaunching with the same --save resumes exactly. Multi-process: "
         "deepspeed [--hostfile H] [--num_gpus N] --module pretrain.train <these flags>.",
     )
     add_arguments(p, TrainConfig)
@@ -392,6 +393,11 @@ class _Run:
         cfg, state = self.cfg, self.state
         if self.evals is not None and state.step == 0:
             self.evaluate()
+        if state.step >= cfg.train_steps:  # a relaunch of a finished run: nothing to do, say so
+            log.info(
+                f"{cfg.save} is complete: step {state.step} of --train-steps {cfg.train_steps}; raise "
+                "--train-steps to train on"
+            )
         self.bar = _progress_bar(cfg, state.step)
         loop_start, loop_step = time.monotonic(), state.step
         nonfinite = 0

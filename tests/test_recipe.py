@@ -138,3 +138,25 @@ def test_a_resume_with_a_lower_learning_rate_uses_it(root, two_steps, tmp_path):
         rates[name] = {r["step"]: r["lr"] for r in rows if "split" not in r}
     assert rates[save][3] == pytest.approx(rates[straight][3]) and rates[save][4] == pytest.approx(rates[straight][4])
     assert rates[save][3] > 0 and sorted(losses(save)) == [1, 2, 3, 4]
+
+
+def test_relaunching_a_finished_run_says_it_is_complete(root, two_steps, tmp_path, capsys):
+    save = tmp_path / "run"
+    shutil.copytree(two_steps, save)
+    assert main(TrainConfig.from_args(argv(root, save, "--train-steps", "2")))["step"] == 2
+    assert f"{save} is complete: step 2 of --train-steps 2" in capsys.readouterr().out
+
+
+def test_a_command_shows_a_warning_as_one_line_without_its_source(capfd):
+    import subprocess
+    import sys
+
+    code = "import warnings; from data_prep.errors import run_cli; run_cli(lambda a: warnings.warn('careful'))"
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert err == "warning: careful\n"
+
+
+def test_mlm_only_log_lines_have_no_nsp_column(root, tmp_path, capsys):
+    main(TrainConfig.from_args(argv(root, tmp_path / "run", "--train-steps", "1", "--pair-task", "none")))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 1/1"))
+    assert " mlm " in line and "nsp" not in line
