@@ -62,6 +62,10 @@ RESUMABLE = frozenset(
         "phase",
         "print_recipe",
         "given",
+        "lr",  # what the JSON becomes is compared on its own (the learning rate may change, the batch not)
+        "global_batch",
+        "micro_batch",
+        "warmup",
     }
 )
 # recipe fields a resume must keep: a change reshapes the run
@@ -201,6 +205,42 @@ def resolve(cfg, given: set[str], recipe: dict[str, Any] | None, phase: str | No
         # the family packs only for its MLM-only objective: a pair task asked for above it takes unpacked samples
         cfg, origin["packing"] = _set(cfg, "packing", False), f"off for pair_task {values['pair_task']}"
     return cfg, origin
+
+
+# recipe fields that live in the DeepSpeed JSON: field -> (JSON path, what the JSON calls it)
+DEEPSPEED_FIELDS = {
+    "lr": (("optimizer", "params", "lr"), "optimizer.params.lr"),
+    "global_batch": (("train_batch_size",), "train_batch_size"),
+    "micro_batch": (("train_micro_batch_size_per_gpu",), "train_micro_batch_size_per_gpu"),
+    "warmup": (("scheduler", "params", "warmup_proportion"), "scheduler.params.warmup_proportion"),
+}
+
+
+OUR_SCHEDULES = ("WarmupPolyDecay", "WarmupStableDecay")  # pretrain.engine.SCHEDULES: warmup_proportion
+
+
+def apply_to_deepspeed(values: dict[str, Any], origin: dict[str, str], ds_cfg: dict, ds_name: str) -> None:
+    """Write the recipe's DeepSpeed-side values (`DEEPSPEED_FIELDS`, None: unset) into `ds_cfg` where the JSON
+    leaves them out; where the JSON sets one to another value, a one-line error naming both."""
+    for name, (path, key) in DEEPSPEED_FIELDS.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        if name == "warmup" and ds_cfg.get("scheduler", {}).get("type") not in OUR_SCHEDULES:
+            raise UserError(
+                f"--warmup sets the warmup_proportion of our schedules ({', '.join(OUR_SCHEDULES)}); {ds_name} has "
+                f"scheduler {ds_cfg.get('scheduler', {}).get('type')!r}: set its warmup in the JSON"
+            )
+        node = ds_cfg
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        have = node.get(path[-1])
+        if have is not None and have != value:
+            raise UserError(
+                f"--{name.replace('_', '-')} {value} ({origin.get(name, 'recipe')}) but {ds_name} sets {key} {have}; "
+                "set it in one place: remove it from the JSON or from the recipe"
+            )
+        node[path[-1]] = value
 
 
 def family_optimizer_note(family: str, ds_cfg: dict, ds_name: str) -> str | None:

@@ -87,6 +87,14 @@ class TrainConfig(ModelFlags):
     the command line (docs/RECIPES.md)."""
     phase: str | None = None
     """Apply this entry of the --recipe file's phases: (e.g. phase2, context) over the rest of the file."""
+    lr: float | None = None
+    """Peak learning rate, for a DeepSpeed JSON without optimizer.params.lr (one that sets another is an error)."""
+    global_batch: int | None = option(None, metavar="N")
+    """Global batch in samples, for a DeepSpeed JSON without train_batch_size (another value is an error)."""
+    micro_batch: int | None = option(None, metavar="N")
+    """Micro-batch per process, for a DeepSpeed JSON without train_micro_batch_size_per_gpu (likewise)."""
+    warmup: float | None = None
+    """Warmup share of the run, for a DeepSpeed JSON schedule without warmup_proportion (likewise)."""
     print_recipe: bool = False
     """Print the resolved recipe (each value with where it came from, and the provenance) and exit."""
     given: list[str] | None = option(None, cli=False)
@@ -201,13 +209,14 @@ def evaluate(engine_or_model, batches) -> dict[str, float]:
     }
 
 
-def _prepare(cfg: TrainConfig):
+def _prepare(cfg: TrainConfig, origin: dict | None = None):
     """All user-input checks, before any compute. Returns (model config, data, DeepSpeed config, checkpoint)."""
     from pretrain import checkpoint
     from pretrain.engine import load_ds_config, resolve_batch
 
     cfg.validate()
     ds_cfg = load_ds_config(cfg.deepspeed_config)
+    recipe.apply_to_deepspeed(recipe.flat(cfg), origin or {}, ds_cfg, cfg.deepspeed_config)
     resolve_batch(ds_cfg, int(os.environ.get("WORLD_SIZE", "1")))
     for prefix in cfg.data.prefixes:
         if not Path(prefix + ".idx").is_file() or not Path(prefix + ".bin").is_file():
@@ -225,6 +234,9 @@ def _prepare(cfg: TrainConfig):
             f"the data's vocabulary ({data.vocab_size} ids, {manifest}) is larger than the model's "
             f"vocab_size {model_cfg.vocab_size}; pass --model-set vocab_size={data.vocab_size} (or more)"
         )
+    note = recipe.family_optimizer_note(model_cfg.model_type, ds_cfg, cfg.deepspeed_config)
+    if note and not cfg.print_recipe:  # --print-recipe's stdout is the JSON alone
+        log.info(note)
     found = checkpoint.newest(cfg.save)
     if found is not None:
         diff = shape_mismatch(found[1].config.get("model", {}), model_cfg)
@@ -279,13 +291,13 @@ def main(cfg: TrainConfig) -> dict:
     file = recipe.read_file(cfg.recipe) if cfg.recipe else None
     cfg, origin = recipe.resolve(cfg, given, file, cfg.phase, cfg.recipe or "")
     if cfg.print_recipe:
-        model_cfg, data, ds_cfg, _ = _prepare(cfg)
+        model_cfg, data, ds_cfg, _ = _prepare(cfg, origin)
         print(json.dumps(_recipe_record(cfg, origin, model_cfg, ds_cfg, data), indent=2))
         return {"step": 0, "stopped_by": None}
     stop = StopFlag()
     stop.install()
     try:
-        model_cfg, data, ds_cfg, found = _prepare(cfg)
+        model_cfg, data, ds_cfg, found = _prepare(cfg, origin)
         run = _Run(cfg, model_cfg, data, ds_cfg, found, origin)
         try:
             return run.train(stop)

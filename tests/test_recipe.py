@@ -160,3 +160,21 @@ def test_mlm_only_log_lines_have_no_nsp_column(root, tmp_path, capsys):
     main(TrainConfig.from_args(argv(root, tmp_path / "run", "--train-steps", "1", "--pair-task", "none")))
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 1/1"))
     assert " mlm " in line and "nsp" not in line
+
+
+def test_deepspeed_side_flags_fill_the_json_and_a_disagreement_names_both(root, capsys, tmp_path):
+    bare = json.loads((root / "ds.json").read_text())
+    del bare["optimizer"]["params"]["lr"], bare["train_batch_size"], bare["scheduler"]["params"]["warmup_proportion"]
+    (tmp_path / "bare.json").write_text(json.dumps(bare))
+    args = argv(root, root / "unused", "--print-recipe", "--lr", "0.003", "--global-batch", "4", "--warmup", "0.2")
+    args[args.index("--deepspeed_config") + 1] = str(tmp_path / "bare.json")
+    main(TrainConfig.from_args(args))
+    ds = json.loads(capsys.readouterr().out)["deepspeed"]
+    assert (ds["optimizer"]["params"]["lr"], ds["train_batch_size"]) == (0.003, 4)
+    assert ds["scheduler"]["params"]["warmup_proportion"] == 0.2
+    with pytest.raises(UserError, match=r"--lr 0.003 \(command line\) but .*ds.json sets optimizer.params.lr 0.01"):
+        main(TrainConfig.from_args(argv(root, root / "unused", "--print-recipe", "--lr", "0.003")))
+    path = tmp_path / "r.yaml"
+    path.write_text("global_batch: 16\n")
+    with pytest.raises(UserError, match=r"--global-batch 16 \(recipe .*r.yaml\) but .* sets train_batch_size 2"):
+        main(TrainConfig.from_args(argv(root, root / "unused", "--print-recipe", "--recipe", str(path))))
