@@ -8,7 +8,7 @@ setup(
     description="BERT pretraining on DeepSpeed: offline data prep, fused model, exact resume, multi-node.",
     python_requires=">=3.10",
     packages=find_packages(include=["data_prep*", "pretrain*", "finetune*"]),
-    package_data={"": ["*.json"]},
+    package_data={"": ["*.json"], "pretrain": ["recipes/*.yaml"]},
     install_requires=[
         # torch is left loose on purpose: clusters bring their own CUDA build.
         "torch>=2.4",

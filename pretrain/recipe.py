@@ -135,11 +135,25 @@ def given_in_python(cfg) -> set[str]:
     return {k for k, v in flat(cfg).items() if k not in defaults or defaults[k] != v}
 
 
+SHIPPED = Path(__file__).resolve().parent / "recipes"
+
+
+def shipped() -> list[str]:
+    """Names of the recipes that come with the package (pretrain/recipes/NAME.yaml)."""
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
 def read_file(path: str) -> dict[str, Any]:
-    """A recipe file: YAML (safe loader) or JSON, a mapping of field names to values (and `phases`)."""
+    """A recipe file: YAML (safe loader) or JSON, a mapping of field names to values (and `phases`); a name
+    without a file of that name is one of the shipped recipes."""
     p = Path(path)
+    if not p.is_file() and path in shipped():
+        p = SHIPPED / f"{path}.yaml"
     if not p.is_file():
-        raise UserError(f"--recipe {path} does not exist; pass a YAML or JSON recipe file (docs/RECIPES.md)")
+        raise UserError(
+            f"--recipe {path} does not exist; pass a YAML or JSON recipe file or one of {', '.join(shipped())} "
+            "(docs/RECIPES.md)"
+        )
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix == ".json":

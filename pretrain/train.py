@@ -83,8 +83,8 @@ class TrainConfig(ModelFlags):
     allow_tokenizer_change: bool = False
     """Resume or --init-from a checkpoint trained with another tokenizer than the data's (refused otherwise)."""
     recipe: str | None = option(None, metavar="FILE")
-    """Recipe file (YAML or JSON of field: value, with optional phases:); over the model family's recipe, under
-    the command line (docs/RECIPES.md)."""
+    """Recipe file (YAML or JSON of field: value, with optional phases:) or a shipped one (bert-base,
+    modernbert-base); over the model family's recipe, under the command line (docs/RECIPES.md)."""
     phase: str | None = None
     """Apply this entry of the --recipe file's phases: (e.g. phase2, context) over the rest of the file."""
     lr: float | None = None

@@ -178,3 +178,16 @@ def test_deepspeed_side_flags_fill_the_json_and_a_disagreement_names_both(root, 
     path.write_text("global_batch: 16\n")
     with pytest.raises(UserError, match=r"--global-batch 16 \(recipe .*r.yaml\) but .* sets train_batch_size 2"):
         main(TrainConfig.from_args(argv(root, root / "unused", "--print-recipe", "--recipe", str(path))))
+
+
+@pytest.mark.parametrize("name", recipe.shipped())
+def test_every_shipped_recipe_and_phase_resolves(name):
+    from pretrain.data import DataConfig
+
+    assert {"bert-base", "modernbert-base"} <= set(recipe.shipped())
+    base = TrainConfig(deepspeed_config="ds.json", data=DataConfig(["x"]), save="s")
+    file = recipe.read_file(name)
+    for phase in [None, *file.get("phases", {})]:
+        cfg, origin = recipe.resolve(base, set(), file, phase, name)
+        assert origin["seq_len"].startswith(f"recipe {name}")
+        cfg.data.validate()
