@@ -34,7 +34,7 @@ import torch
 
 from data_prep.errors import UserError
 from data_prep.files import write_json_atomic
-from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
+from data_prep.flags import accept_launcher_arguments, add_arguments, option
 from data_prep.log import get_logger
 from finetune import data, glue, kinds, qa
 from finetune.model import FAMILIES, save_hf
@@ -332,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
-    return from_args(FinetuneConfig, build_parser().parse_args(argv))
+    from pretrain.recipe import add_recipe_arguments, parse_with_recipe
+
+    parser = build_parser()
+    add_recipe_arguments(parser)
+    return parse_with_recipe(FinetuneConfig, parser, argv)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.errors import UserError
-from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
+from data_prep.flags import accept_launcher_arguments, add_arguments, option
 from data_prep.log import get_logger
 from finetune import glue
 from finetune.run import FinetuneConfig, flags_json
@@ -155,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SuiteConfig:
-    return from_args(SuiteConfig, build_parser().parse_args(argv))
+    from pretrain.recipe import add_recipe_arguments, parse_with_recipe
+
+    parser = build_parser()
+    add_recipe_arguments(parser)
+    return parse_with_recipe(SuiteConfig, parser, argv)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

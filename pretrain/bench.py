@@ -40,12 +40,12 @@ import torch
 from tqdm import tqdm
 
 from data_prep.errors import UserError
-from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
+from data_prep.flags import accept_launcher_arguments, add_arguments, option
 from data_prep.log import get_logger
 from pretrain import dist
 from pretrain.kernels import FastPaths, Packing
 from pretrain.models import ModelFlags, build_pretraining_model, flops_per_sequence
-from pretrain.recipe import FAMILY_RECIPES
+from pretrain.recipe import FAMILY_RECIPES, add_recipe_arguments, parse_with_recipe
 
 log = get_logger(__name__)
 
@@ -342,8 +342,9 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         "MLM(+NSP) batches.",
     )
     add_arguments(p, BenchConfig)
+    add_recipe_arguments(p)
     accept_launcher_arguments(p)
-    return from_args(BenchConfig, p.parse_args(argv))
+    return parse_with_recipe(BenchConfig, p, argv)
 
 
 def validate(args: BenchConfig, config, device: torch.device) -> None:

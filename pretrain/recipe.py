@@ -170,6 +170,33 @@ def read_file(path: str) -> dict[str, Any]:
     return data
 
 
+def add_recipe_arguments(parser) -> None:
+    """`--recipe` and `--phase` for a command whose config dataclass does not declare them (bert-bench,
+    bert-finetune, bert-glue); bert-pretrain's are TrainConfig fields."""
+    parser.add_argument(
+        "--recipe", metavar="FILE", help="recipe file (YAML or JSON of field: value) under the command line"
+    )
+    parser.add_argument("--phase", metavar="NAME", help="apply this entry of the --recipe file's phases:")
+
+
+def parse_with_recipe(cls: type, parser, argv):
+    """`parser.parse_args(argv)` as a `cls`, with the model family's recipe and `--recipe FILE [--phase NAME]`
+    (see add_recipe_arguments) between the defaults and the command line, as bert-pretrain resolves them."""
+    from data_prep.flags import from_args
+
+    args = parser.parse_args(argv)
+    cfg = from_args(cls, args)
+    file = read_file(args.recipe) if args.recipe else None
+    cfg, origin = resolve(cfg, given_on_command_line(parser, argv), file, args.phase, args.recipe or "")
+    from data_prep.log import get_logger
+
+    chosen = {k: v for k, v in origin.items() if v not in ("default", "command line")}
+    if chosen:
+        values = flat(cfg)
+        get_logger(__name__).info("recipe: " + ", ".join(f"{k}={values[k]} ({v})" for k, v in chosen.items()))
+    return cfg
+
+
 def model_family(model: str) -> str:
     """The family (model_type) of a --model value: a preset name or a model JSON."""
     from pretrain.models import config_from_json, presets
@@ -197,11 +224,13 @@ def resolve(cfg, given: set[str], recipe: dict[str, Any] | None, phase: str | No
             layers.append((f"recipe {source} phase {phase}", phases[phase]))
     elif phase is not None:
         raise UserError("--phase selects a phase of a --recipe file; pass --recipe FILE")
-    model = cfg.model
-    if "model" not in given:
-        model = next((values["model"] for _, values in reversed(layers) if "model" in values), model)
-    family = model_family(model)
-    layers.insert(0, (f"{family} recipe (--model {model})", FAMILY_RECIPES.get(family, {})))
+    model = getattr(cfg, "model", None)  # bert-finetune has no --model: no family layer
+    if model is not None:
+        if "model" not in given:
+            model = next((values["model"] for _, values in reversed(layers) if "model" in values), model)
+        family = model_family(model)
+        objective = {k: v for k, v in FAMILY_RECIPES.get(family, {}).items() if k in fields}  # bench: mask_prob
+        layers.insert(0, (f"{family} recipe (--model {model})", objective))
     for name in given:
         origin[name] = "command line"
     for where, values in layers:
@@ -215,7 +244,7 @@ def resolve(cfg, given: set[str], recipe: dict[str, Any] | None, phase: str | No
             cfg = _set(cfg, name, value)
             origin[name] = where
     values = flat(cfg)
-    if values["packing"] and values["pair_task"] != "none" and origin["packing"].endswith(f"(--model {model})"):
+    if values.get("packing") and values["pair_task"] != "none" and origin["packing"].endswith(f"(--model {model})"):
         # the family packs only for its MLM-only objective: a pair task asked for above it takes unpacked samples
         cfg, origin["packing"] = _set(cfg, "packing", False), f"off for pair_task {values['pair_task']}"
     return cfg, origin

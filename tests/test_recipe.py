@@ -191,3 +191,28 @@ def test_every_shipped_recipe_and_phase_resolves(name):
         cfg, origin = recipe.resolve(base, set(), file, phase, name)
         assert origin["seq_len"].startswith(f"recipe {name}")
         cfg.data.validate()
+
+
+@pytest.mark.parametrize("model", ["tiny", "modernbert-tiny"])
+def test_bench_masks_at_the_rate_pretrain_trains_with(root, capsys, model):
+    """Silent case 2: bert-bench defaulted ModernBERT to 30% while bert-pretrain trained it at 15%."""
+    from pretrain.bench import parse_args
+
+    trained = printed(root, capsys, "--model-set", "vocab_size=256", model=model)["train"]["data"]["mask_prob"]
+    family = "modernbert" if model.startswith("modernbert") else "bert"
+    assert parse_args(["--model", model]).mask_prob == trained == recipe.FAMILY_RECIPES[family]["mask_prob"]
+
+
+def test_finetune_and_glue_read_recipe_files_the_same_way(tmp_path):
+    from finetune.run import parse_args as finetune_args
+    from finetune.suite import parse_args as glue_args
+
+    path = tmp_path / "ft.yaml"
+    path.write_text("lr: 0.001\nepochs: 5\n")
+    base = ["--init-from", "x", "--output", "o", "--recipe", str(path)]
+    cfg = finetune_args(["--task", "classify", "--train", "a.csv", "--eval", "b.csv", *base, "--epochs", "2"])
+    assert (cfg.lr, cfg.epochs) == (0.001, 2)  # the command line over the file
+    assert glue_args(["--data-dir", "glue", *base]).run.epochs == 5
+    path.write_text("epoch: 5\n")
+    with pytest.raises(UserError, match="unknown recipe field 'epoch'; did you mean epochs"):
+        finetune_args(["--task", "classify", "--train", "a.csv", "--eval", "b.csv", *base])
