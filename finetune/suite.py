@@ -150,8 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
         "spread and write OUTPUT/glue_results.json. Each run is a bert-finetune --glue-task run.",
     )
     add_arguments(p, SuiteConfig, exclude=PER_RUN + QA_ONLY)
+    for flag, text in GLUE_HELP.items():  # bert-finetune's wording would describe one run, not the suite
+        p._option_string_actions[flag].help = text
     accept_launcher_arguments(p)
     return p
+
+
+GLUE_HELP = {
+    "--data-dir": "The GLUE directory (glue_data/ with CoLA/, SST-2/, ...), read for every task.",
+    "--output": "Directory of the suite: one subdirectory per task, learning rate and seed, and glue_results.json.",
+    "--epochs": "Maximum passes over each task's training set. (default: 3)",
+    "--predict": "Write each run's test-set predictions in GLUE's submission format (its submission/ directory).",
+}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> SuiteConfig:

@@ -216,3 +216,21 @@ def test_finetune_and_glue_read_recipe_files_the_same_way(tmp_path):
     path.write_text("epoch: 5\n")
     with pytest.raises(UserError, match="unknown recipe field 'epoch'; did you mean epochs"):
         finetune_args(["--task", "classify", "--train", "a.csv", "--eval", "b.csv", *base])
+
+
+def test_help_text_tells_the_truth(capsys):
+    """Item 8: bert-glue's help is its own, units are in the flag names, both families are described."""
+    from finetune.suite import build_parser as glue_parser
+    from pretrain.bench import parse_args as bench_args
+    from pretrain.train import build_parser as pretrain_parser
+
+    glue = glue_parser().format_help()
+    assert "--glue-task:" not in glue and "glue_results.json" in glue  # no bert-finetune-only wording
+    pretrain = pretrain_parser().format_help()
+    assert "--time-budget-hours HOURS" in pretrain and "--dist-timeout-minutes MIN" in pretrain
+    assert "ModernBERT" in pretrain and "(MLM + NSP)" not in pretrain
+    with pytest.raises(SystemExit):
+        bench_args(["--help"])
+    assert "module docstring" not in capsys.readouterr().out
+    old = TrainConfig.from_args(["--deepspeed_config", "d", "--data", "p", "--save", "s", "--time-budget", "2"])
+    assert old.time_budget == 2.0  # the old name stays an alias
