@@ -52,15 +52,21 @@ def test_dropout_seed_depends_on_the_micro_batch_not_the_rank():
     assert len(seeds) == 16 and dropout_seed(1234, 8) == dropout_seed(1234, 8) != dropout_seed(1235, 8)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2])
-def test_one_two_and_four_processes_give_the_same_losses(tmp_path, stage):
-    setup = setup_for(tmp_path, stage)
-    runs = {}
+@pytest.fixture(scope="module", params=[0, 2], ids=["zero0", "zero2"])
+def runs(request, tmp_path_factory) -> dict:
+    """The uninterrupted run of one recipe on 1, 2 and 4 processes at one ZeRO stage: its setup and losses."""
+    root = tmp_path_factory.mktemp(f"same_run_{request.param}")
+    setup = setup_for(root, request.param)
+    out = {"root": root, "setup": setup}
     for world in (1, 2, 4):
-        save = tmp_path / f"w{world}"
+        save = root / f"w{world}"
         finish(launch(setup, save, world), save)
-        runs[world] = losses(save)
+        out[world] = losses(save)
+    return out
+
+
+@pytest.mark.slow
+def test_one_two_and_four_processes_give_the_same_losses(runs):
     want = runs[1]
     assert sorted(want) == list(range(1, STEPS + 1)) and want[STEPS] < want[1]
     for world in (2, 4):
@@ -69,19 +75,16 @@ def test_one_two_and_four_processes_give_the_same_losses(tmp_path, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 2])
-def test_a_resume_on_another_process_count_continues_the_uninterrupted_run(tmp_path, stage):
+def test_a_resume_on_another_process_count_continues_the_uninterrupted_run(runs):
     """Stopped by SIGTERM on 2 processes, resumed on 4 (stage 2: through the universal conversion) and stopped
     again, then finished on 1; the same command each time."""
-    setup = setup_for(tmp_path, stage)
-    straight, run = tmp_path / "straight", tmp_path / "run"
-    finish(launch(setup, straight, 1), straight)
+    setup, run = runs["setup"], runs["root"] / "run"
     interrupt_when(launch(setup, run, 2), run, 10)
     first = checkpoint.newest(run)[1].step
     interrupt_when(launch(setup, run, 4), run, first + 10)
     assert first < checkpoint.newest(run)[1].step < STEPS
     finish(launch(setup, run, 1), run)
     assert checkpoint.newest(run)[1].step == STEPS
-    want, got = losses(straight), losses(run)
+    want, got = runs[1], losses(run)
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in got] == pytest.approx([want[s] for s in got], rel=1e-5)
