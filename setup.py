@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     # ds_configs/ is a package too, so the DeepSpeed JSON ships in the wheel (found through importlib.resources)
     packages=find_packages(include=["data_prep*", "pretrain*", "finetune*", "ds_configs"]),
-    package_data={"": ["*.json"]},
+    package_data={"": ["*.json"], "pretrain": ["recipes/*.yaml"]},
     install_requires=[
         # torch is left loose on purpose: clusters bring their own CUDA build.
         "torch>=2.4",
@@ -24,7 +24,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "hjson>=3.1",
-        "xxhash>=3.4,<5",  # dataset and checkpoint checksums (data_prep.indexed, pretrain.integrity): XXH3-128, >10x blake2b
+        "xxhash>=3.4,<5",  # dataset and checkpoint checksums (data_prep.indexed, pretrain.integrity): XXH3-128
     ],
     extras_require={
         "logging": ["tensorboard>=2.16", "wandb>=0.17"],

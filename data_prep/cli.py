@@ -16,7 +16,8 @@ COMMANDS = [corpus, vocab, build, inspect]
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bert-prep",
-        description="Offline data preparation: text (txt, jsonl, Parquet, Arrow) -> WordPiece vocabulary (or any "
+        description="Offline data preparation: text (txt, jsonl, Parquet, Arrow) -> WordPiece or byte-level BPE "
+        "vocabulary (or any "
         "Hugging Face tokenizer) -> memory-mapped token datasets.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -15,8 +15,18 @@ class UserError(Exception):
     """A mistake the user can fix; the message says what was wrong and what to do."""
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """`warnings.formatwarning` for commands: `warning: <message>` without the source file and line, which
+    tell a user nothing (a test or a library caller keeps Python's default)."""
+    return f"warning: {str(message).splitlines()[0] if str(message) else category.__name__}\n"
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call `main(argv)`; turn a UserError or Ctrl-C into a one-line message and an exit code."""
+    """Call `main(argv)`; turn a UserError or Ctrl-C into a one-line message and an exit code; warnings are
+    shown as one line each."""
+    import warnings
+
+    warnings.formatwarning = one_line_warning
     try:
         return int(main(argv) or 0)
     except UserError as e:

@@ -105,7 +105,27 @@ def format_of(path: Path) -> str:
     fmt = EXTENSIONS.get(suffixes[-1] if suffixes else "", "txt")
     if fmt in ("parquet", "arrow") and path.suffix.lower() in COMPRESSIONS:
         raise UserError(f"{path}: Parquet and Arrow files carry their own compression; pass it uncompressed")
+    if fmt == "txt" and not (suffixes and suffixes[-1] in EXTENSIONS) and path.suffix.lower() not in COMPRESSIONS:
+        _refuse_binary_as_text(path)
     return fmt
+
+
+_MAGIC = {b"PAR1": "parquet", b"ARROW1": "arrow"}
+
+
+def _refuse_binary_as_text(path: Path) -> None:
+    """A Parquet or Arrow file without its extension would be read as text (bytes as paragraphs): say so."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return  # the reader reports it
+    for magic, fmt in _MAGIC.items():
+        if head.startswith(magic):
+            raise UserError(
+                f"{path} is a {fmt.capitalize()} file (it starts with {magic.decode()}) without a .{fmt} extension, "
+                f"so it would be read as text; rename it to .{fmt} or pass --format {fmt} (or {fmt}:{path})"
+            )
 
 
 def resolve_inputs(specs: Sequence[str], fmt: str | None = None) -> list[Input]:

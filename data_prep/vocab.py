@@ -1,4 +1,5 @@
-"""`bert-prep vocab`: train a BERT WordPiece vocabulary with Hugging Face `tokenizers`.
+"""`bert-prep vocab`: train a WordPiece (BERT) or byte-level BPE (ModernBERT) vocabulary with Hugging Face
+`tokenizers` (`--model`).
 
 The result is a directory that `transformers.BertTokenizerFast.from_pretrained(DIR)` loads: `vocab.txt`
 (one token per line, in id order, like Google's BERT releases), `tokenizer.json` and `tokenizer_config.json`.
@@ -7,6 +8,14 @@ accent stripping unless `--cased`; BertPreTokenizer; `##` continuation prefix), 
 take ids 0-4 in the order [PAD] [UNK] [CLS] [SEP] [MASK], and the text streams from the same reader as
 `bert-prep build` (any mix of txt, jsonl, Parquet and Arrow inputs, each in its own format), so the
 vocabulary sees exactly the paragraphs that will be tokenized.
+
+`--model bpe` is byte-level BPE as ModernBERT's tokenizer is (NFC, the 256 byte symbols as the initial
+alphabet, no prefix space, `Ġ` marking a word start), with WordPiece's special tokens and ids 0-4, the same
+`[CLS] A [SEP]` post-processor and lowercasing unless `--cased`; it saves `tokenizer.json` (no vocab.txt),
+which `bert-prep build --tokenizer DIR` and transformers' AutoTokenizer load. Its trainer numbers the
+vocabulary deterministically (tests/test_vocab_models.py trains twice and compares). Unigram is not offered:
+`tokenizers`' UnigramTrainer (0.23) seeds its pieces in hash-map order, and two runs on the same text gave
+different token sets; a SentencePiece-trained tokenizer.json can be passed to `bert-prep build` instead.
 
 Deterministic: the same inputs give the same vocab.txt, byte for byte. `tokenizers`' WordPiece trainer alone
 does not (huggingface/tokenizers#1794, unfixed in 0.23): it numbers the `##c` continuation tokens in hash-map
@@ -19,11 +28,13 @@ vocabulary entries in the saved tokenizer.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from data_prep import text
 from data_prep.errors import UserError
@@ -37,11 +48,12 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 @dataclass
 class VocabConfig:
-    """Train a BERT WordPiece vocabulary (writes DIR/vocab.txt and the tokenizer files).
+    """Train a vocabulary: WordPiece (BERT, writes DIR/vocab.txt too) or byte-level BPE (ModernBERT).
 
-    Train a BERT WordPiece vocabulary with Hugging Face tokenizers on text in the `bert-prep build` input
-    formats (txt, jsonl, Parquet, Arrow; mixed, each input's format from its extension) and save a directory
-    that transformers.BertTokenizerFast.from_pretrained loads.
+    Train a WordPiece or byte-level BPE vocabulary (--model) with Hugging Face tokenizers on text in
+    the `bert-prep build` input formats (txt, jsonl, Parquet, Arrow; mixed, each input's format from its
+    extension) and save a directory that transformers' AutoTokenizer.from_pretrained and `bert-prep build
+    --tokenizer DIR` load; special tokens [PAD] [UNK] [CLS] [SEP] [MASK] take ids 0-4 in every model.
 
     Each field is a command-line flag of `bert-prep vocab` (data_prep.flags).
     """
@@ -62,6 +74,8 @@ class VocabConfig:
     """Drop merges seen fewer times."""
     progress: bool = True
     """Show the trainer's progress bar (--no-progress: none)."""
+    model: Literal["wordpiece", "bpe"] = "wordpiece"
+    """Vocabulary model: wordpiece (BERT; writes vocab.txt too) or bpe (byte-level, as ModernBERT's)."""
 
 
 def train_vocab(cfg: VocabConfig) -> Path:
@@ -72,6 +86,8 @@ def train_vocab(cfg: VocabConfig) -> Path:
     from tokenizers import Tokenizer, models, trainers
 
     files = text.resolve_inputs(cfg.input, cfg.format)
+    if cfg.model == "bpe":
+        return _train_bpe(cfg, files)
     tok = _pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), cfg.cased)
     continuations = _continuation_tokens(text.TextReader(files, cfg.text_key).paragraphs(), tok)
     trainer = trainers.WordPieceTrainer(
@@ -89,6 +105,29 @@ def train_vocab(cfg: VocabConfig) -> Path:
     trained = _pipeline(Tokenizer(models.WordPiece(tok.get_vocab(), unk_token="[UNK]")), cfg.cased)
     trained.add_special_tokens(SPECIALS)
     return _save(trained, Path(cfg.output), cfg.cased)
+
+
+def _train_bpe(cfg: VocabConfig, files) -> Path:
+    """Byte-level BPE with WordPiece's special tokens (ids 0-4) and post-processor."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    lower = [] if cfg.cased else [normalizers.Lowercase()]
+    tok = Tokenizer(models.BPE(unk_token=None))  # every byte is in the alphabet: nothing is unknown
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), *lower])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=cfg.progress,
+    )
+    reader = text.TextReader(files, cfg.text_key)
+    tok.train_from_iterator(reader.paragraphs(), trainer)
+    if tok.get_vocab_size() <= len(SPECIALS) + 256:
+        raise UserError(f"the inputs ({reader.files[0]} ...) hold no text to learn a vocabulary from; check --input")
+    return _save(tok, Path(cfg.output), cfg.cased, vocab_txt=False)
 
 
 def _pipeline(tok, cased: bool):
@@ -112,7 +151,7 @@ def _continuation_tokens(paragraphs, tok) -> list[str]:
     return ["##" + c for c in inside]
 
 
-def _save(tok, out: Path, cased: bool) -> Path:
+def _save(tok, out: Path, cased: bool, vocab_txt: bool = True) -> Path:
     """Write the directory; files appear complete or not at all, vocab.txt last."""
     import transformers
     from tokenizers import processors
@@ -125,10 +164,15 @@ def _save(tok, out: Path, cased: bool) -> Path:
     for stale in out.glob(".tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-") as tmp:
-        fast = transformers.BertTokenizer(tokenizer_object=tok, do_lower_case=not cased)
+        if vocab_txt:
+            fast = transformers.BertTokenizer(tokenizer_object=tok, do_lower_case=not cased)
+        else:  # BPE: the roles named, as WordPiece's BertTokenizer names them
+            roles = dict(zip(("pad_token", "unk_token", "cls_token", "sep_token", "mask_token"), SPECIALS))
+            fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **roles)
         fast.save_pretrained(tmp)
-        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-        (Path(tmp) / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
+        if vocab_txt:
+            vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+            (Path(tmp) / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab), encoding="utf-8")
         for f in sorted(Path(tmp).iterdir(), key=lambda f: f.name == "vocab.txt"):  # vocab.txt last
             os.replace(f, out / f.name)
     return out
@@ -141,6 +185,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(cfg: VocabConfig) -> int:
     out = train_vocab(cfg)
+    if cfg.model != "wordpiece":
+        size = len(json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"])
+        log.info(f"wrote {out}/tokenizer.json ({cfg.model}, {size} tokens, {'cased' if cfg.cased else 'uncased'})")
+        return 0
     size = sum(1 for _ in open(out / "vocab.txt", encoding="utf-8"))
     log.info(f"wrote {out}/vocab.txt ({size} tokens, {'cased' if cfg.cased else 'uncased'}) and tokenizer files")
     return 0

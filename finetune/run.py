@@ -35,11 +35,11 @@ import torch
 import ds_configs
 from data_prep.errors import UserError
 from data_prep.files import write_json_atomic
-from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
+from data_prep.flags import accept_launcher_arguments, add_arguments, option
 from data_prep.log import get_logger
 from finetune import data, glue, kinds, qa
 from finetune.model import FAMILIES, save_hf
-from pretrain import dist
+from pretrain import dist, identity
 
 log = get_logger(__name__)
 
@@ -86,6 +86,8 @@ class FinetuneConfig:
     """DeepSpeed JSON: optimizer, schedule, precision, ZeRO stage."""
     tokenizer: str | None = None
     """Tokenizer directory (default: the one in --init-from, else the pretraining dataset's)."""
+    allow_tokenizer_change: bool = False
+    """Fine-tune with a --tokenizer whose fingerprint differs from the one --init-from was trained with."""
     text_column: str = "text"
     """classify: column holding the text."""
     pair_column: str | None = None
@@ -153,6 +155,8 @@ def load_pretrained(cfg: FinetuneConfig):
     if cfg.seq_len > config.max_position_embeddings:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's {config.max_position_embeddings} positions")
     if cfg.tokenizer:
+        current = identity.describe_tokenizer(cfg.tokenizer)
+        identity.check_init_from(cfg.init_from, current, f"--tokenizer {cfg.tokenizer}", cfg.allow_tokenizer_change)
         return config, state, cfg.tokenizer
     init = Path(cfg.init_from)
     if any((init / f).is_file() for f in TOKENIZER_FILES):  # an HF directory (e.g. from bert-export)
@@ -331,7 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
-    return from_args(FinetuneConfig, build_parser().parse_args(argv))
+    from pretrain.recipe import add_recipe_arguments, parse_with_recipe
+
+    parser = build_parser()
+    add_recipe_arguments(parser)
+    return parse_with_recipe(FinetuneConfig, parser, argv)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

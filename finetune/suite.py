@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_prep.errors import UserError
-from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
+from data_prep.flags import accept_launcher_arguments, add_arguments, option
 from data_prep.log import get_logger
 from finetune import glue
 from finetune.run import FinetuneConfig, flags_json
@@ -150,12 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
         "spread and write OUTPUT/glue_results.json. Each run is a bert-finetune --glue-task run.",
     )
     add_arguments(p, SuiteConfig, exclude=PER_RUN + QA_ONLY)
+    for flag, text in GLUE_HELP.items():  # bert-finetune's wording would describe one run, not the suite
+        p._option_string_actions[flag].help = text
     accept_launcher_arguments(p)
     return p
 
 
+GLUE_HELP = {
+    "--data-dir": "The GLUE directory (glue_data/ with CoLA/, SST-2/, ...), read for every task.",
+    "--output": "Directory of the suite: one subdirectory per task, learning rate and seed, and glue_results.json.",
+    "--epochs": "Maximum passes over each task's training set. (default: 3)",
+    "--predict": "Write each run's test-set predictions in GLUE's submission format (its submission/ directory).",
+}
+
+
 def parse_args(argv: Sequence[str] | None = None) -> SuiteConfig:
-    return from_args(SuiteConfig, build_parser().parse_args(argv))
+    from pretrain.recipe import add_recipe_arguments, parse_with_recipe
+
+    parser = build_parser()
+    add_recipe_arguments(parser)
+    return parse_with_recipe(SuiteConfig, parser, argv)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

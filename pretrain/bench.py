@@ -40,11 +40,12 @@ import torch
 from tqdm import tqdm
 
 from data_prep.errors import UserError
-from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
+from data_prep.flags import accept_launcher_arguments, add_arguments, option
 from data_prep.log import get_logger
 from pretrain import dist
 from pretrain.kernels import FastPaths, Packing
 from pretrain.models import ModelFlags, build_pretraining_model, flops_per_sequence
+from pretrain.recipe import FAMILY_RECIPES, add_recipe_arguments, parse_with_recipe
 
 log = get_logger(__name__)
 
@@ -96,11 +97,17 @@ def _pick_masked(length: int, seq_len: int, row: int, gen: torch.Generator, mask
     return (torch.randperm(length - 1, generator=gen)[:count] + 1).sort().values + row * seq_len
 
 
-def data_batches(prefix: str, config, micro_batch: int, seq_len: int, seed: int) -> list[dict]:
-    """The first 8 training micro-batches of a `bert-prep build` dataset (pretrain.data, NSP, 15% masking)."""
+def data_batches(
+    prefix: str, config, micro_batch: int, seq_len: int, seed: int, mask_prob: float | None = None
+) -> list[dict]:
+    """The first 8 training micro-batches of a `bert-prep build` dataset (pretrain.data) with the objective of
+    the model family's recipe (BERT: NSP, 15%; ModernBERT: packed, 30%; pretrain.recipe), as bert-pretrain."""
     from pretrain.data import DataConfig, PretrainingData
 
-    data = PretrainingData(DataConfig(prefixes=[prefix], seq_len=seq_len, seed=seed, num_workers=0))
+    objective = dict(FAMILY_RECIPES[config.model_type])
+    if mask_prob is not None:
+        objective["mask_prob"] = mask_prob
+    data = PretrainingData(DataConfig(prefixes=[prefix], seq_len=seq_len, seed=seed, num_workers=0, **objective))
     if data.vocab_size > config.vocab_size:
         raise UserError(f"--data {prefix} has {data.vocab_size} token ids but --model only {config.vocab_size}")
     return [data.batch("train", i * micro_batch, micro_batch) for i in range(8)]
@@ -299,9 +306,11 @@ class BenchConfig(ModelFlags):
     warmup: int = 3
     """Untimed steps per model first."""
     padding: Literal["realistic", "none"] = "realistic"
-    """Synthetic length distribution (module docstring of pretrain.bench)."""
+    """Synthetic lengths: realistic (BERT's data generator's: 10% short, the rest in [S/2, S], about 73% fill)
+    or none (every sequence --seq-len tokens)."""
     mask_prob: float | None = None
-    """Share of real tokens masked in synthetic batches (default: 0.15 for BERT, 0.30 for ModernBERT)."""
+    """Share of real tokens masked (default: the model family's recipe, as bert-pretrain: 0.15 for BERT, 0.30
+    for ModernBERT)."""
     data: str | None = option(None, metavar="PREFIX")
     """Time on batches of this dataset instead of synthetic ones."""
     compare_hf: bool = False
@@ -333,8 +342,9 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         "MLM(+NSP) batches.",
     )
     add_arguments(p, BenchConfig)
+    add_recipe_arguments(p)
     accept_launcher_arguments(p)
-    return from_args(BenchConfig, p.parse_args(argv))
+    return parse_with_recipe(BenchConfig, p, argv)
 
 
 def validate(args: BenchConfig, config, device: torch.device) -> None:
@@ -369,9 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     if args.data:
-        ours = data_batches(args.data, config, args.micro_batch, args.seq_len, args.seed)
-    else:
-        p = args.mask_prob if args.mask_prob is not None else 0.3 if config.model_type == "modernbert" else 0.15
+        ours = data_batches(args.data, config, args.micro_batch, args.seq_len, args.seed, args.mask_prob)
+    else:  # the family recipe's rate, as bert-pretrain's (pretrain.recipe)
+        p = args.mask_prob if args.mask_prob is not None else FAMILY_RECIPES[config.model_type]["mask_prob"]
         ours = [synthetic_batch(config, args.micro_batch, args.seq_len, args.padding, gen, p) for _ in range(8)]
     batches = [{"ours": _to(b, device), "hf": _to(hf_inputs(b, config.model_type), device)} for b in ours]
     runners = build_runners(config, args, device, ds_config)

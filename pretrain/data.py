@@ -274,6 +274,7 @@ class PretrainingData:
         self.sources = [_Source(p, k, cfg) for k, p in enumerate(p for g in groups for p in g)]
         _warn_single_sentence_documents(self.sources, cfg.pair_task)
         tok = _shared_tokenizer(self.sources)
+        self.tokenizer = dict(tok)  # the manifest's entry: fingerprint, ids (pretrain.identity)
         self.vocab_size = int(tok["vocab_size"])
         for src in self.sources:
             src.max_id, src.vocab_size = integrity.check(src.ds, src.manifest, self.vocab_size), self.vocab_size

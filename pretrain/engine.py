@@ -46,7 +46,7 @@ import torch
 import ds_configs
 from data_prep.errors import UserError
 from data_prep.log import get_logger
-from pretrain import dist
+from pretrain import dist, ds_schema
 from pretrain.lamb import FlatLayout, Lamb, PerTensorOptimizer
 from pretrain.optim import StableAdamW
 
@@ -81,11 +81,87 @@ def load_ds_config(spec: str | os.PathLike | dict) -> dict:
             cfg = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise UserError(f"{path} is not valid JSON ({e}); fix the file or pick one from ds_configs/") from None
+    check_deepspeed_keys(cfg, name)
     if cfg.get("fp16", {}).get("enabled") and not on_gpu():
         raise UserError(f"{name} enables fp16, which needs a GPU; use bf16 or fp32 on CPU (ds_configs/cpu_small.json)")
     if cfg.get("bf16", {}).get("enabled") and cfg.get("fp16", {}).get("enabled"):
         raise UserError(f"{name} enables both fp16 and bf16; enable at most one")
     return cfg
+
+
+# keys DeepSpeed reads outside DeepSpeedConfig._initialize_params (deepspeed.initialize, DeepSpeedConfig.__init__)
+_OTHER_TOP_LEVEL_KEYS = frozenset({"sequence_parallel_size", "data_parallel_size"})
+
+
+@functools.cache
+def deepspeed_top_level_keys() -> frozenset[str]:
+    """Every top-level key DeepSpeed's config parser looks up, recorded by running it on a dict that notes each
+    lookup (DeepSpeedConfig._initialize_params, a DeepSpeed internal: tests/test_ds_schema.py fails if it stops
+    reading the keys of ds_configs/)."""
+    from collections.abc import KeysView
+
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    seen: set[str] = set()
+
+    class Recording(dict):
+        def __getitem__(self, k):
+            seen.add(k)
+            return super().__getitem__(k)
+
+        def get(self, k, default=None):
+            seen.add(k)
+            return super().get(k, default)
+
+        def __contains__(self, k):
+            seen.add(k)
+            return super().__contains__(k)
+
+        def keys(self):
+            return RecordingKeys(self)
+
+    class RecordingKeys(KeysView):
+        def __contains__(self, k):
+            seen.add(k)
+            return k in self._mapping
+
+    parser = DeepSpeedConfig.__new__(DeepSpeedConfig)
+    parser.world_size, parser.global_rank = 1, 0
+    parser._initialize_params(Recording(train_batch_size=1))
+    return frozenset(seen) | _OTHER_TOP_LEVEL_KEYS
+
+
+def check_deepspeed_keys(cfg: dict, name: str) -> None:
+    """Refuse what DeepSpeed would ignore (an unknown top-level key) or raise as a traceback (a bad nested field),
+    in one line; parses a copy with DeepSpeed's own section models, without a process group."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError, _reject_removed_config_keys
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    try:
+        _reject_removed_config_keys(cfg)  # a key DeepSpeed removed: its own message says what replaces it
+    except DeepSpeedConfigError as e:
+        raise UserError(f"{name}: {str(e).splitlines()[0]}") from None
+    ds_schema.check_top_level(cfg, deepspeed_top_level_keys(), name)
+    parser = DeepSpeedConfig.__new__(DeepSpeedConfig)
+    parser.world_size, parser.global_rank = 1, 0
+    try:
+        parser._initialize_params(copy.deepcopy(cfg))
+    except pydantic.ValidationError as e:
+        models = [c for c in _subclasses(DeepSpeedConfigModel) if c.__name__ == e.title]
+        fields = [n for c in models for f_name, f in c.model_fields.items() for n in (f_name, f.alias) if n]
+        raise UserError(ds_schema.one_line(e, cfg, name, fields)) from None
+    except (DeepSpeedConfigError, ValueError, TypeError, KeyError) as e:
+        raise UserError(
+            f"{name}: DeepSpeed refuses it: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
+
+
+def _subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub, *_subclasses(sub)]
+    return out
 
 
 def compute_dtype(cfg: dict) -> torch.dtype:
@@ -114,7 +190,7 @@ def resolve_batch(cfg: dict, world_size: int) -> tuple[int, int, int]:
         missing = tbs // (given * world_size) if given >= 1 else 0
         mb, ga = (mb, missing) if ga is None else (missing, ga)
     if tbs is None or mb is None or ga is None:
-        raise UserError("DeepSpeed config: set train_batch_size and/or train_micro_batch_size_per_gpu")
+        raise UserError(ds_schema.missing_batch_message("DeepSpeed config"))
     if tbs != mb * ga * world_size or min(tbs, mb, ga) < 1:
         raise UserError(
             f"DeepSpeed config: train_batch_size {tbs} != micro batch {mb} x accumulation {ga} x {world_size} "
@@ -251,7 +327,9 @@ class ProgressSchedule:
         return {"last_step": self.last_step, "base_lrs": self.base_lrs}
 
     def load_state_dict(self, state: dict) -> None:
-        self.last_step, self.base_lrs = state["last_step"], state["base_lrs"]
+        """The step count of the checkpoint; the peak rates stay this run's (the JSON's "lr"), so a relaunch
+        with a lower rate after a divergence takes effect instead of the saved one."""
+        self.last_step = state["last_step"]
         self._apply()
 
 

@@ -26,6 +26,7 @@ import torch
 
 from data_prep.errors import UserError, run_cli
 from data_prep.log import get_logger
+from pretrain import identity
 from pretrain.models import PreTrainingModel, pretraining_from_state
 
 log = get_logger(__name__)
@@ -40,16 +41,10 @@ def build_model(config, state: dict[str, torch.Tensor]) -> PreTrainingModel:
 
 def recorded_data_prefixes(source: Path) -> list[str]:
     """The dataset prefixes a training run recorded in its checkpoint (`train_state.json`), if any."""
-    from pretrain import checkpoint
-
-    if (source / checkpoint.STATE_FILE).is_file():
-        state = checkpoint.read_state(source)
-    else:
-        found = checkpoint.newest(source)
-        if found is None:
-            return []
-        state = found[1]
-    data = state.config.get("train", {}).get("data", [])
+    config = identity.recorded_config(source)
+    if config is None:
+        return []
+    data = config.get("train", {}).get("data", [])
     if isinstance(data, dict):  # TrainConfig.data is a DataConfig (older checkpoints hold the prefix list)
         data = data.get("prefixes", [])
     return [data] if isinstance(data, str) else list(data)
@@ -140,6 +135,7 @@ def export(
     data: str | None = None,
     check: bool = True,
     trust: bool = False,
+    allow_tokenizer_change: bool = False,
 ) -> PreTrainingModel:
     """Write the Hugging Face directory; returns our model with the exported weights (eval mode)."""
     from pretrain.checkpoint import load_weights
@@ -149,6 +145,11 @@ def export(
     if not source.exists():
         raise UserError(f"checkpoint {source} does not exist; pass a training --save directory (and --tag)")
     tok_src, special_tokens = tokenizer_source(source, tokenizer, data)  # fail before the slow part
+    recorded = identity.recorded_config(source)
+    if recorded is not None:  # our checkpoint: is this its tokenizer? (an HF directory records none)
+        current = identity.describe_tokenizer(tok_src, special_tokens)
+        named = f"--tokenizer {tok_src}" if tokenizer else f"the dataset's tokenizer {tok_src}"
+        identity.compare(recorded.get("tokenizer"), current, f"checkpoint {source}", named, allow_tokenizer_change)
     config, state = load_weights(str(source), trust)
     model = build_model(config, state)
     model.save_hf_pretrained(str(out_dir))
@@ -163,7 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="bert-export",
         description="Export a pretraining checkpoint (any ZeRO stage) to a Hugging Face directory: config.json, "
         "model.safetensors and the tokenizer files, loadable by transformers' BertForPreTraining, BertModel, "
-        "BertForMaskedLM and the fill-mask pipeline.",
+        "BertForMaskedLM (a ModernBERT run: ModernBertForMaskedLM, ModernBertModel; either: AutoModelForMaskedLM) "
+        "and the fill-mask pipeline. The tokenizer must be the one the checkpoint was trained with (its fingerprint "
+        "is compared).",
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="training --save directory or checkpoint tag dir")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="directory to write (created if missing)")
@@ -180,9 +183,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="load the checkpoint without the weights_only check (docs/CHECKPOINTS.md): only for files of known origin",
     )
+    parser.add_argument(
+        identity.ALLOW_FLAG,
+        action="store_true",
+        help="ship a tokenizer whose fingerprint differs from the one the checkpoint was trained with",
+    )
     args = parser.parse_args(argv)
     model = export(
-        args.checkpoint, args.out_dir, args.tag, args.tokenizer, args.data, not args.no_verify, args.trust_checkpoint
+        args.checkpoint,
+        args.out_dir,
+        args.tag,
+        args.tokenizer,
+        args.data,
+        check=not args.no_verify,
+        trust=args.trust_checkpoint,
+        allow_tokenizer_change=args.allow_tokenizer_change,
     )
     c = model.config
     n, family = sum(p.numel() for p in model.parameters()), {"bert": "BERT", "modernbert": "ModernBERT"}[c.model_type]

@@ -10,7 +10,9 @@ Design choices:
   the number of processes; the same all-reduce carries the stop flag (SIGTERM/SIGINT, time budget), so all
   ranks stop at the same step boundary, save and exit 0.
 - Resume is exact: the data position is `consumed_samples` (samples are a pure function of their index),
-  dropout RNG states are saved per rank, and metrics.jsonl is cut back to the resumed step.
+  dropout is seeded per micro-batch from its first global sample (`dropout_seed`, not per rank), and
+  metrics.jsonl is cut back to the resumed step; so a run is the same on any process count and after a resume
+  on another count, up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data_prep.errors import UserError
 from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
 from data_prep.log import get_logger
-from pretrain import dist
+from pretrain import dist, identity, recipe
 from pretrain.data import DataConfig, PretrainingData, eval_batches
 from pretrain.metrics import Metrics
 from pretrain.models import ModelFlags, build_pretraining_model, pretraining_from_state, shape_mismatch
@@ -74,7 +77,7 @@ class TrainConfig(ModelFlags):
     phase 2 does; the schedule and the step count start afresh, the hyperparameters are this run's JSON's."""
     log_every: int = 10
     """Plain log line every N steps when not on a terminal."""
-    time_budget: float = 0.0
+    time_budget: float = option(0.0, flag="--time-budget-hours", aliases=("--time-budget",), metavar="HOURS")
     """Wall-clock hours that drive the schedule; the run stops with a checkpoint when they are spent; 0: none."""
     max_nonfinite: int = 10
     """Stop after this many consecutive non-finite losses."""
@@ -82,9 +85,28 @@ class TrainConfig(ModelFlags):
     """Log to this Weights & Biases project (offline without an API key)."""
     tensorboard: bool = False
     """Write TensorBoard events to SAVE/tensorboard."""
-    dist_timeout: float = 10.0
+    dist_timeout: float = option(10.0, flag="--dist-timeout-minutes", aliases=("--dist-timeout",), metavar="MIN")
     """Minutes a collective may wait for a missing peer before the run fails (the process-group timeout; a
     launch by scripts/launch_multinode.sh ends every rank within seconds of a failure anyway)."""
+    allow_tokenizer_change: bool = False
+    """Resume or --init-from a checkpoint trained with another tokenizer than the data's (refused otherwise)."""
+    recipe: str | None = option(None, metavar="FILE")
+    """Recipe file (YAML or JSON of field: value, with optional phases:) or a shipped one (bert-base,
+    modernbert-base); over the model family's recipe, under the command line (docs/RECIPES.md)."""
+    phase: str | None = None
+    """Apply this entry of the --recipe file's phases: (e.g. phase2, context) over the rest of the file."""
+    lr: float | None = None
+    """Peak learning rate, for a DeepSpeed JSON without optimizer.params.lr (one that sets another is an error)."""
+    global_batch: int | None = option(None, metavar="N")
+    """Global batch in samples, for a DeepSpeed JSON without train_batch_size (another value is an error)."""
+    micro_batch: int | None = option(None, metavar="N")
+    """Micro-batch per process, for a DeepSpeed JSON without train_micro_batch_size_per_gpu (likewise)."""
+    warmup: float | None = None
+    """Warmup share of the run, for a DeepSpeed JSON schedule without warmup_proportion (likewise)."""
+    print_recipe: bool = False
+    """Print the resolved recipe (each value with where it came from, and the provenance) and exit."""
+    given: list[str] | None = option(None, cli=False)
+    """The fields named on the command line (set by from_args; None: those that differ from their default)."""
     compile: bool = False
     """torch.compile the whole model through DeepSpeed's engine.compile() (the first steps compile, then run
     faster; checkpoints keep the eager names)."""
@@ -96,7 +118,9 @@ class TrainConfig(ModelFlags):
 
     @classmethod
     def from_args(cls, argv=None) -> TrainConfig:
-        return from_args(cls, build_parser().parse_args(argv))
+        parser = build_parser()
+        cfg = from_args(cls, parser.parse_args(argv))
+        return dataclasses.replace(cfg, given=sorted(recipe.given_on_command_line(parser, argv)))
 
     def validate(self) -> None:
         for name in ("train_steps",):
@@ -121,8 +145,9 @@ class TrainConfig(ModelFlags):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bert-pretrain",
-        description="Pretrain BERT (MLM + NSP) with DeepSpeed. Batch size, optimizer, precision and ZeRO stage "
-        "come from --deepspeed_config. Relaunching with the same --save resumes exactly. Multi-process: "
+        description="Pretrain BERT (MLM + NSP/SOP) or ModernBERT (MLM on packed documents) with DeepSpeed; a "
+        "--model preset brings its family's objective (docs/RECIPES.md). Batch size, optimizer, precision and "
+        "ZeRO stage come from --deepspeed_config. Relaunching with the same --save resumes exactly. Multi-process: "
         "deepspeed [--hostfile H] [--num_gpus N] --module pretrain.train <these flags>.",
     )
     add_arguments(p, TrainConfig)
@@ -201,32 +226,31 @@ def evaluate(engine_or_model, batches) -> dict[str, float]:
     }
 
 
-def _prepare(cfg: TrainConfig):
+def _prepare(cfg: TrainConfig, origin: dict | None = None):
     """All user-input checks, before any compute. Returns (model config, data, DeepSpeed config, checkpoint)."""
     from pretrain import checkpoint
     from pretrain.engine import load_ds_config, resolve_batch
 
     cfg.validate()
     ds_cfg = load_ds_config(cfg.deepspeed_config)
+    recipe.apply_to_deepspeed(recipe.flat(cfg), origin or {}, ds_cfg, cfg.deepspeed_config)
     resolve_batch(ds_cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    model_cfg = cfg.model_config()
+    data = PretrainingData(cfg.data)  # names a missing dataset (shards and globs resolved), checks the data
+    manifest = f"{data.sources[0].prefix}.json"  # the first dataset after shards and globs are resolved
+    model_cfg = identity.model_config(cfg.model, cfg.model_set, data.tokenizer, manifest)  # the data's token ids
     if cfg.data.seq_len > model_cfg.max_position_embeddings:
         raise UserError(
             f"--seq-len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
             f"{model_cfg.max_position_embeddings}; lower --seq-len or use a larger --model"
         )
-    data = PretrainingData(cfg.data)  # names a missing dataset, checks the data (pretrain.data)
     if data.vocab_size > model_cfg.vocab_size:
         raise UserError(
-            f"the data's vocabulary ({data.vocab_size} ids, {cfg.data.prefixes[0]}.json) is larger than the model's "
+            f"the data's vocabulary ({data.vocab_size} ids, {manifest}) is larger than the model's "
             f"vocab_size {model_cfg.vocab_size}; pass --model-set vocab_size={data.vocab_size} (or more)"
         )
-    pad = data.special_tokens["pad"]
-    if pad != model_cfg.pad_token_id:  # the model would freeze another token's embedding at zero as its padding row
-        raise UserError(
-            f"the data's [PAD] id is {pad} ({cfg.data.prefixes[0]}.json) but the model's pad_token_id is "
-            f"{model_cfg.pad_token_id}; pass --model-set pad_token_id={pad}"
-        )
+    note = recipe.family_optimizer_note(model_cfg.model_type, ds_cfg, cfg.deepspeed_config)
+    if note and not cfg.print_recipe:  # --print-recipe's stdout is the JSON alone
+        log.info(note)
     found = checkpoint.starting_point(cfg.save, cfg.resume_from)
     if found is not None:
         diff = shape_mismatch(found[1].config.get("model", {}), model_cfg)
@@ -235,20 +259,64 @@ def _prepare(cfg: TrainConfig):
                 f"--save {cfg.save} holds a checkpoint of a different model shape ({', '.join(diff)} differ); "
                 "use a new --save directory or the same --model"
             )
+        saved = found[1].config
+        identity.compare(
+            saved.get("tokenizer"),
+            data.tokenizer,
+            f"{cfg.save}/{found[0]}",
+            f"--data {manifest}",
+            cfg.allow_tokenizer_change,
+        )
+        _check_resume(cfg, saved, ds_cfg, found[1].world_size)
+    elif cfg.init_from:
+        identity.check_init_from(cfg.init_from, data.tokenizer, f"--data {manifest}", cfg.allow_tokenizer_change)
     return model_cfg, data, ds_cfg, found
+
+
+def _check_resume(cfg: TrainConfig, saved: dict, ds_cfg: dict, saved_world: int) -> None:
+    """A resume keeps the recipe: what may change (recipe.RESUMABLE, the learning rate, the process count)
+    takes effect and is printed; any other changed recipe field (or the global batch) refuses, naming it."""
+    from pretrain.engine import resolve_batch
+
+    taking, refused = recipe.resume_changes(saved.get("train", {}), recipe.flat(cfg))
+    old_ds, world = saved.get("deepspeed"), int(os.environ.get("WORLD_SIZE", "1"))
+    if old_ds:
+        old_lr, new_lr = (d.get("optimizer", {}).get("params", {}).get("lr") for d in (old_ds, ds_cfg))
+        if old_lr != new_lr:
+            taking.append(f"lr {old_lr} -> {new_lr}")
+        old_batch, new_batch = resolve_batch(old_ds, saved_world)[0], resolve_batch(ds_cfg, world)[0]
+        if old_batch != new_batch:
+            refused.append(f"global batch (train_batch_size) {old_batch} -> {new_batch}")
+    if saved_world != world:
+        taking.append(f"processes {saved_world} -> {world} (gradient accumulation follows)")
+    if refused:
+        raise UserError(
+            f"--save {cfg.save} holds a run whose recipe differs: {'; '.join(refused)}; a resume may change only "
+            "--train-steps, the learning rate, --time-budget, the cadences and the process count: relaunch with "
+            "the checkpoint's values or use a new --save directory"
+        )
+    if taking:
+        log.info(f"resuming {cfg.save} with changes that take effect: {'; '.join(taking)}")
 
 
 def main(cfg: TrainConfig) -> dict:
     """Train (or resume) and return the final metrics: step, loss, eval (if any), stopped_by."""
+    given = set(cfg.given) if cfg.given is not None else recipe.given_in_python(cfg)
+    file = recipe.read_file(cfg.recipe) if cfg.recipe else None
+    cfg, origin = recipe.resolve(cfg, given, file, cfg.phase, cfg.recipe or "")
+    if cfg.print_recipe:
+        model_cfg, data, ds_cfg, _ = _prepare(cfg, origin)
+        print(json.dumps(_recipe_record(cfg, origin, model_cfg, ds_cfg, data), indent=2))
+        return {"step": 0, "stopped_by": None}
     stop = StopFlag()
     stop.install()
     try:
-        model_cfg, data, ds_cfg, found = _prepare(cfg)
+        model_cfg, data, ds_cfg, found = _prepare(cfg, origin)
         from pretrain import engine, runlock
 
         engine.init_distributed(cfg.dist_timeout)  # the lock's outcome reaches every rank through the group
         with runlock.hold(cfg.save):  # one writer per --save: before anything is written there
-            run = _Run(cfg, model_cfg, data, ds_cfg, found)
+            run = _Run(cfg, model_cfg, data, ds_cfg, found, origin)
             try:
                 return run.train(stop)
             finally:
@@ -306,7 +374,7 @@ class _Run:
     `train` is the loop: optimizer steps, each followed by its record, evaluation, checkpoint and stop check.
     """
 
-    def __init__(self, cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found):
+    def __init__(self, cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, origin: dict):
         from pretrain import checkpoint
         from pretrain import engine as eng
 
@@ -326,10 +394,9 @@ class _Run:
         progress = self.clock.progress if cfg.time_budget else None
         self.engine = eng.initialize(model, ds_cfg, total_steps=cfg.train_steps, progress=progress)
         fast_paths = model.resolve_fast_paths(self.engine.device, eng.compute_dtype(ds_cfg))  # after ZeRO-3's say
-        self.resolved = _resolved_config(cfg, model_cfg, ds_cfg, data, world, fast_paths)
+        self.resolved = _resolved_config(cfg, model_cfg, ds_cfg, data, world, fast_paths, origin)
         if cfg.compile:
             self.engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints are unchanged
-        torch.manual_seed(cfg.seed + 1000 * rank)  # dropout streams differ per rank
         self.state = checkpoint.TrainState(world_size=world, config=self.resolved)
         self.keep = checkpoint.Retention(cfg.keep_last, cfg.keep_every)
         self.losses = checkpoint.integrity.LossWatch()  # marks a checkpoint saved at a non-finite or spiking loss
@@ -362,6 +429,11 @@ class _Run:
         cfg, state = self.cfg, self.state
         if self.evals is not None and state.step == 0:
             self.evaluate()
+        if state.step >= cfg.train_steps:  # a relaunch of a finished run: nothing to do, say so
+            log.info(
+                f"{cfg.save} is complete: step {state.step} of --train-steps {cfg.train_steps}; raise "
+                "--train-steps to train on"
+            )
         self.bar = _progress_bar(cfg, state.step)
         loop_start, loop_step = time.monotonic(), state.step
         nonfinite = 0
@@ -404,11 +476,14 @@ class _Run:
 
         engine, step = self.engine, _Step()
         rng = checkpoint.rng_state() if self.grad_accum > 1 else None
+        rank, world, consumed = dist.rank(), dist.world_size(), self.state.consumed_samples
         for i in range(self.grad_accum):
             if i and stop.agreed():
                 checkpoint.set_rng_state(rng)
                 return None
             batch = next(self.batches)
+            # the loader's i-th micro-batch on this rank starts at this global sample (pretrain.data)
+            torch.manual_seed(dropout_seed(self.cfg.seed, consumed + (i * world + rank) * self.micro_batch))
             step.tokens += float(batch["attention_mask"].sum())
             step.capacity += batch["attention_mask"].shape[0] * self.cfg.data.seq_len
             step.flops += batch_flops(self.model_cfg, batch)
@@ -534,13 +609,26 @@ def _optimizer_source(init_from: str, world: int, ds_cfg: dict, trust: bool = Fa
     return path / _loadable(path, found, world, ds_cfg, trust)[0]
 
 
-def _resolved_config(cfg: TrainConfig, model_cfg, ds_cfg: dict, data, world: int, fast_paths: dict) -> dict:
-    """What this run is, printed at start and saved with every checkpoint."""
-    resolved = {
+def _recipe_record(cfg: TrainConfig, origin: dict, model_cfg, ds_cfg: dict, data) -> dict:
+    """The resolved recipe: the flags, the model config, the DeepSpeed JSON, where each flag's value came from
+    (those not at their default), the data's tokenizer and the provenance (pretrain.recipe)."""
+    return {
         "train": dataclasses.asdict(cfg),
         "model": dataclasses.asdict(model_cfg),
-        "fast_paths": fast_paths,
         "deepspeed": ds_cfg,
+        "origin": {k: v for k, v in origin.items() if v != "default"},
+        "provenance": recipe.provenance(),
+        "tokenizer": data.tokenizer,  # the fingerprint that resume, export and fine-tuning compare (identity)
+    }
+
+
+def _resolved_config(
+    cfg: TrainConfig, model_cfg, ds_cfg: dict, data, world: int, fast_paths: dict, origin: dict
+) -> dict:
+    """What this run is, printed at start and saved with every checkpoint."""
+    resolved = {
+        **_recipe_record(cfg, origin, model_cfg, ds_cfg, data),
+        "fast_paths": fast_paths,
         "world_size": world,
         "data": {"vocab_size": data.vocab_size, "train_samples": data.num_samples("train")},
     }
@@ -568,6 +656,12 @@ def _build_model(cfg: TrainConfig, model_cfg, init: str | None):
     model = pretraining_from_state(model_cfg, weights, f"--init-from {init} (use the --model it was trained with)")
     log.info(f"initialized weights from {init}")
     return model
+
+
+def dropout_seed(seed: int, first_sample: int) -> int:
+    """The dropout seed of the micro-batch that starts at global sample `first_sample`: a function of the samples
+    alone, so the same micro-batch draws the same dropout on any process count and after any resume."""
+    return int(np.random.SeedSequence([seed, first_sample, 43]).generate_state(1, np.uint64)[0])
 
 
 def _peak_tflops(dtype: torch.dtype) -> float | None:
@@ -599,9 +693,10 @@ def _report(bar, cfg: TrainConfig, r: dict, eta_s: float) -> None:
         bar.update(1)
     elif cfg.log_every and (r["step"] % cfg.log_every == 0 or r["step"] == cfg.train_steps):
         scaling = f"scale {r['loss_scale']:g} skipped {r['skipped_steps']} " if "loss_scale" in r else ""
+        nsp = f"nsp {r['nsp_loss']:.4f} " if cfg.data.pair_task != "none" else ""  # MLM only: no NSP column
         log.info(
             f"step {r['step']}/{cfg.train_steps} loss {r['loss']:.4f} mlm {r['mlm_loss']:.4f} "
-            f"nsp {r['nsp_loss']:.4f} lr {r['lr']:.3e} {scaling}{r['seq_per_s']:.1f} seq/s "
+            f"{nsp}lr {r['lr']:.3e} {scaling}{r['seq_per_s']:.1f} seq/s "
             f"ETA {int(eta_s // 3600)}:{int(eta_s % 3600 // 60):02d}:{int(eta_s % 60):02d}"
         )
 

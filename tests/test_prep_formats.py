@@ -227,3 +227,20 @@ def test_parquet_build_resumes_after_an_interruption(tmp_path, prep_tokenizer, m
     assert run_cli(*args, "--output", tmp_path / "e", "--doc-boundary", "file") == 0
     assert "resuming" not in capsys.readouterr().out and IndexedDataset(tmp_path / "e").num_documents == 1
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "arrow"])
+def test_a_parquet_or_arrow_file_without_its_extension_gets_a_hint(tmp_path, fmt):
+    """Read as text, a Parquet file's bytes became paragraphs; now one line says how to read it."""
+    from data_prep.errors import UserError
+    from data_prep.text import resolve_inputs
+
+    table = pa.table({"text": ["one document", "another one"]})
+    if fmt == "parquet":
+        pq.write_table(table, tmp_path / "corpus")
+    else:
+        with pa.OSFile(str(tmp_path / "corpus"), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    with pytest.raises(UserError, match=f"without a .{fmt} extension.*pass --format {fmt}"):
+        resolve_inputs([str(tmp_path / "corpus")])
+    assert resolve_inputs([str(tmp_path / "corpus")], fmt)[0].format == fmt
