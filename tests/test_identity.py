@@ -139,6 +139,8 @@ def test_a_checkpoint_without_a_fingerprint_is_accepted_with_one_warning(corpus,
     state = json.loads(state_file.read_text())
     del state["config"]["tokenizer"]
     state_file.write_text(json.dumps(state))
+    for f in (old / checkpoint.tag_name(1)).glob("checksums_rank*.json"):
+        f.unlink()  # a checkpoint written before fingerprints existed predates checksums too
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         export(old, tmp_path / "hf")
