@@ -8,7 +8,7 @@ setup(
     description="BERT pretraining on DeepSpeed: offline data prep, fused model, exact resume, multi-node.",
     python_requires=">=3.10",
     # ds_configs/ is a package too, so the DeepSpeed JSON ships in the wheel (found through importlib.resources)
-    packages=find_packages(include=["data_prep*", "pretrain*", "finetune*", "ds_configs"]),
+    packages=find_packages(include=["common", "data_prep*", "pretrain*", "finetune*", "ds_configs"]),
     package_data={"": ["*.json"], "pretrain": ["recipes/*.yaml"]},
     install_requires=[
         # torch is left loose on purpose: clusters bring their own CUDA build.

@@ -39,11 +39,11 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread: the raw rate is a 
 
 import numpy as np  # noqa: E402
 
+from common.errors import UserError, run_cli  # noqa: E402
+from common.flags import add_arguments, from_args, option  # noqa: E402
+from common.log import get_logger  # noqa: E402
 from data_prep import indexed, text, tokenizer  # noqa: E402
 from data_prep.build import BuildConfig, build  # noqa: E402
-from data_prep.errors import UserError, run_cli  # noqa: E402
-from data_prep.flags import add_arguments, from_args, option  # noqa: E402
-from data_prep.log import get_logger  # noqa: E402
 
 log = get_logger(__name__)
 
@@ -288,7 +288,7 @@ def format_report(pairs: list[tuple[Rate, Rate]]) -> list[str]:
 
 @dataclass
 class PrepBenchConfig:
-    """What `python -m data_prep.bench` measures; each field is a command-line flag (data_prep.flags)."""
+    """What `python -m data_prep.bench` measures; each field is a command-line flag (common.flags)."""
 
     input: list[str] | None = option(None, metavar="FILE")
     """Text files (txt convention); default: the built-in English corpus."""

@@ -46,11 +46,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.errors import UserError
+from common.files import write_json_atomic
+from common.flags import add_command, option
+from common.log import get_logger
 from data_prep import indexed, text, tokenizer
-from data_prep.errors import UserError
-from data_prep.files import write_json_atomic
-from data_prep.flags import add_command, option
-from data_prep.log import get_logger
 from data_prep.pool import ordered_map
 
 log = get_logger(__name__)
@@ -73,7 +73,7 @@ class BuildConfig:
     globs, txt/jsonl plain or .gz/.xz/.bz2/.zst; each input's format follows its extension. Re-running the same
     command after a kill or Ctrl-C resumes the build.
 
-    Each field is a command-line flag of `bert-prep build` (data_prep.flags).
+    Each field is a command-line flag of `bert-prep build` (common.flags).
     """
 
     input: list[str] = option(metavar="PATH")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from common.errors import run_cli
 from data_prep import build, corpus, inspect, vocab
-from data_prep.errors import run_cli
 
 COMMANDS = [corpus, vocab, build, inspect]
 

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc
 import pyarrow.parquet as pq
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.text import Input, ReadStats
 
 _READ_BUFFER = 1 << 20

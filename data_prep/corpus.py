@@ -32,9 +32,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.errors import UserError, run_cli
-from data_prep.flags import add_command, option
-from data_prep.log import get_logger
+from common.errors import UserError, run_cli
+from common.flags import add_command, option
+from common.log import get_logger
 from data_prep.pool import ordered_map
 
 log = get_logger(__name__)
@@ -373,7 +373,7 @@ class CorpusConfig:
     them, as a cleaned, deduplicated prose corpus: one paragraph per line, a blank line between documents (one
     document per source file). Same machine, same corpus.
 
-    Each field is a command-line flag of `bert-prep corpus` (data_prep.flags).
+    Each field is a command-line flag of `bert-prep corpus` (common.flags).
     """
 
     output: str = option(metavar="FILE")

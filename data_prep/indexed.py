@@ -32,8 +32,8 @@ from types import TracebackType
 import numpy as np
 import xxhash
 
-from data_prep.errors import UserError
-from data_prep.files import write_json_atomic
+from common.errors import UserError
+from common.files import write_json_atomic
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

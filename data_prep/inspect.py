@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from common.errors import UserError
+from common.files import write_json_atomic
+from common.flags import add_command, option
+from common.log import get_logger
 from data_prep import indexed, integrity, tokenizer
-from data_prep.errors import UserError
-from data_prep.files import write_json_atomic
-from data_prep.flags import add_command, option
-from data_prep.log import get_logger
 
 log = get_logger(__name__)
 
@@ -127,7 +127,7 @@ class InspectConfig:
     Summarize PREFIX.bin/.idx/.json. --verify checks every index entry against the .bin size and the manifest
     and exits non-zero on the first inconsistency.
 
-    Each field is a command-line flag of `bert-prep inspect` (data_prep.flags).
+    Each field is a command-line flag of `bert-prep inspect` (common.flags).
     """
 
     prefix: str = option(positional=True, metavar="PREFIX")

@@ -25,8 +25,8 @@ import warnings
 
 import numpy as np
 
+from common.errors import UserError
 from data_prep import indexed
-from data_prep.errors import UserError
 
 FULL_SCAN_BYTES = 256 << 20  # a .bin up to this size is read whole at start (well under a second)
 SAMPLE_BLOCKS = 256  # larger ones: this many blocks ...

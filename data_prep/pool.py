@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection, wait
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 DIED = "a worker process died (killed by a signal or out of memory?); rerun the same command to go on"
 

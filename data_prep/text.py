@@ -55,7 +55,7 @@ from typing import BinaryIO, Literal, get_args
 import blingfire
 import zstandard
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 InputFormat = Literal["txt", "jsonl", "parquet", "arrow"]
 DocBoundary = Literal["blank", "row", "file"]

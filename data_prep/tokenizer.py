@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 SPECIAL_TOKENS = ("pad", "unk", "cls", "sep", "mask")
 REQUIRED_SPECIAL_TOKENS = ("pad", "cls", "sep", "mask")

@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from common.errors import UserError
+from common.flags import add_command, option
+from common.log import get_logger
 from data_prep import text
-from data_prep.errors import UserError
-from data_prep.flags import add_command, option
-from data_prep.log import get_logger
 
 log = get_logger(__name__)
 
@@ -55,7 +55,7 @@ class VocabConfig:
     extension) and save a directory that transformers' AutoTokenizer.from_pretrained and `bert-prep build
     --tokenizer DIR` load; special tokens [PAD] [UNK] [CLS] [SEP] [MASK] take ids 0-4 in every model.
 
-    Each field is a command-line flag of `bert-prep vocab` (data_prep.flags).
+    Each field is a command-line flag of `bert-prep vocab` (common.flags).
     """
 
     input: list[str] = option(metavar="PATH")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from data_prep.errors import UserError
-from data_prep.files import json_lines
+from common.errors import UserError
+from common.files import json_lines
 
 IGNORE = -100  # label of positions without a loss (HF's convention)
 OUTSIDE = "O"

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from data_prep.errors import UserError
-from data_prep.log import get_logger
+from common.errors import UserError
+from common.log import get_logger
 from finetune import data, metrics
 from finetune.kinds import Predict, Task, argmax_labels
 

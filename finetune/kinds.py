@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from finetune import data, metrics
 from finetune.model import TaskModel
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from data_prep.errors import UserError
-from data_prep.log import get_logger
+from common.errors import UserError
+from common.log import get_logger
 from finetune import data, metrics
 from finetune.kinds import Predict, Task
 

@@ -33,10 +33,10 @@ from typing import Literal
 import torch
 
 import ds_configs
-from data_prep.errors import UserError
-from data_prep.files import write_json_atomic
-from data_prep.flags import accept_launcher_arguments, add_arguments, option
-from data_prep.log import get_logger
+from common.errors import UserError
+from common.files import write_json_atomic
+from common.flags import accept_launcher_arguments, add_arguments, option
+from common.log import get_logger
 from finetune import data, glue, kinds, qa
 from finetune.model import FAMILIES, save_hf
 from pretrain import dist, identity
@@ -54,7 +54,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 @dataclass(kw_only=True)
 class FinetuneConfig:
-    """One fine-tuning run: every field is a flag of `bert-finetune` (data_prep.flags)."""
+    """One fine-tuning run: every field is a flag of `bert-finetune` (common.flags)."""
 
     task: Literal["classify", "tag", "qa"] | None = None
     """classify (one label per text or text pair), tag (a BIO tag per word) or qa (extractive, SQuAD JSON)."""

@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.errors import UserError
-from data_prep.flags import accept_launcher_arguments, add_arguments, option
-from data_prep.log import get_logger
+from common.errors import UserError
+from common.flags import accept_launcher_arguments, add_arguments, option
+from common.log import get_logger
 from finetune import glue
 from finetune.run import FinetuneConfig, flags_json
 from finetune.run import main as finetune

@@ -26,9 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.errors import UserError, run_cli
-from data_prep.flags import add_arguments, from_args
-from data_prep.log import get_logger
+from common.errors import UserError, run_cli
+from common.flags import add_arguments, from_args
+from common.log import get_logger
 
 log = get_logger(__name__)
 WORD = re.compile(r"\b[a-z]{4,}\b")  # cloze answers: plain lowercase words, 4 letters or more

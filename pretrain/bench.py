@@ -39,9 +39,9 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from data_prep.errors import UserError
-from data_prep.flags import accept_launcher_arguments, add_arguments, option
-from data_prep.log import get_logger
+from common.errors import UserError
+from common.flags import accept_launcher_arguments, add_arguments, option
+from common.log import get_logger
 from pretrain import dist
 from pretrain.kernels import FastPaths, Packing
 from pretrain.models import ModelFlags, build_pretraining_model, flops_per_sequence
@@ -293,7 +293,7 @@ def build_runners(config, args: BenchConfig, device: torch.device, ds_config: di
 
 @dataclass(kw_only=True)
 class BenchConfig(ModelFlags):
-    """One benchmark: every field is a flag of `bert-bench` (data_prep.flags)."""
+    """One benchmark: every field is a flag of `bert-bench` (common.flags)."""
 
     seq_len: int = 128
     """Padded sequence length S."""

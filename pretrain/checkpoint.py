@@ -52,9 +52,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.errors import UserError, run_cli
-from data_prep.files import write_text_atomic
-from data_prep.log import get_logger
+from common.errors import UserError, run_cli
+from common.files import write_text_atomic
+from common.log import get_logger
 from pretrain import dist, integrity, safe_load
 
 log = get_logger(__name__)

@@ -2,7 +2,7 @@
 
 Public interface (the training loop codes against these names):
 - `DataConfig`: what to read and how to build samples; each field is a flag of the training command
-  (`data_prep.flags`).
+  (`common.flags`).
 - `PretrainingData(cfg)`: opens the datasets; `.vocab_size`, `.special_tokens`, `.num_samples(split)`,
   `.sample(split, epoch, index)` (unmasked), `.masked_sample(split, g)`, `.batch(split, start, size)`,
   `.loader(split, micro_batch_size, rank, world_size, consumed_samples=0, num_workers=None)`.
@@ -70,9 +70,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from common.errors import UserError
+from common.flags import option
 from data_prep import integrity
-from data_prep.errors import UserError
-from data_prep.flags import option
 from data_prep.indexed import IndexedDataset, expand
 from data_prep.indexed import exists as dataset_exists
 from pretrain.masking import Masker, continuation_flags

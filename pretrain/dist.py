@@ -26,7 +26,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from data_prep import errors
+from common import errors
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -129,7 +129,7 @@ def _end_with_output() -> None:
 
 
 def run_cli(main, argv=None, parse=None) -> int:
-    """`data_prep.errors.run_cli` for a command that may start DeepSpeed: after a clean run, the bounded
+    """`common.errors.run_cli` for a command that may start DeepSpeed: after a clean run, the bounded
     `pretrain.engine.shutdown` (every rank meets, then leaves the group); a failed run exits at once.
     With `parse`, `main` runs on `parse(argv)` (its config) and a run that returns is exit code 0."""
 

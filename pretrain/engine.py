@@ -44,8 +44,8 @@ from pathlib import Path
 import torch
 
 import ds_configs
-from data_prep.errors import UserError
-from data_prep.log import get_logger
+from common.errors import UserError
+from common.log import get_logger
 from pretrain import dist, ds_schema
 from pretrain.lamb import FlatLayout, Lamb, PerTensorOptimizer
 from pretrain.optim import StableAdamW

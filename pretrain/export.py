@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from data_prep.errors import UserError, run_cli
-from data_prep.log import get_logger
+from common.errors import UserError, run_cli
+from common.log import get_logger
 from pretrain import identity
 from pretrain.models import PreTrainingModel, pretraining_from_state
 

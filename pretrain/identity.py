@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 ROLES = {  # model config field -> the manifest's special-token roles, first present wins
     "pad_token_id": ("pad",),

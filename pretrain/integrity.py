@@ -31,7 +31,7 @@ from pathlib import Path
 
 import xxhash
 
-from data_prep.files import write_text_atomic
+from common.files import write_text_atomic
 
 CHECKSUM_FORMAT = "bert-ckpt-checksums"
 HASH = "xxh3_128"

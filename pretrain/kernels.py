@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 try:  # optional CUDA packages; never required
     from apex.normalization.fused_layer_norm import fused_layer_norm_affine

@@ -44,8 +44,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.errors import UserError, run_cli
-from data_prep.flags import add_arguments, from_args, option
+from common.errors import UserError, run_cli
+from common.flags import add_arguments, from_args, option
 
 LAUNCH_ID = "BERT_LAUNCH_ID"
 EXPORTED = re.compile(r"^(NCCL_|DS_|OMP_|CUDA_|WANDB_|HF_|TORCH_|BERT_)")

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data_prep.errors import UserError
-from data_prep.files import write_json_atomic
-from data_prep.flags import fields_in, option, parse_value
+from common.errors import UserError
+from common.files import write_json_atomic
+from common.flags import fields_in, option, parse_value
 from pretrain.kernels import FastPaths, FastPathsMixin, Packing, TiedGrad
 
 

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data_prep.errors import UserError
-from data_prep.flags import fields_in, option
+from common.errors import UserError
+from common.flags import fields_in, option
 from pretrain import kernels
 from pretrain.kernels import FastPaths, Packing, PathChoice
 from pretrain.models import Encoder, ModelConfig, PreTrainingModel, PreTrainingOutput, last_layer, trunc_normal_

@@ -2,7 +2,7 @@
 saved in every checkpoint's train_state.json, and compared on resume.
 
 Design choices:
-- The recipe is `TrainConfig` itself (its fields are the flags, data_prep.flags) plus the model config and
+- The recipe is `TrainConfig` itself (its fields are the flags, common.flags) plus the model config and
   the DeepSpeed JSON; this module adds the layers above the dataclass defaults, not a second config tree.
   Batch, optimizer, schedule and precision stay in the DeepSpeed JSON (one source of truth, STYLE habit 2).
 - A model preset brings its family's objective (`FAMILY_RECIPES`): ModernBERT MLM-only, packed, 30% masking
@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 FAMILY_RECIPES: dict[str, dict[str, Any]] = {
     "bert": {"pair_task": "nsp", "packing": False, "mask_prob": 0.15},
@@ -182,13 +182,13 @@ def add_recipe_arguments(parser) -> None:
 def parse_with_recipe(cls: type, parser, argv):
     """`parser.parse_args(argv)` as a `cls`, with the model family's recipe and `--recipe FILE [--phase NAME]`
     (see add_recipe_arguments) between the defaults and the command line, as bert-pretrain resolves them."""
-    from data_prep.flags import from_args
+    from common.flags import from_args
 
     args = parser.parse_args(argv)
     cfg = from_args(cls, args)
     file = read_file(args.recipe) if args.recipe else None
     cfg, origin = resolve(cfg, given_on_command_line(parser, argv), file, args.phase, args.recipe or "")
-    from data_prep.log import get_logger
+    from common.log import get_logger
 
     chosen = {k: v for k, v in origin.items() if v not in ("default", "command line")}
     if chosen:

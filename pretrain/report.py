@@ -15,9 +15,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from data_prep.errors import UserError, run_cli
-from data_prep.files import json_lines
-from data_prep.log import get_logger
+from common.errors import UserError, run_cli
+from common.files import json_lines
+from common.log import get_logger
 
 log = get_logger(__name__)
 

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from pretrain import dist
 
 RECORD = "run.lock"

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 TRUST_HINT = "pass --trust-checkpoint only if you know where this checkpoint comes from"
 

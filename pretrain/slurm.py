@@ -36,7 +36,7 @@ import sys
 import threading
 from pathlib import Path
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 
 USAGE = "usage: python -m pretrain.slurm MODULE [ARGS...] (inside an sbatch allocation: see scripts/slurm/*.sbatch)"
 TASK_ERROR = re.compile(r"^srun: error: (\S+): tasks? ([\d,\-]+): (.*)$")

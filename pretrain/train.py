@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.errors import UserError
-from data_prep.flags import accept_launcher_arguments, add_arguments, from_args, option
-from data_prep.log import get_logger
+from common.errors import UserError
+from common.flags import accept_launcher_arguments, add_arguments, from_args, option
+from common.log import get_logger
 from pretrain import dist, identity, recipe
 from pretrain.data import DataConfig, PretrainingData, eval_batches
 from pretrain.metrics import Metrics
@@ -44,7 +44,7 @@ log = get_logger(__name__)
 
 @dataclass(kw_only=True)
 class TrainConfig(ModelFlags):
-    """One pretraining run: every field is a flag of `bert-pretrain` (data_prep.flags)."""
+    """One pretraining run: every field is a flag of `bert-pretrain` (common.flags)."""
 
     deepspeed_config: str = option(flag="--deepspeed_config", aliases=("--deepspeed-config",), metavar="X.json")
     """DeepSpeed JSON (ds_configs/): batch sizes, optimizer, precision, ZeRO stage, schedule."""

@@ -15,7 +15,7 @@ import pytest
 import xxhash
 from fixtures_train import ROOT, losses, make_setup, run_env, train_args
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from pretrain import checkpoint, export, integrity
 from pretrain.data import DataConfig
 from pretrain.model import BertForPreTraining

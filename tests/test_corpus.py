@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
+from common.errors import run_cli
 from data_prep import corpus
-from data_prep.errors import run_cli
 
 MODULE = '''\
 """Tools for counting the birds that visit a garden feeder.

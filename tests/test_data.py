@@ -12,8 +12,8 @@ import pytest
 import torch
 from fixtures_data import SPECIALS, Corpus, make_corpus
 
-from data_prep import flags
-from data_prep.errors import UserError
+from common import flags
+from common.errors import UserError
 from pretrain.data import DataConfig, PretrainingData, _pair_lengths, eval_batches, permute
 
 CLS, SEP, PAD, MASK = SPECIALS["cls"], SPECIALS["sep"], SPECIALS["pad"], SPECIALS["mask"]

@@ -20,8 +20,8 @@ import xxhash
 from fixtures_prep import ROOT, documents, prep_tokenizer_fixture, run_cli, txt  # noqa: F401
 from fixtures_train import ds_config_json, run_env, tiny_model_json
 
+from common.errors import UserError
 from data_prep import integrity
-from data_prep.errors import UserError
 from pretrain.data import DataConfig, PretrainingData
 
 CFG = dict(seq_len=32, eval_fraction=0.1, num_workers=0)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from pretrain import ds_schema
 from pretrain.engine import deepspeed_top_level_keys, load_ds_config, resolve_batch
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from fixtures_train import free_port, run_env
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, WORLD, MB = 3, 2, 4

@@ -10,7 +10,7 @@ import pytest
 import torch
 from fixtures_train import ROOT, make_setup, run_env, train_args
 
-from data_prep.errors import run_cli
+from common.errors import run_cli
 from pretrain import export
 from pretrain.checkpoint import load_weights
 from pretrain.model import BertForPreTraining

@@ -3,7 +3,7 @@
 import pytest
 from fixtures_finetune import build_tokenizer, classify_rows, tag_sentences, write_conll, write_csv, write_jsonl
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.tokenizer import load as load_tokenizer
 from finetune import data
 

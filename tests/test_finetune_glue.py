@@ -11,7 +11,7 @@ import pytest
 import torch
 from fixtures_finetune import GLUE_LAYOUTS, build_tokenizer, tiny_checkpoint, write_glue
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from finetune import glue
 from finetune.model import TaskModel, save_hf
 from finetune.run import FinetuneConfig, cli, ds_config, main
@@ -196,7 +196,7 @@ def test_a_relaunched_suite_skips_the_runs_an_earlier_launch_completed(setup, tm
 
 
 def test_suite_command_line_parses_the_run_flags(setup):
-    from data_prep.flags import from_args
+    from common.flags import from_args
     from finetune.suite import build_parser
 
     argv = ["--tasks", "cola", "stsb", "--seeds", "3", "--lr", "1e-4", "5e-5", "--data-dir", "G", "--init-from", "C"]

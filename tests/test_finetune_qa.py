@@ -8,7 +8,7 @@ import pytest
 import torch
 from fixtures_finetune import QA_WORDS, build_tokenizer, squad_json, tiny_checkpoint, write_json
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.tokenizer import load as load_tokenizer
 from finetune import metrics, qa
 from finetune.model import TaskModel, save_hf

@@ -1,4 +1,4 @@
-"""data_prep.flags: a config dataclass field is its flag; data_prep.log: one output setup, rank 0 by default."""
+"""common.flags: a config dataclass field is its flag; common.log: one output setup, rank 0 by default."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Literal
 
 import pytest
 
-from data_prep import flags, log
-from data_prep.flags import option
+from common import flags, log
+from common.flags import option
 
 
 @dataclass

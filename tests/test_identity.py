@@ -10,7 +10,7 @@ import pytest
 from fixtures_prep import run_cli as prep_cli
 from fixtures_train import _documents, build_tokenizer, ds_config_json, make_dataset, tiny_model_json
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from pretrain import identity
 from pretrain.data import DataConfig
 from pretrain.export import export

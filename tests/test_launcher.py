@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from pretrain import launcher
 
 HOSTS = ["127.0.0.1", "127.0.0.2"]

@@ -10,7 +10,7 @@ import pytest
 from fixtures_data import SPECIALS, make_corpus
 from transformers import BertTokenizer
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from pretrain.data import DataConfig, PretrainingData
 from pretrain.masking import Masker
 

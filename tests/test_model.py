@@ -9,7 +9,7 @@ import transformers
 from tokenizers import BertWordPieceTokenizer
 from torch.utils.flop_counter import FlopCounterMode
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from pretrain.model import BertConfig, BertForPreTraining, BertModel, flops_per_sequence, load_config
 
 CONFIGS = {

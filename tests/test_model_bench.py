@@ -6,7 +6,7 @@ import pytest
 import torch
 from fixtures_data import make_corpus
 
-from data_prep.errors import run_cli
+from common.errors import run_cli
 from pretrain import bench
 from pretrain.model import BertConfig, flops_per_sequence
 

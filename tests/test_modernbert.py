@@ -15,7 +15,7 @@ import torch
 import transformers
 from tokenizers import BertWordPieceTokenizer
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from pretrain import models
 from pretrain.modernbert import ModernBertConfig, ModernBertForMaskedLM
 

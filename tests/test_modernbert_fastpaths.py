@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from pretrain import kernels, models
 from pretrain.model import BertConfig, BertForPreTraining
 from pretrain.modernbert import ModernBertConfig, ModernBertForMaskedLM

@@ -11,7 +11,7 @@ import pytest
 import torch
 from fixtures_data import SPECIALS, Corpus, make_corpus
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from pretrain import models
 from pretrain.bench import batch_flops
 from pretrain.data import DataConfig, PretrainingData

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fixtures_prep import ROOT, children
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from data_prep.pool import DIED, ordered_map
 
 

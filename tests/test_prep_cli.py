@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from data_prep import cli, flags
+from common import flags
+from data_prep import cli
 from data_prep.build import BuildConfig
 from data_prep.corpus import CorpusConfig
 from data_prep.inspect import InspectConfig

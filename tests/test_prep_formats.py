@@ -232,7 +232,7 @@ def test_parquet_build_resumes_after_an_interruption(tmp_path, prep_tokenizer, m
 @pytest.mark.parametrize("fmt", ["parquet", "arrow"])
 def test_a_parquet_or_arrow_file_without_its_extension_gets_a_hint(tmp_path, fmt):
     """Read as text, a Parquet file's bytes became paragraphs; now one line says how to read it."""
-    from data_prep.errors import UserError
+    from common.errors import UserError
     from data_prep.text import resolve_inputs
 
     table = pa.table({"text": ["one document", "another one"]})

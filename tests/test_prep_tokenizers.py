@@ -24,8 +24,8 @@ from fixtures_prep import (  # noqa: F401
 )
 from tokenizers import Tokenizer
 
+from common.errors import UserError
 from data_prep import tokenizer
-from data_prep.errors import UserError
 from data_prep.indexed import IndexedDataset
 
 KINDS = ["bpe", "unigram", "wordpiece"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fixtures_train import ds_config_json, losses, make_dataset, tiny_model_json
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from pretrain import recipe
 from pretrain.train import TrainConfig, main
 
@@ -151,7 +151,7 @@ def test_a_command_shows_a_warning_as_one_line_without_its_source(capfd):
     import subprocess
     import sys
 
-    code = "import warnings; from data_prep.errors import run_cli; run_cli(lambda a: warnings.warn('careful'))"
+    code = "import warnings; from common.errors import run_cli; run_cli(lambda a: warnings.warn('careful'))"
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
     assert err == "warning: careful\n"
 

@@ -6,7 +6,7 @@ import math
 import matplotlib.image
 import pytest
 
-from data_prep.errors import run_cli
+from common.errors import run_cli
 from pretrain import report
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from fixtures_train import ROOT, free_port, make_setup, run_env, train_args
 
-from data_prep.errors import UserError
-from data_prep.files import write_text_atomic
+from common.errors import UserError
+from common.files import write_text_atomic
 from pretrain import runlock
 
 

@@ -12,7 +12,7 @@ import torch
 import xxhash
 from fixtures_train import ROOT, ds_config_json, make_setup, run_env, train_args
 
-from data_prep.errors import UserError, run_cli
+from common.errors import UserError, run_cli
 from pretrain import checkpoint, export, safe_load
 from pretrain.data import DataConfig
 from pretrain.train import TrainConfig, main

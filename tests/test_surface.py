@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import ds_configs
-from data_prep.flags import fields_in
+from common.flags import fields_in
 from pretrain.models import build_pretraining_model, config_from_dict, load_config, presets
 
 ROOT = Path(__file__).resolve().parents[1]

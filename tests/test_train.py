@@ -9,7 +9,7 @@ import pytest
 import torch
 from fixtures_train import ds_config_json, make_setup, tiny_model_json
 
-from data_prep.errors import UserError
+from common.errors import UserError
 from pretrain import checkpoint
 from pretrain.data import DataConfig
 from pretrain.model import BertForPreTraining

@@ -1,6 +1,6 @@
 """Progress and log output of every command: plain lines on stdout, from rank 0 only unless asked otherwise.
 
-    from data_prep.log import get_logger
+    from common.log import get_logger
     log = get_logger(__name__)
     log.info("saved %s", path)
 

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_prep.errors import UserError
+from common.errors import UserError
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
