@@ -44,6 +44,7 @@ from common.flags import add_arguments, from_args, option  # noqa: E402
 from common.log import get_logger  # noqa: E402
 from data_prep import indexed, text, tokenizer  # noqa: E402
 from data_prep.build import BuildConfig, build  # noqa: E402
+from data_prep.inputs import resolve_inputs  # noqa: E402
 
 log = get_logger(__name__)
 
@@ -92,7 +93,7 @@ def _best(runs: list[Rate]) -> Rate:
 def raw_rates(files: list[str], tok_dir: str, batch: int = 1000) -> dict[str, Rate]:
     """Single-thread `tokenizers` batch encoding of the paragraphs, and `tokenizer.Encoder`'s; best of 2."""
     backend = tokenizer.load(tok_dir).backend_tokenizer
-    paras = list(text.TextReader(text.resolve_inputs(files)).paragraphs())
+    paras = list(text.TextReader(resolve_inputs(files)).paragraphs())
     mb = sum(len(p.encode()) for p in paras) / 1e6
     out = {}
     for name in ("encode_batch", "encode_batch_fast"):
@@ -133,7 +134,7 @@ def feed_rate(files: list[str], chunk_bytes: int = 10**6) -> float:
     many workers it can keep busy.
     """
     cpu = time.process_time()
-    reader = text.TextReader(text.resolve_inputs(files))
+    reader = text.TextReader(resolve_inputs(files))
     for chunk in text.chunked(reader.parts(chunk_bytes), chunk_bytes):
         pickle.dumps(chunk)
     return reader.stats.text_bytes / 1e6 / (time.process_time() - cpu)
@@ -196,7 +197,7 @@ def resume_seconds(files: list[str], tok_dir: str, out: Path, fraction: float = 
     chunk_mb = min(1.0, mb / 8)
     cfg = BuildConfig(input=files, tokenizer=tok_dir, output=str(out), overwrite=True, progress=False,
                       chunk_mb=chunk_mb)  # fmt: skip
-    reader = text.TextReader(text.resolve_inputs(files))
+    reader = text.TextReader(resolve_inputs(files))
     total = sum(1 for _ in text.chunked(reader.parts(int(chunk_mb * 1e6)), int(chunk_mb * 1e6)))
     full = min(_timed_build(cfg) for _ in range(2))
     kill_at = int(fraction * total)
@@ -242,7 +243,7 @@ def parquet_copy(files: list[str], workdir: Path) -> str:
 
     path = workdir / "corpus.parquet"
     if not path.exists() or path.stat().st_mtime < max(Path(f).stat().st_mtime for f in files):
-        rows = ["\n".join(doc) for doc in text.TextReader(text.resolve_inputs(files)).documents()]
+        rows = ["\n".join(doc) for doc in text.TextReader(resolve_inputs(files)).documents()]
         pq.write_table(pa.table({"text": rows}), path)
     return str(path)
 

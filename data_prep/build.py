@@ -51,6 +51,7 @@ from common.files import write_json_atomic
 from common.flags import add_command, option
 from common.log import get_logger
 from data_prep import indexed, text, tokenizer
+from data_prep.inputs import DocBoundary, Input, InputFormat, ReadStats, resolve_inputs
 from data_prep.pool import ordered_map
 
 log = get_logger(__name__)
@@ -86,11 +87,11 @@ class BuildConfig:
     """Dataset prefix: writes PREFIX.bin, PREFIX.idx, PREFIX.json."""
     workers: int = option(1, metavar="N")
     """Tokenizer processes, one core each."""
-    format: text.InputFormat | None = None
+    format: InputFormat | None = None
     """Read every input in this format (default: each input's extension, txt for an unknown one)."""
     text_key: str = option("text", aliases=("--jsonl-key",), metavar="KEY")
     """Field (jsonl) or string column (parquet, arrow) holding the text."""
-    doc_boundary: text.DocBoundary | None = None
+    doc_boundary: DocBoundary | None = None
     """What ends a document: blank (a blank line or empty row; default for txt), row (each row, or txt line;
     default for jsonl, parquet, arrow) or file (one document per file, e.g. one book per file)."""
     special_tokens: list[str] = option(default_factory=list, metavar="ROLE=TOKEN")
@@ -209,11 +210,11 @@ def build(cfg: BuildConfig) -> BuildResult:
     return BuildResult(router.prefixes, manifests, seconds, reader.stats.text_bytes, totals, resumed_tokens)
 
 
-def _inputs(cfg: BuildConfig) -> list[text.Input]:
+def _inputs(cfg: BuildConfig) -> list[Input]:
     """The --input files with their formats, less the files `--output` writes (an --input directory that
     also holds the output, or the leftovers of a killed run, must not read it)."""
     out = Path(cfg.output).resolve()
-    inputs = [i for i in text.resolve_inputs(cfg.input, cfg.format) if not _is_output(i.path, out)]
+    inputs = [i for i in resolve_inputs(cfg.input, cfg.format) if not _is_output(i.path, out)]
     if not inputs:
         raise UserError(f"the only --input files are outputs of --output {cfg.output}; pass the text files")
     return inputs
@@ -303,7 +304,7 @@ def _tokenize_into(
 
 
 def _fingerprint(
-    cfg: BuildConfig, inputs: list[text.Input], backend_json: str, info: tokenizer.TokenizerInfo, dtype: np.dtype
+    cfg: BuildConfig, inputs: list[Input], backend_json: str, info: tokenizer.TokenizerInfo, dtype: np.dtype
 ) -> str:
     """What fixes the output bytes: inputs (path, format, size, mtime), tokenizer, special tokens and options;
     not --workers."""
@@ -395,7 +396,7 @@ class _Router:
         return [(w.num_documents, w.num_sequences, w.num_tokens) for w in self.writers]
 
 
-def _manifest(info: tokenizer.TokenizerInfo, dtype: np.dtype, stats: text.ReadStats, cfg: BuildConfig, w) -> dict:
+def _manifest(info: tokenizer.TokenizerInfo, dtype: np.dtype, stats: ReadStats, cfg: BuildConfig, w) -> dict:
     """The `PREFIX.json` of docs/DESIGN.md for the dataset of writer `w`."""
     return {
         "format": FORMAT_NAME,

@@ -21,7 +21,7 @@ import pyarrow.ipc
 import pyarrow.parquet as pq
 
 from common.errors import UserError
-from data_prep.text import Input, ReadStats
+from data_prep.inputs import Input, ReadStats
 
 _READ_BUFFER = 1 << 20
 _MAX_BATCH_ROWS = 65536

@@ -39,7 +39,7 @@ from typing import Literal
 from common.errors import UserError
 from common.flags import add_command, option
 from common.log import get_logger
-from data_prep import text
+from data_prep import inputs, text
 
 log = get_logger(__name__)
 
@@ -66,7 +66,7 @@ class VocabConfig:
     """Directory to write the tokenizer to."""
     cased: bool = False
     """Keep case and accents (default: lowercase and strip accents)."""
-    format: text.InputFormat | None = None
+    format: inputs.InputFormat | None = None
     """Read every input in this format (default: each input's extension, txt for an unknown one)."""
     text_key: str = option("text", aliases=("--jsonl-key",), metavar="KEY")
     """Field (jsonl) or string column (parquet, arrow) holding the text."""
@@ -85,7 +85,7 @@ def train_vocab(cfg: VocabConfig) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     from tokenizers import Tokenizer, models, trainers
 
-    files = text.resolve_inputs(cfg.input, cfg.format)
+    files = inputs.resolve_inputs(cfg.input, cfg.format)
     if cfg.model == "bpe":
         return _train_bpe(cfg, files)
     tok = _pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), cfg.cased)

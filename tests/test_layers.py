@@ -27,7 +27,6 @@ OVER_SIZE = {
     "data_prep.build",
     "data_prep.corpus",
     "data_prep.indexed",
-    "data_prep.text",
     "data_prep.tokenizer",
     "pretrain.bench",
     "pretrain.checkpoint",
@@ -38,7 +37,6 @@ OVER_SIZE = {
     "pretrain.train",
 }
 CIRCLES = [
-    ["data_prep.columnar", "data_prep.text"],
     ["finetune.glue", "finetune.kinds", "finetune.qa", "finetune.run"],
     ["pretrain.dist", "pretrain.engine", "pretrain.lamb", "pretrain.optim"],
     ["pretrain.model", "pretrain.models", "pretrain.modernbert"],

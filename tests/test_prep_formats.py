@@ -18,7 +18,7 @@ from fixtures_prep import documents, jsonl, prep_tokenizer_fixture, run_cli, txt
 from test_prep_errors import fails
 from test_prep_resume import interrupt_after
 
-from data_prep import text
+from data_prep import inputs, text
 from data_prep.indexed import IndexedDataset
 
 
@@ -90,7 +90,7 @@ def test_mixed_formats_in_one_vocab_and_one_build(tmp_path):
     (tmp_path / "all.txt").write_text(txt(books + more + wiki), encoding="utf-8")  # sorted input order
     mixed = ["jsonl:" + str(tmp_path / "wiki" / "wiki_*"), tmp_path / "books"]
     # what the vocabulary trainer sees (its result is not bit-reproducible run to run, so compare its input)
-    paragraphs = text.TextReader(text.resolve_inputs([str(m) for m in mixed])).paragraphs()
+    paragraphs = text.TextReader(inputs.resolve_inputs([str(m) for m in mixed])).paragraphs()
     assert list(paragraphs) == [p for doc in books + more + wiki for p in doc]
     args = ["vocab", "--input", *mixed, "--vocab-size", 400, "--output", tmp_path / "tok_mixed", "--no-progress"]
     assert run_cli(*args) == 0 and len((tmp_path / "tok_mixed" / "vocab.txt").read_text().splitlines()) > 300
@@ -195,14 +195,14 @@ def test_parquet_reader_streams_in_batches_sized_by_the_chunk(tmp_path):
 
     table = pa.table({"text": ["word " * 200] * 500})  # 1 KB rows, 0.5 MB, one row group
     pq.write_table(table, tmp_path / "a.parquet")
-    stats = text.ReadStats()
+    stats = inputs.ReadStats()
     seen = []
     batches = columnar._parquet_batches(tmp_path / "a.parquet", "text", stats, 0, 20_000)
     for column in batches:
         seen.append(len(column))
     assert 10 <= max(seen) <= 40 and sum(seen) == 500  # ~20 rows of 1 KB each
     assert stats.bytes_read == (tmp_path / "a.parquet").stat().st_size
-    reader = text.TextReader(text.resolve_inputs([str(tmp_path / "a.parquet")]))
+    reader = text.TextReader(inputs.resolve_inputs([str(tmp_path / "a.parquet")]))
     assert sum(len(p) for p in reader.paragraphs(20_000)) == 500 * len("word " * 200) - 500
     assert reader.stats.text_bytes == 500 * 1000
 
@@ -233,7 +233,7 @@ def test_parquet_build_resumes_after_an_interruption(tmp_path, prep_tokenizer, m
 def test_a_parquet_or_arrow_file_without_its_extension_gets_a_hint(tmp_path, fmt):
     """Read as text, a Parquet file's bytes became paragraphs; now one line says how to read it."""
     from common.errors import UserError
-    from data_prep.text import resolve_inputs
+    from data_prep.inputs import resolve_inputs
 
     table = pa.table({"text": ["one document", "another one"]})
     if fmt == "parquet":

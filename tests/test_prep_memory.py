@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from fixtures_prep import ROOT, WORDS, documents, jsonl, prep_tokenizer_fixture, run_cli, txt  # noqa: F401
 
-from data_prep import text
+from data_prep import inputs, text
 from data_prep.indexed import IndexedDataset
 
 PEAK_BOUND_MB = 450  # 8 MB line: 250-292 MB with the cut, 649-992 MB without
@@ -40,7 +40,7 @@ def test_a_txt_file_is_read_in_pieces_as_the_whole_line_is_cut(tmp_path, monkeyp
         eol = ["\n", "\r\n"][trial % 2]
         path = tmp_path / f"{trial}.txt"
         path.write_bytes((eol.join(lines) + eol).encode())
-        reader = text.TextReader([text.Input(path, "txt")])
+        reader = text.TextReader([inputs.Input(path, "txt")])
         want = []
         for line in lines:
             cut = list(text.pieces(line, 7))
