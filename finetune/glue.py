@@ -23,16 +23,16 @@ import csv
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import get_args
 
 from common.errors import UserError
 from common.log import get_logger
 from finetune import data, metrics
+from finetune.config import TaskName
 from finetune.kinds import Predict, Task, argmax_labels
 
 log = get_logger(__name__)
 
-TaskName = Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
 BINARY = ("0", "1")
 NLI = ("entailment", "not_entailment")
 

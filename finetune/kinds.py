@@ -10,16 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from common.errors import UserError
 from finetune import data, metrics
+from finetune.config import FinetuneConfig
 from finetune.model import TaskModel
-
-if TYPE_CHECKING:
-    from finetune.run import FinetuneConfig
 
 Predict = Callable[[data.Encoded], list[Tensor]]
 """The model's logits for every example of an encoded set, each cut to its example's length."""

@@ -25,115 +25,28 @@ import dataclasses
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import torch
 
-import ds_configs
 from common.errors import UserError
 from common.files import write_json_atomic
-from common.flags import accept_launcher_arguments, add_arguments, option
+from common.flags import accept_launcher_arguments, add_arguments
 from common.log import get_logger
 from finetune import data, glue, kinds, qa
+from finetune.config import DEFAULT_DS_CONFIG, FinetuneConfig  # noqa: F401  (DEFAULT_DS_CONFIG: tests/test_wheel.py)
 from finetune.model import FAMILIES, save_hf
 from pretrain import dist, identity
 
 log = get_logger(__name__)
 
-DEFAULT_DS_CONFIG = str(ds_configs.path("finetune_cpu.json"))  # package data: found in a wheel install too
 KINDS = {"classify": kinds.Classify, "tag": kinds.Tag, "qa": qa.QA}
 METRICS = sorted(
     {m for kind in KINDS.values() for m in kind.metrics}
     | {m for s in glue.TASKS.values() for m in glue.metric_names(s)}
 )
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
-
-
-@dataclass(kw_only=True)
-class FinetuneConfig:
-    """One fine-tuning run: every field is a flag of `bert-finetune` (common.flags)."""
-
-    task: Literal["classify", "tag", "qa"] | None = None
-    """classify (one label per text or text pair), tag (a BIO tag per word) or qa (extractive, SQuAD JSON)."""
-    glue_task: glue.TaskName | None = None
-    """A GLUE task, its files read from --data-dir (instead of --task, --train and --eval)."""
-    train: str | None = None
-    """Training file: CSV/TSV/JSONL (classify), CoNLL (tag) or SQuAD v1.1/v2.0 JSON (qa)."""
-    eval: str | None = None
-    """Evaluation file, same format; it decides early stopping and the report."""
-    data_dir: str | None = None
-    """--glue-task: the GLUE directory (glue_data/ with CoLA/, SST-2/, ...) or the task's own directory."""
-    init_from: str
-    """Pretraining --save directory, one checkpoint tag directory, or a Hugging Face directory (BERT or
-    ModernBERT: `bert-export`'s, or one transformers wrote)."""
-    trust_checkpoint: bool = False
-    """Load --init-from without the weights_only check (docs/CHECKPOINTS.md): only for files of known origin."""
-    output: str
-    """Directory for the best model (HF format, with tokenizer), eval_report.json and prediction files."""
-    epochs: int = 3
-    """Maximum passes over the training file."""
-    lr: float | None = None
-    """Peak learning rate (default: the DeepSpeed JSON's if it sets one, else 5e-5 x 768 / hidden size)."""
-    batch: int | None = None
-    """Micro batch per process (default: the one in the DeepSpeed JSON)."""
-    seq_len: int = 128
-    """Longest input in tokens; longer ones are truncated and counted (or rejected with --strict); qa: the
-    window length."""
-    deepspeed_config: str = option(DEFAULT_DS_CONFIG, flag="--deepspeed_config", aliases=("--deepspeed-config",))
-    """DeepSpeed JSON: optimizer, schedule, precision, ZeRO stage."""
-    tokenizer: str | None = None
-    """Tokenizer directory (default: the one in --init-from, else the pretraining dataset's)."""
-    allow_tokenizer_change: bool = False
-    """Fine-tune with a --tokenizer whose fingerprint differs from the one --init-from was trained with."""
-    text_column: str = "text"
-    """classify: column holding the text."""
-    pair_column: str | None = None
-    """classify: column holding the second text of a sentence pair."""
-    label_column: str = "label"
-    """classify: column holding the label."""
-    metric: str | None = option(None, choices=METRICS)
-    """Eval metric for early stopping and model selection (default: the task's first: accuracy for classify,
-    f1 for tag and qa, score for GLUE)."""
-    patience: int = 2
-    """Stop after this many epochs without a better eval metric."""
-    strict: bool = False
-    """Reject sequences longer than --seq-len instead of truncating them."""
-    random_init: bool = False
-    """Use the architecture of --init-from with random weights (the baseline that shows what pretraining buys)."""
-    seed: int = 42
-    """Seed for the head's initialization, dropout and data order."""
-    predict: bool = False
-    """--glue-task: write the best model's test-set predictions to OUTPUT/submission/ in GLUE's format."""
-    doc_stride: int | None = None
-    """qa: step in tokens between the starts of a context's windows (default: a third of --seq-len)."""
-    max_query_length: int = 64
-    """qa: questions are cut to this many tokens."""
-    max_answer_length: int = 30
-    """qa: longest answer predicted, in tokens."""
-    n_best: int = 20
-    """qa: start and end positions per window that are paired into candidate answers."""
-    null_threshold: float | None = None
-    """qa, SQuAD v2.0: answer "" when the no-answer score beats the best span's by more than this (default:
-    the threshold that maximizes F1 on the eval set)."""
-
-    def validate(self) -> None:
-        if (self.task is None) == (self.glue_task is None):
-            raise UserError("pass either --task with --train and --eval, or --glue-task with --data-dir")
-        if self.task and not (self.train and self.eval):
-            raise UserError(f"--task {self.task} needs --train and --eval files")
-        if self.glue_task and (not self.data_dir or self.train or self.eval):
-            raise UserError("--glue-task reads its files from --data-dir; pass --data-dir and no --train/--eval")
-        if self.predict and not self.glue_task:
-            raise UserError("--predict writes GLUE test-set predictions; use it with --glue-task")
-        counts = (self.epochs, self.patience, self.batch or 1, self.n_best, self.max_answer_length)
-        if min(counts) < 1 or self.seq_len < 4 or (self.doc_stride is not None and self.doc_stride < 1):
-            raise UserError(
-                "--epochs, --patience, --batch, --n-best, --max-answer-length and --doc-stride must be at least 1 "
-                "and --seq-len at least 4"
-            )
 
 
 def make_task(cfg: FinetuneConfig) -> kinds.Task:
@@ -330,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
         "OUTPUT/eval_report.json and the task's predictions.",
     )
     add_arguments(p, FinetuneConfig)
+    # the metrics are the task kinds' (which sit above the config), so the choices are given here
+    next(a for a in p._actions if "--metric" in a.option_strings).choices = METRICS
     accept_launcher_arguments(p)
     return p
 

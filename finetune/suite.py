@@ -28,7 +28,8 @@ from common.errors import UserError
 from common.flags import accept_launcher_arguments, add_arguments, option
 from common.log import get_logger
 from finetune import glue
-from finetune.run import FinetuneConfig, flags_json
+from finetune.config import FinetuneConfig, TaskName
+from finetune.run import flags_json
 from finetune.run import main as finetune
 from pretrain import dist
 
@@ -43,7 +44,7 @@ QA_ONLY = ("doc_stride", "max_query_length", "max_answer_length", "n_best", "nul
 class SuiteConfig:
     """A GLUE suite: every field is a flag of `bert-glue`."""
 
-    tasks: list[glue.TaskName] = option(default_factory=lambda: list(glue.TASKS))
+    tasks: list[TaskName] = option(default_factory=lambda: list(glue.TASKS))
     """GLUE tasks to run, in this order."""
     seeds: list[int] = option(default_factory=lambda: [1, 2, 3])
     """Seeds: one run per task, learning rate and seed."""

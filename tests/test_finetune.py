@@ -22,8 +22,9 @@ from fixtures_finetune import (
 from fixtures_train import free_port
 
 from finetune import data, metrics
+from finetune.config import FinetuneConfig
 from finetune.model import TaskModel, save_hf
-from finetune.run import FinetuneConfig, cli, main
+from finetune.run import cli, main
 from pretrain.model import BertConfig
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,8 +13,9 @@ from fixtures_finetune import GLUE_LAYOUTS, build_tokenizer, tiny_checkpoint, wr
 
 from common.errors import UserError
 from finetune import glue
+from finetune.config import FinetuneConfig
 from finetune.model import TaskModel, save_hf
-from finetune.run import FinetuneConfig, cli, ds_config, main
+from finetune.run import cli, ds_config, main
 from finetune.suite import SuiteConfig, format_table
 from finetune.suite import main as suite_main
 from pretrain.model import BertConfig

@@ -31,8 +31,9 @@ from fixtures_finetune import (
 from safetensors.torch import load_file
 
 from finetune import data, glue, metrics, qa
+from finetune.config import FinetuneConfig
 from finetune.model import TaskModel, save_hf
-from finetune.run import FinetuneConfig, default_lr, main
+from finetune.run import default_lr, main
 from pretrain import engine
 from pretrain.models import config_from_json
 from pretrain.modernbert import ModernBertConfig

@@ -11,8 +11,9 @@ from fixtures_finetune import QA_WORDS, build_tokenizer, squad_json, tiny_checkp
 from common.errors import UserError
 from data_prep.tokenizer import load as load_tokenizer
 from finetune import metrics, qa
+from finetune.config import FinetuneConfig
 from finetune.model import TaskModel, save_hf
-from finetune.run import FinetuneConfig, main
+from finetune.run import main
 from pretrain.model import BertConfig
 
 

@@ -7,7 +7,7 @@ import random
 from fixtures_finetune import CLASSES, FILLER
 
 from finetune import glue, qa, tasks
-from finetune.run import FinetuneConfig
+from finetune.config import FinetuneConfig
 
 
 def make_docs(root, packages=3, paragraphs=30):

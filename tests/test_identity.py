@@ -109,7 +109,8 @@ def test_resuming_on_data_of_another_tokenizer_is_refused(corpus, tmp_path):
 
 
 def test_init_from_with_another_tokenizer_is_refused(corpus, tmp_path):
-    from finetune.run import FinetuneConfig, load_pretrained
+    from finetune.config import FinetuneConfig
+    from finetune.run import load_pretrained
 
     base = dict(task="classify", init_from=str(corpus["save"]), output=str(tmp_path / "ft"))
     with pytest.raises(UserError, match=r"--init-from .*run was trained with tokenizer .* but --tokenizer"):

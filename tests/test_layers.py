@@ -37,7 +37,6 @@ OVER_SIZE = {
     "pretrain.train",
 }
 CIRCLES = [
-    ["finetune.glue", "finetune.kinds", "finetune.qa", "finetune.run"],
     ["pretrain.dist", "pretrain.engine", "pretrain.lamb", "pretrain.optim"],
     ["pretrain.model", "pretrain.models", "pretrain.modernbert"],
 ]

@@ -91,7 +91,8 @@ def test_export_init_from_and_finetune_refuse_a_planted_payload(setup, planted, 
     assert len(err.strip().splitlines()) == 1 and "--trust-checkpoint" in err
     with pytest.raises(safe_load.UntrustedCheckpoint):
         main(config(setup, tmp_path / "phase2", steps=1, init_from=str(save)))
-    from finetune.run import FinetuneConfig, load_pretrained
+    from finetune.config import FinetuneConfig
+    from finetune.run import load_pretrained
 
     with pytest.raises(safe_load.UntrustedCheckpoint):
         load_pretrained(FinetuneConfig(task="classify", init_from=str(save), output=str(tmp_path / "ft")))
