@@ -24,7 +24,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "hjson>=3.1",
-        "xxhash>=3.4,<5",  # dataset and checkpoint checksums (data_prep.indexed, pretrain.integrity): XXH3-128
+        "xxhash>=3.4,<5",  # dataset and checkpoint checksums (data_prep.indexed, pretrain.runtime.integrity): XXH3-128
     ],
     extras_require={
         "logging": ["tensorboard>=2.16", "wandb>=0.17"],

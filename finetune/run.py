@@ -6,7 +6,7 @@
     deepspeed --num_gpus 2 --module finetune.run --task tag --train train.conll --eval dev.conll ...
 
 Design choices:
-- The model trains through `pretrain.engine.initialize`, so precision, ZeRO stage, optimizer and schedule
+- The model trains through `pretrain.runtime.engine.initialize`, so precision, ZeRO stage, optimizer and schedule
   come from the DeepSpeed JSON (default ds_configs/finetune_cpu.json); `--batch` and `--lr` are the two
   settings a fine-tuning sweep changes, so they override the JSON's micro batch and learning rate.
 - The learning rate, when neither --lr nor the JSON sets one, is 5e-5 x 768 / hidden size: 5e-5 for
@@ -37,7 +37,8 @@ from common.log import get_logger
 from finetune import data, glue, kinds, qa
 from finetune.config import DEFAULT_DS_CONFIG, FinetuneConfig  # noqa: F401  (DEFAULT_DS_CONFIG: tests/test_wheel.py)
 from finetune.model import FAMILIES, save_hf
-from pretrain import dist, identity
+from pretrain import identity
+from pretrain.runtime import dist
 
 log = get_logger(__name__)
 
@@ -62,7 +63,7 @@ def default_lr(hidden_size: int) -> float:
 def load_pretrained(cfg: FinetuneConfig):
     """(model config of either family, its pretraining model's fp32 state dict, tokenizer directory) of
     --init-from."""
-    from pretrain.checkpoint import load_weights
+    from pretrain.runtime.checkpoint import load_weights
 
     config, state = load_weights(cfg.init_from, cfg.trust_checkpoint)
     if cfg.seq_len > config.max_position_embeddings:
@@ -86,7 +87,7 @@ def load_pretrained(cfg: FinetuneConfig):
 
 def ds_config(cfg: FinetuneConfig, hidden_size: int) -> tuple[dict, float]:
     """(the DeepSpeed JSON with --batch and the learning rate applied, that learning rate)."""
-    from pretrain.engine import load_ds_config
+    from pretrain.runtime.ds_config import load_ds_config
 
     ds = load_ds_config(cfg.deepspeed_config)
     if cfg.batch is not None:
@@ -129,7 +130,9 @@ def flags_json(cfg: FinetuneConfig) -> dict:
 def main(cfg: FinetuneConfig) -> dict:
     """Fine-tune, keep the best model in cfg.output, and return the eval report of that model."""
     from data_prep.tokenizer import load as load_tokenizer
-    from pretrain.engine import init_distributed, initialize, resolve_batch
+    from pretrain.runtime.dist import init_distributed
+    from pretrain.runtime.ds_config import resolve_batch
+    from pretrain.runtime.engine import initialize
 
     cfg.validate()
     requested = flags_json(cfg)  # as given, before defaults resolve
@@ -205,7 +208,7 @@ def fit(cfg: FinetuneConfig, engine, task: kinds.Task, tok, layout) -> dict:
 
 def save_best(cfg: FinetuneConfig, engine, task: kinds.Task, predict, tok) -> None:
     """The model (HF directory) and the task's prediction files; every rank calls this (ZeRO-3 gathers)."""
-    from pretrain.engine import full_state_dict
+    from pretrain.runtime.engine import full_state_dict
 
     state = full_state_dict(engine)
     if dist.is_rank0():

@@ -31,7 +31,7 @@ from finetune import glue
 from finetune.config import FinetuneConfig, TaskName
 from finetune.run import flags_json
 from finetune.run import main as finetune
-from pretrain import dist
+from pretrain.runtime import dist
 
 log = get_logger(__name__)
 

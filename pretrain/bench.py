@@ -42,10 +42,11 @@ from tqdm import tqdm
 from common.errors import UserError
 from common.flags import accept_launcher_arguments, add_arguments, option
 from common.log import get_logger
-from pretrain import dist
 from pretrain.kernels import FastPaths, Packing
 from pretrain.models import ModelFlags, build_pretraining_model, flops_per_sequence
 from pretrain.recipe import FAMILY_RECIPES, add_recipe_arguments, parse_with_recipe
+from pretrain.runtime import dist
+from pretrain.runtime.ds_config import load_ds_config, resolve_batch
 
 log = get_logger(__name__)
 
@@ -173,7 +174,7 @@ class EngineRunner(Runner):
     """A Runner whose step goes through a DeepSpeed engine: optimizer, precision and ZeRO stage from the JSON."""
 
     def __init__(self, name: str, model: torch.nn.Module, loss_fn: Callable, ds_config: dict, device: torch.device):
-        from pretrain import engine as eng
+        from pretrain.runtime import engine as eng
 
         self.name, self.loss_fn, self.device = name, loss_fn, device
         self.engine = eng.initialize(model.to(device), copy.deepcopy(ds_config), total_steps=10**9)
@@ -362,13 +363,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     validate(args, config, device)
     ds_config = None
     if args.deepspeed_config:
-        from pretrain import engine as eng
-
-        ds_config = eng.load_ds_config(args.deepspeed_config)
-        eng.init_distributed()
+        ds_config = load_ds_config(args.deepspeed_config)
+        dist.init_distributed()
         if device.type == "cuda":
             device = torch.device("cuda", torch.cuda.current_device())
-        args.micro_batch = eng.resolve_batch(ds_config, dist.world_size())[1]
+        args.micro_batch = resolve_batch(ds_config, dist.world_size())[1]
         # a timed step is a full optimizer step: accumulation would hide the optimizer in the median step time
         ds_config.update(gradient_accumulation_steps=1, train_batch_size=args.micro_batch * dist.world_size())
         args.precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else args.precision

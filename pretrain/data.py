@@ -619,7 +619,7 @@ def _worker_init(_worker_id: int) -> None:
     and die with it when it dies (torch's own check of the parent runs only every few seconds)."""
     import signal
 
-    from pretrain.dist import die_with_parent
+    from pretrain.runtime.dist import die_with_parent
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -132,7 +132,7 @@ def describe_tokenizer(path: str, special_tokens: dict[str, str] | None = None) 
 def recorded_config(source: str | os.PathLike) -> dict | None:
     """The resolved configuration a training run saved with a checkpoint (a --save directory's newest, or a tag);
     None for a Hugging Face directory or a directory without checkpoints."""
-    from pretrain import checkpoint
+    from pretrain.runtime import checkpoint
 
     source = Path(source)
     if (source / checkpoint.STATE_FILE).is_file():

@@ -23,7 +23,7 @@ Design choices:
 - Nothing outlives the supervisor, even a SIGKILLed one: a guard process (its own session) holds a pipe from
   it; when that pipe closes without a "done" line, the supervisor is gone, and the guard kills the runner's
   process group (runner, local launch.py and ranks, pdsh and its ssh clients) and sweeps every node by the
-  launch id. The ranks watch their own output too (`pretrain.dist.die_with_launch`): when its reader goes
+  launch id. The ranks watch their own output too (`pretrain.runtime.dist.die_with_launch`): when its reader goes
   away (the supervisor, or the ssh connection to their node), they kill their node's launch.py and themselves.
 """
 

@@ -15,7 +15,7 @@ import os
 import uuid
 from pathlib import Path
 
-from pretrain import dist
+from pretrain.runtime import dist
 
 WANDB_ID_FILE = "wandb_run_id"
 

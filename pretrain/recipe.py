@@ -259,7 +259,7 @@ DEEPSPEED_FIELDS = {
 }
 
 
-OUR_SCHEDULES = ("WarmupPolyDecay", "WarmupStableDecay")  # pretrain.engine.SCHEDULES: warmup_proportion
+OUR_SCHEDULES = ("WarmupPolyDecay", "WarmupStableDecay")  # pretrain.runtime.schedules.SCHEDULES: warmup_proportion
 
 
 def apply_to_deepspeed(values: dict[str, Any], origin: dict[str, str], ds_cfg: dict, ds_name: str) -> None:

@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from common.errors import UserError
-from pretrain import dist
+from pretrain.runtime import dist
 
 RECORD = "run.lock"
 FLOCK = "run.flock"

@@ -76,7 +76,7 @@ def save_dir(args: list[str]) -> Path | None:
 
 
 def saved_step(save: Path | None) -> int | None:
-    """Step of the newest complete checkpoint (SAVE/latest names it; pretrain.checkpoint writes it last)."""
+    """Step of the newest complete checkpoint (SAVE/latest names it; pretrain.runtime.checkpoint writes it last)."""
     try:
         m = re.match(r"^step_(\d+)", (save / "latest").read_text().strip()) if save else None
     except OSError:

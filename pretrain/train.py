@@ -34,10 +34,12 @@ import torch
 from common.errors import UserError
 from common.flags import accept_launcher_arguments, add_arguments, from_args, option
 from common.log import get_logger
-from pretrain import dist, identity, recipe
+from pretrain import identity, recipe
 from pretrain.data import DataConfig, PretrainingData, eval_batches
 from pretrain.metrics import Metrics
 from pretrain.models import ModelFlags, build_pretraining_model, pretraining_from_state, shape_mismatch
+from pretrain.runtime import dist
+from pretrain.runtime.ds_config import compute_dtype, resolve_batch
 
 log = get_logger(__name__)
 
@@ -228,8 +230,8 @@ def evaluate(engine_or_model, batches) -> dict[str, float]:
 
 def _prepare(cfg: TrainConfig, origin: dict | None = None):
     """All user-input checks, before any compute. Returns (model config, data, DeepSpeed config, checkpoint)."""
-    from pretrain import checkpoint
-    from pretrain.engine import load_ds_config, resolve_batch
+    from pretrain.runtime import checkpoint
+    from pretrain.runtime.ds_config import load_ds_config, resolve_batch
 
     cfg.validate()
     ds_cfg = load_ds_config(cfg.deepspeed_config)
@@ -276,7 +278,7 @@ def _prepare(cfg: TrainConfig, origin: dict | None = None):
 def _check_resume(cfg: TrainConfig, saved: dict, ds_cfg: dict, saved_world: int) -> None:
     """A resume keeps the recipe: what may change (recipe.RESUMABLE, the learning rate, the process count)
     takes effect and is printed; any other changed recipe field (or the global batch) refuses, naming it."""
-    from pretrain.engine import resolve_batch
+    from pretrain.runtime.ds_config import resolve_batch
 
     taking, refused = recipe.resume_changes(saved.get("train", {}), recipe.flat(cfg))
     old_ds, world = saved.get("deepspeed"), int(os.environ.get("WORLD_SIZE", "1"))
@@ -312,9 +314,9 @@ def main(cfg: TrainConfig) -> dict:
     stop.install()
     try:
         model_cfg, data, ds_cfg, found = _prepare(cfg, origin)
-        from pretrain import engine, runlock
+        from pretrain import runlock
 
-        engine.init_distributed(cfg.dist_timeout)  # the lock's outcome reaches every rank through the group
+        dist.init_distributed(cfg.dist_timeout)  # the lock's outcome reaches every rank through the group
         with runlock.hold(cfg.save):  # one writer per --save: before anything is written there
             run = _Run(cfg, model_cfg, data, ds_cfg, found, origin)
             try:
@@ -375,13 +377,13 @@ class _Run:
     """
 
     def __init__(self, cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, origin: dict):
-        from pretrain import checkpoint
-        from pretrain import engine as eng
+        from pretrain.runtime import checkpoint
+        from pretrain.runtime import engine as eng
 
-        eng.init_distributed(cfg.dist_timeout)
+        dist.init_distributed(cfg.dist_timeout)
         self.cfg, self.data, self.model_cfg = cfg, data, model_cfg
         rank, world = dist.rank(), dist.world_size()
-        _, self.micro_batch, self.grad_accum = eng.resolve_batch(ds_cfg, world)
+        _, self.micro_batch, self.grad_accum = resolve_batch(ds_cfg, world)
         self.global_batch = self.micro_batch * self.grad_accum * world
         found = _loadable(Path(cfg.save), found, world, ds_cfg, cfg.trust_checkpoint)
         trust = cfg.trust_checkpoint
@@ -393,7 +395,7 @@ class _Run:
         self.clock = _Clock(cfg.time_budget, found[1].elapsed_s if found is not None else 0.0)
         progress = self.clock.progress if cfg.time_budget else None
         self.engine = eng.initialize(model, ds_cfg, total_steps=cfg.train_steps, progress=progress)
-        fast_paths = model.resolve_fast_paths(self.engine.device, eng.compute_dtype(ds_cfg))  # after ZeRO-3's say
+        fast_paths = model.resolve_fast_paths(self.engine.device, compute_dtype(ds_cfg))  # after ZeRO-3's say
         self.resolved = _resolved_config(cfg, model_cfg, ds_cfg, data, world, fast_paths, origin)
         if cfg.compile:
             self.engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints are unchanged
@@ -405,7 +407,7 @@ class _Run:
         elif optimizer_from is not None:
             checkpoint.load_optimizer_state(self.engine, optimizer_from, cfg.trust_checkpoint)
             log.info(f"took the optimizer state of {optimizer_from}; the schedule and the step count start afresh")
-        self.peak_flops = _peak_tflops(eng.compute_dtype(ds_cfg))
+        self.peak_flops = _peak_tflops(compute_dtype(ds_cfg))
         self.metrics = Metrics(cfg.save, self.state.step, self.resolved, cfg.tensorboard, cfg.wandb_project)
         rng = checkpoint.rng_state()  # starting a loader draws worker seeds; keep dropout's stream untouched
         self.batches = data.loader("train", self.micro_batch, rank, world, consumed_samples=self.state.consumed_samples)
@@ -415,7 +417,7 @@ class _Run:
         self.bar = None
 
     def _resume(self) -> None:
-        from pretrain import checkpoint
+        from pretrain.runtime import checkpoint
 
         only = checkpoint.rollback_target(self.cfg.save, self.cfg.resume_from)
         tag, resumed = checkpoint.resume(self.engine, self.cfg.save, self.cfg.trust_checkpoint, only)
@@ -448,7 +450,7 @@ class _Run:
             _report(self.bar, cfg, record, min(eta, self._budget_left()))
             nonfinite = nonfinite + 1 if bad else 0
             if nonfinite >= max(cfg.max_nonfinite, 1):
-                from pretrain import checkpoint
+                from pretrain.runtime import checkpoint
 
                 good = checkpoint.newest_good(cfg.save, warn=False)
                 where = f"the newest good checkpoint is {Path(cfg.save) / good}" if good else "no good checkpoint yet"
@@ -470,9 +472,9 @@ class _Run:
         gradient norm. None when a signal arrived before the last micro-batch: every rank then leaves the step
         unfinished at the same micro-batch, with the RNG states of the step's start, so that the checkpoint of
         the last completed step resumes exactly (samples are a function of their index)."""
-        from pretrain import checkpoint
-        from pretrain import engine as eng
         from pretrain.bench import batch_flops
+        from pretrain.runtime import checkpoint
+        from pretrain.runtime import engine as eng
 
         engine, step = self.engine, _Step()
         rng = checkpoint.rng_state() if self.grad_accum > 1 else None
@@ -535,7 +537,7 @@ class _Run:
         log.info(f"eval step {self.state.step}: " + " ".join(f"{k}={v}" for k, v in _rounded(record).items()))
 
     def save(self) -> None:
-        from pretrain import checkpoint
+        from pretrain.runtime import checkpoint
 
         t0 = time.monotonic()
         tag_dir = checkpoint.save(self.engine, self.cfg.save, self.state, keep=self.keep, watch=self.losses)
@@ -543,7 +545,7 @@ class _Run:
         log.info(f"saved {tag_dir} ({checkpoint.integrity.human_bytes(size)} in {time.monotonic() - t0:.1f} s)")
 
     def _stop(self, reason: str, save: bool) -> dict:
-        from pretrain import checkpoint
+        from pretrain.runtime import checkpoint
 
         if save and not checkpoint.is_complete(self.cfg.save, self.state.step):
             self.save()
@@ -563,7 +565,7 @@ def _loadable(save_dir: Path, found, world: int, ds_cfg: dict, trust: bool = Fal
     """(tag, state) that `world` processes can load of a checkpoint found in `save_dir`: the tag itself when it was
     written by as many processes, is universal, or holds its optimizer state whole (stage 0); otherwise a
     universal copy that rank 0 makes once while the other ranks wait. Says which in one line."""
-    from pretrain import checkpoint
+    from pretrain.runtime import checkpoint
 
     if found is None:
         return None
@@ -590,7 +592,7 @@ def _loadable(save_dir: Path, found, world: int, ds_cfg: dict, trust: bool = Fal
 
 def _optimizer_source(init_from: str, world: int, ds_cfg: dict, trust: bool = False) -> Path:
     """The checkpoint tag whose optimizer state --init-optimizer takes: --init-from's newest, or that tag."""
-    from pretrain import checkpoint
+    from pretrain.runtime import checkpoint
 
     path = Path(init_from)
     good = (
@@ -647,7 +649,7 @@ def _rounded(record: dict) -> dict:
 
 def _build_model(cfg: TrainConfig, model_cfg, init: str | None):
     """A fresh model from `--seed`, or with the weights of `--init-from` (not when resuming)."""
-    from pretrain.checkpoint import load_weights
+    from pretrain.runtime.checkpoint import load_weights
 
     torch.manual_seed(cfg.seed)
     if not init:

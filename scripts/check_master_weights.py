@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import load_weights, partitioned
+from pretrain.runtime.checkpoint import load_weights, partitioned
 
 
 def main(tag_dir: Path) -> None:

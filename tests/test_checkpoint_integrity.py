@@ -16,9 +16,10 @@ import xxhash
 from fixtures_train import ROOT, losses, make_setup, run_env, train_args
 
 from common.errors import UserError, run_cli
-from pretrain import checkpoint, export, integrity
+from pretrain import export
 from pretrain.data import DataConfig
 from pretrain.model import BertForPreTraining
+from pretrain.runtime import checkpoint, integrity
 from pretrain.train import TrainConfig, main
 
 MODEL_FILE = "mp_rank_00_model_states.pt"

@@ -14,8 +14,8 @@ import pytest
 import torch
 from fixtures_train import free_port
 
-from pretrain.checkpoint import load_weights
 from pretrain.export import build_model
+from pretrain.runtime.checkpoint import load_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,9 +123,11 @@ def test_demo_model_is_the_preset_with_the_datas_vocabulary_and_special_ids(tmp_
 
 
 def test_demo_modernbert_recipe_is_packed_mlm_at_30_percent_with_stable_adamw(tmp_path):
-    from pretrain.engine import SCHEDULES, build_optimizer, load_ds_config
     from pretrain.models import build_pretraining_model, load_config
-    from pretrain.optim import StableAdamW
+    from pretrain.runtime.ds_config import load_ds_config
+    from pretrain.runtime.engine import build_optimizer
+    from pretrain.runtime.optim import StableAdamW
+    from pretrain.runtime.schedules import SCHEDULES
     from pretrain.train import TrainConfig
 
     text = open(os.path.join(ROOT, "scripts", "demo.sh")).read()

@@ -1,10 +1,11 @@
-"""pretrain.dist: every collective the project runs itself goes through it, on the accelerator's device, at any
+"""pretrain.runtime.dist: every collective the project runs itself goes through it, on the accelerator's device, at any
 world size; a rank's processes die with their parent.
 
 A CPU run cannot show a CPU tensor handed to an NCCL group (gloo takes it), so the class is closed three ways:
-no module but pretrain/dist.py calls a torch.distributed collective (checked on the sources); pretrain.dist puts
-its tensors on the accelerator's device (faked here as `meta`); and every multi-process test launch runs under
-tests/strict_collectives, which fails any collective, ours or DeepSpeed's, whose tensor is off that device.
+no module but pretrain/runtime/dist.py calls a torch.distributed collective (checked on the sources);
+pretrain.runtime.dist puts its tensors on the accelerator's device (faked here as `meta`); and every
+multi-process test launch runs under tests/strict_collectives, which fails any collective, ours or DeepSpeed's,
+whose tensor is off that device.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 import torch
 from fixtures_train import ROOT, run_env
 
-from pretrain import dist
+from pretrain.runtime import dist
 
 COLLECTIVES = {"all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "barrier"}
 COLLECTIVES |= {"reduce_scatter", "reduce_scatter_tensor", "all_to_all_single", "monitored_barrier", "gather"}
@@ -56,10 +57,11 @@ def test_no_module_but_pretrain_dist_runs_a_collective():
     offenders = []
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
-            if path != ROOT / "pretrain" / "dist.py":
+            if path != ROOT / "pretrain" / "runtime" / "dist.py":
                 offenders += collective_calls(path)
     assert not offenders, offenders
-    assert collective_calls(ROOT / "pretrain" / "dist.py")  # the scan does see a collective where there is one
+    # the scan does see a collective where there is one
+    assert collective_calls(ROOT / "pretrain" / "runtime" / "dist.py")
 
 
 def test_collective_tensors_live_on_the_accelerators_device(monkeypatch):
@@ -109,7 +111,8 @@ def test_a_process_dies_with_its_parent(tmp_path):
     code = (
         "import os, subprocess, sys, time\n"
         "child = subprocess.Popen([sys.executable, '-c', "
-        '\'from pretrain.dist import die_with_parent; import time; die_with_parent(); print("ready", flush=True); '
+        "'from pretrain.runtime.dist import die_with_parent; import time; die_with_parent(); "
+        'print("ready", flush=True); '
         "time.sleep(60)'], stdout=sys.stdout)\n"
         "print(child.pid, flush=True)\n"
         "time.sleep(60)\n"

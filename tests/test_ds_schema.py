@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from common.errors import UserError
-from pretrain import ds_schema
-from pretrain.engine import deepspeed_top_level_keys, load_ds_config, resolve_batch
+from pretrain.runtime import ds_schema
+from pretrain.runtime.ds_config import deepspeed_top_level_keys, load_ds_config, resolve_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": 4, "optimizer": {"type": "Lamb", "params": {}}}

@@ -1,4 +1,4 @@
-"""pretrain.engine: optimizer choice, schedules, batch checks, and LAMB and StableAdamW under ZeRO 0-3 with two
+"""pretrain.runtime.engine: optimizer choice, schedules, batch checks, and LAMB and StableAdamW under ZeRO 0-3 with two
 CPU processes.
 
 The two-process part is one `deepspeed` launch (this file's `__main__`) that trains the same small model
@@ -117,8 +117,8 @@ def full_weights(engine) -> dict[str, torch.Tensor]:
 def worker(out: str) -> None:
     """Run under `deepspeed --num_gpus 2`: every stage, STEPS steps, weights after each step from rank 0, and a
     checkpoint of each run in OUT.d/<run>."""
-    from pretrain import checkpoint
-    from pretrain import engine as eng
+    from pretrain.runtime import checkpoint, dist
+    from pretrain.runtime import engine as eng
 
     results = {}
     runs = [*STAGES, *(f"bf16-{s}" for s in BF16_STAGES), *(f"stable-{s}" for s in STAGES)]
@@ -129,10 +129,10 @@ def worker(out: str) -> None:
         results[f"full-{stage}"] = eng.full_state_dict(engine)  # every rank calls it; ZeRO-3 gathers to rank 0
         checkpoint.save(engine, f"{out}.d/{stage}", checkpoint.TrainState(step=STEPS, world_size=WORLD))
         engine.destroy()
-    results["shm_buffer"] = Path("/dev/shm", eng.shm_buffer_name(rank)).exists()  # before shutdown removes it
+    results["shm_buffer"] = Path("/dev/shm", dist.shm_buffer_name(rank)).exists()  # before shutdown removes it
     if rank == 0:
         torch.save(results, out)
-    eng.shutdown()
+    dist.shutdown()
 
 
 def train_run(eng, run: str):
@@ -161,7 +161,7 @@ def two_process_runs(tmp_path_factory):
     cmd = ["deepspeed", "--num_gpus", str(WORLD), "--master_port", str(port), __file__, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # engine.shutdown removed the 69 MB shared-memory buffer DeepSpeed's CPU comm op made for each rank
+    # dist.shutdown removed the 69 MB shared-memory buffer DeepSpeed's CPU comm op made for each rank
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return {**torch.load(out), "dir": Path(f"{out}.d")}
 
@@ -171,8 +171,9 @@ def single_process_reference(stable: bool = False):
     LAMB (ours: tests/test_lamb.py checks it against a float64 recomputation) or torch-optimi's StableAdamW."""
     import optimi
 
-    from pretrain.engine import WarmupPolyDecay, WarmupStableDecay, param_groups
-    from pretrain.lamb import Lamb
+    from pretrain.runtime.engine import param_groups
+    from pretrain.runtime.lamb import Lamb
+    from pretrain.runtime.schedules import WarmupPolyDecay, WarmupStableDecay
 
     model = Tiny()
     if stable:
@@ -259,7 +260,7 @@ def test_checkpoints_give_the_optimizers_fp32_master_weights(two_process_runs, r
     """What bert-export, --init-from and bert-finetune read (checkpoint.master_weights) is the optimizer's fp32
     copy itself (DeepSpeed's safe_get_full_fp32_param in the worker), not the 16-bit module weights: DeepSpeed
     names bf16 optimizer shards bf16_zero_pp_rank_*, which a zero_pp_rank_* glob misses."""
-    from pretrain.checkpoint import master_weights
+    from pretrain.runtime.checkpoint import master_weights
 
     tag_dir = two_process_runs["dir"] / str(run) / "step_00000003"
     got, want = master_weights(tag_dir), two_process_runs[run][-1]
@@ -281,8 +282,8 @@ def test_checkpoints_give_the_optimizers_fp32_master_weights(two_process_runs, r
 @pytest.mark.slow
 @pytest.mark.parametrize("run, tol", [(0, 1e-5), (1, 1e-5), (2, 1e-5), (3, 1e-5), ("bf16-0", 0.05), ("bf16-2", 0.05)])
 def test_every_stage_reports_the_gradient_norm_torch_computes(two_process_runs, run, tol):
-    """pretrain.engine.step's norm (logged as grad_norm): ours at stage 0 in fp32, DeepSpeed's elsewhere, all equal to
-    torch's clip_grad_norm_ of the same global batch in one process (bf16: up to its rounding)."""
+    """pretrain.runtime.engine.step's norm (logged as grad_norm): ours at stage 0 in fp32, DeepSpeed's elsewhere,
+    all equal to torch's clip_grad_norm_ of the same global batch in one process (bf16: up to its rounding)."""
     want = single_process_reference()[1]
     assert two_process_runs[f"norms-{run}"] == pytest.approx(want, rel=tol)
 
@@ -300,7 +301,7 @@ def test_full_state_dict_is_the_whole_model_at_every_stage(two_process_runs, run
 
 @pytest.mark.slow
 def test_deepspeeds_shared_memory_buffer_has_the_name_shutdown_removes(two_process_runs):
-    """engine.shm_buffer_name rebuilds the name from DeepSpeed's shm.cpp: when an upgrade renames the buffer, the
+    """dist.shm_buffer_name rebuilds the name from DeepSpeed's shm.cpp: when an upgrade renames the buffer, the
     69 MB per rank would leak again silently, so its presence during the run is checked, not only its absence after."""
     assert two_process_runs["shm_buffer"]
 
@@ -322,7 +323,7 @@ def test_weights_actually_move_so_the_comparisons_mean_something(two_process_run
 
 
 def test_poly_schedule_warmup_then_decay_to_zero():
-    from pretrain.engine import WarmupPolyDecay
+    from pretrain.runtime.schedules import WarmupPolyDecay
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     s = WarmupPolyDecay(opt, total_steps=10, warmup_proportion=0.2, power=2.0)
@@ -338,7 +339,7 @@ def test_poly_schedule_warmup_then_decay_to_zero():
 
 def test_warmup_stable_decay_schedule():
     """Linear warmup, the peak, then a linear or 1-sqrt decay to min_lr_ratio x peak over the last share."""
-    from pretrain.engine import WarmupStableDecay
+    from pretrain.runtime.schedules import WarmupStableDecay
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
 
@@ -362,7 +363,7 @@ def test_warmup_stable_decay_schedule():
 
 
 def test_weight_decay_excludes_biases_and_layernorm():
-    from pretrain.engine import param_groups
+    from pretrain.runtime.engine import param_groups
 
     model = Tiny()
     decay, no_decay = param_groups(model, 0.01)
@@ -373,8 +374,8 @@ def test_weight_decay_excludes_biases_and_layernorm():
 
 
 def test_cpu_gets_our_lamb_with_the_json_hyperparameters():
-    from pretrain.engine import build_optimizer
-    from pretrain.lamb import Lamb
+    from pretrain.runtime.engine import build_optimizer
+    from pretrain.runtime.lamb import Lamb
 
     cfg = ds_config(2)
     cfg["optimizer"]["params"].update(max_coeff=5.0, min_coeff=0.1, eps=1e-6)
@@ -394,7 +395,7 @@ def test_cpu_gets_our_lamb_with_the_json_hyperparameters():
     ],
 )
 def test_local_cpu_ranks_share_the_cores(monkeypatch, env, shared):
-    from pretrain.engine import share_cpu_cores
+    from pretrain.runtime.dist import share_cpu_cores
 
     for name in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
         monkeypatch.delenv(name, raising=False)
@@ -412,8 +413,8 @@ def test_local_cpu_ranks_share_the_cores(monkeypatch, env, shared):
 def test_stable_adamw_and_fully_decoupled_adamw_are_ours_on_every_device(monkeypatch):
     """StableAdamW has no DeepSpeed kernel; AdamW's "decouple_lr" (wd not scaled by lr) is StableAdamW without its
     clipping. Plain AdamW stays DeepSpeed's on a GPU and torch's on CPU: decoupled weight decay scaled by lr."""
-    from pretrain import engine as eng
-    from pretrain.optim import StableAdamW
+    from pretrain.runtime import engine as eng
+    from pretrain.runtime.optim import StableAdamW
 
     for gpu in (False, True):
         monkeypatch.setattr(eng, "on_gpu", lambda gpu=gpu: gpu)
@@ -432,8 +433,8 @@ def test_stable_adamw_and_fully_decoupled_adamw_are_ours_on_every_device(monkeyp
 def test_gpu_stage0_lamb_is_deepspeeds_kernel_or_ours_when_the_kernel_does_not_load(monkeypatch):
     """On a GPU, stage-0 fp32/fp16 LAMB goes to DeepSpeed's fused kernel; where that JIT build fails (no nvcc,
     say) training must not die: our Lamb takes over with the same hyperparameters and a warning says why."""
-    from pretrain import engine as eng
-    from pretrain.lamb import Lamb
+    from pretrain.runtime import engine as eng
+    from pretrain.runtime.lamb import Lamb
 
     monkeypatch.setattr(eng, "on_gpu", lambda: True)
     monkeypatch.setattr(eng, "fused_lamb_loads", lambda: True)
@@ -465,7 +466,9 @@ def test_gpu_stage0_lamb_is_deepspeeds_kernel_or_ours_when_the_kernel_does_not_l
     ],
 )  # fmt: skip
 def test_bad_configs_are_one_line_user_errors(tmp_path, patch, words):
-    from pretrain.engine import SCHEDULES, build_optimizer, load_ds_config, resolve_batch
+    from pretrain.runtime.ds_config import load_ds_config, resolve_batch
+    from pretrain.runtime.engine import build_optimizer
+    from pretrain.runtime.schedules import SCHEDULES
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({**ds_config(0), **patch}))

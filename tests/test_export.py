@@ -12,8 +12,8 @@ from fixtures_train import ROOT, make_setup, run_env, train_args
 
 from common.errors import run_cli
 from pretrain import export
-from pretrain.checkpoint import load_weights
 from pretrain.model import BertForPreTraining
+from pretrain.runtime.checkpoint import load_weights
 
 ATOL = 1e-5
 TEXTS = ["the farmer sold a red bicycle near the river.", "our doctor found the map and talked about the garden."]
@@ -119,7 +119,7 @@ def test_user_errors(tmp_path, capsys):
 @pytest.mark.parametrize("data", [["a", "b"], {"prefixes": ["a", "b"], "seq_len": 128}, "a"])
 def test_recorded_data_prefixes_reads_every_checkpoint_layout(tmp_path, data):
     """`train.data` is a DataConfig now, the prefix list (or one prefix) in older checkpoints."""
-    from pretrain import checkpoint
+    from pretrain.runtime import checkpoint
 
     state = {"step": 1, "config": {"train": {"data": data}}}
     (tmp_path / checkpoint.STATE_FILE).write_text(json.dumps(state))

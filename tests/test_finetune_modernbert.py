@@ -34,9 +34,9 @@ from finetune import data, glue, metrics, qa
 from finetune.config import FinetuneConfig
 from finetune.model import TaskModel, save_hf
 from finetune.run import default_lr, main
-from pretrain import engine
 from pretrain.models import config_from_json
 from pretrain.modernbert import ModernBertConfig
+from pretrain.runtime import engine
 
 ROOT_DS = "ds_configs/finetune_cpu.json"
 HF_CLASSES = {
@@ -258,8 +258,9 @@ def test_from_our_bf16_checkpoint_and_its_export(setup, tmp_path):
     directory: both start from the same weights, so with one seed both runs save the same model."""
     from fixtures_prep import run_cli
 
-    from pretrain import checkpoint, export
+    from pretrain import export
     from pretrain.data import DataConfig
+    from pretrain.runtime import checkpoint
     from pretrain.train import TrainConfig
     from pretrain.train import main as pretrain
 

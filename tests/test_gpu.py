@@ -134,12 +134,12 @@ def test_fused_path_matches_plain_in_low_precision(path, dtype):
 @pytest.mark.gpu
 @needs_cuda
 def test_deepspeed_fused_lamb_matches_ours():
-    """Same parameters, same gradients, five steps: DeepSpeed's CUDA kernel and pretrain.lamb.Lamb agree to 1e-6
+    """Same parameters, same gradients, five steps: DeepSpeed's CUDA kernel and pretrain.runtime.lamb.Lamb agree to 1e-6
     relative, and both agree with the float64 recomputation of the kernel's formulas."""
     from deepspeed.ops.lamb import FusedLamb
     from test_lamb import HP, make_problem, reference_lamb
 
-    from pretrain.lamb import Lamb
+    from pretrain.runtime.lamb import Lamb
 
     params, grads = make_problem(seed=int.from_bytes(os.urandom(4), "little"), steps=5)
     ours = [torch.nn.Parameter(p.clone().cuda()) for p in params]
@@ -157,7 +157,7 @@ def test_deepspeed_fused_lamb_matches_ours():
 
 
 def _engine(stage: int, precision: str, lr: float = 1e-3, **fp16):
-    from pretrain import engine as eng
+    from pretrain.runtime import engine as eng
 
     cfg = {
         "train_micro_batch_size_per_gpu": 8,

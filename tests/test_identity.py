@@ -132,7 +132,7 @@ def test_init_from_with_another_tokenizer_is_refused(corpus, tmp_path):
 def test_a_checkpoint_without_a_fingerprint_is_accepted_with_one_warning(corpus, tmp_path):
     import shutil
 
-    from pretrain import checkpoint
+    from pretrain.runtime import checkpoint
 
     old = tmp_path / "old"
     shutil.copytree(corpus["save"], old)

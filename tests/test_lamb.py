@@ -1,4 +1,4 @@
-"""pretrain.lamb.Lamb against an independent float64 recomputation of DeepSpeed's fused LAMB update."""
+"""pretrain.runtime.lamb.Lamb against an independent float64 recomputation of DeepSpeed's fused LAMB update."""
 
 import copy
 import math
@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from pretrain.lamb import FlatLayout, Lamb
+from pretrain.runtime.lamb import Lamb
+from pretrain.runtime.pertensor import FlatLayout
 
 HP = dict(lr=0.02, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01, max_coeff=10.0, min_coeff=0.01)
 

@@ -3,7 +3,7 @@ even one killed with SIGKILL, which can clean nothing up itself.
 
 - The guard: its pipe from the supervisor closes without "done" -> the runner's process group is killed and the
   node swept by launch id; with "done" (a launch that ended normally) it touches nothing.
-- A rank's watch on its output (`pretrain.dist.die_with_launch`): the reader of its stdout gone (the supervisor,
+- A rank's watch on its output (`pretrain.runtime.dist.die_with_launch`): the reader of its stdout gone (the supervisor,
   or the ssh connection to its node) -> the rank kills itself (and its node's launch.py).
 - A real local launch whose supervisor gets `kill -9` leaves no process of it within 30 s; over the ssh testbed
   (BERT_SSH_TESTBED, see tests/test_launch_ssh.py) the same holds on both nodes, else that case is skipped.

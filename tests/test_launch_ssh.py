@@ -27,7 +27,7 @@ import psutil
 import pytest
 from fixtures_train import ROOT, free_port, losses, make_setup, run_env, train_args
 
-from pretrain import checkpoint
+from pretrain.runtime import checkpoint
 
 SCRIPT = str(ROOT / "scripts" / "launch_multinode.sh")
 HOSTS = ("127.0.0.1", "127.0.0.2")

@@ -29,15 +29,13 @@ OVER_SIZE = {
     "data_prep.indexed",
     "data_prep.tokenizer",
     "pretrain.bench",
-    "pretrain.checkpoint",
+    "pretrain.runtime.checkpoint",
     "pretrain.data",
-    "pretrain.engine",
     "pretrain.kernels",
     "pretrain.launcher",
     "pretrain.train",
 }
 CIRCLES = [
-    ["pretrain.dist", "pretrain.engine", "pretrain.lamb", "pretrain.optim"],
     ["pretrain.model", "pretrain.models", "pretrain.modernbert"],
 ]
 UPWARD = [

@@ -296,7 +296,8 @@ ZERO_SCRIPT = """
 import dataclasses, json, sys, torch
 sys.path.insert(0, "tests")
 from test_model_fastpaths import BASE, batch
-from pretrain import engine, models
+from pretrain.runtime import engine
+from pretrain import models
 modern = models.load_config("modernbert-tiny", ["vocab_size=300", "hidden_size=64", "num_attention_heads=2",
                                                 "local_attention=8", "pad_token_id=0", "fused_ops=compile"])
 losses = {}

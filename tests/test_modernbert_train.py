@@ -15,9 +15,10 @@ import transformers
 from fixtures_prep import BPE_ROLES, documents, prep_tokenizers_fixture, run_cli, txt  # noqa: F401
 from tokenizers import Tokenizer
 
-from pretrain import checkpoint, export
+from pretrain import export
 from pretrain.data import Batches, DataConfig, PretrainingData, eval_batches
 from pretrain.models import load_config, pretraining_from_state
+from pretrain.runtime import checkpoint
 from pretrain.train import TrainConfig, evaluate, main
 
 pytestmark = pytest.mark.slow  # ~20 s together: one dataset build and four short runs

@@ -10,7 +10,7 @@ import time
 import pytest
 from fixtures_train import ROOT, ds_config_json, free_port, losses, make_setup, run_env, train_args
 
-from pretrain import checkpoint
+from pretrain.runtime import checkpoint
 
 STEPS = 6
 SCRIPT = str(ROOT / "scripts" / "launch_multinode.sh")

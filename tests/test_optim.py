@@ -1,4 +1,4 @@
-"""pretrain.optim.StableAdamW against torch-optimi's StableAdamW and AdamW (the independent reference ModernBERT
+"""pretrain.runtime.optim.StableAdamW against torch-optimi's StableAdamW and AdamW (the independent reference ModernBERT
 trained with), on whole tensors and on one flat tensor with a FlatLayout (what ZeRO hands the optimizer)."""
 
 import contextlib
@@ -8,8 +8,8 @@ import optimi
 import pytest
 import torch
 
-from pretrain.lamb import FlatLayout
-from pretrain.optim import StableAdamW
+from pretrain.runtime.optim import StableAdamW
+from pretrain.runtime.pertensor import FlatLayout
 
 HP = dict(lr=0.01, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1)
 SHAPES = [(7, 5), (5,), (3, 4, 2), (11,)]

@@ -76,7 +76,7 @@ def test_recipe_file_errors_are_one_line(root, tmp_path):
 
 
 def test_the_recipe_and_its_provenance_are_saved_with_every_checkpoint(root, tmp_path):
-    from pretrain import checkpoint
+    from pretrain.runtime import checkpoint
 
     main(TrainConfig.from_args(argv(root, tmp_path / "run", "--train-steps", "1")))
     saved = checkpoint.newest(tmp_path / "run")[1].config

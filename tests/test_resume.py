@@ -25,7 +25,7 @@ from fixtures_train import (
     train_args,
 )
 
-from pretrain import checkpoint
+from pretrain.runtime import checkpoint
 
 STEPS = 60
 

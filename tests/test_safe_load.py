@@ -13,8 +13,9 @@ import xxhash
 from fixtures_train import ROOT, ds_config_json, make_setup, run_env, train_args
 
 from common.errors import UserError, run_cli
-from pretrain import checkpoint, export, safe_load
+from pretrain import export
 from pretrain.data import DataConfig
+from pretrain.runtime import checkpoint, safe_load
 from pretrain.train import TrainConfig, main
 
 MODEL_FILE = "mp_rank_00_model_states.pt"

@@ -23,7 +23,7 @@ from fixtures_train import (
     train_args,
 )
 
-from pretrain import checkpoint
+from pretrain.runtime import checkpoint
 from pretrain.train import dropout_seed
 
 STEPS = 60

@@ -27,7 +27,8 @@ import psutil
 import pytest
 from fixtures_train import ROOT, losses, make_setup, run_env, train_args
 
-from pretrain import checkpoint, slurm
+from pretrain import slurm
+from pretrain.runtime import checkpoint
 
 SBATCH = str(ROOT / "scripts" / "slurm" / "pretrain.sbatch")
 STEPS = 60

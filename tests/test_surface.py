@@ -43,7 +43,7 @@ ENTRY_POINTS = {
 # Documented commands that are modules, not console scripts (the README and docs/ name them).
 MODULE_COMMANDS = {
     "launch_multinode": ("pretrain.launcher", "cli"),
-    "checkpoint": ("pretrain.checkpoint", "_main"),
+    "checkpoint": ("pretrain.runtime.checkpoint", "_main"),
     "finetune-tasks": ("finetune.tasks", "main"),
 }
 

@@ -10,9 +10,9 @@ import torch
 from fixtures_train import ds_config_json, make_setup, tiny_model_json
 
 from common.errors import UserError
-from pretrain import checkpoint
 from pretrain.data import DataConfig
 from pretrain.model import BertForPreTraining
+from pretrain.runtime import checkpoint
 from pretrain.train import TrainConfig, cli, evaluate, main
 
 ROOT = Path(__file__).resolve().parents[1]

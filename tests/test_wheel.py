@@ -75,7 +75,7 @@ def test_an_installed_wheel_fine_tunes_with_the_default_config(site, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (tmp_path / "out" / "eval_report.json").is_file()
     where = subprocess.run(
-        [sys.executable, "-c", "import ds_configs, finetune.run as r, pretrain.engine as e, common.flags as f; "
+        [sys.executable, "-c", "import ds_configs, finetune.run as r, pretrain.runtime.engine as e, common.flags as f; "
          "print(ds_configs.__file__, r.__file__, e.__file__, f.__file__, r.DEFAULT_DS_CONFIG, "
          "ds_configs.shipped('ds_configs/demo.json'), sep='\\n')"],
         cwd=work, env=clean_env(site), capture_output=True, text=True,
@@ -87,7 +87,7 @@ def test_an_installed_wheel_fine_tunes_with_the_default_config(site, tmp_path):
 
 def test_a_shipped_config_is_found_from_any_directory_and_a_local_file_wins(tmp_path, monkeypatch):
     from common.errors import UserError
-    from pretrain.engine import load_ds_config
+    from pretrain.runtime.ds_config import load_ds_config
 
     monkeypatch.chdir(tmp_path)  # no ds_configs/ here
     demo = json.loads((ROOT / "ds_configs" / "demo.json").read_text())

@@ -6,9 +6,9 @@ Layout of a `--save DIR`:
         train_state.json          TrainState + the resolved configuration (model, data, DeepSpeed JSON)
         rng_rank{R}.pt            each rank's RNG states (dropout), so a resume replays the same masks
         checksums_rank{R}.json    XXH3-128 of every file rank R wrote; rank 0's also holds the step's loss and
-                                  its mark (non-finite or spiking loss) (pretrain.integrity)
+                                  its mark (non-finite or spiking loss) (pretrain.runtime.integrity)
         COMPLETE                  written after every rank has finished writing and fsyncing: marks the tag usable
-    DIR/step_00000100_universal/  the same after `python -m pretrain.checkpoint to-universal DIR`
+    DIR/step_00000100_universal/  the same after `python -m pretrain.runtime.checkpoint to-universal DIR`
     DIR/latest                    name of the newest complete tag; written last, atomically (rename)
     DIR/metrics.jsonl             (pretrain.train)
 
@@ -16,14 +16,14 @@ Design choices:
 - DeepSpeed's own `latest` file is not used (`save_latest=False`): it is written before the other ranks are
   known to be done, so a crash can leave it pointing at half a checkpoint. Resume takes the newest *good* tag:
   COMPLETE, not marked as saved at a bad loss, matching its checksums and passing the safe-load check
-  (pretrain.safe_load); it falls back to an older tag with one warning per skipped one. A tag older than
+  (pretrain.runtime.safe_load); it falls back to an older tag with one warning per skipped one. A tag older than
   checksums is accepted with a warning. `--resume-from TAG` pins the tag and sets the newer ones aside.
 - Pruning (--keep-last K) keeps the newest K good tags, every --keep-every milestone, and the tag the run
   resumed from; it deletes only tags older than the oldest kept good one, so a damaged or marked newest tag
   never makes it delete the good ones. Each tag is hashed at most once per launch (`Retention.verified`).
 - A full disk during a save is one line ("no space left on device: ..."); the partial tag is removed and the
   previous checkpoint, written and fsynced before, stays the one a relaunch resumes from.
-- Nothing is unpickled unchecked: every file is loaded with `weights_only=True` first (pretrain.safe_load),
+- Nothing is unpickled unchecked: every file is loaded with `weights_only=True` first (pretrain.runtime.safe_load),
   also before DeepSpeed's own loaders open it; `trust=True` (--trust-checkpoint) skips that check.
 - Samples are a pure function of the global sample index (pretrain.data), so the data-pipeline position
   is just `consumed_samples`; no loader state is saved.
@@ -55,7 +55,7 @@ import torch
 from common.errors import UserError, run_cli
 from common.files import write_text_atomic
 from common.log import get_logger
-from pretrain import dist, integrity, safe_load
+from pretrain.runtime import dist, integrity, safe_load
 
 log = get_logger(__name__)
 
@@ -642,7 +642,7 @@ def master_weights(tag_dir: Path, trust: bool = False) -> dict[str, torch.Tensor
 def _fp16_optimizer_masters(states: dict) -> dict[str, torch.Tensor] | None:
     """Stage 0 in fp16/bf16: DeepSpeed's fp16 optimizers keep the fp32 masters per param group, one tensor each
     (`fp32_groups`) or one flat tensor per group (`fp32_groups_flat`). The groups are those of
-    `pretrain.engine.param_groups` (matrices, then vectors), each in the module's parameter order, which is the
+    `pretrain.runtime.engine.param_groups` (matrices, then vectors), each in the module's parameter order, which is the
     order of the saved state dict without its buffers and without the second name of a tied weight."""
     optimizer, module = states.get("optimizer") or {}, states["module"]
     if "fp32_groups" in optimizer:
@@ -677,7 +677,7 @@ def _universal_weights(tag_dir: Path, trust: bool = False) -> dict[str, torch.Te
 
 def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pretrain.checkpoint",
+        prog="python -m pretrain.runtime.checkpoint",
         description="Checkpoint tools. to-universal: convert the newest ZeRO checkpoint of a --save directory "
         "into DeepSpeed's universal format, so the same run can resume on a different number of processes.",
     )
@@ -685,7 +685,9 @@ def _main(argv=None) -> int:
     conv = sub.add_parser("to-universal", help="convert a ZeRO checkpoint to the universal format")
     conv.add_argument("save_dir", help="the run's --save directory")
     conv.add_argument("--tag", help="checkpoint tag to convert (default: newest good)")
-    conv.add_argument("--trust-checkpoint", action="store_true", help="skip the safe-load check (pretrain.safe_load)")
+    conv.add_argument(
+        "--trust-checkpoint", action="store_true", help="skip the safe-load check (pretrain.runtime.safe_load)"
+    )
     args = parser.parse_args(argv)
     dst = to_universal(args.save_dir, args.tag, args.trust_checkpoint)
     log.info(f"wrote {dst}; relaunch the run with any number of processes to resume from it")

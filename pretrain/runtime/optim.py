@@ -10,10 +10,10 @@ The math is torch-optimi's `StableAdamW` (the implementation ModernBERT trained 
     p = p - lr' m / (sqrt(v) + eps)
 
 With `update_clipping=False` this is AdamW (the folded bias correction is Adam's exactly), which is how a
-DeepSpeed JSON's `"AdamW"` with `"decouple_lr": true` runs (pretrain.engine).
+DeepSpeed JSON's `"AdamW"` with `"decouple_lr": true` runs (pretrain.runtime.engine).
 
 Design choice that differs from optimi: ZeRO 1/2/3 (and DeepSpeed's bf16 optimizer) hand the optimizer flat
-partitions, whose mean would mix many tensors into one rms. As pretrain.lamb's LAMB, the engine declares each
+partitions, whose mean would mix many tensors into one rms. As pretrain.runtime.lamb's LAMB, the engine declares each
 partition's `FlatLayout`; the per-tensor sums of g^2 / max(v, eps^2) and element counts are then summed over the
 ranks that hold pieces of a tensor, so every stage clips each tensor's update as stage 0 does. No Kahan summation:
 DeepSpeed steps fp32 master weights under bf16 and fp16.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.lamb import PerTensorOptimizer
+from pretrain.runtime.pertensor import PerTensorOptimizer
 
 
 class StableAdamW(PerTensorOptimizer):

@@ -2,8 +2,8 @@
 
 Design choices:
 - DeepSpeed ignores a top-level key it does not read (`zero_optimisation` silently means ZeRO stage 0). The
-  valid set is not a list kept here: `pretrain.engine.deepspeed_top_level_keys` records which keys DeepSpeed's own
-  config parser looks up, and this module refuses any other key with the nearest valid one (difflib).
+  valid set is not a list kept here: `pretrain.runtime.ds_config.deepspeed_top_level_keys` records which keys
+  DeepSpeed's own config parser looks up, and this module refuses any other key with the nearest valid one (difflib).
 - Nested sections are DeepSpeed's pydantic models (`extra="forbid"`), which raise a multi-line ValidationError
   deep inside `deepspeed.initialize`; `one_line` turns it into one line that names the section and the field,
   with the nearest valid field name where the field is unknown.

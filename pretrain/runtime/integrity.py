@@ -10,7 +10,7 @@ Design choices:
 - The hash is xxHash's XXH3-128 (the `xxhash` package): over 10x hashlib's blake2b and sha256 on this project's
   CPU test machine (docs/PERFORMANCE.md), so verifying a checkpoint costs far less than reading it. It detects
   damage (flipped bits, a cut file, a foreign file), not an attacker, who can rewrite the checksums as easily:
-  pretrain.safe_load is the defence against planted code.
+  pretrain.runtime.safe_load is the defence against planted code.
 - A rank hashes the files it wrote: those named after its rank (`zero_pp_rank_R_*`, `rng_rankR.pt`) and, on
   rank 0, the shared ones. No file crosses ranks, so a node-local --save works like a shared one.
 - Every file is fsynced as it is hashed (the hash reads it anyway), then the checksum file and the tag directory;

@@ -1,5 +1,5 @@
 """Rank, world size, the few collectives the training code runs itself (DeepSpeed runs the rest), and the
-lifetime of a rank's processes.
+lifetime of a rank's processes and of its process group (`init_distributed`, `shutdown`).
 
 Design choices:
 - Every collective's tensor lives on the accelerator's current device (`device()`): a process group made
@@ -12,21 +12,31 @@ Design choices:
   launcher that is killed takes its ranks with it, instead of leaving them waiting on their peers. A rank of
   scripts/launch_multinode.sh also ends with its launch's output (`die_with_launch`): a SIGKILLed supervisor
   or a lost ssh connection leaves nothing training.
+- The process group is DeepSpeed's (`deepspeed.comm`), joined and left here; DeepSpeed is imported inside
+  these functions, so this module sits below the engine (pretrain.runtime.engine) and `run_cli` can end a run
+  without importing it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import datetime
+import faulthandler
 import os
 import select
 import signal
+import socket
 import stat
 import threading
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from common import errors
+from common.log import get_logger
+
+log = get_logger(__name__)
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -130,7 +140,7 @@ def _end_with_output() -> None:
 
 def run_cli(main, argv=None, parse=None) -> int:
     """`common.errors.run_cli` for a command that may start DeepSpeed: after a clean run, the bounded
-    `pretrain.engine.shutdown` (every rank meets, then leaves the group); a failed run exits at once.
+    `shutdown` (every rank meets, then leaves the group); a failed run exits at once.
     With `parse`, `main` runs on `parse(argv)` (its config) and a run that returns is exit code 0."""
 
     def call(args):
@@ -141,7 +151,102 @@ def run_cli(main, argv=None, parse=None) -> int:
 
     rc = errors.run_cli(call, argv)
     if rc == 0:
-        from pretrain.engine import shutdown
-
         shutdown()
     return rc
+
+
+def on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def _deepspeed():
+    """DeepSpeed, imported on first use (pretrain.runtime.engine is the one module that imports it at the top),
+    with the CPU accelerator where there is no GPU: DeepSpeed reads DS_ACCELERATOR when it is imported."""
+    if not on_gpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.comm  # noqa: F401  (deepspeed.comm, the process group DeepSpeed's engine uses)
+
+    return deepspeed
+
+
+def _ensure_dist_env() -> None:
+    """A plain `python -m pretrain.train` (no launcher) is a world of one: give DeepSpeed what a launcher would."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+SHUTDOWN_TIMEOUT_S = 120.0
+
+
+def shutdown(timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+    """Leave the process group cleanly once a run succeeded: every rank meets, then tears the group down.
+
+    A rank that exits with the group alive can abort in the backend's destructor ("terminate called without
+    an active exception") while a peer is still talking to it, turning a finished run into a failed launch.
+    A peer that never arrives (it died after the last step) must not keep this rank alive: after `timeout_s`
+    the process dumps every thread's stack and exits with code 1 (faulthandler's watchdog thread, which fires
+    even while this thread waits inside the backend).
+    """
+    ds_dist = _deepspeed().comm
+    if not ds_dist.is_initialized():
+        return
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
+    try:
+        barrier()
+        if not on_gpu():
+            _unlink_shm_buffer(ds_dist.get_rank())
+        ds_dist.destroy_process_group()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def shm_buffer_name(rank: int) -> str:
+    """The `/dev/shm` name of the 69 MB buffer DeepSpeed's CPU comm op makes for each rank (as in its shm.cpp)."""
+    env = os.environ
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """DeepSpeed's CPU comm op never removes its buffer; after the barrier every peer has mapped it, so the name
+    can go and the memory with it."""
+    Path("/dev/shm", shm_buffer_name(rank)).unlink(missing_ok=True)
+
+
+def share_cpu_cores() -> None:
+    """Several CPU ranks on one machine: each gets its share of the cores, unless `OMP_NUM_THREADS` is set.
+
+    torch gives every process a thread per core, so N ranks on C cores would run N x C threads that wait on
+    one another at every op: two ranks on two cores fine-tuned 4.6x slower so (docs/PERFORMANCE.md).
+    The rank count comes from the `deepspeed` launcher (`LOCAL_SIZE`) or torchrun (`LOCAL_WORLD_SIZE`).
+    """
+    local = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    if on_gpu() or local < 2 or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // local)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            log.info(f"{local} CPU ranks on {cores} cores: {threads} torch thread(s) each (OMP_NUM_THREADS overrides)")
+
+
+DIST_TIMEOUT_MIN = 10.0
+
+
+def init_distributed(timeout_min: float = DIST_TIMEOUT_MIN) -> None:
+    """Join the process group (a world of one without a launcher). `timeout_min`: how long a collective waits
+    for a missing peer before it fails (the process-group timeout)."""
+    if "LOCAL_RANK" in os.environ:  # started by a launcher (deepspeed, torchrun): end with it
+        die_with_parent()
+        die_with_launch()
+    deepspeed = _deepspeed()  # the process group is DeepSpeed's (deepspeed.comm), as the engine expects
+    _ensure_dist_env()
+    share_cpu_cores()
+    if not deepspeed.comm.is_initialized():
+        backend = "gloo" if not on_gpu() else "nccl"
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_min))
