@@ -17,6 +17,6 @@ fi
 "$vpy" -m pip install -q --upgrade pip
 # torch first: the local CPU wheel where no torch exists; a cluster's own CUDA torch is kept.
 "$vpy" -c "import torch" 2>/dev/null || "$vpy" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-"$vpy" -m pip install -q -c requirements-lock.txt -e ".[dev,logging]"
+"$vpy" -m pip install -q -c requirements-lock.txt -e ".[dev,embed,logging]"
 echo "$want" > "$stamp"
 echo "setup: environment ready in $venv"
