@@ -1,6 +1,6 @@
 """`bert-embed task`: a retrieval task from the documentation installed on this machine, no download.
 
-Each function or class docstring of the standard library that has a one-line summary and at least one prose
+Each function or class docstring of the standard library and the installed packages that has a one-line summary and at least one prose
 paragraph after it gives one example: the summary is the query ("Return the number of items in the queue.")
 and the rest of its documentation (the prose paragraphs, cleaned as `bert-prep corpus` cleans them) is the one
 relevant passage. The split is by module (a seeded share of the source files), so no module's vocabulary and
@@ -33,7 +33,7 @@ class TaskConfig:
     output: str
     """Directory to write train/ and test/ into."""
     root: str | None = None
-    """Directory of Python sources to read (default: the standard library)."""
+    """Directory of Python sources to read (default: the standard library, then site-packages)."""
     test_fraction: float = 0.2
     """Share of the modules (source files) held out for the test split."""
     max_examples: int = 6000
@@ -89,22 +89,23 @@ def build_task(cfg: TaskConfig) -> dict:
 
     if not 0 < cfg.test_fraction < 1:
         raise UserError("--test-fraction must be between 0 and 1")
-    root = Path(cfg.root) if cfg.root else default_roots()[0]
+    roots = [Path(cfg.root)] if cfg.root else default_roots()
     seen, by_module = set(), {}
-    for path in iter_sources([root]):
-        if path.suffix != ".py":
-            continue
-        module = ".".join(path.relative_to(root).with_suffix("").parts)
-        for query, passage in module_examples(path):
-            if passage not in seen and query not in seen:
-                seen.update((query, passage))
-                by_module.setdefault(module, []).append((module, query, passage))
+    for root in roots:
+        for path in iter_sources([root]):
+            if path.suffix != ".py":
+                continue
+            module = ".".join(path.relative_to(root).with_suffix("").parts)
+            for query, passage in module_examples(path):
+                if passage not in seen and query not in seen:
+                    seen.update((query, passage))
+                    by_module.setdefault(module, []).append((module, query, passage))
     rng = random.Random(cfg.seed)
     modules = sorted(by_module)
     rng.shuffle(modules)
     examples = [e for m in modules for e in by_module[m]]
     if len(examples) < 10:
-        raise UserError(f"only {len(examples)} documented functions found under {root}; pass another --root")
+        raise UserError(f"only {len(examples)} documented functions found under {cfg.root}; pass another --root")
     keep = set(rng.sample(range(len(examples)), min(cfg.max_examples, len(examples))))
     examples = [e for i, e in enumerate(examples) if i in keep]
     cut = int(len(examples) * cfg.test_fraction)
@@ -117,6 +118,6 @@ def build_task(cfg: TaskConfig) -> dict:
     with open(out / "train" / "pairs.jsonl", "w") as f:
         for _, query, passage in train:
             f.write(json.dumps({"query": query, "positive": passage}) + "\n")
-    counts = {"train": len(train), "test": len(test), "modules": len(modules), "root": str(root)}
+    counts = {"train": len(train), "test": len(test), "modules": len(modules), "roots": [str(r) for r in roots]}
     log.info(f"retrieval task in {out}: {json.dumps(counts)}")
     return counts

@@ -3,6 +3,7 @@ output directory loads in sentence-transformers and gives our embeddings (cosine
 engine gives the whole batch's gradient norm; two ranks with gathered negatives give one rank's."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,15 @@ def test_two_ranks_gather_negatives_as_one_rank_with_their_batch(setup):
     two = first_grad_norm(setup, "two_ranks", 4, 1, procs=2)
     assert two["samples"] == one["samples"] == 8
     assert abs(two["loss"] - one["loss"]) < 1e-5 and abs(two["grad_norm"] / one["grad_norm"] - 1) < 1e-4
+
+
+def test_simcse_trains_from_plain_text(setup):
+    texts = setup["root"] / "texts.txt"
+    texts.write_text("\n".join(p["positive"] for p in pairs(48, seed=7)) + "\n\n")
+    out = setup["root"] / "out_simcse"
+    cfg = EmbedTrainConfig(init_from=str(setup["bert"]), train=str(texts), output=str(out), simcse=True, batch=16,
+                           passage_len=48)  # fmt: skip
+    report = main(cfg)
+    records = metrics(out)
+    assert report["pairs"] == 48 and len(records) == 3
+    assert 0 < records[0]["loss"] < math.log(16)  # the other view of itself beats chance, and dropout leaves a loss
