@@ -1,12 +1,13 @@
 """`bert-embed task`: a retrieval task from the documentation installed on this machine, no download.
 
-Each function or class docstring of the standard library and the installed packages that has a one-line summary and at least one prose
-paragraph after it gives one example: the summary is the query ("Return the number of items in the queue.")
-and the rest of its documentation (the prose paragraphs, cleaned as `bert-prep corpus` cleans them) is the one
-relevant passage. The split is by module (a seeded share of the source files), so no module's vocabulary and
-style appears on both sides. Written as BEIR directories: OUT/train (qrels/train.tsv) and OUT/test
-(qrels/test.tsv), each with its own corpus; OUT/train/pairs.jsonl holds the training pairs for `bert-embed
-train`. Queries shorter than 4 words, and passages whose text repeats another's, are dropped.
+Each function or class docstring of the standard library and the installed packages that has a one-line
+summary and at least one prose paragraph after it gives one example: the summary is the query ("Return the
+number of items in the queue.") and the rest of its documentation (the prose paragraphs, cleaned as `bert-prep
+corpus` cleans them) is the one relevant passage. The split is by module (a seeded share of the source files),
+so no module's vocabulary and style appears on both sides. Written as BEIR directories: OUT/train
+(qrels/train.tsv) and OUT/test (qrels/test.tsv), each with its own corpus; OUT/train/pairs.jsonl holds the
+training pairs for `bert-embed train`. Summaries shorter than 4 words or not ending in a full stop, and
+examples whose query or passage repeats another's, are dropped.
 """
 
 from __future__ import annotations
