@@ -56,7 +56,8 @@ def info_nce(
     """queries (B, H), passages (P, H) with P >= B, row i's positive at passages[i]; mask (B, P) True = leave out.
     -> the mean cross-entropy of each query's positive among its candidates (and, symmetric, of each positive's
     query among the queries, averaged with it)."""
-    q, p = F.normalize(queries, dim=-1), F.normalize(passages, dim=-1)
+    dtype = torch.promote_types(queries.dtype, torch.float32)  # bf16/fp16 embeddings: the scores in fp32
+    q, p = F.normalize(queries.to(dtype), dim=-1), F.normalize(passages.to(dtype), dim=-1)
     scores = q @ p.T / temperature  # (B, P)
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
