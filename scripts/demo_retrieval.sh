@@ -6,16 +6,19 @@
 #     the held-out modules, next to BM25.
 # Everything goes under one directory: runs/demo_retrieval, or the first argument.
 # Knobs (environment): DEMO_DIR (the main demo's directory, default runs/demo), RETRIEVAL_PRETRAIN_MINUTES
-# (pretraining budget when there is no demo model, default 5), RETRIEVAL_EPOCHS (contrastive epochs, default 2),
-# RETRIEVAL_BATCH (pairs per batch, default 32).
+# (pretraining budget when there is no demo model, default 10), RETRIEVAL_EPOCHS (contrastive epochs, default 3),
+# RETRIEVAL_STEPS (a cap on the contrastive steps), RETRIEVAL_BATCH (pairs per batch, default 32), RETRIEVAL_LR
+# (default 1e-3, as the main demo fine-tunes its tiny model).
+# The two contrastive runs go side by side, one process (and on a CPU one thread) each.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 out=${1:-runs/demo_retrieval}
 demo=${DEMO_DIR:-runs/demo}
-minutes=${RETRIEVAL_PRETRAIN_MINUTES:-5}
-epochs=${RETRIEVAL_EPOCHS:-2}
+minutes=${RETRIEVAL_PRETRAIN_MINUTES:-10}
+epochs=${RETRIEVAL_EPOCHS:-3}
 batch=${RETRIEVAL_BATCH:-32}
+steps=${RETRIEVAL_STEPS:+--max-steps $RETRIEVAL_STEPS}
 start=$SECONDS
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -23,7 +26,7 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 bash scripts/setup.sh
 venv=${VENV:-$root/.venv}
 export PATH="$venv/bin:$PATH" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-python -c "import torch, sys; sys.exit(torch.cuda.device_count() == 0)" || export DS_ACCELERATOR=cpu
+python -c "import torch, sys; sys.exit(torch.cuda.device_count() == 0)" || export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 
@@ -60,10 +63,25 @@ fi
 
 say "[3/4] contrastive training ($epochs epochs, batch $batch): from the pretrained model and from random weights"
 train=(python -m embed.cli train --train "$out/task/train/pairs.jsonl" --init-from "$init" --epochs "$epochs"
-  --batch "$batch" --query-len 48 --passage-len 128 --symmetric --log-every 50)
-echo "+ ${train[*]} --output $out/{pretrained,random} [--random-init]"
-"${train[@]}" --output "$out/pretrained"
-"${train[@]}" --output "$out/random" --random-init
+  --batch "$batch" --lr "${RETRIEVAL_LR:-1e-3}" --query-len 48 --passage-len 128 --symmetric --log-every 50 $steps)
+echo "+ ${train[*]} --output $out/{pretrained,random} [--random-init]   (logs: $out/{pretrained,random}.log)"
+run() { # name [flags]: one training run, its log shown if it fails
+  if ! "${train[@]}" --output "$out/$1" "${@:2}" >"$out/$1.log" 2>&1; then
+    tail -n 30 "$out/$1.log" >&2
+    echo "error: contrastive training ($1) failed; its log: $out/$1.log" >&2
+    return 1
+  fi
+}
+run pretrained &
+pretrained_pid=$!
+run random --random-init &
+random_pid=$!
+failed=0
+wait "$pretrained_pid" || failed=1
+wait "$random_pid" || failed=1
+[ "$failed" = 0 ] || exit 1
+grep -h "step .*: loss" "$out/pretrained.log" | tail -n 1 | sed 's/^/pretrained: /'
+grep -h "step .*: loss" "$out/random.log" | tail -n 1 | sed 's/^/random:     /'
 
 say "[4/4] retrieval on the held-out modules: nDCG@10, Recall@100, MRR@10 next to BM25"
 for init_kind in pretrained random; do

@@ -93,17 +93,19 @@ def test_modernbert_cls_pooling_loads_in_sentence_transformers(setup):
     sentence_transformers_agrees(out, setup["texts"])
 
 
-def first_grad_norm(setup, name: str, micro: int, accum: int, *extra: str, procs: int = 1) -> dict:
-    """Step 1's record of a run on the dropout-free model (a subprocess through the deepspeed launcher)."""
+def first_grad_norm(setup, name: str, micro: int, accum: int, procs: int = 1, **flags) -> dict:
+    """Step 1's record of a run on the dropout-free model: in this process, or `procs` ranks through the
+    deepspeed launcher."""
     out = setup["root"] / name
     ds = ds_config(setup["root"] / f"{name}.json", micro, accum)
-    args = ["--init-from", str(setup["still"]), "--train", str(setup["pairs"]), "--output", str(out),
-            "--max-steps", "1", "--deepspeed_config", str(ds), "--passage-len", "48", *extra]  # fmt: skip
     if procs == 1:
-        cmd = [sys.executable, "-m", "embed.cli", "train", *args]
-    else:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port",
-               str(free_port()), "--module", "embed.cli", "train", *args]  # fmt: skip
+        main(EmbedTrainConfig(init_from=str(setup["still"]), train=str(setup["pairs"]), output=str(out), max_steps=1,
+                              deepspeed_config=str(ds), passage_len=48, **flags))  # fmt: skip
+        return metrics(out)[0]
+    args = ["--init-from", str(setup["still"]), "--train", str(setup["pairs"]), "--output", str(out),
+            "--max-steps", "1", "--deepspeed_config", str(ds), "--passage-len", "48"]  # fmt: skip
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(procs), "--master_port",
+           str(free_port()), "--module", "embed.cli", "train", *args]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return metrics(out)[0]
@@ -111,7 +113,7 @@ def first_grad_norm(setup, name: str, micro: int, accum: int, *extra: str, procs
 
 def test_grad_cache_through_the_engine_gives_the_whole_batch_gradient(setup):
     whole = first_grad_norm(setup, "whole", micro=8, accum=1)
-    cached = first_grad_norm(setup, "cached", 4, 2, "--grad-cache")
+    cached = first_grad_norm(setup, "cached", 4, 2, grad_cache=True)
     assert cached["samples"] == whole["samples"] == 8
     assert abs(cached["loss"] - whole["loss"]) < 1e-5 and abs(cached["grad_norm"] / whole["grad_norm"] - 1) < 1e-4
 
