@@ -188,6 +188,8 @@ def main(cfg: EmbedTrainConfig) -> dict:
     tok = load_tokenizer(tok_dir)
     if config.model_type == "modernbert":  # it reads no segment ids
         tok.model_input_names = [n for n in tok.model_input_names if n != "token_type_ids"]
+    if len(tok) > config.vocab_size:
+        raise UserError(f"tokenizer {tok_dir} has {len(tok)} tokens, the model {config.vocab_size}; pass --tokenizer")
     ds, lr = ds_config(cfg, config.hidden_size)
     cfg = dataclasses.replace(cfg, lr=lr)
     init_distributed()
