@@ -15,7 +15,8 @@ Design choices:
 - --simcse: unsupervised SimCSE; --train is a text file (one text a line) and each text's positive is itself,
   encoded a second time under a different dropout mask.
 - The output directory is a sentence-transformers model (embed.model.save_sentence_transformers), written at
-  the end of training by rank 0 (every rank gathers under ZeRO-3).
+  the end of training by rank 0 (every rank gathers under ZeRO-3); with --dev, each epoch is evaluated on a
+  BEIR dev split (a record with "split": "eval" in metrics.jsonl) and --best keeps the best epoch instead.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
@@ -36,7 +38,7 @@ from data_prep.files import write_json_atomic
 from data_prep.flags import option
 from data_prep.log import get_logger
 from embed import data, loss
-from embed.model import EmbeddingModel, Prefixes, TextEncoder, save_sentence_transformers
+from embed.model import EmbeddingModel, Prefixes, TextEncoder, encode, save_sentence_transformers
 from pretrain import dist
 
 log = get_logger(__name__)
@@ -86,6 +88,10 @@ class EmbedTrainConfig:
     """One contrastive batch per optimizer step (micro x accumulation x ranks), run in micro-batch chunks."""
     simcse: bool = False
     """Unsupervised SimCSE: each text of --train is its own positive under another dropout mask."""
+    dev: str | None = None
+    """BEIR directory evaluated after every epoch (nDCG@10, Recall@100, MRR@10 of its qrels/dev.tsv)."""
+    best: bool = False
+    """Keep the epoch with the best --dev nDCG@10 in --output (default: the last step's model)."""
     random_init: bool = False
     """The architecture of --init-from with random weights (the baseline that shows what pretraining buys)."""
     tokenizer: str | None = None
@@ -102,6 +108,8 @@ class EmbedTrainConfig:
             raise UserError("--epochs, --query-len, --passage-len, --batch and --log-every must be at least 1")
         if self.negatives is not None and self.negatives < 0:
             raise UserError("--negatives must be 0 or more")
+        if self.best and not self.dev:
+            raise UserError("--best keeps the best epoch on a dev set; pass --dev BEIR_DIR")
 
 
 def read_training(cfg: EmbedTrainConfig) -> list[data.Pair]:
@@ -176,12 +184,13 @@ def pretrain_step(engine) -> float | None:
 def main(cfg: EmbedTrainConfig) -> dict:
     """Train, write the sentence-transformers model to cfg.output, and return the run's report."""
     from data_prep.tokenizer import load as load_tokenizer
-    from finetune.run import ds_config, epoch_order, load_pretrained
-    from pretrain.engine import full_state_dict, init_distributed, initialize, resolve_batch
+    from finetune.run import ds_config, load_pretrained
+    from pretrain.engine import init_distributed, initialize, resolve_batch
     from pretrain.metrics import Metrics
 
     cfg.validate()
     pairs = read_training(cfg)  # bad input stops before the model loads
+    dev = data.read_beir(cfg.dev, "dev") if cfg.dev else None
     seq_len = max(cfg.query_len, cfg.passage_len)
     config, state, tok_dir = load_pretrained(SimpleNamespace(init_from=cfg.init_from, seq_len=seq_len,
                                                              tokenizer=cfg.tokenizer))  # fmt: skip
@@ -207,27 +216,68 @@ def main(cfg: EmbedTrainConfig) -> dict:
     prefixes = Prefixes(cfg.query_prefix, cfg.passage_prefix)
     run = Contrastive(cfg, engine, TextEncoder(tok, prefixes, cfg.query_len, cfg.passage_len))
     metrics = Metrics(cfg.output, 0, resolved, tensorboard=False, wandb_project=None)
-    start, step, history = time.monotonic(), 0, []
+    save = partial(save_model, cfg, engine, tok, prefixes)
+    state = {"step": 0, "start": time.monotonic(), "losses": [], "dev": [], "best": None}
     for epoch in range(cfg.epochs):
-        order = epoch_order(len(pairs), epoch, cfg.seed, per_step, dist.rank(), dist.world_size())
-        for i in range(0, len(order), per_step):
-            if step >= total:
-                break
-            value = float(dist.all_reduce([float(run.step([pairs[j] for j in order[i : i + per_step]], micro))])[0])
-            step += 1
-            record = {"step": step, "epoch": epoch + 1, "loss": value / dist.world_size(), "lr": engine.get_lr()[0],
-                      "grad_norm": run.norm, "samples": step * per_step * dist.world_size(),
-                      "seconds": time.monotonic() - start}  # fmt: skip
-            metrics.write(record)
-            history.append(record["loss"])
-            if step % cfg.log_every == 0 or step == total:
-                log.info(f"step {step}/{total}: loss {record['loss']:.4f}")
+        if state["step"] >= total:
+            break
+        train_epoch(cfg, run, pairs, epoch, (micro, per_step, total), metrics, state)
+        if dev is not None:
+            found = evaluate_dev(engine, dev, TextEncoder(tok, prefixes, cfg.passage_len, cfg.passage_len))
+            metrics.write({"step": state["step"], "split": "eval", **found})
+            state["dev"].append({"epoch": epoch + 1, "step": state["step"], **found})
+            log.info(f"epoch {epoch + 1}: dev nDCG@10 {found['ndcg_at_10']:.4f}")
+            if cfg.best and (state["best"] is None or found["ndcg_at_10"] > state["best"]["ndcg_at_10"]):
+                state["best"] = state["dev"][-1]
+                save(state["step"])
     metrics.close()
-    weights = full_state_dict(engine)
-    report = {"steps": step, "final_loss": history[-1] if history else None, "pairs": len(pairs), "config": resolved}
+    if not cfg.best:
+        save(state["step"])
+    report = {"steps": state["step"], "final_loss": state["losses"][-1] if state["losses"] else None,
+              "pairs": len(pairs), "dev": state["dev"], "best": state["best"], "config": resolved}  # fmt: skip
     if dist.is_rank0():
-        extra = {"init_from": cfg.init_from, "random_init": cfg.random_init, "steps": step}
-        save_sentence_transformers(engine.module, weights, cfg.output, tok, prefixes, cfg.passage_len, extra)
         write_json_atomic(Path(cfg.output, "train_report.json"), report)
         log.info(f"sentence-transformers model in {cfg.output}")
     return report
+
+
+def train_epoch(cfg: EmbedTrainConfig, run: Contrastive, pairs: list, epoch: int, layout, metrics, state) -> None:
+    """One pass over the pairs (or up to the last step); every step a record in metrics.jsonl."""
+    from finetune.run import epoch_order
+
+    micro, per_step, total = layout
+    world = dist.world_size()
+    order = epoch_order(len(pairs), epoch, cfg.seed, per_step, dist.rank(), world)
+    for i in range(0, len(order), per_step):
+        if state["step"] >= total:
+            return
+        value = float(dist.all_reduce([float(run.step([pairs[j] for j in order[i : i + per_step]], micro))])[0])
+        state["step"] += 1
+        step = state["step"]
+        record = {"step": step, "epoch": epoch + 1, "loss": value / world, "lr": run.engine.get_lr()[0],
+                  "grad_norm": run.norm, "samples": step * per_step * world,
+                  "seconds": time.monotonic() - state["start"]}  # fmt: skip
+        metrics.write(record)
+        state["losses"].append(record["loss"])
+        if step % cfg.log_every == 0 or step == total:
+            log.info(f"step {step}/{total}: loss {record['loss']:.4f}")
+
+
+def evaluate_dev(engine, dev: data.Beir, texts: TextEncoder) -> dict[str, float]:
+    """nDCG@10, Recall@100, MRR@10 of the model now on the dev set (every rank computes it; no gather needed)."""
+    from embed.evaluate import DEPTH, dense_run, measure
+
+    qids, dids = list(dev.queries), list(dev.corpus)
+    queries = encode(engine, [dev.queries[q] for q in qids], texts, "query")
+    corpus = encode(engine, [dev.corpus[d] for d in dids], texts, "passage")
+    return measure(dev.qrels, dense_run(queries, corpus, qids, dids, DEPTH))
+
+
+def save_model(cfg: EmbedTrainConfig, engine, tok, prefixes: Prefixes, step: int) -> None:
+    """The sentence-transformers directory of the model now; every rank calls it (ZeRO-3 gathers)."""
+    from pretrain.engine import full_state_dict
+
+    weights = full_state_dict(engine)
+    if dist.is_rank0():
+        extra = {"init_from": cfg.init_from, "random_init": cfg.random_init, "steps": step}
+        save_sentence_transformers(engine.module, weights, cfg.output, tok, prefixes, cfg.passage_len, extra)

@@ -136,3 +136,21 @@ def test_simcse_trains_from_plain_text(setup):
     records = metrics(out)
     assert report["pairs"] == 48 and len(records) == 3
     assert 0 < records[0]["loss"] < math.log(16)  # the other view of itself beats chance, and dropout leaves a loss
+
+
+def test_best_keeps_the_best_dev_epoch(setup):
+    from fixtures_embed import write_beir
+
+    from embed.evaluate import EvalConfig, evaluate
+
+    dev = write_beir(setup["root"] / "dev", pairs(40, seed=9), split="dev")
+    out = setup["root"] / "out_best"
+    cfg = EmbedTrainConfig(init_from=str(setup["bert"]), train=str(setup["pairs"]), output=str(out), epochs=3,
+                           batch=32, lr=1e-3, passage_len=48, dev=str(dev), best=True)  # fmt: skip
+    report = main(cfg)
+    scores = [d["ndcg_at_10"] for d in report["dev"]]
+    assert len(scores) == 3 and report["best"]["ndcg_at_10"] == max(scores)
+    assert [r["step"] for r in metrics(out) if r.get("split") == "eval"] == [5, 10, 15]
+    again = evaluate(EvalConfig(model=str(out), data=str(dev), output=str(out / "dev.json"), split="dev", no_bm25=True))
+    assert abs(again["ndcg_at_10"] - max(scores)) < 1e-6
+    assert json.loads((out / "embed_config.json").read_text())["steps"] == report["best"]["step"]
