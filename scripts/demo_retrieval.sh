@@ -24,7 +24,7 @@ start=$SECONDS
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 bash scripts/setup.sh --embed  # sentence-transformers, bm25s, ir-measures too
-venv=${VENV:-$root/.venv}
+venv=${VENV:-${VIRTUAL_ENV:-$root/.venv}}  # where setup.sh installed
 export PATH="$venv/bin:$PATH" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 python -c "import torch, sys; sys.exit(torch.cuda.device_count() == 0)" || export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
 mkdir -p "$out"

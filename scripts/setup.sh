@@ -3,7 +3,6 @@
 #   bash scripts/setup.sh          what the commands need (scripts/demo.sh)
 #   bash scripts/setup.sh --embed  also the retrieval libraries of bert-embed (scripts/demo_retrieval.sh)
 #   bash scripts/setup.sh --dev    also the test and lint tools and the retrieval libraries (scripts/test.sh)
-#   bash scripts/setup.sh --dev    also the test and lint tools and the retrieval libraries (scripts/test.sh)
 # Where: $VENV if set, else the active virtualenv ($VIRTUAL_ENV: a cluster's environment with its CUDA torch),
 # else .venv in the repo root, created with --system-site-packages when $PYTHON already has torch (so the
 # cluster's or the system's torch is used, not replaced). torch==$TORCH_VERSION (default 2.13.0, CPU) is
