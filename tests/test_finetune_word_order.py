@@ -61,6 +61,10 @@ def test_word_order_uses_only_held_out_documents_balanced_and_deterministic(corp
         assert (tmp_path / "a" / f"{name}.csv").read_bytes() == (tmp_path / "b" / f"{name}.csv").read_bytes()
 
 
-def test_word_order_too_few_held_out_sentences_is_one_line(corpus, tmp_path):
-    with pytest.raises(UserError, match="hold only .* sentences"):
-        build(corpus, tmp_path, eval_examples=100_000)
+def test_word_order_on_a_small_held_out_share_halves_it_or_fails_in_one_line(corpus, tmp_path, capsys):
+    counts = build(corpus, tmp_path / "half", eval_examples=100_000)
+    assert abs(counts["eval"] - counts["train"]) < 40  # whole documents: about half each
+    assert "fewer than --eval-examples 100000" in capsys.readouterr().out
+    cfg = tasks.WordOrderConfig(output=str(tmp_path), data=corpus.prefix, data_eval_fraction=0.01, data_seed=7)
+    with pytest.raises(UserError, match="hold only .* sentences of 6-40 words, too few"):
+        tasks.build_word_order(cfg)
