@@ -1,10 +1,11 @@
 """Where a training run's time goes: data wait, per-rank skew, and the end-of-run summary line.
 
 Per optimizer step every rank measures two things: the seconds it waited for its next micro-batches (the
-loader's `next`), and its local time, the data wait plus the forward passes. Backward and the optimizer step
-are left out of the local time because the gradient all-reduce inside them makes every rank wait for the
-slowest, so they take the same time everywhere; the forward pass has no collective (ZeRO-3's parameter
-gathers aside), so a slow rank shows there.
+loader's `next`), and its local time, the data wait plus the forward passes (`begin` / `forward_done` around
+each micro-batch; on a GPU, whose forward runs asynchronously, through CUDA events read after the step, so
+nothing waits for them). Backward and the optimizer step are left out of the local time because the gradient
+all-reduce inside them makes every rank wait for the slowest, so they take the same time everywhere; the
+forward pass has no collective (ZeRO-3's parameter gathers aside), so a slow rank shows there.
 
 Design choices:
 - No collective of its own: a rank's numbers ride on the sum all-reduce the loop already runs for the losses
@@ -20,6 +21,9 @@ Design choices:
 from __future__ import annotations
 
 import statistics
+import time
+
+import torch
 
 WARN_AT = 0.10
 
@@ -34,11 +38,34 @@ class StepTiming:
         self.total_local = [0.0] * world
         self.seconds = self.data_s = self.tokens = self.capacity = self.flops = self.slow_cost_s = 0.0
         self.warned: set[str] = set()
+        self.local_s, self.t0 = 0.0, 0.0
+        self.events: list[list[torch.cuda.Event]] = []  # (start, end) per micro-batch on a GPU
 
-    def values(self, data_s: float, local_s: float) -> list[float]:
-        """This rank's floats to append to the loop's sum all-reduce."""
+    def begin(self) -> float:
+        """A micro-batch starts (before the loader's `next`); returns the host clock's time."""
+        self.t0 = time.perf_counter()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()  # the GPU is idle here (the last micro-batch's loss was read), so it waits for the data
+            self.events.append([start])
+        return self.t0
+
+    def forward_done(self) -> None:
+        """Its forward pass is issued: done on the host; on a GPU an end event is queued behind it."""
+        if self.events and len(self.events[-1]) == 1:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events[-1].append(end)
+        else:
+            self.local_s += time.perf_counter() - self.t0
+
+    def values(self, data_s: float) -> list[float]:
+        """This rank's floats to append to the loop's sum all-reduce (after the step: its events are done)."""
+        local, self.local_s = self.local_s, 0.0
+        local += sum(start.elapsed_time(end) for start, end in self.events) / 1e3  # milliseconds
+        self.events = []
         mine = [0.0] * self.world
-        mine[self.rank] = local_s
+        mine[self.rank] = local
         return [data_s, *mine]
 
     def record(self, reduced: list[float], seconds: float, tokens: float, capacity: float, flops: float) -> dict:

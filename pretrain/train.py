@@ -260,8 +260,6 @@ class _Step:
     """Global gradient norm before clipping (the same on every rank)."""
     data_s: float = 0.0
     """Seconds spent waiting for its micro-batches."""
-    local_s: float = 0.0
-    """Seconds of data wait and forward passes: the part of the step where ranks do not wait for each other."""
 
 
 def _peak_memory() -> float:
@@ -389,14 +387,14 @@ class _Run:
             if i and stop.agreed():
                 checkpoint.set_rng_state(rng)
                 return None
-            t0 = time.perf_counter()
+            t0 = self.timing.begin()  # data wait + forward: the rank's own time (pretrain/timing.py)
             batch = next(self.batches)
             step.data_s += time.perf_counter() - t0
             step.tokens += float(batch["attention_mask"].sum())
             step.capacity += batch["attention_mask"].shape[0] * self.cfg.data.seq_len
             step.flops += batch_flops(self.model_cfg, batch)
             out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
-            step.local_s += time.perf_counter() - t0
+            self.timing.forward_done()
             engine.backward(out.loss)
             step.grad_norm = eng.step(engine)  # DeepSpeed steps the optimizer only at the accumulation boundary
             nsp = out.nsp_loss.item() if out.nsp_loss is not None else 0.0
@@ -411,7 +409,7 @@ class _Run:
         losses = (step.loss, step.mlm_loss, step.nsp_loss)
         bad = float(not all(map(math.isfinite, losses)))
         loss, mlm, nsp, bad, tokens, capacity, flops, *timing = dist.all_reduce(
-            [*losses, bad, step.tokens, step.capacity, step.flops, *self.timing.values(step.data_s, step.local_s)]
+            [*losses, bad, step.tokens, step.capacity, step.flops, *self.timing.values(step.data_s)]
         )
         memory, signalled, budget = dist.all_reduce(
             [_peak_memory(), float(stop.signal is not None), self.clock.spent()], "max"

@@ -15,7 +15,9 @@ def feed(timing: StepTiming, per_rank_local: list[float], data_s: list[float], s
     """One step as the loop runs it: every rank's values() summed (the all-reduce), then record()."""
     summed = [0.0] * (1 + timing.world)
     for rank, (local, wait) in enumerate(zip(per_rank_local, data_s)):
-        mine = StepTiming(rank, timing.world).values(wait, local)
+        other = StepTiming(rank, timing.world)
+        other.local_s = local  # what begin() / forward_done() summed on that rank
+        mine = other.values(wait)
         summed = [a + b for a, b in zip(summed, mine)]
     return timing.record(summed, seconds, tokens=1000.0, capacity=1250.0, flops=1e9)
 
