@@ -11,9 +11,11 @@ linear decay, gradient clipping):
   fast paths, as `bert-pretrain` steps it;
 - HF: `transformers.BertForPreTraining` with `torch.optim.AdamW`, a `LambdaLR` of the same shape and
   `clip_grad_norm_`: the loop a user writes from the transformers documentation.
-Every `--eval-every` steps both compute the held-out MLM loss on the same batches with the same function (not
-timed). The target is the higher of the two final losses (or `--target-loss`); each run's time to it is the
-training wall time (evaluation excluded) at its first evaluation at or below it.
+The two runs take turns, `--eval-every` steps each (as bert-bench alternates its timed steps), so a change in
+the machine's load hits both alike; at the end of each turn both compute the held-out MLM loss on the same
+batches with the same function (not timed). The target is the higher of the two final losses (or
+`--target-loss`); each run's time to it is its training wall time (evaluation excluded) at its first evaluation
+at or below it. The first steps of each include their one-time costs (kernel selection, allocator warm-up).
 """
 
 from __future__ import annotations
@@ -69,21 +71,38 @@ def schedule(params: dict, steps: int):
     return factor
 
 
-def train(name: str, step_fn, model, batches: list[dict], evals: list[dict], every: int, hf: bool) -> list[dict]:
-    """[{step, seconds, loss}]: training seconds so far (evaluation excluded) and the held-out MLM loss."""
-    curve = [{"step": 0, "seconds": 0.0, "loss": held_out_loss(model, evals, hf)}]
-    seconds = 0.0
-    for i, batch in enumerate(batches, 1):
-        t0 = time.perf_counter()
-        step_fn(batch)
-        seconds += time.perf_counter() - t0
-        if i % every == 0 or i == len(batches):
-            curve.append({"step": i, "seconds": seconds, "loss": held_out_loss(model, evals, hf)})
-            print(f"{name:>4} step {i:>5} {seconds:8.1f} s  held-out MLM loss {curve[-1]['loss']:.4f}", flush=True)
-    return curve
+class Run:
+    """One side of the race: a step function, the model to evaluate, its training seconds and its curve."""
+
+    def __init__(self, name: str, step_fn, model, hf: bool):
+        self.name, self.step_fn, self.model, self.hf = name, step_fn, model, hf
+        self.seconds, self.curve = 0.0, []
+
+    def evaluate(self, step: int, evals: list[dict]) -> None:
+        self.curve.append({"step": step, "seconds": self.seconds, "loss": held_out_loss(self.model, evals, self.hf)})
+        print(
+            f"{self.name:>4} step {step:>5} {self.seconds:8.1f} s  held-out MLM loss {self.curve[-1]['loss']:.4f}",
+            flush=True,
+        )
+
+    def train(self, batches: list[dict]) -> None:
+        for batch in batches:
+            t0 = time.perf_counter()
+            self.step_fn(batch)
+            self.seconds += time.perf_counter() - t0
 
 
-def run_ours(model, ds: dict, steps: int, batches, evals, every: int) -> list[dict]:
+def race(runs: list[Run], batches: list[dict], evals: list[dict], every: int) -> None:
+    """The runs take turns, `every` steps each, each evaluated after its turn."""
+    for run in runs:
+        run.evaluate(0, evals)
+    for start in range(0, len(batches), every):
+        for run in runs:
+            run.train(batches[start : start + every])
+            run.evaluate(min(start + every, len(batches)), evals)
+
+
+def ours_run(model, ds: dict, steps: int) -> Run:
     engine = eng.initialize(model, ds, total_steps=steps)
     model.resolve_fast_paths(engine.device, eng.compute_dtype(ds))
 
@@ -91,10 +110,10 @@ def run_ours(model, ds: dict, steps: int, batches, evals, every: int) -> list[di
         engine.backward(engine(**batch).loss)
         engine.step()
 
-    return train("ours", step, engine, batches, evals, every, hf=False)
+    return Run("ours", step, engine, hf=False)
 
 
-def run_hf(model, ds: dict, steps: int, batches, evals, every: int) -> list[dict]:
+def hf_run(model, ds: dict, steps: int) -> Run:
     opt_params = dict(ds["optimizer"]["params"])
     groups = eng.param_groups(model, opt_params.get("weight_decay", 0.0))
     optimizer = torch.optim.AdamW(groups, lr=opt_params["lr"], betas=tuple(opt_params["betas"]), eps=opt_params["eps"])
@@ -109,7 +128,7 @@ def run_hf(model, ds: dict, steps: int, batches, evals, every: int) -> list[dict
         optimizer.step()
         scheduler.step()
 
-    return train("hf", step, model, batches, evals, every, hf=True)
+    return Run("hf", step, model, hf=True)
 
 
 def time_to(curve: list[dict], target: float) -> float:
@@ -150,9 +169,12 @@ def main() -> int:
 
     hf = transformers.BertForPreTraining._from_config(config.to_hf(), attn_implementation="sdpa")
     hf.load_state_dict(ours.state_dict(), strict=True)  # the same initial weights
-    print(f"{args.steps} steps of {micro} x {args.seq_len}, {torch.get_num_threads()} threads; ours first, then HF")
-    curves = {"ours": run_ours(ours, ds, args.steps, batches, evals, args.eval_every)}
-    curves["hf"] = run_hf(hf.train(), ds, args.steps, batches, evals, args.eval_every)
+    print(
+        f"{args.steps} steps of {micro} x {args.seq_len}, {torch.get_num_threads()} threads, turns of {args.eval_every}"
+    )
+    runs = [ours_run(ours, ds, args.steps), hf_run(hf.train(), ds, args.steps)]
+    race(runs, batches, evals, args.eval_every)
+    curves = {run.name: run.curve for run in runs}
     target = args.target_loss or max(c[-1]["loss"] for c in curves.values())
     times = {k: time_to(c, target) for k, c in curves.items()}
     print(
