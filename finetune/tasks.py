@@ -260,7 +260,8 @@ class WordOrderConfig:
     data_seed: int = 1234
     """The pretraining run's --seed."""
     eval_examples: int = 1000
-    """Evaluation examples (at least; whole documents go to one side)."""
+    """Evaluation examples (at least: whole documents go to one side; half the sentences, with a warning, when the
+    held-out documents hold fewer than twice as many)."""
     train_examples: int = 2000
     """Training examples, at most."""
     seed: int = 0
