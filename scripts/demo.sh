@@ -5,7 +5,8 @@
 #   fill-mask  7 curves PNG  8 fine-tune, pretrained vs random initialization, 3 seeds, on two tasks: word order
 #   in the documents pretraining held out, and which package a documentation paragraph is from
 # Everything goes under one directory: runs/demo, or the first argument / $DEMO_DIR.
-# About 10 minutes on 2 CPU cores (training has a wall-clock budget); on a GPU box it uses every GPU.
+# About 10 minutes on 2 CPU cores (training has a wall-clock budget) before step 8, whose six pairs of fine-tuning
+# runs are not yet timed on a quiet machine (docs/PERFORMANCE.md); on a GPU box it uses every GPU.
 # Knobs (environment): DEMO_MODEL (model preset: tiny, BERT-tiny, the default; or a ModernBERT preset such as
 # modernbert-tiny, pretrained MLM-only on packed samples with 30% masking, StableAdamW and a warmup-stable-decay
 # schedule, ds_configs/modernbert_demo.json, then evaluated and fine-tuned as BERT is), DEMO_MINUTES (training
@@ -14,7 +15,8 @@
 # DEMO_MASTER_PORT (rendezvous port of the launcher; fine-tuning also uses the next one), DEMO_FT_SEEDS
 # (fine-tuning seeds, default "1 2 3"), DEMO_FT_LR_PRETRAINED / DEMO_FT_LR_RANDOM (fine-tuning learning rate of
 # each initialization), DEMO_CORPUS (your own text instead of the built-in corpus: a file, directory or glob of
-# anything bert-prep reads, at least 1 MB of text; docs/DEMO.md).
+# anything bert-prep reads, at least DEMO_MIN_MB, default 1, MB of text; docs/DEMO.md), DEMO_FT_EVAL (eval
+# examples per fine-tuning task, default 1000; fewer only to test this script quickly).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
