@@ -11,7 +11,7 @@ eval at random with a fixed seed.
   does not answer (v2.0's unanswerable questions).
 - word-order: is a sentence as written or with two of its words swapped (CoLA-layout swap detection, CSV for
   `--task classify`), from the documents a pretraining run held out (`--data`, with the run's --eval-fraction
-  and --seed): text the encoder never trained on, from its own corpus (docs/DEMO.md).
+  and --seed): text the encoder never trained on, from its own corpus (docs/demo.md).
   Fine-tuning train and eval examples come from different documents; labels alternate, so each split is
   balanced; a `document` column names each sentence's document in the dataset.
 - glue: three tasks in GLUE's file layouts (`--glue-task`, `bert-glue`): CoLA (is a sentence as written, or one

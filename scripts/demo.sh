@@ -15,7 +15,7 @@
 # DEMO_MASTER_PORT (rendezvous port of the launcher; fine-tuning also uses the next one), DEMO_FT_SEEDS
 # (fine-tuning seeds, default "1 2 3"), DEMO_FT_LR_PRETRAINED / DEMO_FT_LR_RANDOM (fine-tuning learning rate of
 # each initialization), DEMO_CORPUS (your own text instead of the built-in corpus: a file, directory or glob of
-# anything bert-prep reads, at least DEMO_MIN_MB, default 1, MB of text; docs/DEMO.md), DEMO_FT_EVAL (eval
+# anything bert-prep reads, at least DEMO_MIN_MB, default 1, MB of text; docs/demo.md), DEMO_FT_EVAL (eval
 # examples per fine-tuning task, default 1000; fewer only to test this script quickly).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
