@@ -8,7 +8,7 @@ setup(
     description="BERT pretraining on DeepSpeed: offline data prep, fused model, exact resume, multi-node.",
     python_requires=">=3.10",
     # ds_configs/ is a package too, so the DeepSpeed JSON ships in the wheel (found through importlib.resources)
-    packages=find_packages(include=["common", "data_prep*", "pretrain*", "finetune*", "ds_configs"]),
+    packages=find_packages(include=["common", "data_prep*", "pretrain*", "finetune*", "embed*", "ds_configs"]),
     package_data={"": ["*.json"], "pretrain": ["recipes/*.yaml"]},
     install_requires=[
         # torch is left loose on purpose: clusters bring their own CUDA build.
@@ -28,6 +28,13 @@ setup(
     ],
     extras_require={
         "logging": ["tensorboard>=2.16", "wandb>=0.17"],
+        # bert-embed: the sentence-transformers format its output is tested against, BM25 and the IR metrics
+        "embed": [
+            "sentence-transformers==6.3.0",
+            "bm25s==0.3.16",
+            "ir-measures==0.4.3",
+            "pytrec-eval-terrier==0.5.11",
+        ],
         "dev": [
             "pytest>=8",
             "pytest-timeout==2.4.0",  # a hung test fails with every thread's stack instead of stalling the suite
@@ -49,6 +56,7 @@ setup(
             "bert-report=pretrain.report:cli",
             "bert-finetune=finetune.run:cli",
             "bert-glue=finetune.suite:cli",
+            "bert-embed=embed.cli:main",
         ]
     },
 )

@@ -9,6 +9,11 @@ eval at random with a fixed seed.
   questions: one sentence of the paragraph with a content word replaced by "what", answered by that word in
   the paragraph; a share of the questions take their sentence from another paragraph, which the paragraph then
   does not answer (v2.0's unanswerable questions).
+- word-order: is a sentence as written or with two of its words swapped (CoLA-layout swap detection, CSV for
+  `--task classify`), from the documents a pretraining run held out (`--data`, with the run's --eval-fraction
+  and --seed): text the encoder never trained on, from its own corpus (docs/demo.md).
+  Fine-tuning train and eval examples come from different documents; labels alternate, so each split is
+  balanced; a `document` column names each sentence's document in the dataset.
 - glue: three tasks in GLUE's file layouts (`--glue-task`, `bert-glue`): CoLA (is a sentence as written, or one
   with two of its words swapped), MRPC (are two sentences from the same package) and SST-2 (is a sentence from
   the largest package or from the second); half of each label.
@@ -181,7 +186,7 @@ def build_squad(cfg: SquadConfig) -> dict:
 
 
 def swapped(sentence: str, rng: random.Random) -> str:
-    """The sentence with two of its words (not neighbours' twins) exchanged."""
+    """The sentence with two of its (distinct) words exchanged."""
     words = sentence.split()
     i, j = sorted(rng.sample(range(len(words)), 2))
     while words[i] == words[j]:
@@ -242,6 +247,84 @@ def build_mrpc(found: dict[str, list[str]], cfg: GlueConfig, rng: random.Random)
     write_tsv(d / "test.tsv", ["index", *head[1:]], test)
 
 
+@dataclass(kw_only=True)
+class WordOrderConfig:
+    """Held-out documents of a pretraining dataset and how many examples to make of them."""
+
+    output: str
+    """Directory to write train.csv and eval.csv into."""
+    data: str
+    """The pretraining dataset PREFIX (`bert-prep build`; the first --data of the run)."""
+    data_eval_fraction: float = 0.01
+    """The pretraining run's --eval-fraction: which documents it held out."""
+    data_seed: int = 1234
+    """The pretraining run's --seed."""
+    eval_examples: int = 1000
+    """Evaluation examples (at least: whole documents go to one side; half the sentences, with a warning, when the
+    held-out documents hold fewer than twice as many)."""
+    train_examples: int = 2000
+    """Training examples, at most."""
+    seed: int = 0
+    """Seed of the document order and of the swaps."""
+
+
+def held_out_sentences(cfg: WordOrderConfig) -> list[tuple[int, list[str]]]:
+    """(document id, its sentences as text) for every held-out document of the dataset, in id order."""
+    import numpy as np
+
+    from data_prep import tokenizer
+    from data_prep.indexed import IndexedDataset
+    from pretrain.data import held_out_documents
+
+    if not Path(cfg.data + ".idx").is_file():
+        raise UserError(f"dataset {cfg.data}.bin/.idx does not exist; pass the PREFIX the pretraining run read")
+    ds = IndexedDataset(cfg.data)
+    tok = tokenizer.load(ds.manifest["tokenizer"]["path"])
+    docs = held_out_documents(cfg.data, cfg.data_eval_fraction, cfg.data_seed)
+    ids = [[np.asarray(ds[i]).tolist() for i in ds.document(int(d))] for d in docs]
+    texts = iter(tok.batch_decode([s for doc in ids for s in doc], skip_special_tokens=True))
+    return [(int(d), [next(texts) for _ in doc]) for d, doc in zip(docs, ids)]
+
+
+def build_word_order(cfg: WordOrderConfig) -> dict:
+    """OUTPUT/train.csv and OUTPUT/eval.csv (columns text,label,document); returns the example counts."""
+    if cfg.eval_examples < 10 or cfg.train_examples < 10:
+        raise UserError("--eval-examples and --train-examples must be at least 10")
+    docs = [(d, [s for s in ss if 6 <= len(s.split()) <= 40 and len(set(s.split())) > 1])
+            for d, ss in held_out_sentences(cfg)]  # fmt: skip
+    total = sum(len(ss) for _, ss in docs)
+    want = min(cfg.eval_examples, total // 2)  # a small corpus: half of what there is, and say so
+    if want < 20:
+        raise UserError(
+            f"the held-out documents of {cfg.data} hold only {total} sentences of 6-40 words, too few for a task; "
+            "use a larger corpus, more documents (a blank line ends one in text files) or a larger "
+            "--data-eval-fraction (and the same --eval-fraction in pretraining)"
+        )
+    rng = random.Random(cfg.seed)
+    rng.shuffle(docs)
+    parts: dict[str, list] = {"eval": [], "train": []}
+    for d, ss in docs:  # whole documents to eval until it is full, then to train
+        parts["eval" if len(parts["eval"]) < want else "train"].extend((s, d) for s in ss)
+    parts["train"] = parts["train"][: cfg.train_examples]
+    have = {k: len(v) for k, v in parts.items()}
+    if have["eval"] < cfg.eval_examples:
+        log.warning(
+            f"warning: the held-out documents of {cfg.data} hold {total} sentences: the word-order task evaluates "
+            f"on {have['eval']}, fewer than --eval-examples {cfg.eval_examples}, so its seed spread is wider"
+        )
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in parts.items():
+        with open(out / f"{name}.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label", "document"])
+            for k, (s, d) in enumerate(part):
+                w.writerow([s, "original", d] if k % 2 else [swapped(s, rng), "swapped", d])
+    log.info(f"word order: {have['train']} train and {have['eval']} eval sentences of {len(docs)} held-out "
+             f"documents of {cfg.data} -> {cfg.output}")  # fmt: skip
+    return have
+
+
 def build_glue(cfg: GlueConfig) -> None:
     if cfg.examples < 10:
         raise UserError("--examples must be at least 10")
@@ -257,6 +340,7 @@ TASKS = {
     "packages": (PackagesConfig, build_packages, "which standard-library package a documentation paragraph is from"),
     "squad": (SquadConfig, build_squad, "extractive QA (SQuAD v2.0 JSON): cloze questions on documentation"),
     "glue": (GlueConfig, build_glue, "CoLA-, MRPC- and SST-2-layout tasks from documentation sentences"),
+    "word-order": (WordOrderConfig, build_word_order, "swapped words or not, in a pretraining run's held-out text"),
 }
 
 

@@ -493,6 +493,12 @@ def _split_documents(num_docs: int, eval_fraction: float, key: list[int]) -> dic
     return {"train": np.sort(order[n_eval:]), "eval": np.sort(order[:n_eval])}
 
 
+def held_out_documents(prefix: str, eval_fraction: float, seed: int, k: int = 0) -> np.ndarray:
+    """Sorted ids of the documents of `prefix` (the k-th --data prefix) that pretraining with this --eval-fraction
+    and --seed holds out: never in a training sample, so downstream tasks built from them see unseen text."""
+    return _split_documents(IndexedDataset(prefix).num_documents, eval_fraction, [seed, k, 11])["eval"]
+
+
 def _build_sample_map(
     cum: np.ndarray,
     doc_index: np.ndarray,

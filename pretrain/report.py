@@ -23,6 +23,7 @@ log = get_logger(__name__)
 
 TRAIN_KEYS = ("loss", "mlm_loss", "nsp_loss")
 EVAL_KEYS = ("mlm_acc", "nsp_acc")
+TIME_KEYS = ("data_wait_frac", "step_skew")  # shares of the step time: pretrain/timing.py
 
 
 def metrics_path(run: str | Path) -> Path:
@@ -55,7 +56,8 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot(train: list[dict], evals: list[dict], output: str | Path, title: str = "") -> dict[str, tuple[list, list]]:
-    """Three panels: training losses, learning rate, held-out accuracies; each against the step.
+    """Four panels: training losses, learning rate, held-out accuracies, where the time goes (data wait and the
+    slowest rank's skew, as shares); each against the step.
 
     Returns what was drawn, read back from the figure: {"panel/label": (steps, values)}.
     """
@@ -64,7 +66,7 @@ def plot(train: list[dict], evals: list[dict], output: str | Path, title: str = 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_lr, ax_acc) = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, (ax_loss, ax_lr, ax_acc, ax_time) = plt.subplots(1, 4, figsize=(20, 4.2))
     for key in TRAIN_KEYS:
         steps, values = _series(train, key)
         if steps:
@@ -82,10 +84,15 @@ def plot(train: list[dict], evals: list[dict], output: str | Path, title: str = 
         if steps:
             ax_acc.plot(steps, values, "o-", label=f"held-out {key}", markersize=4)
     ax_acc.set(title="held-out accuracy", xlabel="step", ylim=(0, 1))
-    for ax in (ax_loss, ax_acc):
+    for key in TIME_KEYS:
+        steps, values = _series(train, key)
+        if steps:
+            ax_time.plot(steps, values, label=key, linewidth=1)
+    ax_time.set(title="where the time goes", xlabel="step")
+    for ax in (ax_loss, ax_acc, ax_time):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    for ax in (ax_loss, ax_lr, ax_acc):
+    for ax in (ax_loss, ax_lr, ax_acc, ax_time):
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
@@ -93,7 +100,7 @@ def plot(train: list[dict], evals: list[dict], output: str | Path, title: str = 
     fig.savefig(output, dpi=110)
     drawn = {
         f"{ax.get_title()}/{line.get_label()}": (list(line.get_xdata()), list(line.get_ydata()))
-        for ax in (ax_loss, ax_lr, ax_acc)
+        for ax in (ax_loss, ax_lr, ax_acc, ax_time)
         for line in ax.get_lines()
     }
     plt.close(fig)
@@ -110,6 +117,10 @@ def summary(train: list[dict], evals: list[dict]) -> str:
             f"{k} {sum(r[k] for r in tail) / len(tail):.3f}" for k in TRAIN_KEYS if all(k in r for r in tail)
         )
         lines.append(f"train: {len(train)} logged steps up to step {last['step']}; final {losses}")
+    waits, skews = _series(train, "data_wait_frac")[1], _series(train, "step_skew")[1]
+    if waits:
+        skew = f", step skew {100 * sum(skews) / len(skews):.1f}% (mean)" if skews else ""
+        lines.append(f"time: data wait {100 * sum(waits) / len(waits):.1f}% of the step time (mean){skew}")
     for label, rec in (("first eval", evals[0] if evals else None), ("last eval", evals[-1] if evals else None)):
         if rec is None or (label == "last eval" and len(evals) < 2):
             continue

@@ -40,6 +40,7 @@ from pretrain.metrics import Metrics
 from pretrain.models import ModelFlags, build_pretraining_model, pretraining_from_state, shape_mismatch
 from pretrain.runtime import dist
 from pretrain.runtime.ds_config import compute_dtype, resolve_batch
+from pretrain.timing import StepTiming
 
 log = get_logger(__name__)
 
@@ -320,7 +321,10 @@ def main(cfg: TrainConfig) -> dict:
         with runlock.hold(cfg.save):  # one writer per --save: before anything is written there
             run = _Run(cfg, model_cfg, data, ds_cfg, found, origin)
             try:
-                return run.train(stop)
+                result = run.train(stop)
+                for line in (run.timing.summary(), *run.timing.warnings()):
+                    log.info(line)
+                return result
             finally:
                 run.close()
     finally:
@@ -342,6 +346,8 @@ class _Step:
     """Useful training FLOPs (the model family's formula on each sequence's real length)."""
     grad_norm: float | None = None
     """Global gradient norm before clipping (the same on every rank)."""
+    data_s: float = 0.0
+    """Seconds spent waiting for its micro-batches."""
 
 
 def _peak_memory() -> float:
@@ -408,6 +414,7 @@ class _Run:
             checkpoint.load_optimizer_state(self.engine, optimizer_from, cfg.trust_checkpoint)
             log.info(f"took the optimizer state of {optimizer_from}; the schedule and the step count start afresh")
         self.peak_flops = _peak_tflops(compute_dtype(ds_cfg))
+        self.timing = StepTiming(rank, world, cfg.log_every or 10, self.peak_flops)  # skew over log intervals
         self.metrics = Metrics(cfg.save, self.state.step, self.resolved, cfg.tensorboard, cfg.wandb_project)
         rng = checkpoint.rng_state()  # starting a loader draws worker seeds; keep dropout's stream untouched
         self.batches = data.loader("train", self.micro_batch, rank, world, consumed_samples=self.state.consumed_samples)
@@ -483,13 +490,16 @@ class _Run:
             if i and stop.agreed():
                 checkpoint.set_rng_state(rng)
                 return None
+            t0 = self.timing.begin()  # data wait + forward: the rank's own time (pretrain/timing.py)
             batch = next(self.batches)
+            step.data_s += time.perf_counter() - t0
             # the loader's i-th micro-batch on this rank starts at this global sample (pretrain.data)
             torch.manual_seed(dropout_seed(self.cfg.seed, consumed + (i * world + rank) * self.micro_batch))
             step.tokens += float(batch["attention_mask"].sum())
             step.capacity += batch["attention_mask"].shape[0] * self.cfg.data.seq_len
             step.flops += batch_flops(self.model_cfg, batch)
             out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
+            self.timing.forward_done()
             engine.backward(out.loss)
             step.grad_norm = eng.step(engine)  # DeepSpeed steps the optimizer only at the accumulation boundary
             nsp = out.nsp_loss.item() if out.nsp_loss is not None else 0.0
@@ -503,8 +513,8 @@ class _Run:
         state, world = self.state, dist.world_size()
         losses = (step.loss, step.mlm_loss, step.nsp_loss)
         bad = float(not all(map(math.isfinite, losses)))
-        loss, mlm, nsp, bad, tokens, capacity, flops = dist.all_reduce(
-            [*losses, bad, step.tokens, step.capacity, step.flops]
+        loss, mlm, nsp, bad, tokens, capacity, flops, *timing = dist.all_reduce(
+            [*losses, bad, step.tokens, step.capacity, step.flops, *self.timing.values(step.data_s)]
         )
         memory, signalled, budget = dist.all_reduce(
             [_peak_memory(), float(stop.signal is not None), self.clock.spent()], "max"
@@ -517,6 +527,7 @@ class _Run:
         record.update(lr=lr, samples=state.consumed_samples, seq_per_s=self.global_batch / seconds)
         record.update(tokens_per_s=tokens / seconds, fill=tokens / capacity, tflops=flops / seconds / 1e12)
         record["peak_mem_gb"] = memory / 1e9
+        record.update(self.timing.record(timing, seconds, tokens, capacity, flops))
         if self.peak_flops:
             record["mfu"] = record["tflops"] / (self.peak_flops * world)
         if step.grad_norm is not None:

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # The main job, end to end, with no download from any model or dataset hub:
-#   1 set up  2 built-in corpus  3 vocabulary + dataset  4 pretrain (deepspeed, interrupted and resumed)
-#   5 held-out MLM/NSP accuracy vs the untrained model  6 Hugging Face export + fill-mask  7 curves PNG
-#   8 fine-tune on a task from the same docs, pretrained vs random initialization
+#   1 set up  2 built-in corpus (or yours: DEMO_CORPUS)  3 vocabulary + dataset  4 pretrain (deepspeed,
+#   interrupted and resumed)  5 held-out MLM/NSP accuracy vs the untrained model  6 Hugging Face export +
+#   fill-mask  7 curves PNG  8 fine-tune, pretrained vs random initialization, 3 seeds, on two tasks: word order
+#   in the documents pretraining held out, and which package a documentation paragraph is from
 # Everything goes under one directory: runs/demo, or the first argument / $DEMO_DIR.
-# About 10 minutes on 2 CPU cores (training has a wall-clock budget); on a GPU box it uses every GPU.
+# About 10 minutes on 2 CPU cores (training has a wall-clock budget) before step 8, whose six pairs of fine-tuning
+# runs are not yet timed on a quiet machine (docs/PERFORMANCE.md); on a GPU box it uses every GPU.
 # Knobs (environment): DEMO_MODEL (model preset: tiny, BERT-tiny, the default; or a ModernBERT preset such as
 # modernbert-tiny, pretrained MLM-only on packed samples with 30% masking, StableAdamW and a warmup-stable-decay
 # schedule, ds_configs/modernbert_demo.json, then evaluated and fine-tuned as BERT is), DEMO_MINUTES (training
 # budget, default 6), DEMO_STEPS (cap on steps), DEMO_CORPUS_MB (cap on the corpus), DEMO_VOCAB (vocabulary
 # size), DEMO_SAVE_EVERY / DEMO_EVAL_EVERY (steps),
 # DEMO_MASTER_PORT (rendezvous port of the launcher; fine-tuning also uses the next one), DEMO_FT_SEEDS
-# (fine-tuning seeds, default "1 2 3").
+# (fine-tuning seeds, default "1 2 3"), DEMO_FT_LR_PRETRAINED / DEMO_FT_LR_RANDOM (fine-tuning learning rate of
+# each initialization), DEMO_CORPUS (your own text instead of the built-in corpus: a file, directory or glob of
+# anything bert-prep reads, at least DEMO_MIN_MB, default 1, MB of text; docs/demo.md), DEMO_FT_EVAL (eval
+# examples per fine-tuning task, default 1000; fewer only to test this script quickly).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -24,6 +29,8 @@ esac
 minutes=${DEMO_MINUTES:-6}
 steps=${DEMO_STEPS:-20000}
 corpus_mb=${DEMO_CORPUS_MB:-8}
+corpus=${DEMO_CORPUS:-}
+held_out=0.1  # share of documents pretraining holds out: its MLM eval and the word-order task's sentences
 vocab_size=${DEMO_VOCAB:-8192}
 save_every=${DEMO_SAVE_EVERY:-$every}
 eval_every=${DEMO_EVAL_EVERY:-$((2 * every))}
@@ -47,13 +54,19 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 echo "output directory: $out ($procs training processes, $gpus GPUs)"
 
-say "[2/8] built-in corpus: documentation of the installed Python standard library and packages"
-bert-prep corpus --output "$out/corpus.txt" --max-mb "$corpus_mb"
+if [ -n "$corpus" ]; then
+  say "[2/8] your corpus: $corpus"
+  python -m data_prep.corpus_size "$corpus" --min-mb "${DEMO_MIN_MB:-1}"  # too little text: one line, no training
+  text=$corpus
+else
+  say "[2/8] built-in corpus: documentation of the installed Python standard library and packages"
+  bert-prep corpus --output "$out/corpus.txt" --max-mb "$corpus_mb"
+  text=$out/corpus.txt
+fi
 
 say "[3/8] WordPiece vocabulary and the indexed dataset"
-bert-prep vocab --input "$out/corpus.txt" --vocab-size "$vocab_size" --output "$out/tokenizer"
-bert-prep build --input "$out/corpus.txt" --tokenizer "$out/tokenizer" --output "$out/data/corpus" --workers 2 \
-  --overwrite
+bert-prep vocab --input "$text" --vocab-size "$vocab_size" --output "$out/tokenizer"
+bert-prep build --input "$text" --tokenizer "$out/tokenizer" --output "$out/data/corpus" --workers 2 --overwrite
 bert-prep inspect "$out/data/corpus"
 
 say "[4/8] pretrain $model for $minutes minutes with the deepspeed launcher ($procs processes)"
@@ -79,7 +92,7 @@ train=(deepspeed --num_gpus "$procs" --master_port "$port" --log_level warning -
   "${recipe[@]}" --model "$out/model.json" --data "$out/data/corpus" --seq-len 128
   --train-steps "$steps" --time-budget "$(python -c "print($minutes / 60)")" --save "$out/run"
   --save-every "$save_every" --keep-last 3 --eval-every "$eval_every"
-  --eval-samples 1024 --eval-fraction 0.05 --num-workers "$workers")
+  --eval-samples 1024 --eval-fraction "$held_out" --num-workers "$workers")
 echo "+ ${train[*]}"
 set -m  # the background launch gets its own process group, so one signal reaches every rank
 "${train[@]}" &
@@ -131,65 +144,70 @@ EOF
 say "[7/8] loss and accuracy curves"
 bert-report "$out/run"
 
-say "[8/8] fine-tune on a task from the same documentation: which standard-library package a paragraph is from"
-python -m finetune.tasks packages --output "$out/task" --per-class 150
-# One process per fine-tuning run (the task is small: more ranks only add synchronization), the pretrained and
-# the randomly initialized run side by side, once per seed: the seed alone moves one run by 10-20 points,
-# more than pretraining changes it, so the comparison is the mean over seeds.
+say "[8/8] fine-tune, pretrained vs random initialization, on two tasks"
+# Word order: is a sentence as written or with two words swapped, in documents pretraining held out (never trained
+# on); packages: which package a documentation paragraph is from. Each task evaluates on over 1,000 examples.
+ft_eval=${DEMO_FT_EVAL:-1000}  # eval examples per task (fewer only to test the script quickly)
+python -m finetune.tasks word-order --data "$out/data/corpus" --data-eval-fraction "$held_out" \
+  --eval-examples "$ft_eval" --train-examples "$((2 * ft_eval))" --output "$out/tasks/word-order"
+python -m finetune.tasks packages --output "$out/tasks/packages" --classes 8 --per-class "$(((ft_eval + 3) / 4))" \
+  --eval-fraction 0.51
+# One process per fine-tuning run (the tasks are small: more ranks only add synchronization), the pretrained and
+# the randomly initialized run side by side, once per seed: the seed alone moves one run by up to 10-20 points,
+# so the comparison is paired per seed and judged against the spread of the per-seed gains. Each initialization
+# has its own learning rate (a sweep, docs/PERFORMANCE.md: random weights need a higher one).
 read -r -a seeds <<<"${DEMO_FT_SEEDS:-1 2 3}"
-finetune=(--module finetune.run --task classify --train "$out/task/train.csv" --eval "$out/task/eval.csv"
-  --seq-len 128 --epochs 3 --lr 1e-3 --batch 16)
-echo "+ deepspeed --num_gpus 1 ${finetune[*]} --init-from $out/hf [--random-init] --seed S" \
-  "--output $out/finetune/{pretrained,random}/seedS"
-echo "  for S in ${seeds[*]}; logs in $out/finetune/*.log"
-mkdir -p "$out/finetune"
-finetune_run() { # init seed port [flags]: one run, its output in a log that is shown if it fails
-  local log="$out/finetune/$1-seed$2.log"
-  if ! deepspeed --num_gpus 1 --master_port "$3" --log_level warning "${finetune[@]}" --seed "$2" \
-    --init-from "$out/hf" "${@:4}" --output "$out/finetune/$1/seed$2" >"$log" 2>&1; then
+declare -A lr=([pretrained]=${DEMO_FT_LR_PRETRAINED:-1e-3} [random]=${DEMO_FT_LR_RANDOM:-1e-3})
+finetune=(--module finetune.run --task classify --seq-len 128 --epochs 3 --batch 16)
+echo "+ deepspeed --num_gpus 1 ${finetune[*]} --train $out/tasks/TASK/train.csv --eval $out/tasks/TASK/eval.csv" \
+  "--init-from $out/hf [--random-init] --lr {${lr[pretrained]},${lr[random]}} --seed S" \
+  "--output $out/finetune/TASK/{pretrained,random}/seedS"
+echo "  for TASK in word-order packages, S in ${seeds[*]}; logs in $out/finetune/TASK/*.log"
+finetune_run() { # task init seed port [flags]: one run, its output in a log that is shown if it fails
+  local log="$out/finetune/$1/$2-seed$3.log"
+  if ! deepspeed --num_gpus 1 --master_port "$4" --log_level warning "${finetune[@]}" --seed "$3" \
+    --train "$out/tasks/$1/train.csv" --eval "$out/tasks/$1/eval.csv" --lr "${lr[$2]}" --init-from "$out/hf" \
+    "${@:5}" --output "$out/finetune/$1/$2/seed$3" >"$log" 2>&1; then
     tail -n 30 "$log" >&2
-    echo "error: fine-tuning ($1, seed $2) failed; its log: $log" >&2
+    echo "error: fine-tuning ($1, $2, seed $3) failed; its log: $log" >&2
     return 1
   fi
 }
-for seed in "${seeds[@]}"; do
-  finetune_run pretrained "$seed" "$port" &
-  pretrained_pid=$!
-  finetune_run random "$seed" "$((port + 1))" --random-init &
-  random_pid=$!
-  failed=0
-  wait "$pretrained_pid" || failed=1
-  wait "$random_pid" || failed=1
-  [ "$failed" = 0 ] || exit 1
-  grep -h "^best eval accuracy" "$out/finetune/pretrained-seed$seed.log" "$out/finetune/random-seed$seed.log"
+in_domain="documentation packages"
+[ -z "$corpus" ] || in_domain="documentation packages (out of domain: not your corpus)"
+for task in word-order packages; do
+  mkdir -p "$out/finetune/$task"
+  for seed in "${seeds[@]}"; do
+    finetune_run "$task" pretrained "$seed" "$port" &
+    pretrained_pid=$!
+    finetune_run "$task" random "$seed" "$((port + 1))" --random-init &
+    random_pid=$!
+    failed=0
+    wait "$pretrained_pid" || failed=1
+    wait "$random_pid" || failed=1
+    [ "$failed" = 0 ] || exit 1
+  done
 done
-python - "$out/finetune" "${seeds[@]}" <<'EOF'
-import json, statistics, sys
-root, seeds = sys.argv[1], sys.argv[2:]
-acc = {
-    init: [json.load(open(f"{root}/{init}/seed{s}/eval_report.json"))["report"]["accuracy"] for s in seeds]
-    for init in ("pretrained", "random")
-}
-gains = [100 * (p - r) for p, r in zip(acc["pretrained"], acc["random"])]
-print(f"{'seed':>6} {'pretrained':>11} {'random init':>12} {'gain (points)':>14}")
-for s, p, r, g in zip(seeds, acc["pretrained"], acc["random"], gains):
-    print(f"{s:>6} {p:>11.4f} {r:>12.4f} {g:>+14.1f}")
-mean = {init: statistics.mean(a) for init, a in acc.items()}
-print(f"{'mean':>6} {mean['pretrained']:>11.4f} {mean['random']:>12.4f} {statistics.mean(gains):>+14.1f}")
-print(f"pretraining adds {statistics.mean(gains):+.1f} accuracy points on this task (mean of {len(seeds)} seeds; "
-      f"per seed {min(gains):+.1f} to {max(gains):+.1f})")
-if statistics.mean(gains) < 0:
-    print("a few CPU minutes of pretraining can leave features that fine-tune worse than random weights "
-          "(docs/PERFORMANCE.md, fine-tuning results); a longer DEMO_MINUTES gives pretraining room to pay")
-EOF
+echo
+python -m finetune.compare "$out/finetune/word-order" --seeds "${seeds[@]}" --task "word order, held-out documents" \
+  | tee "$out/finetune/comparison.txt"
+echo
+python -m finetune.compare "$out/finetune/packages" --seeds "${seeds[@]}" --task "$in_domain" \
+  | tee -a "$out/finetune/comparison.txt"
+if ! grep -q "pretraining helped" "$out/finetune/comparison.txt"; then
+  echo "a few CPU minutes of pretraining may not beat random weights beyond the seed spread (docs/PERFORMANCE.md, fine-tuning results);" \
+    "a longer DEMO_MINUTES gives pretraining room to pay"
+fi
 
 say "done in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s; everything is under $out"
 cat <<EOF
-  corpus          $out/corpus.txt
+  corpus          ${corpus:-$out/corpus.txt}
   tokenizer       $out/tokenizer
   dataset         $out/data/corpus.{bin,idx,json}
   checkpoints     $out/run   (and metrics.jsonl)
   Hugging Face    $out/hf
   curves          $out/run/curves.png
-  fine-tuning     $out/finetune/{pretrained,random}/seed*   (eval_report.json, HF directories)
+  tasks           $out/tasks/{word-order,packages}   (train.csv, eval.csv)
+  fine-tuning     $out/finetune/{word-order,packages}/{pretrained,random}/seed*   (eval_report.json, HF directories)
+  comparison      $out/finetune/comparison.txt
 EOF

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the project with pinned, known-good dependencies, reusing the torch the environment already has.
 #   bash scripts/setup.sh          what the commands need (scripts/demo.sh)
-#   bash scripts/setup.sh --dev    also the test and lint tools (scripts/test.sh)
+#   bash scripts/setup.sh --embed  also the retrieval libraries of bert-embed (scripts/demo_retrieval.sh)
+#   bash scripts/setup.sh --dev    also the test and lint tools and the retrieval libraries (scripts/test.sh)
 # Where: $VENV if set, else the active virtualenv ($VIRTUAL_ENV: a cluster's environment with its CUDA torch),
 # else .venv in the repo root, created with --system-site-packages when $PYTHON already has torch (so the
 # cluster's or the system's torch is used, not replaced). torch==$TORCH_VERSION (default 2.13.0, CPU) is
@@ -11,7 +12,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 extras=logging
-[ "${1:-}" = --dev ] && extras=dev,logging
+[ "${1:-}" = --embed ] && extras=embed,logging
+[ "${1:-}" = --dev ] && extras=dev,embed,logging
 venv=${VENV:-${VIRTUAL_ENV:-$root/.venv}}
 py=${PYTHON:-python3}
 if [ ! -x "$venv/bin/python" ]; then
@@ -29,8 +31,8 @@ vpy="$venv/bin/python"
 stamp="$venv/.setup-stamp"
 want=$(cat setup.py requirements-lock.txt | sha256sum | cut -d' ' -f1)
 check="import torch, deepspeed, data_prep"
-[ "$extras" = dev,logging ] && check="$check, pytest"
-if [ -f "$stamp" ] && grep -qx "$want $extras\|$want dev,logging" "$stamp" && "$vpy" -c "$check" 2>/dev/null; then
+[ "$extras" = dev,embed,logging ] && check="$check, pytest"
+if [ -f "$stamp" ] && grep -qx "$want $extras\|$want dev,embed,logging" "$stamp" && "$vpy" -c "$check" 2>/dev/null; then
   exit 0
 fi
 # torch first: the local CPU wheel where no torch exists; a cluster's own CUDA torch is kept.

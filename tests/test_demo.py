@@ -32,6 +32,7 @@ def test_demo_end_to_end(tmp_path):
         DEMO_VOCAB="2000",
         DEMO_MASTER_PORT=str(free_port()),
         DEMO_FT_SEEDS="1 2",
+        DEMO_FT_EVAL="40",
     )
     env.pop("RANK", None)
     proc = subprocess.run(
@@ -80,18 +81,17 @@ def test_demo_end_to_end(tmp_path):
     for path in ("corpus.txt", "tokenizer", "data/corpus.{bin,idx,json}", "run", "hf", "run/curves.png"):
         assert str(out / path) in log
 
-    # 8: per seed, fine-tuning from the export and from random weights; the printed gain is their mean difference
-    acc = {
-        (init, seed): json.loads((out / "finetune" / init / f"seed{seed}" / "eval_report.json").read_text())
-        for init in ("pretrained", "random")
-        for seed in (1, 2)
-    }
-    acc = {key: report["report"]["accuracy"] for key, report in acc.items()}
-    gains = [100 * (acc[("pretrained", s)] - acc[("random", s)]) for s in (1, 2)]
-    assert (
-        f"pretraining adds {sum(gains) / 2:+.1f} accuracy points on this task (mean of 2 seeds; "
-        f"per seed {min(gains):+.1f} to {max(gains):+.1f})" in log
-    )
+    # 8: per task and seed, fine-tuning from the export and from random weights, each at its learning rate; the
+    # comparison's lines (finetune.compare) are printed and kept
+    from finetune.compare import judge, read_reports, table
+
+    for task, name in (("word-order", "word order, held-out documents"), ("packages", "documentation packages")):
+        reports = read_reports(out / "finetune" / task, ["1", "2"])
+        assert table(name, ["1", "2"], reports) in log
+        acc = [[r["report"]["accuracy"] for r in reports[init]] for init in ("pretrained", "random")]
+        assert f"verdict ({name}): " in (out / "finetune" / "comparison.txt").read_text()
+        assert judge(*acc).gains == [100 * (p - r) for p, r in zip(*acc)]
+    assert f"{out}/finetune/comparison.txt" in log
 
 
 def demo_script(marker: str) -> str:
@@ -147,3 +147,44 @@ def test_demo_prints_held_out_accuracy_without_nsp(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     out = run_piece('"$out/run/metrics.jsonl"', str(tmp_path / "metrics.jsonl"))
     assert f"trained (step 12) {0.0531:>13.4f} {'- (no NSP)':>13}" in out
+
+
+def run_demo_until_corpus_check(tmp_path, corpus: str) -> subprocess.CompletedProcess:
+    """scripts/demo.sh with DEMO_CORPUS: setup (the running venv) and step 2, which must stop a bad corpus."""
+    env = dict(os.environ, DEMO_CORPUS=corpus, VENV=sys.prefix)
+    env.pop("RANK", None)
+    return subprocess.run(
+        ["bash", "scripts/demo.sh", str(tmp_path / "demo")], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["glob", "missing"])
+def test_demo_corpus_too_small_or_missing_is_one_line_before_any_training(tmp_path, kind):
+    text = "".join(f"Sentence {i} of a small corpus, far from a megabyte.\n\n" for i in range(2000))  # ~0.1 MB
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text(text)
+    (tmp_path / "texts" / "b.txt").write_text(text)
+    corpus = {"glob": "texts/*.txt", "missing": "nothing/here.txt"}[kind]
+    proc = run_demo_until_corpus_check(tmp_path, str(tmp_path / corpus))
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if kind == "missing":
+        assert "does not exist" in errors[0]
+    else:
+        size = 2 * (len(text.encode()) - text.count("\n"))  # the paragraphs of both files, without newlines
+        assert f"holds {size / 1e6:.2f} MB of text in 2 file(s), less than the 1 MB" in errors[0]
+    assert f"your corpus: {tmp_path / corpus}" in proc.stdout
+    assert not (tmp_path / "demo" / "tokenizer").exists() and not (tmp_path / "demo" / "run").exists()
+
+
+def test_corpus_size_accepts_enough_text_read_as_bert_prep_reads_it(tmp_path):
+    import gzip
+
+    from data_prep.corpus_size import main
+
+    with gzip.open(tmp_path / "big.txt.gz", "wt") as f:  # 1.2 MB of text in a much smaller file
+        f.write("".join(f"Line {i:07d} of text that repeats itself over and over again.\n" for i in range(20_000)))
+    assert main([str(tmp_path / "big.txt.gz"), "--min-mb", "1"]) == 0
+    assert (tmp_path / "big.txt.gz").stat().st_size < 1e6

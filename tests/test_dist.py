@@ -26,7 +26,7 @@ from pretrain.runtime import dist
 
 COLLECTIVES = {"all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor", "barrier"}
 COLLECTIVES |= {"reduce_scatter", "reduce_scatter_tensor", "all_to_all_single", "monitored_barrier", "gather"}
-PACKAGES = ("data_prep", "pretrain", "finetune")
+PACKAGES = ("data_prep", "pretrain", "finetune", "embed")
 
 
 def collective_calls(path: Path) -> list[str]:

@@ -18,6 +18,9 @@ def write_run(run_dir):
     for step in range(1, 41):
         mlm = 10.0 * math.exp(-step / 20)
         recs.append({"step": step, "loss": mlm + 0.69, "mlm_loss": mlm, "nsp_loss": 0.69, "lr": 1e-3 * step / 40})
+        recs[-1]["data_wait_frac"] = 0.01 * (step % 3)
+        if step % 10 == 0:  # pretrain/timing.py logs the skew once per window of steps
+            recs[-1].update(step_skew=0.02 * step / 10, slowest_rank=1)
         if step % 20 == 0:
             recs.append({"split": "eval", "step": step, "mlm_acc": 0.1 * step / 20, "nsp_acc": 0.5 + step / 400})
     run_dir.mkdir(exist_ok=True)
@@ -39,6 +42,8 @@ def test_curves_show_the_records(tmp_path, capsys):
     assert "last eval (step 40): mlm_acc 0.2000, nsp_acc 0.6000" in out
     tail = [10.0 * math.exp(-s / 20) for s in range(37, 41)]  # the last 10% of 40 steps
     assert f"mlm_loss {sum(tail) / 4:.3f}" in out
+    waits = [0.01 * (s % 3) for s in range(1, 41)]
+    assert f"time: data wait {100 * sum(waits) / 40:.1f}% of the step time (mean), step skew 5.0% (mean)" in out
 
     train, evals = report.read_metrics(run / "metrics.jsonl")
     drawn = report.plot(train, evals, tmp_path / "again.png")
@@ -48,6 +53,8 @@ def test_curves_show_the_records(tmp_path, capsys):
     assert drawn["learning rate/lr"][1] == pytest.approx([1e-3 * s / 40 for s in steps])
     assert drawn["held-out accuracy/held-out mlm_acc"] == ([0, 20, 40], pytest.approx([0.0, 0.1, 0.2]))
     assert drawn["loss/eval mlm_loss"] == ([0], [10.3])
+    assert drawn["where the time goes/data_wait_frac"][1] == pytest.approx([0.01 * (s % 3) for s in steps])
+    assert drawn["where the time goes/step_skew"] == ([10, 20, 30, 40], pytest.approx([0.02, 0.04, 0.06, 0.08]))
 
 
 def test_resumed_run_keeps_the_last_record_per_step(tmp_path):

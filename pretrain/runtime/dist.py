@@ -80,6 +80,17 @@ def all_reduce_tensor(t: torch.Tensor, group=None) -> None:
         dist.all_reduce(t, group=group)
 
 
+def all_gather_with_local_grad(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` (same shape on each) concatenated along dim 0 in rank order; gradient flows back into
+    this rank's own slice only (the others are copies). `t` itself without a process group."""
+    if not initialized() or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[dist.get_rank()] = t
+    return torch.cat(parts)
+
+
 def barrier() -> None:
     """Every rank waits for every other (on the accelerator's device under NCCL)."""
     if initialized():

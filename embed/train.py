@@ -1,0 +1,286 @@
+"""`bert-embed train`: contrastive fine-tuning of a pretrained encoder into a sentence-embedding model.
+
+    bert-embed train --init-from CKPT_OR_HF_DIR --train pairs.jsonl --output DIR [--grad-cache] [--symmetric]
+    deepspeed --num_gpus 8 --module embed.cli train ...   (negatives gathered across the ranks)
+
+Design choices:
+- It trains through `pretrain.runtime.engine.initialize` like pretraining and fine-tuning: precision, ZeRO stage,
+  optimizer and schedule come from the DeepSpeed JSON (default ds_configs/finetune_cpu.json); --batch and --lr
+  override its micro batch and learning rate, and the learning rate defaults as fine-tuning's does
+  (`finetune.run.default_lr`). Records go to OUTPUT/metrics.jsonl through `pretrain.metrics.Metrics`.
+- The contrastive batch (whose passages are each query's negatives) is one micro-batch per rank, gathered over
+  the ranks. With --grad-cache it is the whole accumulation window instead: micro x accumulation steps x ranks,
+  run as GradCache chunks of one micro-batch each, so the JSON's `gradient_accumulation_steps` is how many
+  times larger than memory allows the batch gets; gradients equal those of the whole batch at once.
+- --simcse: unsupervised SimCSE; --train is a text file (one text a line) and each text's positive is itself,
+  encoded a second time under a different dropout mask.
+- The output directory is a sentence-transformers model (embed.model.save_sentence_transformers), written at
+  the end of training by rank 0 (every rank gathers under ZeRO-3); with --dev, each epoch is evaluated on a
+  BEIR dev split (a record with "split": "eval" in metrics.jsonl) and --best keeps the best epoch instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal
+
+import torch
+
+from common.errors import UserError
+from common.files import write_json_atomic
+from common.flags import option
+from common.log import get_logger
+from embed import data, loss
+from embed.model import EmbeddingModel, Prefixes, TextEncoder, encode, save_sentence_transformers
+from pretrain.runtime import dist
+
+log = get_logger(__name__)
+DEFAULT_DS_CONFIG = str(Path(__file__).resolve().parent.parent / "ds_configs" / "finetune_cpu.json")
+
+
+@dataclass(kw_only=True)
+class EmbedTrainConfig:
+    """Contrastive fine-tuning of a pretrained encoder into a sentence-embedding model.
+
+    Pairs from JSON lines ({"query", "positive", "negatives"}) or a BEIR directory (its qrels/train.tsv);
+    InfoNCE over in-batch and hard negatives; writes a sentence-transformers model to --output."""
+
+    init_from: str
+    """Pretraining --save directory, one checkpoint tag directory, or a Hugging Face BERT/ModernBERT directory."""
+    train: str
+    """JSON-lines pairs or a BEIR directory (--simcse: a text file, one text a line)."""
+    output: str
+    """Directory for the sentence-transformers model, metrics.jsonl and train_report.json."""
+    epochs: int = 1
+    """Passes over the training pairs."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (default: the epochs' worth)."""
+    lr: float | None = None
+    """Peak learning rate (default: the DeepSpeed JSON's, else 5e-5 x 768 / hidden size)."""
+    batch: int | None = None
+    """Micro batch of pairs per process (default: the DeepSpeed JSON's)."""
+    deepspeed_config: str = option(DEFAULT_DS_CONFIG, flag="--deepspeed_config", aliases=("--deepspeed-config",))
+    """DeepSpeed JSON: optimizer, schedule, precision, ZeRO stage, accumulation (the GradCache chunks)."""
+    temperature: float = 0.05
+    """Softmax temperature of the cosine scores (sentence-transformers' scale 20)."""
+    symmetric: bool = False
+    """Add the passage->query loss (each positive against the batch's queries) and average the two."""
+    pooling: Literal["mean", "cls"] = "mean"
+    """Embedding of a text: the mean of its token rows, or its first ([CLS]) token's row."""
+    query_prefix: str = ""
+    """Text put before every query (e.g. "query: "), saved as the sentence-transformers prompt."""
+    passage_prefix: str = ""
+    """Text put before every passage (e.g. "passage: ")."""
+    query_len: int = 64
+    """Longest query in tokens (longer ones are cut)."""
+    passage_len: int = 256
+    """Longest passage in tokens (longer ones are cut)."""
+    negatives: int | None = None
+    """Hard negatives used per pair (default: all the file gives)."""
+    grad_cache: bool = False
+    """One contrastive batch per optimizer step (micro x accumulation x ranks), run in micro-batch chunks."""
+    simcse: bool = False
+    """Unsupervised SimCSE: each text of --train is its own positive under another dropout mask."""
+    dev: str | None = None
+    """BEIR directory evaluated after every epoch (nDCG@10, Recall@100, MRR@10 of its qrels/dev.tsv)."""
+    best: bool = False
+    """Keep the epoch with the best --dev nDCG@10 in --output (default: the last step's model)."""
+    random_init: bool = False
+    """The architecture of --init-from with random weights (the baseline that shows what pretraining buys)."""
+    tokenizer: str | None = None
+    """Tokenizer directory (default: the one in --init-from, else its pretraining dataset's)."""
+    seed: int = 42
+    """Seed of the data order and dropout."""
+    log_every: int = 10
+    """Steps between console lines (every step goes to metrics.jsonl)."""
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise UserError("--temperature must be positive")
+        if min(self.epochs, self.query_len, self.passage_len, self.batch or 1, self.log_every) < 1:
+            raise UserError("--epochs, --query-len, --passage-len, --batch and --log-every must be at least 1")
+        if self.negatives is not None and self.negatives < 0:
+            raise UserError("--negatives must be 0 or more")
+        if self.best and not self.dev:
+            raise UserError("--best keeps the best epoch on a dev set; pass --dev BEIR_DIR")
+
+
+def read_training(cfg: EmbedTrainConfig) -> list[data.Pair]:
+    if not cfg.simcse:
+        pairs = data.training_pairs(cfg.train)
+        return [dataclasses.replace(p, negatives=p.negatives[: cfg.negatives]) for p in pairs]
+    if not Path(cfg.train).is_file():
+        raise UserError(f"--simcse --train {cfg.train} is not a text file")
+    texts = [line.strip() for line in Path(cfg.train).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise UserError(f"{cfg.train} holds no text")
+    return [data.Pair(t, t) for t in texts]
+
+
+class Contrastive:
+    """What a step needs: the engine, the text encoder and the loss settings; `forward` and `loss` of chunks."""
+
+    def __init__(self, cfg: EmbedTrainConfig, engine, texts: TextEncoder):
+        self.cfg, self.engine, self.texts = cfg, engine, texts
+        self.query_kind = "passage" if cfg.simcse else "query"
+
+    def forward(self, pairs: list[data.Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(queries (b, H), passages (b + K*b, H): positives, then negative k of every pair, for k = 0..K-1)."""
+        device = self.engine.device
+        q = self.engine(**{k: v.to(device) for k, v in self.texts([p.query for p in pairs], self.query_kind).items()})
+        texts = [p.positive for p in pairs] + [p.negatives[k] for k in range(len(pairs[0].negatives)) for p in pairs]
+        passages = self.engine(**{k: v.to(device) for k, v in self.texts(texts, "passage").items()})
+        return q, passages
+
+    def loss(self, pairs: list[data.Pair], chunks: list[list[data.Pair]], embeddings: list[tuple]) -> torch.Tensor:
+        """The loss of the whole global batch: this rank's `pairs` (in `chunks`) and every other rank's."""
+        device = embeddings[0][0].device
+        queries = torch.cat([q for q, _ in embeddings])
+        positives = torch.cat([p[: len(c)] for c, (_, p) in zip(chunks, embeddings)])
+        negatives = torch.cat([p[len(c) :] for c, (_, p) in zip(chunks, embeddings)])
+        negative_texts = [n for c in chunks for k in range(len(c[0].negatives)) for n in (p.negatives[k] for p in c)]
+        keys = [loss.text_keys(t).to(device) for t in ([p.query for p in pairs], [p.positive for p in pairs])]
+        negative_keys = loss.text_keys(negative_texts).to(device)
+        gather = dist.all_gather_with_local_grad
+        query_keys, positive_keys = gather(keys[0]), gather(keys[1])
+        passages = torch.cat([gather(positives), gather(negatives)])
+        mask = loss.false_negative_mask(query_keys, torch.cat([positive_keys, gather(negative_keys)]))
+        return loss.info_nce(gather(queries), passages, self.cfg.temperature, self.cfg.symmetric, mask)
+
+    def step(self, pairs: list[data.Pair], micro: int) -> torch.Tensor:
+        """One optimizer step over `pairs` (micro x accumulation of this rank); returns the mean loss."""
+        chunks = [pairs[i : i + micro] for i in range(0, len(pairs), micro)]
+        world = dist.world_size()  # the engine averages gradients over ranks: undo it for the global loss
+        if self.cfg.grad_cache:
+            accum = self.engine.gradient_accumulation_steps()
+
+            def backward(surrogate: torch.Tensor) -> None:
+                self.engine.backward(surrogate * accum)  # the engine divides by the accumulation steps
+                self.norm = pretrain_step(self.engine)
+
+            return loss.grad_cache(self.forward, chunks, lambda e: self.loss(pairs, chunks, e), backward, world)
+        losses = []
+        for chunk in chunks:
+            value = self.loss(chunk, [chunk], [self.forward(chunk)])
+            self.engine.backward(value * world)
+            self.norm = pretrain_step(self.engine)
+            losses.append(value.detach())
+        return torch.stack(losses).mean()
+
+
+def pretrain_step(engine) -> float | None:
+    from pretrain.runtime.engine import step
+
+    return step(engine)
+
+
+def main(cfg: EmbedTrainConfig) -> dict:
+    """Train, write the sentence-transformers model to cfg.output, and return the run's report."""
+    from data_prep.tokenizer import load as load_tokenizer
+    from finetune.run import ds_config, load_pretrained
+    from pretrain.metrics import Metrics
+    from pretrain.runtime.dist import init_distributed
+    from pretrain.runtime.ds_config import resolve_batch
+    from pretrain.runtime.engine import initialize
+
+    cfg.validate()
+    pairs = read_training(cfg)  # bad input stops before the model loads
+    dev = data.read_beir(cfg.dev, "dev") if cfg.dev else None
+    seq_len = max(cfg.query_len, cfg.passage_len)
+    config, state, tok_dir = load_pretrained(SimpleNamespace(init_from=cfg.init_from, seq_len=seq_len,
+                                                             tokenizer=cfg.tokenizer, trust_checkpoint=False,
+                                                             allow_tokenizer_change=False))  # fmt: skip
+    tok = load_tokenizer(tok_dir)
+    if config.model_type == "modernbert":  # it reads no segment ids
+        tok.model_input_names = [n for n in tok.model_input_names if n != "token_type_ids"]
+    if len(tok) > config.vocab_size:
+        raise UserError(f"tokenizer {tok_dir} has {len(tok)} tokens, the model {config.vocab_size}; pass --tokenizer")
+    ds, lr = ds_config(cfg, config.hidden_size)
+    cfg = dataclasses.replace(cfg, lr=lr)
+    init_distributed()
+    _, micro, accum = resolve_batch(ds, dist.world_size())
+    per_step = micro * accum
+    steps_per_epoch = math.ceil(len(pairs) / (per_step * dist.world_size()))
+    total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
+    torch.manual_seed(cfg.seed)
+    model = EmbeddingModel(config, cfg.pooling)
+    if not cfg.random_init:
+        model.load_pretrained(state)
+    engine = initialize(model, ds, total_steps=total)
+    resolved = {"embed": dataclasses.asdict(cfg), "deepspeed": ds, "model": dataclasses.asdict(config)}
+    log.info(json.dumps(resolved, indent=2, default=str))
+    prefixes = Prefixes(cfg.query_prefix, cfg.passage_prefix)
+    run = Contrastive(cfg, engine, TextEncoder(tok, prefixes, cfg.query_len, cfg.passage_len))
+    metrics = Metrics(cfg.output, 0, resolved, tensorboard=False, wandb_project=None)
+    save = partial(save_model, cfg, engine, tok, prefixes)
+    state = {"step": 0, "start": time.monotonic(), "losses": [], "dev": [], "best": None}
+    for epoch in range(cfg.epochs):
+        if state["step"] >= total:
+            break
+        train_epoch(cfg, run, pairs, epoch, (micro, per_step, total), metrics, state)
+        if dev is not None:
+            found = evaluate_dev(engine, dev, TextEncoder(tok, prefixes, cfg.passage_len, cfg.passage_len))
+            metrics.write({"step": state["step"], "split": "eval", **found})
+            state["dev"].append({"epoch": epoch + 1, "step": state["step"], **found})
+            log.info(f"epoch {epoch + 1}: dev nDCG@10 {found['ndcg_at_10']:.4f}")
+            if cfg.best and (state["best"] is None or found["ndcg_at_10"] > state["best"]["ndcg_at_10"]):
+                state["best"] = state["dev"][-1]
+                save(state["step"])
+    metrics.close()
+    if not cfg.best:
+        save(state["step"])
+    report = {"steps": state["step"], "final_loss": state["losses"][-1] if state["losses"] else None,
+              "pairs": len(pairs), "dev": state["dev"], "best": state["best"], "config": resolved}  # fmt: skip
+    if dist.is_rank0():
+        write_json_atomic(Path(cfg.output, "train_report.json"), report)
+        log.info(f"sentence-transformers model in {cfg.output}")
+    return report
+
+
+def train_epoch(cfg: EmbedTrainConfig, run: Contrastive, pairs: list, epoch: int, layout, metrics, state) -> None:
+    """One pass over the pairs (or up to the last step); every step a record in metrics.jsonl."""
+    from finetune.run import epoch_order
+
+    micro, per_step, total = layout
+    world = dist.world_size()
+    order = epoch_order(len(pairs), epoch, cfg.seed, per_step, dist.rank(), world)
+    for i in range(0, len(order), per_step):
+        if state["step"] >= total:
+            return
+        value = float(dist.all_reduce([float(run.step([pairs[j] for j in order[i : i + per_step]], micro))])[0])
+        state["step"] += 1
+        step = state["step"]
+        record = {"step": step, "epoch": epoch + 1, "loss": value / world, "lr": run.engine.get_lr()[0],
+                  "grad_norm": run.norm, "samples": step * per_step * world,
+                  "seconds": time.monotonic() - state["start"]}  # fmt: skip
+        metrics.write(record)
+        state["losses"].append(record["loss"])
+        if step % cfg.log_every == 0 or step == total:
+            log.info(f"step {step}/{total}: loss {record['loss']:.4f}")
+
+
+def evaluate_dev(engine, dev: data.Beir, texts: TextEncoder) -> dict[str, float]:
+    """nDCG@10, Recall@100, MRR@10 of the model now on the dev set (every rank computes it; no gather needed)."""
+    from embed.evaluate import DEPTH, dense_run, measure
+
+    qids, dids = list(dev.queries), list(dev.corpus)
+    queries = encode(engine, [dev.queries[q] for q in qids], texts, "query")
+    corpus = encode(engine, [dev.corpus[d] for d in dids], texts, "passage")
+    return measure(dev.qrels, dense_run(queries, corpus, qids, dids, DEPTH))
+
+
+def save_model(cfg: EmbedTrainConfig, engine, tok, prefixes: Prefixes, step: int) -> None:
+    """The sentence-transformers directory of the model now; every rank calls it (ZeRO-3 gathers)."""
+    from pretrain.runtime.engine import full_state_dict
+
+    weights = full_state_dict(engine)
+    if dist.is_rank0():
+        extra = {"init_from": cfg.init_from, "random_init": cfg.random_init, "steps": step}
+        save_sentence_transformers(engine.module, weights, cfg.output, tok, prefixes, cfg.passage_len, extra)

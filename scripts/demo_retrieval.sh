@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Retrieval from our own checkpoint, end to end, with no download:
+#   1 a retrieval task from local documentation (a docstring's summary line -> the rest of its documentation,
+#     train/test split by module)  2 a pretrained model: the main demo's (runs/demo/hf) when it exists, else a
+#     tiny BERT pretrained here briefly  3 contrastive training from it and from random weights  4 retrieval on
+#     the held-out modules, next to BM25.
+# Everything goes under one directory: runs/demo_retrieval, or the first argument.
+# Knobs (environment): DEMO_DIR (the main demo's directory, default runs/demo), RETRIEVAL_PRETRAIN_MINUTES
+# (pretraining budget when there is no demo model, default 10), RETRIEVAL_EPOCHS (contrastive epochs, default 3),
+# RETRIEVAL_STEPS (a cap on the contrastive steps), RETRIEVAL_BATCH (pairs per batch, default 32), RETRIEVAL_LR
+# (default 1e-3, as the main demo fine-tunes its tiny model).
+# The two contrastive runs go side by side, one process (and on a CPU one thread) each.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+out=${1:-runs/demo_retrieval}
+demo=${DEMO_DIR:-runs/demo}
+minutes=${RETRIEVAL_PRETRAIN_MINUTES:-10}
+epochs=${RETRIEVAL_EPOCHS:-3}
+batch=${RETRIEVAL_BATCH:-32}
+steps=${RETRIEVAL_STEPS:+--max-steps $RETRIEVAL_STEPS}
+start=$SECONDS
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+bash scripts/setup.sh --embed  # sentence-transformers, bm25s, ir-measures too
+venv=${VENV:-${VIRTUAL_ENV:-$root/.venv}}  # where setup.sh installed
+export PATH="$venv/bin:$PATH" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+python -c "import torch, sys; sys.exit(torch.cuda.device_count() == 0)" || export DS_ACCELERATOR=cpu OMP_NUM_THREADS=1
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+say "[1/4] retrieval task from the installed documentation"
+[ -s "$out/task/test/qrels/test.tsv" ] || python -m embed.cli task --output "$out/task"
+
+say "[2/4] pretrained model"
+if [ -f "$demo/hf/config.json" ]; then
+  init=$(cd "$demo/hf" && pwd)
+  echo "the main demo's model: $init"
+else
+  init="$out/pretrain/hf"
+  if [ ! -f "$init/config.json" ]; then
+    echo "no $demo/hf: pretraining a tiny BERT for $minutes minutes (scripts/demo.sh makes a longer-trained one)"
+    pre="$out/pretrain"
+    mkdir -p "$pre"
+    bert-prep corpus --output "$pre/corpus.txt" --max-mb 4
+    bert-prep vocab --input "$pre/corpus.txt" --vocab-size 8192 --output "$pre/tokenizer"
+    bert-prep build --input "$pre/corpus.txt" --tokenizer "$pre/tokenizer" --output "$pre/data/corpus" --workers 2 \
+      --overwrite
+    python - "$pre/data/corpus.json" "$pre/model.json" <<'EOF'
+import json, sys
+from pretrain.models import load_config
+ids = json.load(open(sys.argv[1]))["tokenizer"]
+load_config("tiny", [f"vocab_size={ids['vocab_size']}", f"pad_token_id={ids['special_tokens']['pad']}"]).to_json(sys.argv[2])
+EOF
+    rm -rf "$pre/run"
+    python -m pretrain.train --deepspeed_config ds_configs/demo.json --model "$pre/model.json" \
+      --data "$pre/data/corpus" --seq-len 128 --train-steps 20000 --save-every 500 --keep-last 1 \
+      --time-budget "$(python -c "print($minutes / 60)")" --save "$pre/run"
+    bert-export "$pre/run" "$init"
+  fi
+fi
+
+say "[3/4] contrastive training ($epochs epochs, batch $batch): from the pretrained model and from random weights"
+train=(python -m embed.cli train --train "$out/task/train/pairs.jsonl" --init-from "$init" --epochs "$epochs"
+  --batch "$batch" --lr "${RETRIEVAL_LR:-1e-3}" --query-len 48 --passage-len 128 --symmetric --log-every 50 $steps)
+echo "+ ${train[*]} --output $out/{pretrained,random} [--random-init]   (logs: $out/{pretrained,random}.log)"
+run() { # name [flags]: one training run, its log shown if it fails
+  if ! "${train[@]}" --output "$out/$1" "${@:2}" >"$out/$1.log" 2>&1; then
+    tail -n 30 "$out/$1.log" >&2
+    echo "error: contrastive training ($1) failed; its log: $out/$1.log" >&2
+    return 1
+  fi
+}
+run pretrained &
+pretrained_pid=$!
+run random --random-init &
+random_pid=$!
+failed=0
+wait "$pretrained_pid" || failed=1
+wait "$random_pid" || failed=1
+[ "$failed" = 0 ] || exit 1
+grep -h "step .*: loss" "$out/pretrained.log" | tail -n 1 | sed 's/^/pretrained: /'
+grep -h "step .*: loss" "$out/random.log" | tail -n 1 | sed 's/^/random:     /'
+
+say "[4/4] retrieval on the held-out modules: nDCG@10, Recall@100, MRR@10 next to BM25"
+for init_kind in pretrained random; do
+  python -m embed.cli eval --model "$out/$init_kind" --data "$out/task/test" --output "$out/$init_kind/report.json"
+done
+python - "$out" <<'EOF'
+import json, sys
+reports = {k: json.load(open(f"{sys.argv[1]}/{k}/report.json")) for k in ("pretrained", "random")}
+keys = ("ndcg_at_10", "recall_at_100", "mrr_at_10")
+print(f"{'':<28} {'nDCG@10':>8} {'R@100':>8} {'MRR@10':>8}")
+rows = [("BM25", reports["pretrained"], "bm25_"), ("contrastive from pretrained", reports["pretrained"], ""),
+        ("contrastive from random", reports["random"], "")]
+for name, r, prefix in rows:
+    print(f"{name:<28} " + " ".join(f"{r[prefix + k]:>8.4f}" for k in keys))
+r = reports["pretrained"]
+print(f"{r['queries']} test queries, {r['corpus']} passages (modules unseen in training)")
+EOF
+say "done in $(((SECONDS - start) / 60)) min $(((SECONDS - start) % 60)) s; everything is under $out"
