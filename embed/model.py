@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pretrain.kernels import FastPathsMixin
 from pretrain.models import build_encoder
+from pretrain.models.kernels import FastPathsMixin
 
 ENCODER_CLASSES = {"bert": "BertModel", "modernbert": "ModernBertModel"}
 
@@ -163,7 +163,8 @@ def load_embedding_model(path: str) -> tuple[EmbeddingModel, object, Prefixes, d
     """(model, tokenizer, prefixes, embed_config) of a directory `save_sentence_transformers` wrote."""
     from common.errors import UserError
     from data_prep.tokenizer import load as load_tokenizer
-    from pretrain.models import config_from_json, read_hf_weights
+    from pretrain.models import config_from_json
+    from pretrain.models.base import read_hf_weights
 
     config_path = os.path.join(path, "embed_config.json")
     if not os.path.isfile(config_path):

@@ -20,9 +20,7 @@ logit per token (extractive QA).
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,77 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from finetune.data import IGNORE
-from pretrain.kernels import FastPathsMixin
-from pretrain.models import build_encoder, trunc_normal_
-from pretrain.modernbert import PredictionHead
-from pretrain.modernbert import init_weights as modernbert_init
+from pretrain.models import build_encoder, families, task_heads
+from pretrain.models.kernels import FastPathsMixin
 
-
-def _bert_init(layer: nn.Linear, config) -> None:
-    """transformers' BERT init of a classifier (normal, initializer_range; ours truncated at 2 std)."""
-    trunc_normal_(layer.weight, config.initializer_range, 2.0)
-    nn.init.zeros_(layer.bias)
-
-
-def _modernbert_init(layer: nn.Linear, config) -> None:
-    """transformers' ModernBERT init of a classifier: truncated normal with std hidden_size^-0.5."""
-    trunc_normal_(layer.weight, 1 / math.sqrt(config.hidden_size), config.initializer_cutoff_factor)
-    nn.init.zeros_(layer.bias)
-
-
-def _modernbert_head(config) -> nn.Module:
-    head = PredictionHead(config)
-    modernbert_init(head, config, prefix="head.")  # dense: the output std, as transformers' init
-    return head
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where one family's transformers task classes differ (BERT's are the reference)."""
-
-    classes: dict[str, str]
-    """Head kind -> the transformers class of the saved directory."""
-    span_layer: str
-    """Name of the span head's linear layer (the others' is `classifier`)."""
-    token_types: bool
-    """The encoder reads token_type_ids (BERT's segments A and B)."""
-    dropout: str
-    """The config field holding the dropout before the classifier."""
-    span_dropout: bool
-    """That dropout also comes before the span layer."""
-    init: Callable[[nn.Linear, object], None]
-    """Initialization of a new classifier."""
-    head: Callable[[object], nn.Module] | None = None
-    """The module between the encoder and the dropout, registered as `head` (ModernBERT's PredictionHead)."""
-
-
-FAMILIES = {
-    "bert": Family(
-        {
-            "sequence": "BertForSequenceClassification",
-            "token": "BertForTokenClassification",
-            "span": "BertForQuestionAnswering",
-        },
-        span_layer="qa_outputs",
-        token_types=True,
-        dropout="hidden_dropout",
-        span_dropout=False,
-        init=_bert_init,
-    ),
-    "modernbert": Family(
-        {
-            "sequence": "ModernBertForSequenceClassification",
-            "token": "ModernBertForTokenClassification",
-            "span": "ModernBertForQuestionAnswering",
-        },
-        span_layer="classifier",
-        token_types=False,
-        dropout="classifier_dropout",
-        span_dropout=True,
-        init=_modernbert_init,
-        head=_modernbert_head,
-    ),
-}
+FAMILIES = {model_type: task_heads(model_type) for model_type in families()}
+"""model_type -> where its transformers task classes differ (each family module's TASK_HEADS, via the registry)."""
 
 
 @dataclass

@@ -42,21 +42,14 @@ from tqdm import tqdm
 from common.errors import UserError
 from common.flags import accept_launcher_arguments, add_arguments, option
 from common.log import get_logger
-from pretrain.kernels import FastPaths, Packing
-from pretrain.models import ModelFlags, build_pretraining_model, flops_per_sequence
+from pretrain.models import ModelFlags, build_pretraining_model
 from pretrain.recipe import FAMILY_RECIPES, add_recipe_arguments, parse_with_recipe
 from pretrain.runtime import dist
 from pretrain.runtime.ds_config import load_ds_config, resolve_batch
+from pretrain.runtime.throughput import batch_flops, device_peak
 
 log = get_logger(__name__)
 
-# Dense peak TFLOP/s of the tensor cores (no sparsity) by device name fragment and precision.
-PEAK_TFLOPS = {
-    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
-    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
-}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CLS_ID, SEP_ID, MASK_ID = 101, 102, 103
 CHUNK = 1  # timed steps per turn: the models alternate step by step
@@ -123,16 +116,6 @@ def hf_inputs(batch: dict, family: str = "bert") -> dict:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
     keys = ("input_ids", "token_type_ids", "attention_mask")
     return {**{k: batch[k] for k in keys}, "labels": labels, "next_sentence_label": batch["nsp_labels"]}
-
-
-def batch_flops(config, batch: dict) -> float:
-    """Useful training FLOPs of a batch: the formula on each sequence's real length and masked count, where a
-    sequence is a row, or with `document_ids` each document packed into a row (attention stays inside it)."""
-    pack = Packing.build(batch["attention_mask"], batch.get("document_ids"), FastPaths())
-    masked = batch["masked_positions"]
-    owner = masked // pack.seq_len if pack.sequence_of is None else pack.sequence_of.flatten()[masked]
-    per_sequence = torch.bincount(owner, minlength=len(pack.lengths)).tolist()
-    return sum(flops_per_sequence(config, s, p) for s, p in zip(pack.lengths, per_sequence))
 
 
 class Runner:
@@ -249,14 +232,6 @@ def summarize(r: Runner, config, batches: list[dict], peak_tflops: float | None)
         "mfu": tflops / peak_tflops if peak_tflops else None,
         "peak_mem_bytes": r.peak_mem if r.device.type == "cuda" else None,
     }
-
-
-def device_peak(device: torch.device, precision: str, override: float | None) -> float | None:
-    """Peak TFLOP/s for MFU: --peak-tflops, else the table entry for this GPU, else None (CPU)."""
-    if override is not None or device.type != "cuda":
-        return override
-    name = torch.cuda.get_device_name(device)
-    return next((peaks[precision] for key, peaks in PEAK_TFLOPS.items() if key in name), None)
 
 
 def ours_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:

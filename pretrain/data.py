@@ -24,7 +24,7 @@ split, each framed as `[CLS] doc [SEP]`, follow one another in a seeded order as
 `--concat_tokens` wrapping, so no token is dropped or padded; ModernBERT's own packer instead bins whole,
 truncated documents per micro-batch and pads the rest). Unlike MosaicBERT, attention stays inside each document:
 samples carry `document_ids` (0, 1, 2, ... per document piece of the row), from which the model builds one
-varlen sequence per piece (`pretrain.kernels.Packing`), with positions restarting at each.
+varlen sequence per piece (`pretrain.models.attention.Packing`), with positions restarting at each.
 
 Design choices that differ from the textbook:
 - Chunk boundaries are fixed once per (dataset, split) in a compact sample map, an array of

@@ -27,7 +27,8 @@ import torch
 from common.errors import UserError, run_cli
 from common.log import get_logger
 from pretrain import identity
-from pretrain.models import PreTrainingModel, pretraining_from_state
+from pretrain.models import pretraining_from_state
+from pretrain.models.base import PreTrainingModel
 
 log = get_logger(__name__)
 

@@ -479,9 +479,9 @@ class _Run:
         gradient norm. None when a signal arrived before the last micro-batch: every rank then leaves the step
         unfinished at the same micro-batch, with the RNG states of the step's start, so that the checkpoint of
         the last completed step resumes exactly (samples are a function of their index)."""
-        from pretrain.bench import batch_flops
         from pretrain.runtime import checkpoint
         from pretrain.runtime import engine as eng
+        from pretrain.runtime.throughput import batch_flops
 
         engine, step = self.engine, _Step()
         rng = checkpoint.rng_state() if self.grad_accum > 1 else None
@@ -678,8 +678,8 @@ def dropout_seed(seed: int, first_sample: int) -> int:
 
 
 def _peak_tflops(dtype: torch.dtype) -> float | None:
-    """This GPU's dense peak TFLOP/s in `dtype` (bert-bench's table), for MFU; None on CPU or an unknown GPU."""
-    from pretrain.bench import device_peak
+    """This GPU's dense peak TFLOP/s in `dtype` (pretrain.runtime.throughput), for MFU; None on CPU or unknown."""
+    from pretrain.runtime.throughput import device_peak
 
     return device_peak(dist.device(), {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), None)
 

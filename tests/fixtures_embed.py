@@ -60,7 +60,7 @@ def no_dropout_checkpoint(directory: Path, tokenizer: Path, seed: int = 0) -> Pa
     """A tiny BERT HF directory without dropout (so runs that split a batch differently compute the same thing)."""
     import torch
 
-    from pretrain.model import BertConfig, BertForPreTraining
+    from pretrain.models.bert import BertConfig, BertForPreTraining
 
     vocab = (tokenizer / "vocab.txt").read_text()
     torch.manual_seed(seed)

@@ -118,7 +118,7 @@ def tiny_checkpoint(directory: Path, tokenizer: Path, seed: int = 0) -> Path:
     """A tiny-preset BertForPreTraining with random weights, saved as an HF directory with the tokenizer."""
     import torch
 
-    from pretrain.model import BertConfig, BertForPreTraining
+    from pretrain.models.bert import BertConfig, BertForPreTraining
 
     vocab = (tokenizer / "vocab.txt").read_text()
     torch.manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 
 from embed import loss
 from embed.model import EmbeddingModel
-from pretrain.model import BertConfig
+from pretrain.models.bert import BertConfig
 
 st_losses = pytest.importorskip("sentence_transformers.sentence_transformer.losses")
 

@@ -12,7 +12,7 @@ from fixtures_train import ROOT, make_setup, run_env, train_args
 
 from common.errors import run_cli
 from pretrain import export
-from pretrain.model import BertForPreTraining
+from pretrain.models.bert import BertForPreTraining
 from pretrain.runtime.checkpoint import load_weights
 
 ATOL = 1e-5

@@ -25,7 +25,7 @@ from finetune import data, metrics
 from finetune.config import FinetuneConfig
 from finetune.model import TaskModel, save_hf
 from finetune.run import cli, main
-from pretrain.model import BertConfig
+from pretrain.models.bert import BertConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 HEAD = {"classify": "sequence", "tag": "token"}
@@ -135,7 +135,7 @@ def test_saved_directory_matches_transformers_logits(tmp_path, task_name):
 
 
 def test_encoder_weights_come_from_the_checkpoint(task):
-    from pretrain.model import BertForPreTraining
+    from pretrain.models.bert import BertForPreTraining
 
     pretrained = BertForPreTraining.from_hf_pretrained(str(task["ckpt"]))
     model = TaskModel(pretrained.config, "sequence", ["a", "b"])

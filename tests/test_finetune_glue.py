@@ -18,7 +18,7 @@ from finetune.model import TaskModel, save_hf
 from finetune.run import cli, ds_config, main
 from finetune.suite import SuiteConfig, format_table
 from finetune.suite import main as suite_main
-from pretrain.model import BertConfig
+from pretrain.models.bert import BertConfig
 
 pd = pytest.importorskip("pandas")
 sklearn_metrics = pytest.importorskip("sklearn.metrics")

@@ -35,7 +35,7 @@ from finetune.config import FinetuneConfig
 from finetune.model import TaskModel, save_hf
 from finetune.run import default_lr, main
 from pretrain.models import config_from_json
-from pretrain.modernbert import ModernBertConfig
+from pretrain.models.modernbert import ModernBertConfig
 from pretrain.runtime import engine
 
 ROOT_DS = "ds_configs/finetune_cpu.json"

@@ -14,7 +14,7 @@ from finetune import metrics, qa
 from finetune.config import FinetuneConfig
 from finetune.model import TaskModel, save_hf
 from finetune.run import main
-from pretrain.model import BertConfig
+from pretrain.models.bert import BertConfig
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ import pytest
 import torch
 from fixtures_train import ROOT, ds_config_json, finish, interrupt_when, losses, make_dataset
 
-from pretrain import kernels
-from pretrain.model import BertConfig, BertForPreTraining
+from pretrain.models import kernels
+from pretrain.models.bert import BertConfig, BertForPreTraining
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

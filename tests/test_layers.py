@@ -31,18 +31,9 @@ OVER_SIZE = {
     "pretrain.bench",
     "pretrain.runtime.checkpoint",
     "pretrain.data",
-    "pretrain.kernels",
     "pretrain.launcher",
     "pretrain.train",
 }
-CIRCLES = [
-    ["pretrain.model", "pretrain.models", "pretrain.modernbert"],
-]
-UPWARD = [
-    "pretrain.models (layer 2) imports pretrain.kernels (layer 4)",
-    "pretrain.models (layer 2) imports pretrain.model (layer 4)",
-    "pretrain.models (layer 2) imports pretrain.modernbert (layer 4)",
-]
 
 # (prefix, layer): the longest matching prefix wins
 LAYERS = (
@@ -163,7 +154,7 @@ def test_the_walk_sees_every_kind_of_import(tmp_path):
 
 
 def test_no_import_circle():
-    assert circles(import_graph()) == CIRCLES
+    assert circles(import_graph()) == []
 
 
 def test_no_import_from_a_higher_layer():
@@ -173,7 +164,7 @@ def test_no_import_from_a_higher_layer():
         for i in targets
         if layer(i) > layer(m)
     )
-    assert upward == UPWARD
+    assert upward == []
 
 
 @pytest.mark.parametrize("module", sorted(project_modules()))

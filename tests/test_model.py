@@ -1,4 +1,4 @@
-"""pretrain.model against the real reference, transformers.BertForPreTraining (fp32, CPU, random weights)."""
+"""pretrain.models.bert against the real reference, transformers.BertForPreTraining (fp32, CPU, random weights)."""
 
 import dataclasses
 import json
@@ -10,7 +10,8 @@ from tokenizers import BertWordPieceTokenizer
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.errors import UserError
-from pretrain.model import BertConfig, BertForPreTraining, BertModel, flops_per_sequence, load_config
+from pretrain.models import flops_per_sequence, load_config
+from pretrain.models.bert import BertConfig, BertForPreTraining, BertModel
 
 CONFIGS = {
     "two_layers": BertConfig(vocab_size=211, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),

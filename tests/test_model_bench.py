@@ -8,7 +8,9 @@ from fixtures_data import make_corpus
 
 from common.errors import run_cli
 from pretrain import bench
-from pretrain.model import BertConfig, flops_per_sequence
+from pretrain.models import flops_per_sequence
+from pretrain.models.bert import BertConfig
+from pretrain.runtime import throughput
 
 
 def test_synthetic_batch_layout_and_masking():
@@ -45,7 +47,7 @@ def test_batch_flops_sums_the_formula_per_sequence():
     expected = sum(
         72 * L * s * h * h + 12 * L * s * s * h + 6 * p * h * (h + V) - (s - p) * last for s, p in zip(lengths, masked)
     )
-    assert bench.batch_flops(config, b) == expected == sum(map(flops_per_sequence, [config] * 3, lengths, masked))
+    assert throughput.batch_flops(config, b) == expected == sum(map(flops_per_sequence, [config] * 3, lengths, masked))
 
 
 def test_bench_end_to_end_with_hf_json(tmp_path, capsys):
@@ -86,7 +88,7 @@ def test_bench_on_real_data(tmp_path):
 
 def test_bench_modernbert_beside_transformers(tmp_path, capsys):
     """--model of the ModernBERT family times transformers.ModernBertForMaskedLM beside ours, same weights."""
-    from pretrain.modernbert import ModernBertConfig
+    from pretrain.models.modernbert import ModernBertConfig
 
     out, model = tmp_path / "bench.json", tmp_path / "model.json"
     shape = dict(num_hidden_layers=3, hidden_size=64, num_attention_heads=2, intermediate_size=96, local_attention=8)

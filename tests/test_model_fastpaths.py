@@ -11,9 +11,10 @@ import warnings
 import pytest
 import torch
 
-from pretrain import kernels, models
-from pretrain.model import BertConfig, BertForPreTraining
-from pretrain.modernbert import ModernBertConfig
+from pretrain import models
+from pretrain.models import attention, fused, kernels
+from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.models.modernbert import ModernBertConfig
 
 BASE = BertConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
 MODERN_SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
@@ -83,8 +84,8 @@ def test_embedding_grad_as_rows_into_the_decoders_gradient_only_beside_the_mlm_l
     model = models.build_pretraining_model(config)
     embedding, decoder = model.get_submodule(model.EMBEDDING), model.get_submodule(model.DECODER)
     products = []
-    add = kernels.TiedGrad.add
-    monkeypatch.setattr(kernels.TiedGrad, "add", lambda self, g: (products.append(g.data_ptr()), add(self, g)))
+    add = fused.TiedGrad.add
+    monkeypatch.setattr(fused.TiedGrad, "add", lambda self, g: (products.append(g.data_ptr()), add(self, g)))
     b = batch()
     rows_path = {300: True, **({512: False, 2: False} if family == "bert" else {})}  # word embedding: rows
     loss = model(**b).loss
@@ -190,7 +191,7 @@ def onednn_calls(fn) -> int:
 @pytest.mark.parametrize("layout", ["contiguous", "column slice", "3-D", "no rows"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_onednn_linear_against_float64(layout, with_bias):
-    """kernels.linear through oneDNN: output and the three gradients within float32 rounding of a float64
+    """fused.linear through oneDNN: output and the three gradients within float32 rounding of a float64
     recomputation, for any strides of the input, and all three products in oneDNN (the private op it relies on
     changing in a torch upgrade fails here, not silently)."""
     gen = torch.Generator().manual_seed(0)
@@ -207,7 +208,7 @@ def test_onednn_linear_against_float64(layout, with_bias):
 
     def run(gemm, dtype):
         args = [t.detach().to(dtype).requires_grad_() for t in leaves]
-        y = kernels.linear(args[0], args[1], args[2] if with_bias else None, gemm)
+        y = fused.linear(args[0], args[1], args[2] if with_bias else None, gemm)
         (y * r.to(dtype)).sum().backward()
         return [y, *(a.grad for a in args)]
 
@@ -257,7 +258,7 @@ def test_unpad_without_padding_and_with_dropout_in_training():
 
 def test_packing_round_trip():
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
-    pack = kernels.Packing.build(mask, None, kernels.FastPaths(unpad=True))
+    pack = attention.Packing.build(mask, None, kernels.FastPaths(unpad=True))
     assert pack.indices.tolist() == [0, 1, 2, 4, 8, 9, 10, 11] and pack.positions.tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
     assert pack.cu_seqlens.tolist() == [0, 3, 4, 8] and pack.max_len == 4
     assert pack.first_rows().tolist() == [0, 3, 4]
@@ -337,34 +338,35 @@ def test_cpu_banded_window_matches_the_masked_window_and_skips_the_keys_outside_
     context and grads as the masked full square (float64), with every score it computes inside the band."""
     S, window, lengths = 700, 40, torch.tensor([700, 300, 90, 60])
     mask = (torch.arange(S) < lengths[:, None]).long()
-    packed = kernels.Packing.build(mask, None, kernels.FastPaths(unpad=True, attention="grouped"))
-    padded = kernels.Packing.build(mask, None, kernels.FastPaths(unpad=False, attention="padded", sdpa=False))
+    packed = attention.Packing.build(mask, None, kernels.FastPaths(unpad=True, attention="grouped"))
+    padded = attention.Packing.build(mask, None, kernels.FastPaths(unpad=False, attention="padded", sdpa=False))
     scores = []
-    core = kernels._core
-    monkeypatch.setattr(kernels, "_core", lambda q, k, *a: (scores.append((q.shape[2], k.shape[2])), core(q, k, *a))[1])
+    core = attention._core
+    count = lambda q, k, *a: (scores.append((q.shape[2], k.shape[2])), core(q, k, *a))[1]  # noqa: E731
+    monkeypatch.setattr(attention, "_core", count)
     qkv = torch.randn(int(lengths.sum()), 3 * 32, dtype=torch.float64, requires_grad=True)
-    banded = kernels.attention(qkv, packed, 4, 0.0, window)
+    banded = attention.attention(qkv, packed, 4, 0.0, window)
     (g1,) = torch.autograd.grad((banded * banded).sum(), qkv)
-    block = kernels.WINDOW_BLOCK
+    block = attention.WINDOW_BLOCK
     assert scores[:6] == [(block, block + window)] + [(block, block + 2 * window)] * 4 + [(60, 60 + window)]
     assert scores[6:] == [(300, 300), (90, 90)]  # up to 3 blocks long: the masked square (90 and 60 share one)
-    full = kernels.attention(packed.pad(qkv), padded, 4, 0.0, window)[packed.indices]
+    full = attention.attention(packed.pad(qkv), padded, 4, 0.0, window)[packed.indices]
     (g2,) = torch.autograd.grad((full * full).sum(), qkv)
     torch.testing.assert_close(banded, full)
     torch.testing.assert_close(g1, g2)
 
 
 def test_cpu_varlen_groups_match_padded_attention():
-    """Long sequences alone, short ones grouped (see kernels.SCORE_BUDGET): same context and grads as padded SDPA."""
+    """Long sequences alone, short ones grouped (see attention.SCORE_BUDGET): same context and grads as padded SDPA."""
     S, lengths = 400, torch.tensor([400, 380, 30, 20, 10])
-    assert list(kernels._groups(lengths.tolist())) == [(0, 1), (1, 2), (2, 5)]
+    assert list(attention._groups(lengths.tolist())) == [(0, 1), (1, 2), (2, 5)]
     mask = (torch.arange(S) < lengths[:, None]).long()
-    packed = kernels.Packing.build(mask, None, kernels.FastPaths(unpad=True, attention="grouped"))
-    padded = kernels.Packing.build(mask, None, kernels.FastPaths(unpad=False, attention="padded", sdpa=False))
+    packed = attention.Packing.build(mask, None, kernels.FastPaths(unpad=True, attention="grouped"))
+    padded = attention.Packing.build(mask, None, kernels.FastPaths(unpad=False, attention="padded", sdpa=False))
     qkv = torch.randn(int(lengths.sum()), 3 * 32, dtype=torch.float64, requires_grad=True)
-    grouped = kernels.attention(qkv, packed, 4, 0.0)
+    grouped = attention.attention(qkv, packed, 4, 0.0)
     (g1,) = torch.autograd.grad((grouped * grouped).sum(), qkv)
-    full = kernels.attention(packed.pad(qkv), padded, 4, 0.0)[packed.indices]
+    full = attention.attention(packed.pad(qkv), padded, 4, 0.0)[packed.indices]
     (g2,) = torch.autograd.grad((full * full).sum(), qkv)
     torch.testing.assert_close(grouped, full)
     torch.testing.assert_close(g1, g2)

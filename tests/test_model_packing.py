@@ -1,4 +1,4 @@
-"""Documents packed into one row (`document_ids`, kernels.Packing) give, in both families, exactly the numbers of
+"""Documents packed into one row (`document_ids`, attention.Packing) give, in both families, exactly the numbers of
 the same documents one per row: attention stays inside each document (and its window), positions restart."""
 
 import dataclasses
@@ -6,9 +6,10 @@ import dataclasses
 import pytest
 import torch
 
-from pretrain import kernels, models
-from pretrain.model import BertConfig
-from pretrain.modernbert import ModernBertConfig
+from pretrain import models
+from pretrain.models import attention, kernels
+from pretrain.models.bert import BertConfig
+from pretrain.models.modernbert import ModernBertConfig
 
 DOCS = [5, 7, 3, 9, 4, 6]  # document lengths
 ROWS = [[0, 1, 2], [3, 4, 5]]  # documents per packed row
@@ -81,7 +82,7 @@ def test_packed_documents_equal_one_document_per_row(family, path):
 def test_packing_of_documents():
     mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
     docs = torch.tensor([[0, 0, 1, 1, 1, 1], [4, 4, 4, 7, 7, 9]])
-    pack = kernels.Packing.build(mask, docs, kernels.FastPaths(unpad=True))
+    pack = attention.Packing.build(mask, docs, kernels.FastPaths(unpad=True))
     assert pack.lengths == [2, 3, 3, 2, 1] and pack.cu_seqlens.tolist() == [0, 2, 5, 8, 10, 11]
     assert pack.positions.tolist() == [0, 1, 0, 1, 2, 0, 1, 2, 0, 1, 0] and pack.max_len == 3
     assert pack.indices.tolist() == [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 11] and not pack.uniform
@@ -92,5 +93,5 @@ def test_packing_of_documents():
             rule = bool(real[b, j]) and seq[b, i] == seq[b, j] and abs(i - j) <= 1
             assert bool(allowed[b, i, j]) == rule, (b, i, j)
     assert allowed[0, 5].tolist() == real[0].tolist()  # the padded query sees every real key: no NaN row
-    one_each = kernels.Packing.build(mask, torch.zeros_like(mask), kernels.FastPaths(unpad=True))
+    one_each = attention.Packing.build(mask, torch.zeros_like(mask), kernels.FastPaths(unpad=True))
     assert one_each.sequence_of is None and one_each.lengths == [5, 6]  # one document per row: rows again

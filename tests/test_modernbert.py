@@ -1,4 +1,4 @@
-"""pretrain.modernbert against the real reference, transformers.ModernBertForMaskedLM (eager and sdpa attention).
+"""pretrain.models.modernbert against the real reference, transformers.ModernBertForMaskedLM (eager and sdpa attention).
 
 Random weights in every parameter, configs with both local and global layers, a local window shorter than the
 sequence and padding in the batch. float64, so that a 1e-5 relative bound on logits and every gradient is far
@@ -17,7 +17,7 @@ from tokenizers import BertWordPieceTokenizer
 
 from common.errors import UserError
 from pretrain import models
-from pretrain.modernbert import ModernBertConfig, ModernBertForMaskedLM
+from pretrain.models.modernbert import ModernBertConfig, ModernBertForMaskedLM
 
 CONFIGS = {
     "four_layers": ModernBertConfig(

@@ -8,9 +8,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.errors import UserError
-from pretrain import kernels, models
-from pretrain.model import BertConfig, BertForPreTraining
-from pretrain.modernbert import ModernBertConfig, ModernBertForMaskedLM
+from pretrain import models
+from pretrain.models import attention, kernels
+from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.models.modernbert import ModernBertConfig, ModernBertForMaskedLM
 
 BASE = ModernBertConfig(
     vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -156,9 +157,9 @@ def test_flops_formula_matches_counted_matmuls():
             model(ids, masked_positions=torch.arange(1, 1 + P), mlm_labels=ids[0, 1 : 1 + P]).loss.backward()
         assert models.flops_per_sequence(config, s, P) == documented == counter.get_total_flops()
     for s, radius in [(30, 4), (7, 4), (200, 64)]:
-        mask = kernels._mask(torch.ones(1, s, dtype=torch.bool), None, radius)
+        mask = attention._mask(torch.ones(1, s, dtype=torch.bool), None, radius)
         local = dataclasses.replace(config, local_attention=2 * radius, global_attn_every_n_layers=L)
         local = dataclasses.replace(local, sparse_last_layer=False)
         G = 1  # layer 0 only
-        attention = 12 * h * (G * s * s + (L - G) * int(mask.sum()))
-        assert local.training_flops(s, 0) == 24 * L * s * h * h + 18 * L * s * h * i + attention
+        scores = 12 * h * (G * s * s + (L - G) * int(mask.sum()))
+        assert local.training_flops(s, 0) == 24 * L * s * h * h + 18 * L * s * h * i + scores

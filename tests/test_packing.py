@@ -13,10 +13,10 @@ from fixtures_data import SPECIALS, Corpus, make_corpus
 
 from common.errors import UserError
 from pretrain import models
-from pretrain.bench import batch_flops
 from pretrain.data import DataConfig, PretrainingData
-from pretrain.model import BertConfig
-from pretrain.modernbert import ModernBertConfig
+from pretrain.models.bert import BertConfig
+from pretrain.models.modernbert import ModernBertConfig
+from pretrain.runtime.throughput import batch_flops
 
 CLS, SEP, PAD = SPECIALS["cls"], SPECIALS["sep"], SPECIALS["pad"]
 SEQ = 48

@@ -11,7 +11,7 @@ from fixtures_train import ds_config_json, make_setup, tiny_model_json
 
 from common.errors import UserError
 from pretrain.data import DataConfig
-from pretrain.model import BertForPreTraining
+from pretrain.models.bert import BertForPreTraining
 from pretrain.runtime import checkpoint
 from pretrain.train import TrainConfig, cli, evaluate, main
 
@@ -87,7 +87,7 @@ def test_evaluate_matches_an_independent_count_with_hugging_face(trained, setup)
     from transformers import BertForPreTraining as HFBert
 
     from pretrain.data import PretrainingData, eval_batches
-    from pretrain.model import BertForPreTraining
+    from pretrain.models.bert import BertForPreTraining
 
     save, _ = trained
     cfg, weights = checkpoint.load_weights(save)
@@ -115,7 +115,7 @@ def test_evaluate_matches_an_independent_count_with_hugging_face(trained, setup)
 
 
 def test_load_weights_from_save_dir_tag_and_hf_dir_agree(trained, tmp_path):
-    from pretrain.model import BertForPreTraining
+    from pretrain.models.bert import BertForPreTraining
 
     save, _ = trained
     cfg, from_dir = checkpoint.load_weights(save)
@@ -297,7 +297,7 @@ def test_time_budget_stops_with_a_checkpoint(setup, tmp_path):
 
 
 def test_nonfinite_losses_stop_and_leave_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
-    from pretrain.model import BertForPreTraining
+    from pretrain.models.bert import BertForPreTraining
 
     forward = BertForPreTraining.forward
     calls = {"n": 0}

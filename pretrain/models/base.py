@@ -1,14 +1,9 @@
-"""The model families (BERT in pretrain/model.py, ModernBERT in pretrain/modernbert.py) and what they share.
-
-Callers that must not care which family they hold (training loop, evaluation, checkpoints, export, bench) go
-through these functions: `load_config` (`--model`/`--model-set`), `config_from_dict` (a checkpoint's saved
-config, the inverse of `dataclasses.asdict`), `build_pretraining_model`, `build_encoder`, `from_hf_pretrained`,
-`pretraining_from_state`, `flops_per_sequence` and `shape_mismatch`. A config's `model_type` field names its
-family, as in transformers' config.json.
+"""What the model families share: `ModelConfig` (JSON in and out), `Encoder` (forward = encode, pad, pool),
+`PreTrainingModel` (MLM logits, losses, transformers directories by parameter name), `PreTrainingOutput`,
+`TaskHeads` (a family's fine-tuning classes), init and weight-reading helpers.
 
 Both families' pretraining models subclass `PreTrainingModel`: forward takes the batch dict of docs/DESIGN.md
-and returns a `PreTrainingOutput`; weights move to and from transformers directories by parameter name. The
-family modules import this one; this one imports them only inside functions.
+and returns a `PreTrainingOutput`. The family modules import this one; it imports none of them.
 """
 
 from __future__ import annotations
@@ -18,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -27,118 +22,9 @@ from torch import Tensor, nn
 
 from common.errors import UserError
 from common.files import write_json_atomic
-from common.flags import fields_in, option, parse_value
-from pretrain.kernels import FastPaths, FastPathsMixin, Packing, TiedGrad
-
-
-def families() -> dict[str, type]:
-    """model_type -> config class."""
-    from pretrain.model import BertConfig
-    from pretrain.modernbert import ModernBertConfig
-
-    return {"bert": BertConfig, "modernbert": ModernBertConfig}
-
-
-def presets() -> dict[str, type]:
-    """Preset name -> its family's config class."""
-    from pretrain import model, modernbert
-
-    bert, modern = dict.fromkeys(model.PRESETS, model.BertConfig), dict.fromkeys(modernbert.PRESETS)
-    return {**bert, **dict.fromkeys(modern, modernbert.ModernBertConfig)}
-
-
-@dataclass(kw_only=True)
-class ModelFlags:
-    """`--model` and `--model-set`: the model flags of every command that builds a model from scratch."""
-
-    model: str = "base"
-    """Preset (BERT: tiny, mini, small, medium, base, large; ModernBERT: modernbert-tiny, modernbert-base,
-    modernbert-large) or a model JSON (ours, or a Hugging Face config.json of BERT or ModernBERT)."""
-    model_set: list[str] = option(default_factory=list, action="append", metavar="KEY=VALUE")
-    """Override one model config field, e.g. fused_ops=compile, unpad=false or vocab_size=8192 (repeatable)."""
-
-    def model_config(self):
-        return load_config(self.model, self.model_set)
-
-
-def load_config(spec: str, overrides: Sequence[str] = ()):
-    """`--model` value (a preset name or a path to a JSON file), then `--model-set KEY=VALUE` field overrides."""
-    if spec.endswith(".json") or os.path.sep in spec:
-        config = config_from_json(spec)
-    elif spec in presets():
-        config = presets()[spec].preset(spec)
-    else:
-        raise UserError(f"--model: unknown preset {spec!r}; use one of {', '.join(presets())} or a JSON file")
-    cls, changes = type(config), {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        try:
-            if "=" not in item or key == "model_type":
-                raise ValueError
-            changes[key] = parse_value(cls, key, value)
-        except ValueError:
-            fields = ", ".join(f.name for f in dataclasses.fields(cls) if f.name != "model_type")
-            raise UserError(f"--model-set {item!r}: use KEY=VALUE (booleans true/false), KEY one of {fields}") from None
-    return dataclasses.replace(config, **changes)
-
-
-def config_from_json(path: str):
-    """Our config JSON (`to_json`) or a transformers config.json, of either family."""
-    d = read_json(path)
-    return _family(d, path).from_dict(d, path)
-
-
-def config_from_dict(d: dict, keep_switches: bool = True):
-    """The config `dataclasses.asdict(config)` came from (no model_type: BERT, as saved before ModernBERT).
-    keep_switches=False gives the switches their defaults: a reader of weights needs this machine's paths, not
-    those of the run that saved them (fused_ops=apex, say, on a machine without apex)."""
-    cls = _family(d, "the saved model config")
-    if not keep_switches:
-        d = {k: v for k, v in d.items() if k not in fields_in(cls, "switch")}
-    return cls.from_dict(d, "the saved model config")
-
-
-def _family(d: dict, source: str) -> type:
-    family = d.get("model_type", "bert")
-    if family not in families():
-        raise UserError(f"--model: {source} has model_type {family!r}; use one of {', '.join(families())}")
-    return families()[family]
-
-
-def build_pretraining_model(config) -> PreTrainingModel:
-    """BertForPreTraining or ModernBertForMaskedLM, freshly initialized (seed torch first)."""
-    return config.pretraining_class()(config)
-
-
-def build_encoder(config) -> nn.Module:
-    """BertModel or ModernBertModel: forward(input_ids, token_type_ids, attention_mask) -> (B, S, H), (B, H);
-    their parameters sit under `HF_PREFIX` in transformers' task models (fine-tuning heads go on top)."""
-    return config.encoder_class()(config)
-
-
-def from_hf_pretrained(path: str, **switches) -> PreTrainingModel:
-    """Our pretraining model from a transformers directory of either family."""
-    config = config_from_json(os.path.join(path, "config.json"))
-    return config.pretraining_class().from_hf_pretrained(path, **switches)
-
-
-def pretraining_from_state(config, state: dict[str, Tensor], source: str = "the weights") -> PreTrainingModel:
-    """Our pretraining model of `config` holding `state` (transformers' names; tied keys may be absent)."""
-    return config.pretraining_class().from_state(config, state, source)
-
-
-def flops_per_sequence(config, seq_len: int, masked_positions: int) -> float:
-    """Training FLOPs (forward + backward) of one sequence of `seq_len` real tokens whose MLM head runs on
-    `masked_positions` rows; the formula of the config's family (`training_flops`)."""
-    return config.training_flops(seq_len, masked_positions)
-
-
-def shape_mismatch(saved: dict, config) -> list[str]:
-    """Fields of a checkpoint's saved config (`asdict`) that must equal `config`'s to resume from it."""
-    if saved.get("model_type", "bert") != config.model_type:
-        return ["model_type"]
-    ours = dataclasses.asdict(config)
-    return [k for k in fields_in(type(config), "shape") if saved.get(k, ours[k]) != ours[k]]
+from pretrain.models.attention import Packing
+from pretrain.models.fused import TiedGrad
+from pretrain.models.kernels import FastPaths, FastPathsMixin
 
 
 def trunc_normal_(weight: Tensor, std: float, cutoff: float) -> Tensor:
@@ -234,7 +120,7 @@ class PreTrainingModel(FastPathsMixin, nn.Module):
     """What both families' pretraining models share: the MLM logits and losses, and transformers directories.
     A subclass sets CONFIG (our config class), HF_CLASS (the transformers class it matches parameter for
     parameter), TIED (keys that transformers stores once -> the key they equal), EMBEDDING and DECODER (the token
-    embedding, a kernels.TiedEmbedding, and the MLM decoder tied to it, a kernels.TiedDecoder) and
+    embedding, a fused.TiedEmbedding, and the MLM decoder tied to it, a fused.TiedDecoder) and
     `mlm_head(rows, paths)`."""
 
     CONFIG: type
@@ -365,3 +251,30 @@ def read_hf_weights(path: str) -> dict[str, Tensor]:
         k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
         for k, v in state.items()
     }
+
+
+@dataclass(frozen=True)
+class TaskHeads:
+    """Where one family's transformers task classes differ (BERT's are the reference); finetune.model builds its
+    heads from it."""
+
+    classes: dict[str, str]
+    """Head kind -> the transformers class of the saved directory."""
+    span_layer: str
+    """Name of the span head's linear layer (the others' is `classifier`)."""
+    token_types: bool
+    """The encoder reads token_type_ids (BERT's segments A and B)."""
+    dropout: str
+    """The config field holding the dropout before the classifier."""
+    span_dropout: bool
+    """That dropout also comes before the span layer."""
+    init: Callable[[nn.Linear, object], None]
+    """Initialization of a new classifier."""
+    head: Callable[[object], nn.Module] | None = None
+    """The module between the encoder and the dropout, registered as `head` (ModernBERT's PredictionHead)."""
+
+
+def hf_task_classes(prefix: str) -> dict[str, str]:
+    """Head kind -> transformers' task class of the family whose classes start with `prefix` ("Bert")."""
+    kinds = {"sequence": "SequenceClassification", "token": "TokenClassification", "span": "QuestionAnswering"}
+    return {kind: f"{prefix}For{name}" for kind, name in kinds.items()}

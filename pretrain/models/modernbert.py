@@ -9,13 +9,12 @@ LayerNorm) feeds a decoder tied to the token embeddings, with its own bias. Conf
 shapes are transformers', so weights and config.json move both ways (`from_hf_pretrained`/`save_hf_pretrained`).
 
 Where this differs from transformers' code (same numbers; tests/test_modernbert.py): the same kernels and
-packing as BERT (pretrain/kernels.py): the layers run unpadded, attention is varlen on CUDA and grouped on CPU,
-with `document_ids` documents packed in one row attend only within themselves and positions restart there;
-the MLM head runs on masked positions only, and the last layer past attention on those rows alone; on an x86
-CPU in float32 the linear layers compute on oneDNN's matmul (kernels.Linear); RoPE
-angles come from each kept row's position, with no buffers (a bf16 engine would round them). Forward takes
-BERT's batch dict: token_type_ids and nsp_labels are accepted and ignored, and the output's nsp_logits and
-nsp_loss are None.
+packing as BERT (pretrain/models/attention.py, fused.py): the layers run unpadded, attention is varlen on CUDA and
+grouped on CPU, with `document_ids` documents packed in one row attend only within themselves and positions
+restart there; the MLM head runs on masked positions only, and the last layer past attention on those rows
+alone; on an x86 CPU in float32 the linear layers compute on oneDNN's matmul (fused.Linear); RoPE angles come
+from each kept row's position, with no buffers (a bf16 engine would round them). Forward takes BERT's batch dict:
+token_type_ids and nsp_labels are accepted and ignored, and the output's nsp_logits and nsp_loss are None.
 """
 
 from __future__ import annotations
@@ -31,9 +30,19 @@ from torch import Tensor, nn
 
 from common.errors import UserError
 from common.flags import fields_in, option
-from pretrain import kernels
-from pretrain.kernels import FastPaths, Packing, PathChoice
-from pretrain.models import Encoder, ModelConfig, PreTrainingModel, PreTrainingOutput, last_layer, trunc_normal_
+from pretrain.models import attention, fused, kernels
+from pretrain.models.attention import Packing
+from pretrain.models.base import (
+    Encoder,
+    ModelConfig,
+    PreTrainingModel,
+    PreTrainingOutput,
+    TaskHeads,
+    hf_task_classes,
+    last_layer,
+    trunc_normal_,
+)
+from pretrain.models.kernels import FastPaths
 
 PRESETS = {  # the released ModernBERT-base and -large shapes, and a small one of the same design
     "modernbert-tiny": dict(num_hidden_layers=6, hidden_size=256, num_attention_heads=4, intermediate_size=384),
@@ -238,11 +247,11 @@ class Embeddings(nn.Module):
     def __init__(self, c: ModernBertConfig):
         super().__init__()
         self.config = c
-        self.tok_embeddings = kernels.TiedEmbedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.tok_embeddings = fused.TiedEmbedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
         self.norm = _norm(c)
 
     def forward(self, input_ids: Tensor, pack: Packing) -> Tensor:  # -> (T, H)
-        x = kernels.layer_norm(self.tok_embeddings(pack.keep(input_ids.flatten())), self.norm, pack.paths.ops)
+        x = fused.layer_norm(self.tok_embeddings(pack.keep(input_ids.flatten())), self.norm, pack.paths.ops)
         return F.dropout(x, self.config.embedding_dropout, self.training)
 
 
@@ -252,7 +261,7 @@ class Layer(nn.Module):
     def __init__(self, c: ModernBertConfig, index: int):
         super().__init__()
         self.config, self.index = c, index
-        H, inner, bias, Linear = c.hidden_size, c.intermediate_size, c.attention_bias, kernels.Linear
+        H, inner, bias, Linear = c.hidden_size, c.intermediate_size, c.attention_bias, fused.Linear
         if index:  # layer 0 reads the embedding norm's output
             self.attn_norm = _norm(c)
         self.attn = nn.ModuleDict(dict(Wqkv=Linear(H, 3 * H, bias), Wo=Linear(H, H, bias)))
@@ -265,14 +274,14 @@ class Layer(nn.Module):
         """-> (T, H), or with `rows` (R,) only those rows past attention: (R, H)."""
         c, ops, gemm, heads = self.config, pack.paths.ops, pack.paths.gemm, self.config.num_attention_heads
         attn_p = c.attention_dropout if self.training else 0.0
-        h = kernels.layer_norm(x, self.attn_norm, ops) if self.index else x
+        h = fused.layer_norm(x, self.attn_norm, ops) if self.index else x
         cos, sin = pack.rotary(self.theta, c.hidden_size // heads)  # (T, d) each
-        qkv = kernels.rotary(self.attn.Wqkv(h, gemm), cos, sin, heads, ops)  # (T, 3H)
-        ctx = kernels.attention(qkv, pack, heads, attn_p, self.window)  # (T, H)
+        qkv = fused.rotary(self.attn.Wqkv(h, gemm), cos, sin, heads, ops)  # (T, 3H)
+        ctx = attention.attention(qkv, pack, heads, attn_p, self.window)  # (T, H)
         if rows is not None:
             ctx, x = ctx[rows], x[rows]  # (R, H)
         x = x + F.dropout(self.attn.Wo(ctx, gemm), attn_p)
-        h = kernels.geglu(self.mlp.Wi(kernels.layer_norm(x, self.mlp_norm, ops), gemm), ops)  # (T, I)
+        h = fused.geglu(self.mlp.Wi(fused.layer_norm(x, self.mlp_norm, ops), gemm), ops)  # (T, I)
         return x + self.mlp.Wo(F.dropout(h, c.mlp_dropout, self.training), gemm)
 
 
@@ -284,7 +293,7 @@ class ModernBertModel(Encoder):
     def __init__(self, config: ModernBertConfig):
         super().__init__()
         self.config = config
-        self.paths = PathChoice(config)
+        self.paths = kernels.PathChoice(config)
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = _norm(config)
@@ -307,7 +316,7 @@ class ModernBertModel(Encoder):
         x = self.embeddings(input_ids, pack)  # (T, H)
         for layer, rows in last_layer(self.layers, pack, subset):
             x = layer(x, pack, rows)
-        return kernels.layer_norm(x, self.final_norm, paths.ops), pack
+        return fused.layer_norm(x, self.final_norm, paths.ops), pack
 
     def pool(self, x: Tensor, pack: Packing) -> Tensor:
         """(B, H): each row's first token, or its real tokens' mean (classifier_pooling)."""
@@ -319,11 +328,11 @@ class PredictionHead(nn.Module):
 
     def __init__(self, c: ModernBertConfig):
         super().__init__()
-        self.dense = kernels.Linear(c.hidden_size, c.hidden_size, bias=c.classifier_bias)
+        self.dense = fused.Linear(c.hidden_size, c.hidden_size, bias=c.classifier_bias)
         self.norm = _norm(c)
 
     def forward(self, x: Tensor, paths: FastPaths) -> Tensor:
-        return kernels.layer_norm(kernels.dense_gelu(x, self.dense, paths), self.norm, paths.ops)
+        return fused.layer_norm(fused.dense_gelu(x, self.dense, paths), self.norm, paths.ops)
 
 
 class ModernBertForMaskedLM(PreTrainingModel):
@@ -339,7 +348,7 @@ class ModernBertForMaskedLM(PreTrainingModel):
         self.model = ModernBertModel(config)
         self.paths = self.model.paths
         self.head = PredictionHead(config)
-        self.decoder = kernels.TiedDecoder(config.hidden_size, config.vocab_size, bias=False, device="meta")
+        self.decoder = fused.TiedDecoder(config.hidden_size, config.vocab_size, bias=False, device="meta")
         self.decoder.weight = self.model.embeddings.tok_embeddings.weight
         if config.decoder_bias:
             self.decoder.bias = nn.Parameter(torch.zeros(config.vocab_size))
@@ -365,3 +374,27 @@ class ModernBertForMaskedLM(PreTrainingModel):
 
     def mlm_head(self, x: Tensor, paths: FastPaths) -> Tensor:  # (N, H) -> (N, V)
         return self.decoder(self.head(x, paths), paths.gemm)
+
+
+def _classifier_init(layer: nn.Linear, config: ModernBertConfig) -> None:
+    """transformers' ModernBERT init of a classifier: truncated normal with std hidden_size^-0.5."""
+    trunc_normal_(layer.weight, 1 / math.sqrt(config.hidden_size), config.initializer_cutoff_factor)
+    nn.init.zeros_(layer.bias)
+
+
+def _task_head(config: ModernBertConfig) -> nn.Module:
+    head = PredictionHead(config)
+    init_weights(head, config, prefix="head.")  # dense: the output std, as transformers' init
+    return head
+
+
+CONFIG = ModernBertConfig
+TASK_HEADS = TaskHeads(
+    hf_task_classes("ModernBert"),
+    span_layer="classifier",
+    token_types=False,
+    dropout="classifier_dropout",
+    span_dropout=True,
+    init=_classifier_init,
+    head=_task_head,
+)

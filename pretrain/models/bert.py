@@ -11,7 +11,7 @@ model (each behind a `BertConfig` switch whose other setting is the plain path; 
   heads read: the masked ones and each row's [CLS] (every row still gives its keys and values).
 - q, k and v are projected by one GEMM on the concatenated weights; the state dict keeps HF's three
   (under ZeRO-3, which gathers weights per called module, the three modules are called instead).
-- On an x86 CPU in float32 the linear layers (kernels.Linear) compute on oneDNN's matmul, not torch's BLAS.
+- On an x86 CPU in float32 the linear layers (fused.Linear) compute on oneDNN's matmul, not torch's BLAS.
 - Weights start from BERT's truncated normal (+-2 std) rather than HF's plain normal.
 - Fast paths are decided once per device and compute dtype (`resolve_fast_paths`, kernels.resolve); forward
   follows the decision. Under ZeRO-3 (`set_weights_partitioned`) only paths that call modules are taken.
@@ -21,8 +21,8 @@ the B*S positions, `mlm_labels` (N,) the original ids there, `nsp_labels` (B,). 
 MLM logits cover all positions, (B, S, V), and `mlm_labels` may be (B, S) with -100 where unlabelled (HF's
 convention). Label -100 is ignored everywhere; `nsp_labels` all -100 (pair task "none") gives nsp_loss 0.
 Optional `document_ids` (B, S): documents packed into one row attend only within themselves and their
-positions restart at 0 (kernels.Packing). Batches are right-padded: position 0 of every row is a real token.
-The ModernBERT family (pretrain/modernbert.py) shares the kernels, the output, the losses and the HF-directory
+positions restart at 0 (attention.Packing). Batches are right-padded: position 0 of every row is a real token.
+The ModernBERT family (pretrain/models/modernbert.py) shares the kernels, the output, the losses and the HF-directory
 code (pretrain/models.py, which also picks the family of a config).
 """
 
@@ -39,22 +39,22 @@ from torch import Tensor, nn
 
 from common.errors import UserError
 from common.flags import fields_in, option
-from pretrain import kernels
-from pretrain.kernels import FastPaths, Packing, PathChoice
-from pretrain.models import (  # noqa: F401  (ModelFlags, load_config, flops_per_sequence: importable from here too)
-    Encoder,
-    ModelConfig,
-    ModelFlags,
-    PreTrainingModel,
-    PreTrainingOutput,
-    cross_entropy,
-    flops_per_sequence,
-    last_layer,
-    load_config,
-    trunc_normal_,
-)
+from pretrain.models import attention, fused, kernels
 
 # name: (layers, hidden); heads = hidden / 64 and intermediate = 4 * hidden, as in Google's BERT release.
+from pretrain.models.attention import Packing
+from pretrain.models.base import (
+    Encoder,
+    ModelConfig,
+    PreTrainingModel,
+    PreTrainingOutput,
+    TaskHeads,
+    hf_task_classes,
+    last_layer,
+    trunc_normal_,
+)
+from pretrain.models.kernels import FastPaths, PathChoice
+
 PRESETS = {
     "tiny": (2, 128),
     "mini": (4, 256),
@@ -202,7 +202,7 @@ class Embeddings(nn.Module):
     def __init__(self, c: BertConfig):
         super().__init__()
         self.config = c
-        self.word_embeddings = kernels.TiedEmbedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.word_embeddings = fused.TiedEmbedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
         self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
@@ -210,7 +210,7 @@ class Embeddings(nn.Module):
     def forward(self, input_ids: Tensor, token_type_ids: Tensor, pack: Packing) -> Tensor:
         x = self.word_embeddings(pack.keep(input_ids.flatten())) + self.position_embeddings(pack.positions)
         x = x + self.token_type_embeddings(pack.keep(token_type_ids.flatten()))  # (T, H)
-        x = kernels.layer_norm(x, self.LayerNorm, pack.paths.ops)
+        x = fused.layer_norm(x, self.LayerNorm, pack.paths.ops)
         return F.dropout(x, self.config.hidden_dropout, self.training)
 
 
@@ -220,7 +220,7 @@ class Layer(nn.Module):
     def __init__(self, c: BertConfig):
         super().__init__()
         self.config = c
-        H, inner, Linear = c.hidden_size, c.intermediate_size, kernels.Linear
+        H, inner, Linear = c.hidden_size, c.intermediate_size, fused.Linear
         qkv = _named(query=Linear(H, H), key=Linear(H, H), value=Linear(H, H))
         out = _named(dense=Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=c.layer_norm_eps))
         self.attention = _named(self=qkv, output=out)
@@ -231,20 +231,20 @@ class Layer(nn.Module):
         """-> (T, H), or with `rows` (R,) only those rows past attention: (R, H)."""
         c, paths, p = self.config, pack.paths, self.config.hidden_dropout if self.training else 0.0
         attn_p = c.attention_dropout if self.training else 0.0
-        ctx = kernels.attention(self._qkv(x, paths), pack, c.num_heads, attn_p)  # (T, H)
+        ctx = attention.attention(self._qkv(x, paths), pack, c.num_heads, attn_p)  # (T, H)
         if rows is not None:
             ctx, x = ctx[rows], x[rows]  # (R, H)
         out = self.attention.output
-        x = kernels.dense_residual_norm(ctx, out.dense, x, out.LayerNorm, p, paths)
-        h = kernels.dense_gelu(x, self.intermediate.dense, paths)  # (T, I)
-        return kernels.dense_residual_norm(h, self.output.dense, x, self.output.LayerNorm, p, paths)
+        x = fused.dense_residual_norm(ctx, out.dense, x, out.LayerNorm, p, paths)
+        h = fused.dense_gelu(x, self.intermediate.dense, paths)  # (T, I)
+        return fused.dense_residual_norm(h, self.output.dense, x, self.output.LayerNorm, p, paths)
 
     def _qkv(self, x: Tensor, paths: FastPaths) -> Tensor:
         """(T, H) -> (T, 3H) as q | k | v."""
         q, k, v = self.attention.self.query, self.attention.self.key, self.attention.self.value
         if paths.fused_qkv:
             weight, bias = torch.cat([q.weight, k.weight, v.weight]), torch.cat([q.bias, k.bias, v.bias])
-            return kernels.linear(x, weight, bias, paths.gemm)
+            return fused.linear(x, weight, bias, paths.gemm)
         return torch.cat([q(x, paths.gemm), k(x, paths.gemm), v(x, paths.gemm)], dim=1)
 
 
@@ -295,15 +295,15 @@ class MaskedLMHead(nn.Module):
     def __init__(self, config: BertConfig, word_embeddings: nn.Embedding):
         super().__init__()
         H = config.hidden_size
-        self.transform = _named(dense=kernels.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=config.layer_norm_eps))
+        self.transform = _named(dense=fused.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=config.layer_norm_eps))
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.decoder = kernels.TiedDecoder(H, config.vocab_size, bias=False, device="meta")
+        self.decoder = fused.TiedDecoder(H, config.vocab_size, bias=False, device="meta")
         self.decoder.weight = word_embeddings.weight
         self.decoder.bias = self.bias
 
     def forward(self, x: Tensor, paths: FastPaths) -> Tensor:  # (N, H) -> (N, V)
-        h = kernels.dense_gelu(x, self.transform.dense, paths)
-        return self.decoder(kernels.layer_norm(h, self.transform.LayerNorm, paths.ops), paths.gemm)
+        h = fused.dense_gelu(x, self.transform.dense, paths)
+        return self.decoder(fused.layer_norm(h, self.transform.LayerNorm, paths.ops), paths.gemm)
 
 
 class BertForPreTraining(PreTrainingModel):
@@ -356,3 +356,20 @@ class BertForPreTraining(PreTrainingModel):
 
 
 TIED_KEYS = tuple(BertForPreTraining.TIED)  # the keys transformers' BERT directories store once
+
+
+def _classifier_init(layer: nn.Linear, config: BertConfig) -> None:
+    """transformers' BERT init of a classifier (normal, initializer_range; ours truncated at 2 std)."""
+    trunc_normal_(layer.weight, config.initializer_range, 2.0)
+    nn.init.zeros_(layer.bias)
+
+
+CONFIG = BertConfig
+TASK_HEADS = TaskHeads(
+    hf_task_classes("Bert"),
+    span_layer="qa_outputs",
+    token_types=True,
+    dropout="hidden_dropout",
+    span_dropout=False,
+    init=_classifier_init,
+)

@@ -1,0 +1,139 @@
+"""The registry: the one place a model family is named. Everything else asks it.
+
+A family is a module of pretrain/models/ (bert.py, modernbert.py) that defines `CONFIG` (its config class, whose
+`model_type` is the family's name, as in transformers' config.json), `PRESETS` (preset name -> shape) and
+`TASK_HEADS` (how its transformers task classes differ, for fine-tuning); a third family is one such module and
+one line in `FAMILIES`.
+
+Callers that must not care which family they hold (training loop, evaluation, checkpoints, export, bench,
+fine-tuning) go through these functions: `load_config` (`--model`/`--model-set`), `config_from_dict` (a
+checkpoint's saved config, the inverse of `dataclasses.asdict`), `build_pretraining_model`, `build_encoder`,
+`from_hf_pretrained`, `pretraining_from_state`, `flops_per_sequence`, `shape_mismatch` and `task_heads`; the
+package (`pretrain.models`) exports them. What the families share is pretrain/models/base.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from common.errors import UserError
+from common.flags import fields_in, option, parse_value
+from pretrain.models import bert, modernbert
+from pretrain.models.base import PreTrainingModel, TaskHeads, read_json
+
+FAMILIES = {"bert": bert, "modernbert": modernbert}
+"""model_type -> its module (CONFIG, PRESETS, TASK_HEADS), in the order --help lists their presets."""
+
+
+def families() -> dict[str, type]:
+    """model_type -> config class."""
+    return {name: family.CONFIG for name, family in FAMILIES.items()}
+
+
+def presets() -> dict[str, type]:
+    """Preset name -> its family's config class."""
+    return {preset: family.CONFIG for family in FAMILIES.values() for preset in family.PRESETS}
+
+
+def task_heads(model_type: str) -> TaskHeads:
+    """How the family's transformers task classes differ (finetune.model builds its heads from it)."""
+    return FAMILIES[model_type].TASK_HEADS
+
+
+@dataclass(kw_only=True)
+class ModelFlags:
+    """`--model` and `--model-set`: the model flags of every command that builds a model from scratch."""
+
+    model: str = "base"
+    """Preset (BERT: tiny, mini, small, medium, base, large; ModernBERT: modernbert-tiny, modernbert-base,
+    modernbert-large) or a model JSON (ours, or a Hugging Face config.json of BERT or ModernBERT)."""
+    model_set: list[str] = option(default_factory=list, action="append", metavar="KEY=VALUE")
+    """Override one model config field, e.g. fused_ops=compile, unpad=false or vocab_size=8192 (repeatable)."""
+
+    def model_config(self):
+        return load_config(self.model, self.model_set)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()):
+    """`--model` value (a preset name or a path to a JSON file), then `--model-set KEY=VALUE` field overrides."""
+    if spec.endswith(".json") or os.path.sep in spec:
+        config = config_from_json(spec)
+    elif spec in presets():
+        config = presets()[spec].preset(spec)
+    else:
+        raise UserError(f"--model: unknown preset {spec!r}; use one of {', '.join(presets())} or a JSON file")
+    cls, changes = type(config), {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        try:
+            if "=" not in item or key == "model_type":
+                raise ValueError
+            changes[key] = parse_value(cls, key, value)
+        except ValueError:
+            fields = ", ".join(f.name for f in dataclasses.fields(cls) if f.name != "model_type")
+            raise UserError(f"--model-set {item!r}: use KEY=VALUE (booleans true/false), KEY one of {fields}") from None
+    return dataclasses.replace(config, **changes)
+
+
+def config_from_json(path: str):
+    """Our config JSON (`to_json`) or a transformers config.json, of either family."""
+    d = read_json(path)
+    return _family(d, path).from_dict(d, path)
+
+
+def config_from_dict(d: dict, keep_switches: bool = True):
+    """The config `dataclasses.asdict(config)` came from (no model_type: BERT, as saved before ModernBERT).
+    keep_switches=False gives the switches their defaults: a reader of weights needs this machine's paths, not
+    those of the run that saved them (fused_ops=apex, say, on a machine without apex)."""
+    cls = _family(d, "the saved model config")
+    if not keep_switches:
+        d = {k: v for k, v in d.items() if k not in fields_in(cls, "switch")}
+    return cls.from_dict(d, "the saved model config")
+
+
+def _family(d: dict, source: str) -> type:
+    family = d.get("model_type", "bert")
+    if family not in families():
+        raise UserError(f"--model: {source} has model_type {family!r}; use one of {', '.join(families())}")
+    return families()[family]
+
+
+def build_pretraining_model(config) -> PreTrainingModel:
+    """BertForPreTraining or ModernBertForMaskedLM, freshly initialized (seed torch first)."""
+    return config.pretraining_class()(config)
+
+
+def build_encoder(config) -> nn.Module:
+    """BertModel or ModernBertModel: forward(input_ids, token_type_ids, attention_mask) -> (B, S, H), (B, H);
+    their parameters sit under `HF_PREFIX` in transformers' task models (fine-tuning heads go on top)."""
+    return config.encoder_class()(config)
+
+
+def from_hf_pretrained(path: str, **switches) -> PreTrainingModel:
+    """Our pretraining model from a transformers directory of either family."""
+    config = config_from_json(os.path.join(path, "config.json"))
+    return config.pretraining_class().from_hf_pretrained(path, **switches)
+
+
+def pretraining_from_state(config, state: dict[str, Tensor], source: str = "the weights") -> PreTrainingModel:
+    """Our pretraining model of `config` holding `state` (transformers' names; tied keys may be absent)."""
+    return config.pretraining_class().from_state(config, state, source)
+
+
+def flops_per_sequence(config, seq_len: int, masked_positions: int) -> float:
+    """Training FLOPs (forward + backward) of one sequence of `seq_len` real tokens whose MLM head runs on
+    `masked_positions` rows; the formula of the config's family (`training_flops`)."""
+    return config.training_flops(seq_len, masked_positions)
+
+
+def shape_mismatch(saved: dict, config) -> list[str]:
+    """Fields of a checkpoint's saved config (`asdict`) that must equal `config`'s to resume from it."""
+    if saved.get("model_type", "bert") != config.model_type:
+        return ["model_type"]
+    ours = dataclasses.asdict(config)
+    return [k for k in fields_in(type(config), "shape") if saved.get(k, ours[k]) != ours[k]]
