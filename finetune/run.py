@@ -63,7 +63,7 @@ def default_lr(hidden_size: int) -> float:
 def load_pretrained(cfg: FinetuneConfig):
     """(model config of either family, its pretraining model's fp32 state dict, tokenizer directory) of
     --init-from."""
-    from pretrain.runtime.checkpoint import load_weights
+    from pretrain.runtime.weights import load_weights
 
     config, state = load_weights(cfg.init_from, cfg.trust_checkpoint)
     if cfg.seq_len > config.max_position_embeddings:

@@ -3,7 +3,7 @@
 The output holds config.json, model.safetensors and the tokenizer files, and loads with
 `transformers.BertForPreTraining/BertModel/BertForMaskedLM.from_pretrained(OUT_DIR)` (a ModernBERT run:
 `ModernBertForMaskedLM`/`ModernBertModel`; either: `AutoModelForMaskedLM`) and
-`pipeline("fill-mask", model=OUT_DIR)`. Weights come through `pretrain.runtime.checkpoint.load_weights`, which
+`pipeline("fill-mask", model=OUT_DIR)`. Weights come through `pretrain.runtime.weights.load_weights`, which
 consolidates any ZeRO stage, takes a run directory's newest checkpoint that verifies (checksums, not marked as
 diverged), refuses a named tag that does not, and loads nothing that fails `weights_only=True` unless
 `--trust-checkpoint`; the tokenizer is the one the dataset was built with (the manifest's
@@ -139,7 +139,7 @@ def export(
     allow_tokenizer_change: bool = False,
 ) -> PreTrainingModel:
     """Write the Hugging Face directory; returns our model with the exported weights (eval mode)."""
-    from pretrain.runtime.checkpoint import load_weights
+    from pretrain.runtime.weights import load_weights
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     source = checkpoint / tag if tag else checkpoint

@@ -17,12 +17,9 @@ Design choices:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -32,166 +29,27 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from common.flags import accept_launcher_arguments, add_arguments, from_args, option
 from common.log import get_logger
-from pretrain import identity, recipe
-from pretrain.data import DataConfig, PretrainingData, eval_batches
+from pretrain import recipe
+from pretrain.data import eval_batches
 from pretrain.metrics import Metrics
-from pretrain.models import ModelFlags, build_pretraining_model, pretraining_from_state, shape_mismatch
 from pretrain.runtime import dist
 from pretrain.runtime.ds_config import compute_dtype, resolve_batch
+from pretrain.runtime.throughput import peak_memory, peak_tflops
+from pretrain.startup import (
+    build_model,
+    loadable,
+    optimizer_source,
+    prepare,
+    recipe_record,
+    resolved_config,
+    rounded,
+)
+from pretrain.stop import StopFlag
 from pretrain.timing import StepTiming
+from pretrain.train_config import TrainConfig
 
 log = get_logger(__name__)
-
-
-@dataclass(kw_only=True)
-class TrainConfig(ModelFlags):
-    """One pretraining run: every field is a flag of `bert-pretrain` (common.flags)."""
-
-    deepspeed_config: str = option(flag="--deepspeed_config", aliases=("--deepspeed-config",), metavar="X.json")
-    """DeepSpeed JSON (ds_configs/): batch sizes, optimizer, precision, ZeRO stage, schedule."""
-    data: DataConfig
-    """Pretraining samples: the datasets and how samples are built from them."""
-    save: str
-    """Directory for checkpoints and metrics.jsonl; relaunching with it resumes exactly."""
-    train_steps: int = 1000
-    """Optimizer steps; the learning rate reaches zero here."""
-    save_every: int = 0
-    """Checkpoint every N steps; 0 saves only at the end and on a signal."""
-    keep_last: int = 0
-    """Keep only the newest K good checkpoints (complete, verified, saved at a sane loss) and the one the run
-    resumed from; 0 keeps all."""
-    keep_every: int = 0
-    """With --keep-last: also keep every checkpoint whose step is a multiple of N (milestones); 0: none."""
-    resume_from: str | None = None
-    """Roll back: resume from this checkpoint tag of --save (e.g. step_00004000) instead of the newest good one;
-    the newer tags are moved into SAVE/abandoned/."""
-    trust_checkpoint: bool = False
-    """Load checkpoints (resume, --init-from) without the weights_only check: only for files of known origin."""
-    eval_every: int = 0
-    """Evaluate every N steps, at step 0 and at the end; 0 never."""
-    eval_samples: int = 1024
-    """Held-out samples per evaluation."""
-    init_from: str | None = None
-    """Weights only, from a checkpoint or a Hugging Face directory; fresh optimizer and schedule (phase 2)."""
-    init_optimizer: bool = False
-    """With --init-from one of our checkpoints: also take its optimizer state (the LAMB moments), as NVIDIA's
-    phase 2 does; the schedule and the step count start afresh, the hyperparameters are this run's JSON's."""
-    log_every: int = 10
-    """Plain log line every N steps when not on a terminal."""
-    time_budget: float = option(0.0, flag="--time-budget-hours", aliases=("--time-budget",), metavar="HOURS")
-    """Wall-clock hours that drive the schedule; the run stops with a checkpoint when they are spent; 0: none."""
-    max_nonfinite: int = 10
-    """Stop after this many consecutive non-finite losses."""
-    wandb_project: str | None = None
-    """Log to this Weights & Biases project (offline without an API key)."""
-    tensorboard: bool = False
-    """Write TensorBoard events to SAVE/tensorboard."""
-    dist_timeout: float = option(10.0, flag="--dist-timeout-minutes", aliases=("--dist-timeout",), metavar="MIN")
-    """Minutes a collective may wait for a missing peer before the run fails (the process-group timeout; a
-    launch by scripts/launch_multinode.sh ends every rank within seconds of a failure anyway)."""
-    allow_tokenizer_change: bool = False
-    """Resume or --init-from a checkpoint trained with another tokenizer than the data's (refused otherwise)."""
-    recipe: str | None = option(None, metavar="FILE")
-    """Recipe file (YAML or JSON of field: value, with optional phases:) or a shipped one (bert-base,
-    modernbert-base); over the model family's recipe, under the command line (docs/RECIPES.md)."""
-    phase: str | None = None
-    """Apply this entry of the --recipe file's phases: (e.g. phase2, context) over the rest of the file."""
-    lr: float | None = None
-    """Peak learning rate, for a DeepSpeed JSON without optimizer.params.lr (one that sets another is an error)."""
-    global_batch: int | None = option(None, metavar="N")
-    """Global batch in samples, for a DeepSpeed JSON without train_batch_size (another value is an error)."""
-    micro_batch: int | None = option(None, metavar="N")
-    """Micro-batch per process, for a DeepSpeed JSON without train_micro_batch_size_per_gpu (likewise)."""
-    warmup: float | None = None
-    """Warmup share of the run, for a DeepSpeed JSON schedule without warmup_proportion (likewise)."""
-    print_recipe: bool = False
-    """Print the resolved recipe (each value with where it came from, and the provenance) and exit."""
-    given: list[str] | None = option(None, cli=False)
-    """The fields named on the command line (set by from_args; None: those that differ from their default)."""
-    compile: bool = False
-    """torch.compile the whole model through DeepSpeed's engine.compile() (the first steps compile, then run
-    faster; checkpoints keep the eager names)."""
-
-    @property
-    def seed(self) -> int:
-        """`--seed`: of the weights and dropout here, of samples and masks in `data`."""
-        return self.data.seed
-
-    @classmethod
-    def from_args(cls, argv=None) -> TrainConfig:
-        parser = build_parser()
-        cfg = from_args(cls, parser.parse_args(argv))
-        return dataclasses.replace(cfg, given=sorted(recipe.given_on_command_line(parser, argv)))
-
-    def validate(self) -> None:
-        for name in ("train_steps",):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        nonnegative = (
-            "save_every",
-            "keep_last",
-            "keep_every",
-            "eval_every",
-            "time_budget",
-            "log_every",
-            "max_nonfinite",
-        )
-        for name in nonnegative:
-            if getattr(self, name) < 0:
-                raise UserError(f"--{name.replace('_', '-')} must be 0 or more")
-        if self.init_optimizer and not self.init_from:
-            raise UserError("--init-optimizer takes the optimizer state of --init-from; pass --init-from CHECKPOINT")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="bert-pretrain",
-        description="Pretrain BERT (MLM + NSP/SOP) or ModernBERT (MLM on packed documents) with DeepSpeed; a "
-        "--model preset brings its family's objective (docs/RECIPES.md). Batch size, optimizer, precision and "
-        "ZeRO stage come from --deepspeed_config. Relaunching with the same --save resumes exactly. Multi-process: "
-        "deepspeed [--hostfile H] [--num_gpus N] --module pretrain.train <these flags>.",
-    )
-    add_arguments(p, TrainConfig)
-    accept_launcher_arguments(p)
-    return p
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; read before every micro-batch (all ranks agree through an all-reduce)."""
-
-    def __init__(self):
-        self.signal: int | None = None
-        self.stopping = False  # the ranks agreed to stop for a signal (this rank's, or a peer's)
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def uninstall(self) -> None:
-        """Give the signals back; a run that stopped for a signal goes on ignoring SIGTERM while it exits: the
-        checkpoint is written by now, a supervisor may repeat the request, and a rank that stopped because a
-        peer was signalled may get its own SIGTERM only now (the launcher's on another node came late), which
-        must not kill it in the exit's last collective."""
-        for sig, handler in self._previous.items():
-            stopping = (self.stopping or self.signal is not None) and sig == signal.SIGTERM
-            signal.signal(sig, signal.SIG_IGN if stopping else handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
-        self.signal = signum
-
-    def agreed(self) -> bool:
-        """Whether any rank was signalled (a collective: every rank calls it at the same point)."""
-        return self.note(dist.all_reduce([float(self.signal is not None)], op="max")[0])
-
-    def note(self, signalled_anywhere: float) -> bool:
-        """Record the ranks' agreement (an all-reduced max of `signal is not None`) and return it."""
-        self.stopping = self.stopping or bool(signalled_anywhere)
-        return self.stopping
 
 
 @torch.no_grad()
@@ -229,92 +87,19 @@ def evaluate(engine_or_model, batches) -> dict[str, float]:
     }
 
 
-def _prepare(cfg: TrainConfig, origin: dict | None = None):
-    """All user-input checks, before any compute. Returns (model config, data, DeepSpeed config, checkpoint)."""
-    from pretrain.runtime import checkpoint
-    from pretrain.runtime.ds_config import load_ds_config, resolve_batch
-
-    cfg.validate()
-    ds_cfg = load_ds_config(cfg.deepspeed_config)
-    recipe.apply_to_deepspeed(recipe.flat(cfg), origin or {}, ds_cfg, cfg.deepspeed_config)
-    resolve_batch(ds_cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    data = PretrainingData(cfg.data)  # names a missing dataset (shards and globs resolved), checks the data
-    manifest = f"{data.sources[0].prefix}.json"  # the first dataset after shards and globs are resolved
-    model_cfg = identity.model_config(cfg.model, cfg.model_set, data.tokenizer, manifest)  # the data's token ids
-    if cfg.data.seq_len > model_cfg.max_position_embeddings:
-        raise UserError(
-            f"--seq-len {cfg.data.seq_len} exceeds the model's max_position_embeddings "
-            f"{model_cfg.max_position_embeddings}; lower --seq-len or use a larger --model"
-        )
-    if data.vocab_size > model_cfg.vocab_size:
-        raise UserError(
-            f"the data's vocabulary ({data.vocab_size} ids, {manifest}) is larger than the model's "
-            f"vocab_size {model_cfg.vocab_size}; pass --model-set vocab_size={data.vocab_size} (or more)"
-        )
-    note = recipe.family_optimizer_note(model_cfg.model_type, ds_cfg, cfg.deepspeed_config)
-    if note and not cfg.print_recipe:  # --print-recipe's stdout is the JSON alone
-        log.info(note)
-    found = checkpoint.starting_point(cfg.save, cfg.resume_from)
-    if found is not None:
-        diff = shape_mismatch(found[1].config.get("model", {}), model_cfg)
-        if diff:
-            raise UserError(
-                f"--save {cfg.save} holds a checkpoint of a different model shape ({', '.join(diff)} differ); "
-                "use a new --save directory or the same --model"
-            )
-        saved = found[1].config
-        identity.compare(
-            saved.get("tokenizer"),
-            data.tokenizer,
-            f"{cfg.save}/{found[0]}",
-            f"--data {manifest}",
-            cfg.allow_tokenizer_change,
-        )
-        _check_resume(cfg, saved, ds_cfg, found[1].world_size)
-    elif cfg.init_from:
-        identity.check_init_from(cfg.init_from, data.tokenizer, f"--data {manifest}", cfg.allow_tokenizer_change)
-    return model_cfg, data, ds_cfg, found
-
-
-def _check_resume(cfg: TrainConfig, saved: dict, ds_cfg: dict, saved_world: int) -> None:
-    """A resume keeps the recipe: what may change (recipe.RESUMABLE, the learning rate, the process count)
-    takes effect and is printed; any other changed recipe field (or the global batch) refuses, naming it."""
-    from pretrain.runtime.ds_config import resolve_batch
-
-    taking, refused = recipe.resume_changes(saved.get("train", {}), recipe.flat(cfg))
-    old_ds, world = saved.get("deepspeed"), int(os.environ.get("WORLD_SIZE", "1"))
-    if old_ds:
-        old_lr, new_lr = (d.get("optimizer", {}).get("params", {}).get("lr") for d in (old_ds, ds_cfg))
-        if old_lr != new_lr:
-            taking.append(f"lr {old_lr} -> {new_lr}")
-        old_batch, new_batch = resolve_batch(old_ds, saved_world)[0], resolve_batch(ds_cfg, world)[0]
-        if old_batch != new_batch:
-            refused.append(f"global batch (train_batch_size) {old_batch} -> {new_batch}")
-    if saved_world != world:
-        taking.append(f"processes {saved_world} -> {world} (gradient accumulation follows)")
-    if refused:
-        raise UserError(
-            f"--save {cfg.save} holds a run whose recipe differs: {'; '.join(refused)}; a resume may change only "
-            "--train-steps, the learning rate, --time-budget, the cadences and the process count: relaunch with "
-            "the checkpoint's values or use a new --save directory"
-        )
-    if taking:
-        log.info(f"resuming {cfg.save} with changes that take effect: {'; '.join(taking)}")
-
-
 def main(cfg: TrainConfig) -> dict:
     """Train (or resume) and return the final metrics: step, loss, eval (if any), stopped_by."""
     given = set(cfg.given) if cfg.given is not None else recipe.given_in_python(cfg)
     file = recipe.read_file(cfg.recipe) if cfg.recipe else None
     cfg, origin = recipe.resolve(cfg, given, file, cfg.phase, cfg.recipe or "")
     if cfg.print_recipe:
-        model_cfg, data, ds_cfg, _ = _prepare(cfg, origin)
-        print(json.dumps(_recipe_record(cfg, origin, model_cfg, ds_cfg, data), indent=2))
+        model_cfg, data, ds_cfg, _ = prepare(cfg, origin)
+        print(json.dumps(recipe_record(cfg, origin, model_cfg, ds_cfg, data), indent=2))
         return {"step": 0, "stopped_by": None}
     stop = StopFlag()
     stop.install()
     try:
-        model_cfg, data, ds_cfg, found = _prepare(cfg, origin)
+        model_cfg, data, ds_cfg, found = prepare(cfg, origin)
         from pretrain import runlock
 
         dist.init_distributed(cfg.dist_timeout)  # the lock's outcome reaches every rank through the group
@@ -350,15 +135,6 @@ class _Step:
     """Seconds spent waiting for its micro-batches."""
 
 
-def _peak_memory() -> float:
-    """Bytes: the accelerator's peak allocation, or on CPU the process's peak resident size."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return float(torch.cuda.max_memory_allocated())
-    import resource
-
-    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-
-
 class _Clock:
     """Training wall-clock seconds summed over resumes; they drive --time-budget."""
 
@@ -383,7 +159,7 @@ class _Run:
     """
 
     def __init__(self, cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, origin: dict):
-        from pretrain.runtime import checkpoint
+        from pretrain.runtime import checkpoint, resume
         from pretrain.runtime import engine as eng
 
         dist.init_distributed(cfg.dist_timeout)
@@ -391,18 +167,18 @@ class _Run:
         rank, world = dist.rank(), dist.world_size()
         _, self.micro_batch, self.grad_accum = resolve_batch(ds_cfg, world)
         self.global_batch = self.micro_batch * self.grad_accum * world
-        found = _loadable(Path(cfg.save), found, world, ds_cfg, cfg.trust_checkpoint)
+        found = loadable(Path(cfg.save), found, world, ds_cfg, cfg.trust_checkpoint)
         trust = cfg.trust_checkpoint
         optimizer_from = (
-            _optimizer_source(cfg.init_from, world, ds_cfg, trust) if found is None and cfg.init_optimizer else None
+            optimizer_source(cfg.init_from, world, ds_cfg, trust) if found is None and cfg.init_optimizer else None
         )
-        model = _build_model(cfg, model_cfg, init=cfg.init_from if found is None else None)
+        model = build_model(cfg, model_cfg, init=cfg.init_from if found is None else None)
         # elapsed time of a resumed run is needed before resume: loading the LR scheduler evaluates the budget
         self.clock = _Clock(cfg.time_budget, found[1].elapsed_s if found is not None else 0.0)
         progress = self.clock.progress if cfg.time_budget else None
         self.engine = eng.initialize(model, ds_cfg, total_steps=cfg.train_steps, progress=progress)
         fast_paths = model.resolve_fast_paths(self.engine.device, compute_dtype(ds_cfg))  # after ZeRO-3's say
-        self.resolved = _resolved_config(cfg, model_cfg, ds_cfg, data, world, fast_paths, origin)
+        self.resolved = resolved_config(cfg, model_cfg, ds_cfg, data, world, fast_paths, origin)
         if cfg.compile:
             self.engine.compile()  # in place (nn.Module.compile): parameter names and checkpoints are unchanged
         self.state = checkpoint.TrainState(world_size=world, config=self.resolved)
@@ -411,9 +187,9 @@ class _Run:
         if found is not None:
             self._resume()
         elif optimizer_from is not None:
-            checkpoint.load_optimizer_state(self.engine, optimizer_from, cfg.trust_checkpoint)
+            resume.load_optimizer_state(self.engine, optimizer_from, cfg.trust_checkpoint)
             log.info(f"took the optimizer state of {optimizer_from}; the schedule and the step count start afresh")
-        self.peak_flops = _peak_tflops(compute_dtype(ds_cfg))
+        self.peak_flops = peak_tflops(compute_dtype(ds_cfg))
         self.timing = StepTiming(rank, world, cfg.log_every or 10, self.peak_flops)  # skew over log intervals
         self.metrics = Metrics(cfg.save, self.state.step, self.resolved, cfg.tensorboard, cfg.wandb_project)
         rng = checkpoint.rng_state()  # starting a loader draws worker seeds; keep dropout's stream untouched
@@ -424,10 +200,10 @@ class _Run:
         self.bar = None
 
     def _resume(self) -> None:
-        from pretrain.runtime import checkpoint
+        from pretrain.runtime import checkpoint, resume
 
-        only = checkpoint.rollback_target(self.cfg.save, self.cfg.resume_from)
-        tag, resumed = checkpoint.resume(self.engine, self.cfg.save, self.cfg.trust_checkpoint, only)
+        only = resume.rollback_target(self.cfg.save, self.cfg.resume_from)
+        tag, resumed = resume.resume(self.engine, self.cfg.save, self.cfg.trust_checkpoint, only)
         self.keep.protect.add(tag)
         self.keep.verified[tag] = not checkpoint.integrity.mark(Path(self.cfg.save) / tag)  # hashed by resume
         self.state = dataclasses.replace(resumed, world_size=dist.world_size(), config=self.resolved)
@@ -517,7 +293,7 @@ class _Run:
             [*losses, bad, step.tokens, step.capacity, step.flops, *self.timing.values(step.data_s)]
         )
         memory, signalled, budget = dist.all_reduce(
-            [_peak_memory(), float(stop.signal is not None), self.clock.spent()], "max"
+            [peak_memory(), float(stop.signal is not None), self.clock.spent()], "max"
         )
         signalled = stop.note(signalled)
         state.step += 1
@@ -545,7 +321,7 @@ class _Run:
         record = {"step": self.state.step, "split": "eval", **evaluate(self.engine, self.evals)}
         self.metrics.write(record)
         self.result["eval"] = record
-        log.info(f"eval step {self.state.step}: " + " ".join(f"{k}={v}" for k, v in _rounded(record).items()))
+        log.info(f"eval step {self.state.step}: " + " ".join(f"{k}={v}" for k, v in rounded(record).items()))
 
     def save(self) -> None:
         from pretrain.runtime import checkpoint
@@ -572,116 +348,10 @@ class _Run:
         self.metrics.close()
 
 
-def _loadable(save_dir: Path, found, world: int, ds_cfg: dict, trust: bool = False):
-    """(tag, state) that `world` processes can load of a checkpoint found in `save_dir`: the tag itself when it was
-    written by as many processes, is universal, or holds its optimizer state whole (stage 0); otherwise a
-    universal copy that rank 0 makes once while the other ranks wait. Says which in one line."""
-    from pretrain.runtime import checkpoint
-
-    if found is None:
-        return None
-    tag, state = found
-    tag_dir = save_dir / tag
-    if not tag.endswith("_universal") and state.world_size != world and checkpoint.partitioned(tag_dir):
-        log.info(
-            f"{tag_dir} was written by {state.world_size} processes with its optimizer state split over them; "
-            f"converting it to the universal format to load it on {world} (once; the other ranks wait)"
-        )
-        if dist.is_rank0():
-            checkpoint.to_universal(save_dir, tag, trust)
-        dist.barrier()
-        tag = f"{tag}_universal"
-    elif state.world_size != world and not tag.endswith("_universal"):
-        log.info(
-            f"{tag_dir} was written by {state.world_size} processes; {world} load it directly (its optimizer state "
-            "is whole on every rank); the global batch stays the JSON's, accumulation adapts"
-        )
-    if tag.endswith("_universal"):
-        ds_cfg.setdefault("checkpoint", {})["load_universal"] = True
-    return tag, state
-
-
-def _optimizer_source(init_from: str, world: int, ds_cfg: dict, trust: bool = False) -> Path:
-    """The checkpoint tag whose optimizer state --init-optimizer takes: --init-from's newest, or that tag."""
-    from pretrain.runtime import checkpoint
-
-    path = Path(init_from)
-    good = (
-        checkpoint.newest_good(path, warn=False)
-        if path.is_dir() and not (path / checkpoint.STATE_FILE).is_file()
-        else None
-    )
-    found = (good, checkpoint.read_state(path / good)) if good else None  # the tag load_weights takes the weights of
-    if (path / checkpoint.STATE_FILE).is_file():
-        path, found = path.parent, (path.name, checkpoint.read_state(path))
-    if found is None:
-        raise UserError(
-            f"--init-optimizer: --init-from {init_from} is not one of our checkpoints (a --save directory or a tag), "
-            "so it has no optimizer state to take; drop --init-optimizer"
-        )
-    return path / _loadable(path, found, world, ds_cfg, trust)[0]
-
-
-def _recipe_record(cfg: TrainConfig, origin: dict, model_cfg, ds_cfg: dict, data) -> dict:
-    """The resolved recipe: the flags, the model config, the DeepSpeed JSON, where each flag's value came from
-    (those not at their default), the data's tokenizer and the provenance (pretrain.recipe)."""
-    return {
-        "train": dataclasses.asdict(cfg),
-        "model": dataclasses.asdict(model_cfg),
-        "deepspeed": ds_cfg,
-        "origin": {k: v for k, v in origin.items() if v != "default"},
-        "provenance": recipe.provenance(),
-        "tokenizer": data.tokenizer,  # the fingerprint that resume, export and fine-tuning compare (identity)
-    }
-
-
-def _resolved_config(
-    cfg: TrainConfig, model_cfg, ds_cfg: dict, data, world: int, fast_paths: dict, origin: dict
-) -> dict:
-    """What this run is, printed at start and saved with every checkpoint."""
-    resolved = {
-        **_recipe_record(cfg, origin, model_cfg, ds_cfg, data),
-        "fast_paths": fast_paths,
-        "world_size": world,
-        "data": {"vocab_size": data.vocab_size, "train_samples": data.num_samples("train")},
-    }
-    log.info("resolved configuration:\n" + json.dumps(resolved, indent=2))
-    if model_cfg.vocab_size - data.vocab_size > 64:  # more than rounding up to a multiple of 64 (30522 -> 30528)
-        log.info(
-            f"note: the model's vocab_size {model_cfg.vocab_size} exceeds the data's {data.vocab_size} ids; the extra "
-            f"rows are never a target but cost MLM-decoder compute: --model-set vocab_size={data.vocab_size}"
-        )
-    return resolved
-
-
-def _rounded(record: dict) -> dict:
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items() if k not in ("step", "split")}
-
-
-def _build_model(cfg: TrainConfig, model_cfg, init: str | None):
-    """A fresh model from `--seed`, or with the weights of `--init-from` (not when resuming)."""
-    from pretrain.runtime.checkpoint import load_weights
-
-    torch.manual_seed(cfg.seed)
-    if not init:
-        return build_pretraining_model(model_cfg)
-    _, weights = load_weights(init, cfg.trust_checkpoint)
-    model = pretraining_from_state(model_cfg, weights, f"--init-from {init} (use the --model it was trained with)")
-    log.info(f"initialized weights from {init}")
-    return model
-
-
 def dropout_seed(seed: int, first_sample: int) -> int:
     """The dropout seed of the micro-batch that starts at global sample `first_sample`: a function of the samples
     alone, so the same micro-batch draws the same dropout on any process count and after any resume."""
     return int(np.random.SeedSequence([seed, first_sample, 43]).generate_state(1, np.uint64)[0])
-
-
-def _peak_tflops(dtype: torch.dtype) -> float | None:
-    """This GPU's dense peak TFLOP/s in `dtype` (pretrain.runtime.throughput), for MFU; None on CPU or unknown."""
-    from pretrain.runtime.throughput import device_peak
-
-    return device_peak(dist.device(), {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), None)
 
 
 def _loss_scaling(engine) -> dict:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from pretrain.runtime.checkpoint import load_weights, partitioned
+from pretrain.runtime.resume import partitioned
+from pretrain.runtime.weights import load_weights
 
 
 def main(tag_dir: Path) -> None:

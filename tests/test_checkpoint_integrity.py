@@ -19,8 +19,9 @@ from common.errors import UserError, run_cli
 from pretrain import export
 from pretrain.data import DataConfig
 from pretrain.models.bert import BertForPreTraining
-from pretrain.runtime import checkpoint, integrity
-from pretrain.train import TrainConfig, main
+from pretrain.runtime import checkpoint, integrity, safe_load, weights
+from pretrain.train import main
+from pretrain.train_config import TrainConfig
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
@@ -92,7 +93,7 @@ def test_sixteen_flipped_bytes_in_a_weight_are_caught_and_resume_falls_back(setu
     middle = offset + length // 2
     data[middle : middle + 16] = bytes(b ^ 0xFF for b in data[middle : middle + 16])
     target.write_bytes(bytes(data))
-    checkpoint.safe_load.load(target)  # still loads: the damage is in the numbers, not the structure
+    safe_load.load(target)  # still loads: the damage is in the numbers, not the structure
     assert "does not match its checksum" in checkpoint.problem(target.parent)
 
     with pytest.warns(UserWarning) as caught:
@@ -228,7 +229,7 @@ def test_export_of_a_run_falls_back_and_of_a_damaged_tag_refuses(setup, tmp_path
     (save / "step_00000004" / "rng_rank0.pt").write_bytes(b"damaged")
     with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000004: rng_rank0.pt has 7 bytes"):
         assert export.main([str(save), str(tmp_path / "hf"), "--no-verify"]) == 0
-    _, exported = checkpoint.load_weights(save / "step_00000002")
+    _, exported = weights.load_weights(save / "step_00000002")
     import safetensors.torch
 
     got = safetensors.torch.load_file(str(tmp_path / "hf" / "model.safetensors"))

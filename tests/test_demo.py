@@ -15,7 +15,7 @@ import torch
 from fixtures_train import free_port
 
 from pretrain.export import build_model
-from pretrain.runtime.checkpoint import load_weights
+from pretrain.runtime.weights import load_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +128,7 @@ def test_demo_modernbert_recipe_is_packed_mlm_at_30_percent_with_stable_adamw(tm
     from pretrain.runtime.engine import build_optimizer
     from pretrain.runtime.optim import StableAdamW
     from pretrain.runtime.schedules import SCHEDULES
-    from pretrain.train import TrainConfig
+    from pretrain.train_config import TrainConfig
 
     text = open(os.path.join(ROOT, "scripts", "demo.sh")).read()
     recipe = shlex.split(re.search(r"recipe=\((--deepspeed_config ds_configs/modernbert_[^)]*)\)", text).group(1))

@@ -16,7 +16,7 @@ from embed.evaluate import EvalConfig, dense_run, evaluate, measure
 from embed.mine import MineConfig, mine
 from embed.model import EmbeddingModel, Prefixes, save_sentence_transformers
 from embed.tasks import TaskConfig, build_task
-from pretrain.runtime.checkpoint import load_weights
+from pretrain.runtime.weights import load_weights
 
 pytest.importorskip("ir_measures")
 pytest.importorskip("bm25s")

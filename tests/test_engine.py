@@ -257,10 +257,10 @@ def test_bf16_runs_make_the_fp32_updates_up_to_bf16_rounding(two_process_runs, r
 @pytest.mark.slow
 @pytest.mark.parametrize("run", [0, 2, 3, "bf16-0", "bf16-1", "bf16-2", "bf16-3"])
 def test_checkpoints_give_the_optimizers_fp32_master_weights(two_process_runs, run, tmp_path):
-    """What bert-export, --init-from and bert-finetune read (checkpoint.master_weights) is the optimizer's fp32
+    """What bert-export, --init-from and bert-finetune read (weights.master_weights) is the optimizer's fp32
     copy itself (DeepSpeed's safe_get_full_fp32_param in the worker), not the 16-bit module weights: DeepSpeed
     names bf16 optimizer shards bf16_zero_pp_rank_*, which a zero_pp_rank_* glob misses."""
-    from pretrain.runtime.checkpoint import master_weights
+    from pretrain.runtime.weights import master_weights
 
     tag_dir = two_process_runs["dir"] / str(run) / "step_00000003"
     got, want = master_weights(tag_dir), two_process_runs[run][-1]

@@ -13,7 +13,7 @@ from fixtures_train import ROOT, make_setup, run_env, train_args
 from common.errors import run_cli
 from pretrain import export
 from pretrain.models.bert import BertForPreTraining
-from pretrain.runtime.checkpoint import load_weights
+from pretrain.runtime.weights import load_weights
 
 ATOL = 1e-5
 TEXTS = ["the farmer sold a red bicycle near the river.", "our doctor found the map and talked about the garden."]

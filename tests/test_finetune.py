@@ -199,7 +199,7 @@ def test_from_a_pretraining_save_directory(task, tmp_path):
     """--init-from a `bert-pretrain --save` directory: weights via load_weights, tokenizer via the dataset manifest."""
     from fixtures_train import make_setup, run_env, train_args
 
-    from pretrain.runtime.checkpoint import load_weights
+    from pretrain.runtime.weights import load_weights
 
     setup = make_setup(tmp_path)
     save = tmp_path / "run"

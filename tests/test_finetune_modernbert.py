@@ -260,9 +260,9 @@ def test_from_our_bf16_checkpoint_and_its_export(setup, tmp_path):
 
     from pretrain import export
     from pretrain.data import DataConfig
-    from pretrain.runtime import checkpoint
-    from pretrain.train import TrainConfig
+    from pretrain.runtime import weights
     from pretrain.train import main as pretrain
+    from pretrain.train_config import TrainConfig
 
     rows = [row["text"] for row in classify_rows(240, seed=9)]
     docs = ["".join(f"{r.capitalize()}. " for r in rows[i : i + 3]) + "\n\n" for i in range(0, len(rows), 3)]
@@ -282,7 +282,7 @@ def test_from_our_bf16_checkpoint_and_its_export(setup, tmp_path):
     pretrain(TrainConfig(deepspeed_config=str(tmp_path / "ds.json"), model="modernbert-tiny", model_set=model_set,
                          data=data_cfg, save=str(save), train_steps=4, log_every=0))  # fmt: skip
     export.export(save, tmp_path / "hf")
-    _, masters = checkpoint.load_weights(save)
+    _, masters = weights.load_weights(save)
     train, outs = write_csv(tmp_path / "t.csv", classify_rows(32, seed=3)), {}
     for name, init in (("ckpt", save), ("export", tmp_path / "hf")):
         outs[name] = tmp_path / f"out_{name}"

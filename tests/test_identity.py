@@ -14,7 +14,8 @@ from common.errors import UserError
 from pretrain import identity
 from pretrain.data import DataConfig
 from pretrain.export import export
-from pretrain.train import TrainConfig, main
+from pretrain.train import main
+from pretrain.train_config import TrainConfig
 
 MODERN = ["vocab_size=256", "pad_token_id=0"]  # the README's --model-set for a small vocabulary
 

@@ -29,10 +29,8 @@ OVER_SIZE = {
     "data_prep.indexed",
     "data_prep.tokenizer",
     "pretrain.bench",
-    "pretrain.runtime.checkpoint",
     "pretrain.data",
     "pretrain.launcher",
-    "pretrain.train",
 }
 
 # (prefix, layer): the longest matching prefix wins

@@ -18,8 +18,9 @@ from tokenizers import Tokenizer
 from pretrain import export
 from pretrain.data import Batches, DataConfig, PretrainingData, eval_batches
 from pretrain.models import load_config, pretraining_from_state
-from pretrain.runtime import checkpoint
-from pretrain.train import TrainConfig, evaluate, main
+from pretrain.runtime import checkpoint, weights
+from pretrain.train import evaluate, main
+from pretrain.train_config import TrainConfig
 
 pytestmark = pytest.mark.slow  # ~20 s together: one dataset build and four short runs
 
@@ -115,7 +116,7 @@ def test_context_extension_from_a_short_context_run(setup, straight, tmp_path):
     data = PretrainingData(cfg.data)
     batches = eval_batches(data, 4, 0, 1, 8)
     assert batches[0]["input_ids"].shape == (4, LONG) and len(batches[0]["document_ids"].unique()) > 1
-    _, phase1 = checkpoint.load_weights(straight)
+    _, phase1 = weights.load_weights(straight)
     for theta, same in ((160000, True), (10000, False)):  # the same computation: bitwise, or not at all
         model_cfg = load_config("modernbert-tiny", [*setup["model_set"], *longer, f"global_rope_theta={theta}"])
         got = evaluate(pretraining_from_state(model_cfg, phase1), batches)

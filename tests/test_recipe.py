@@ -11,7 +11,8 @@ from fixtures_train import ds_config_json, losses, make_dataset, tiny_model_json
 
 from common.errors import UserError
 from pretrain import recipe
-from pretrain.train import TrainConfig, main
+from pretrain.train import main
+from pretrain.train_config import TrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +223,7 @@ def test_help_text_tells_the_truth(capsys):
     """Item 8: bert-glue's help is its own, units are in the flag names, both families are described."""
     from finetune.suite import build_parser as glue_parser
     from pretrain.bench import parse_args as bench_args
-    from pretrain.train import build_parser as pretrain_parser
+    from pretrain.train_config import build_parser as pretrain_parser
 
     glue = glue_parser().format_help()
     assert "--glue-task:" not in glue and "glue_results.json" in glue  # no bert-finetune-only wording

@@ -25,7 +25,7 @@ from fixtures_train import (
     train_args,
 )
 
-from pretrain.runtime import checkpoint
+from pretrain.runtime import checkpoint, weights
 
 STEPS = 60
 
@@ -66,7 +66,8 @@ def test_exact_resume_after_sigterm_one_process(tmp_path):
 def in_process(setup: dict, save: Path, steps: int = STEPS):
     """A one-process run in this process (as bert-pretrain runs it, without its launcher)."""
     from pretrain.data import DataConfig
-    from pretrain.train import TrainConfig, main
+    from pretrain.train import main
+    from pretrain.train_config import TrainConfig
 
     data = DataConfig([setup["prefix"]], seq_len=48, eval_fraction=0.1, num_workers=0)
     cfg = TrainConfig(deepspeed_config=setup["ds"], model=setup["model"], data=data, save=str(save), train_steps=steps)
@@ -113,14 +114,14 @@ def test_relaunching_on_another_process_count_resumes_with_the_same_global_batch
     assert [got[s] for s in range(1, 4)] == [want[s] for s in range(1, 4)]
     assert [got[s] for s in range(4, STEPS + 1)] == pytest.approx([want[s] for s in range(4, STEPS + 1)], rel=1e-4)
     if stage:  # what the relaunch converted reads the same as the original (bert-export, --init-from)
-        _, from_zero = checkpoint.load_weights(run / checkpoint.tag_name(3))
-        _, from_universal = checkpoint.load_weights(run / f"{checkpoint.tag_name(3)}_universal")
+        _, from_zero = weights.load_weights(run / checkpoint.tag_name(3))
+        _, from_universal = weights.load_weights(run / f"{checkpoint.tag_name(3)}_universal")
         assert all(torch.equal(from_zero[k], from_universal[k]) for k in from_zero)
 
 
 STOP_THEN_SIGTERM = """
 import os, signal, sys, time
-from pretrain.train import StopFlag
+from pretrain.stop import StopFlag
 signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as a rank starts (not whatever this test's parent ignores)
 stop = StopFlag()
 stop.install()

@@ -16,7 +16,8 @@ from common.errors import UserError, run_cli
 from pretrain import export
 from pretrain.data import DataConfig
 from pretrain.runtime import checkpoint, safe_load
-from pretrain.train import TrainConfig, main
+from pretrain.train import main
+from pretrain.train_config import TrainConfig
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 

@@ -43,7 +43,7 @@ ENTRY_POINTS = {
 # Documented commands that are modules, not console scripts (the README and docs/ name them).
 MODULE_COMMANDS = {
     "launch_multinode": ("pretrain.launcher", "cli"),
-    "checkpoint": ("pretrain.runtime.checkpoint", "_main"),
+    "checkpoint": ("pretrain.checkpoint", "_main"),
     "finetune-tasks": ("finetune.tasks", "main"),
 }
 
@@ -192,7 +192,8 @@ def old_run(tmp_path_factory) -> Path:
 
 def train(run_dir: Path, *extra: str) -> dict:
     """`bert-pretrain` in this process, launched from `run_dir` with the fixture's flags and `extra`."""
-    from pretrain.train import TrainConfig, main
+    from pretrain.train import main
+    from pretrain.train_config import TrainConfig
 
     flags = json.loads((FIXTURES / "checkpoint_v0" / "flags.json").read_text())
     here = Path.cwd()

@@ -49,7 +49,8 @@ def test_balanced_ranks_and_fast_data_give_no_warning():
 
 def test_a_slow_data_loader_is_measured_and_warned_about(tmp_path, capsys, monkeypatch):
     from pretrain.data import Batches, DataConfig
-    from pretrain.train import TrainConfig, main
+    from pretrain.train import main
+    from pretrain.train_config import TrainConfig
 
     setup = make_setup(tmp_path, stage=0, dropout=0.0)
     real_next = Batches.__next__

@@ -13,7 +13,9 @@ from common.errors import UserError
 from pretrain.data import DataConfig
 from pretrain.models.bert import BertForPreTraining
 from pretrain.runtime import checkpoint
-from pretrain.train import TrainConfig, cli, evaluate, main
+from pretrain.runtime.weights import load_weights
+from pretrain.train import cli, evaluate, main
+from pretrain.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +92,7 @@ def test_evaluate_matches_an_independent_count_with_hugging_face(trained, setup)
     from pretrain.models.bert import BertForPreTraining
 
     save, _ = trained
-    cfg, weights = checkpoint.load_weights(save)
+    cfg, weights = load_weights(save)
     ours = BertForPreTraining(cfg)
     ours.load_state_dict(weights)
     hf = HFBert(cfg.to_hf()).eval()
@@ -118,21 +120,21 @@ def test_load_weights_from_save_dir_tag_and_hf_dir_agree(trained, tmp_path):
     from pretrain.models.bert import BertForPreTraining
 
     save, _ = trained
-    cfg, from_dir = checkpoint.load_weights(save)
-    _, from_tag = checkpoint.load_weights(save / "step_00000060")
+    cfg, from_dir = load_weights(save)
+    _, from_tag = load_weights(save / "step_00000060")
     module = torch.load(save / "step_00000060" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     assert from_dir.keys() == from_tag.keys() >= module.keys()
     assert all(torch.equal(from_dir[k], module[k]) for k in module)
     model = BertForPreTraining(cfg)
     model.load_state_dict(from_dir)
     model.save_hf_pretrained(str(tmp_path / "hf"))
-    _, from_hf = checkpoint.load_weights(tmp_path / "hf")
+    _, from_hf = load_weights(tmp_path / "hf")
     assert all(torch.equal(from_hf[k], from_dir[k]) for k in from_dir)
 
 
 def test_init_from_loads_weights_only_with_a_fresh_schedule(trained, setup, tmp_path):
     save, _ = trained
-    _, weights = checkpoint.load_weights(save)
+    _, weights = load_weights(save)
     run = tmp_path / "phase2"
     main(config(setup, run, steps=1, init_from=str(save), eval_every=1, eval_samples=64))
     evals = [r for r in records(run) if r.get("split") == "eval"]
@@ -167,7 +169,7 @@ def test_init_optimizer_takes_the_lamb_moments_with_a_fresh_schedule(trained, se
         assert state["step"] == 60
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(state[key], phase1["state"][i][key]) and state[key].abs().sum() > 0
-    BertForPreTraining.from_state(*checkpoint.load_weights(save)).save_hf_pretrained(str(tmp_path / "hf"))
+    BertForPreTraining.from_state(*load_weights(save)).save_hf_pretrained(str(tmp_path / "hf"))
     with pytest.raises(UserError, match="not one of our checkpoints"):
         main(config(setup, tmp_path / "from_hf", steps=3, init_from=str(tmp_path / "hf"), init_optimizer=True))
     with pytest.raises(UserError, match="--init-optimizer takes the optimizer state of --init-from"):
@@ -227,7 +229,7 @@ def test_compile_trains_like_eager_and_its_checkpoints_resume_eagerly(setup, tmp
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did go through torch.compile
     want = [r["loss"] for r in records(eager)]
     torch.testing.assert_close([r["loss"] for r in records(compiled)], want, rtol=1e-4, atol=1e-5)
-    assert set(checkpoint.load_weights(str(compiled))[1]) == set(checkpoint.load_weights(str(eager))[1])
+    assert set(load_weights(str(compiled))[1]) == set(load_weights(str(eager))[1])
     assert main(config(setup, compiled, steps=8))["step"] == 8  # an eager relaunch resumes at step 6
     assert [r["step"] for r in records(compiled)] == list(range(1, 9))
 

@@ -44,7 +44,8 @@ def test_a_modernbert_model_on_bpe_data_exports_a_config_transformers_loads_quie
 
     from pretrain.data import DataConfig
     from pretrain.export import export
-    from pretrain.train import TrainConfig, main
+    from pretrain.train import main
+    from pretrain.train_config import TrainConfig
 
     text = corpus(tmp_path)
     vocab = ["vocab", "--input", text, "--vocab-size", "300", "--output", tmp_path / "tok", "--model", "bpe"]

@@ -20,7 +20,7 @@ fails when an upgrade changes it (tests/test_engine.py unless named):
 - the wrappers' `_global_grad_norm` (`step`): every stage reports torch's gradient norm;
 - ZeRO-3's `_zero3_consolidated_16bit_state_dict` (`full_state_dict`): the whole model at every stage;
 - the CPU comm op's shared-memory name (pretrain.runtime.dist.shm_buffer_name): the buffer exists under it during a run;
-- checkpoint files and their fp32 groups (pretrain.runtime.checkpoint.master_weights): the optimizer's own masters;
+- checkpoint files and their fp32 groups (pretrain.runtime.weights.master_weights): the optimizer's own masters;
 - `launch.py`'s exit lines and DS_ENV_FILE (pretrain.launcher): tests/test_launch_ssh.py.
 """
 

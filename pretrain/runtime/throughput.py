@@ -15,6 +15,7 @@ from pretrain.models import flops_per_sequence
 # Dense peak TFLOP/s of the tensor cores (no sparsity) by device name fragment and precision.
 from pretrain.models.attention import Packing
 from pretrain.models.kernels import FastPaths
+from pretrain.runtime import dist
 
 PEAK_TFLOPS = {
     "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
@@ -40,3 +41,17 @@ def device_peak(device: torch.device, precision: str, override: float | None) ->
         return override
     name = torch.cuda.get_device_name(device)
     return next((peaks[precision] for key, peaks in PEAK_TFLOPS.items() if key in name), None)
+
+
+def peak_memory() -> float:
+    """Bytes: the accelerator's peak allocation, or on CPU the process's peak resident size."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return float(torch.cuda.max_memory_allocated())
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def peak_tflops(dtype: torch.dtype) -> float | None:
+    """This GPU's dense peak TFLOP/s in `dtype`, for MFU; None on CPU or an unknown GPU."""
+    return device_peak(dist.device(), {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32"), None)
