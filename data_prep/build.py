@@ -50,7 +50,7 @@ from common.errors import UserError
 from common.files import write_json_atomic
 from common.flags import add_command, option
 from common.log import get_logger
-from data_prep import indexed, text, tokenizer
+from data_prep import indexed, indexed_writer, text, tokenizer
 from data_prep.inputs import DocBoundary, Input, InputFormat, ReadStats, resolve_inputs
 from data_prep.pool import ordered_map
 
@@ -242,7 +242,7 @@ def _finish(router: _Router, journal: _Journal, manifest: Callable, existing: li
     return manifests
 
 
-def _abandon(writers: list[indexed.IndexedDatasetWriter], journal: _Journal, keep: bool) -> None:
+def _abandon(writers: list[indexed_writer.IndexedDatasetWriter], journal: _Journal, keep: bool) -> None:
     """After a failure: keep the temporary files for a restart when a journal records them (interrupted or
     crashed), else (bad input, or nothing recorded yet) delete everything."""
     if keep and journal.exists():
@@ -255,7 +255,7 @@ def _abandon(writers: list[indexed.IndexedDatasetWriter], journal: _Journal, kee
     journal.remove()
 
 
-def _warn_single_sentence_documents(writers: list[indexed.IndexedDatasetWriter], output: str) -> None:
+def _warn_single_sentence_documents(writers: list[indexed_writer.IndexedDatasetWriter], output: str) -> None:
     single = sum(w.single_sequence_documents for w in writers)
     documents = sum(w.num_documents for w in writers)
     if documents and single > SINGLE_SENTENCE_WARNING * documents:
@@ -328,26 +328,26 @@ class _Journal:
         self.path = Path(f"{output}.journal.tmp")
         self.chunks = 0  # chunks written to the writers (by this run and the interrupted one)
 
-    def open_writers(self, prefixes: list[str], dtype: np.dtype) -> list[indexed.IndexedDatasetWriter]:
+    def open_writers(self, prefixes: list[str], dtype: np.dtype) -> list[indexed_writer.IndexedDatasetWriter]:
         """Writers resumed from an interrupted run of the same build, else fresh ones (stale files removed)."""
         try:
             saved = json.loads(self.path.read_text())
         except (OSError, ValueError):
             saved = {}
         if saved.get("fingerprint") == self.fingerprint and len(saved.get("writers", [])) == len(prefixes):
-            writers: list[indexed.IndexedDatasetWriter] = []
+            writers: list[indexed_writer.IndexedDatasetWriter] = []
             try:
                 for p, state in zip(prefixes, saved["writers"]):
-                    writers.append(indexed.IndexedDatasetWriter(p, dtype, resume=state))
+                    writers.append(indexed_writer.IndexedDatasetWriter(p, dtype, resume=state))
                 self.chunks = int(saved["chunks"])
                 return writers
             except (indexed.ResumeError, KeyError, TypeError, ValueError):
                 for w in writers:
                     w.detach()
         _remove_stale(self.output)
-        return [indexed.IndexedDatasetWriter(p, dtype) for p in prefixes]
+        return [indexed_writer.IndexedDatasetWriter(p, dtype) for p in prefixes]
 
-    def write(self, writers: list[indexed.IndexedDatasetWriter]) -> None:
+    def write(self, writers: list[indexed_writer.IndexedDatasetWriter]) -> None:
         states = [w.state(sync=True) for w in writers]  # data on disk before the journal that points to it
         write_json_atomic(self.path, {"fingerprint": self.fingerprint, "chunks": self.chunks, "writers": states})
 
@@ -363,7 +363,7 @@ class _Journal:
 class _Router:
     """Sends each chunk's documents to the writers; with K shards, document j of the corpus goes to shard j % K."""
 
-    writers: list[indexed.IndexedDatasetWriter]
+    writers: list[indexed_writer.IndexedDatasetWriter]
     next_document: int = 0  # global index of the next chunk's first document (counting its open part)
 
     @property

@@ -274,7 +274,7 @@ def held_out_sentences(cfg: WordOrderConfig) -> list[tuple[int, list[str]]]:
 
     from data_prep import tokenizer
     from data_prep.indexed import IndexedDataset
-    from pretrain.data import held_out_documents
+    from pretrain.sources import held_out_documents
 
     if not Path(cfg.data + ".idx").is_file():
         raise UserError(f"dataset {cfg.data}.bin/.idx does not exist; pass the PREFIX the pretraining run read")

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from common.errors import UserError
 from common.flags import accept_launcher_arguments, add_arguments, option
 from common.log import get_logger
+from pretrain.bench_batches import data_batches, hf_inputs, synthetic_batch
 from pretrain.models import ModelFlags, build_pretraining_model
 from pretrain.recipe import FAMILY_RECIPES, add_recipe_arguments, parse_with_recipe
 from pretrain.runtime import dist
@@ -51,71 +52,7 @@ from pretrain.runtime.throughput import batch_flops, device_peak
 log = get_logger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CLS_ID, SEP_ID, MASK_ID = 101, 102, 103
 CHUNK = 1  # timed steps per turn: the models alternate step by step
-
-
-def synthetic_batch(
-    config, batch: int, seq_len: int, padding: str, gen: torch.Generator, mask_prob: float = 0.15
-) -> dict:
-    """One micro-batch in the docs/DESIGN.md layout, with the padding distribution of the module docstring."""
-    if padding == "realistic":
-        short = torch.rand(batch, generator=gen) < 0.1
-        low = torch.where(short, torch.full((batch,), min(8, seq_len)), torch.full((batch,), seq_len // 2))
-        lengths = low + (torch.rand(batch, generator=gen) * (seq_len - low + 1)).long().clamp(max=seq_len - low)
-        lengths[lengths.argmax()] = seq_len
-    else:
-        lengths = torch.full((batch,), seq_len)
-    positions = torch.arange(seq_len)
-    real = positions < lengths[:, None]  # (B, S)
-    input_ids = torch.randint(
-        1000 if config.vocab_size > 2000 else 5, config.vocab_size, (batch, seq_len), generator=gen
-    )
-    input_ids = torch.where(real, input_ids, config.pad_token_id)
-    input_ids[:, 0] = CLS_ID % config.vocab_size
-    masked = torch.cat([_pick_masked(int(n), seq_len, b, gen, mask_prob) for b, n in enumerate(lengths)])  # (N,)
-    mlm_labels = input_ids.flatten()[masked]
-    input_ids.view(-1)[masked] = MASK_ID % config.vocab_size
-    return {
-        "input_ids": input_ids,
-        "token_type_ids": (positions >= lengths[:, None] // 2).long() * real,
-        "attention_mask": real.long(),
-        "masked_positions": masked,
-        "mlm_labels": mlm_labels,
-        "nsp_labels": torch.randint(0, 2, (batch,), generator=gen),
-    }
-
-
-def _pick_masked(length: int, seq_len: int, row: int, gen: torch.Generator, mask_prob: float) -> torch.Tensor:
-    count = max(1, round(mask_prob * length))
-    return (torch.randperm(length - 1, generator=gen)[:count] + 1).sort().values + row * seq_len
-
-
-def data_batches(
-    prefix: str, config, micro_batch: int, seq_len: int, seed: int, mask_prob: float | None = None
-) -> list[dict]:
-    """The first 8 training micro-batches of a `bert-prep build` dataset (pretrain.data) with the objective of
-    the model family's recipe (BERT: NSP, 15%; ModernBERT: packed, 30%; pretrain.recipe), as bert-pretrain."""
-    from pretrain.data import DataConfig, PretrainingData
-
-    objective = dict(FAMILY_RECIPES[config.model_type])
-    if mask_prob is not None:
-        objective["mask_prob"] = mask_prob
-    data = PretrainingData(DataConfig(prefixes=[prefix], seq_len=seq_len, seed=seed, num_workers=0, **objective))
-    if data.vocab_size > config.vocab_size:
-        raise UserError(f"--data {prefix} has {data.vocab_size} token ids but --model only {config.vocab_size}")
-    return [data.batch("train", i * micro_batch, micro_batch) for i in range(8)]
-
-
-def hf_inputs(batch: dict, family: str = "bert") -> dict:
-    """The same batch in the keyword arguments of transformers' BertForPreTraining or ModernBertForMaskedLM
-    (labels -100 where unmasked)."""
-    labels = torch.full_like(batch["input_ids"], -100)
-    labels.view(-1)[batch["masked_positions"]] = batch["mlm_labels"]
-    if family == "modernbert":
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
-    keys = ("input_ids", "token_type_ids", "attention_mask")
-    return {**{k: batch[k] for k in keys}, "labels": labels, "next_sentence_label": batch["nsp_labels"]}
 
 
 class Runner:
@@ -172,7 +109,8 @@ class EngineRunner(Runner):
 
 def loader_throughput(prefix: str, seq_len: int, micro_batch: int, seed: int, batches: int = 50) -> float:
     """Samples/s that the training data loader alone sustains on this rank (no model), after one warm-up batch."""
-    from pretrain.data import DataConfig, PretrainingData
+    from pretrain.data import PretrainingData
+    from pretrain.data_config import DataConfig
 
     rank, world = dist.rank(), dist.world_size()
     data = PretrainingData(DataConfig(prefixes=[prefix], seq_len=seq_len, seed=seed, num_workers=0))

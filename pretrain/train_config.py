@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from common.errors import UserError
 from common.flags import accept_launcher_arguments, add_arguments, from_args, option
 from pretrain import recipe
-from pretrain.data import DataConfig
+from pretrain.data_config import DataConfig
 from pretrain.models import ModelFlags
 
 

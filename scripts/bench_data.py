@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.indexed import IndexedDatasetWriter
-from pretrain.data import DataConfig, PretrainingData
+from data_prep.indexed_writer import IndexedDatasetWriter
+from pretrain.data import PretrainingData
+from pretrain.data_config import DataConfig
 
 SPECIALS = {"pad": 0, "unk": 100, "cls": 101, "sep": 102, "mask": 103}
 

@@ -32,8 +32,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pretrain.bench import hf_inputs  # noqa: E402
-from pretrain.data import DataConfig, PretrainingData, eval_batches  # noqa: E402
+from pretrain.bench_batches import hf_inputs  # noqa: E402
+from pretrain.data import PretrainingData, eval_batches  # noqa: E402
+from pretrain.data_config import DataConfig  # noqa: E402
 from pretrain.models import build_pretraining_model, load_config  # noqa: E402
 from pretrain.runtime import dist  # noqa: E402
 from pretrain.runtime import engine as eng  # noqa: E402

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import integrity
-from data_prep.indexed import IndexedDataset, IndexedDatasetWriter
+from data_prep.indexed import IndexedDataset
+from data_prep.indexed_writer import IndexedDatasetWriter
 
 SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
 _SPECIAL_NAMES = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

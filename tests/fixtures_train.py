@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep import integrity
-from data_prep.indexed import IndexedDataset, IndexedDatasetWriter, token_dtype
+from data_prep.indexed import IndexedDataset, token_dtype
+from data_prep.indexed_writer import IndexedDatasetWriter
 
 SUBJECTS = [
     "the farmer",

@@ -17,7 +17,7 @@ from fixtures_train import ROOT, losses, make_setup, run_env, train_args
 
 from common.errors import UserError, run_cli
 from pretrain import export
-from pretrain.data import DataConfig
+from pretrain.data_config import DataConfig
 from pretrain.models.bert import BertForPreTraining
 from pretrain.runtime import checkpoint, integrity, safe_load, weights
 from pretrain.train import main

@@ -14,7 +14,10 @@ from fixtures_data import SPECIALS, Corpus, make_corpus
 
 from common import flags
 from common.errors import UserError
-from pretrain.data import DataConfig, PretrainingData, _pair_lengths, eval_batches, permute
+from pretrain.data import PretrainingData, eval_batches
+from pretrain.data_config import DataConfig
+from pretrain.samples import pair_lengths as _pair_lengths
+from pretrain.samples import permute
 
 CLS, SEP, PAD, MASK = SPECIALS["cls"], SPECIALS["sep"], SPECIALS["pad"], SPECIALS["mask"]
 SEQ = 48

@@ -22,7 +22,8 @@ from fixtures_train import ds_config_json, run_env, tiny_model_json
 
 from common.errors import UserError
 from data_prep import integrity
-from pretrain.data import DataConfig, PretrainingData
+from pretrain.data import PretrainingData
+from pretrain.data_config import DataConfig
 
 CFG = dict(seq_len=32, eval_fraction=0.1, num_workers=0)
 

@@ -259,7 +259,7 @@ def test_from_our_bf16_checkpoint_and_its_export(setup, tmp_path):
     from fixtures_prep import run_cli
 
     from pretrain import export
-    from pretrain.data import DataConfig
+    from pretrain.data_config import DataConfig
     from pretrain.runtime import weights
     from pretrain.train import main as pretrain
     from pretrain.train_config import TrainConfig

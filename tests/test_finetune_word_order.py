@@ -9,7 +9,8 @@ from fixtures_data import make_corpus
 from common.errors import UserError
 from data_prep import tokenizer
 from finetune import tasks
-from pretrain.data import DataConfig, PretrainingData
+from pretrain.data import PretrainingData
+from pretrain.data_config import DataConfig
 
 
 def read(path):

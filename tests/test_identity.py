@@ -12,7 +12,7 @@ from fixtures_train import _documents, build_tokenizer, ds_config_json, make_dat
 
 from common.errors import UserError
 from pretrain import identity
-from pretrain.data import DataConfig
+from pretrain.data_config import DataConfig
 from pretrain.export import export
 from pretrain.train import main
 from pretrain.train_config import TrainConfig

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.indexed import IndexedDataset, IndexedDatasetError, IndexedDatasetWriter
+from data_prep.indexed import IndexedDataset, IndexedDatasetError
+from data_prep.indexed_writer import IndexedDatasetWriter
 
 megatron = pytest.importorskip("megatron.core.datasets.indexed_dataset")
 

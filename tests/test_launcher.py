@@ -13,7 +13,7 @@ import types
 import pytest
 
 from common.errors import UserError
-from pretrain import launcher
+from pretrain import failures, launcher
 
 HOSTS = ["127.0.0.1", "127.0.0.2"]
 # Lines as DeepSpeed's launch.py, pdsh, torch and bert-pretrain print them (taken from real launches).
@@ -45,7 +45,7 @@ PEER_ERROR = (
     ],
 )
 def test_failure_lines_name_their_node_and_cause(line, node, cause):
-    failure = launcher.parse_failure(line, HOSTS, "node-a")
+    failure = failures.parse_failure(line, HOSTS, "node-a")
     assert failure is not None and failure.node == node and failure.cause.startswith(cause), failure
 
 
@@ -60,15 +60,15 @@ def test_failure_lines_name_their_node_and_cause(line, node, cause):
     ],
 )
 def test_ordinary_lines_are_no_failure(line):
-    assert launcher.parse_failure(line, HOSTS, "node-a") is None
+    assert failures.parse_failure(line, HOSTS, "node-a") is None
 
 
 def test_the_first_cause_is_told_from_its_echoes():
-    echo = launcher.parse_failure(PEER_ERROR, HOSTS, "x")
-    killed = launcher.parse_failure(KILLED_RANK, HOSTS, "x")
-    exited = launcher.parse_failure("127.0.0.1: [..] [launch.py:259] [..] exits with return code = 1", HOSTS, "x")
+    echo = failures.parse_failure(PEER_ERROR, HOSTS, "x")
+    killed = failures.parse_failure(KILLED_RANK, HOSTS, "x")
+    exited = failures.parse_failure("127.0.0.1: [..] [launch.py:259] [..] exits with return code = 1", HOSTS, "x")
     # the survivor's error reaches the output first; the killed rank is reported a second later by its launcher
-    text = launcher.describe([echo, exited, killed])
+    text = failures.describe([echo, exited, killed])
     assert text == "node 127.0.0.2: a rank was killed by SIGKILL; then on 127.0.0.1, as a consequence"
 
 

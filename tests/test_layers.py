@@ -26,11 +26,7 @@ OVER_SIZE = {
     "data_prep.bench",
     "data_prep.build",
     "data_prep.corpus",
-    "data_prep.indexed",
     "data_prep.tokenizer",
-    "pretrain.bench",
-    "pretrain.data",
-    "pretrain.launcher",
 }
 
 # (prefix, layer): the longest matching prefix wins

@@ -11,7 +11,8 @@ from fixtures_data import SPECIALS, make_corpus
 from transformers import BertTokenizer
 
 from common.errors import UserError
-from pretrain.data import DataConfig, PretrainingData
+from pretrain.data import PretrainingData
+from pretrain.data_config import DataConfig
 from pretrain.masking import Masker
 
 CLS, SEP, PAD, MASK = SPECIALS["cls"], SPECIALS["sep"], SPECIALS["pad"], SPECIALS["mask"]

@@ -7,7 +7,7 @@ import torch
 from fixtures_data import make_corpus
 
 from common.errors import run_cli
-from pretrain import bench
+from pretrain import bench, bench_batches
 from pretrain.models import flops_per_sequence
 from pretrain.models.bert import BertConfig
 from pretrain.runtime import throughput
@@ -17,7 +17,7 @@ def test_synthetic_batch_layout_and_masking():
     config = BertConfig.preset("tiny")
     S = 128
     gen = torch.Generator().manual_seed(0)
-    batches = [bench.synthetic_batch(config, 64, S, "realistic", gen) for _ in range(4)]
+    batches = [bench_batches.synthetic_batch(config, 64, S, "realistic", gen) for _ in range(4)]
     lengths = torch.cat([b["attention_mask"].sum(1) for b in batches])
     assert lengths.max() == S and lengths.min() >= 8
     assert 0.02 < (lengths < S // 2).float().mean() < 0.08  # short_seq_prob 0.1, of which 46% fall below S/2
@@ -28,18 +28,18 @@ def test_synthetic_batch_layout_and_masking():
         counts = torch.bincount(rows, minlength=64)
         expected = (b["attention_mask"].sum(1) * 0.15).round().clamp(min=1)
         assert torch.equal(counts, expected.long())
-        assert torch.all(b["input_ids"].view(-1)[b["masked_positions"]] == bench.MASK_ID)
+        assert torch.all(b["input_ids"].view(-1)[b["masked_positions"]] == bench_batches.MASK_ID)
         assert torch.all(b["input_ids"][b["attention_mask"] == 0] == config.pad_token_id)
-        labels = bench.hf_inputs(b)["labels"].view(-1)
+        labels = bench_batches.hf_inputs(b)["labels"].view(-1)
         assert torch.equal(labels[b["masked_positions"]], b["mlm_labels"])
         assert (labels != -100).sum() == len(b["masked_positions"])
-    full = bench.synthetic_batch(config, 4, S, "none", gen)
+    full = bench_batches.synthetic_batch(config, 4, S, "none", gen)
     assert torch.all(full["attention_mask"] == 1)
 
 
 def test_batch_flops_sums_the_formula_per_sequence():
     config = BertConfig.preset("mini")
-    b = bench.synthetic_batch(config, 3, 64, "realistic", torch.Generator().manual_seed(1))
+    b = bench_batches.synthetic_batch(config, 3, 64, "realistic", torch.Generator().manual_seed(1))
     lengths = b["attention_mask"].sum(1).tolist()
     masked = [int(((b["masked_positions"] // 64) == i).sum()) for i in range(3)]
     L, h, V = 4, 256, 30522
@@ -80,7 +80,7 @@ def test_bench_on_real_data(tmp_path):
     BertConfig.preset("tiny", vocab_size=2000).to_json(model)
     args = ["--model", str(model), "--data", corpus.prefix, "--seq-len", "32", "--micro-batch", "4", "--steps", "1"]
     assert bench.main([*args, "--warmup", "0", "--json", str(out)]) == 0
-    batches = bench.data_batches(corpus.prefix, BertConfig.preset("tiny", vocab_size=2000), 4, 32, 0)
+    batches = bench_batches.data_batches(corpus.prefix, BertConfig.preset("tiny", vocab_size=2000), 4, 32, 0)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
     ours = json.loads(out.read_text())["ours"]
     assert ours["tokens_per_s"] == pytest.approx(tokens / ours["step_s"])
@@ -103,6 +103,6 @@ def test_bench_modernbert_beside_transformers(tmp_path, capsys):
     assert result["speedup_vs_hf"] == pytest.approx(result["ours"]["seq_per_s"] / result["hf"]["seq_per_s"])
     config = ModernBertConfig(vocab_size=500, pad_token_id=0)
     for seed in range(2):  # ModernBERT's recipe masks 30%
-        b = bench.synthetic_batch(config, 4, 32, "realistic", torch.Generator().manual_seed(seed), 0.3)
+        b = bench_batches.synthetic_batch(config, 4, 32, "realistic", torch.Generator().manual_seed(seed), 0.3)
         assert len(b["masked_positions"]) == int((b["attention_mask"].sum(1) * 0.3).round().clamp(min=1).sum())
-        assert set(bench.hf_inputs(b, "modernbert")) == {"input_ids", "attention_mask", "labels"}
+        assert set(bench_batches.hf_inputs(b, "modernbert")) == {"input_ids", "attention_mask", "labels"}

@@ -16,7 +16,9 @@ from fixtures_prep import BPE_ROLES, documents, prep_tokenizers_fixture, run_cli
 from tokenizers import Tokenizer
 
 from pretrain import export
-from pretrain.data import Batches, DataConfig, PretrainingData, eval_batches
+from pretrain.data import PretrainingData, eval_batches
+from pretrain.data_config import DataConfig
+from pretrain.loader import Batches
 from pretrain.models import load_config, pretraining_from_state
 from pretrain.runtime import checkpoint, weights
 from pretrain.train import evaluate, main

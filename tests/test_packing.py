@@ -13,7 +13,8 @@ from fixtures_data import SPECIALS, Corpus, make_corpus
 
 from common.errors import UserError
 from pretrain import models
-from pretrain.data import DataConfig, PretrainingData
+from pretrain.data import PretrainingData
+from pretrain.data_config import DataConfig
 from pretrain.models.bert import BertConfig
 from pretrain.models.modernbert import ModernBertConfig
 from pretrain.runtime.throughput import batch_flops

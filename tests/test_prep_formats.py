@@ -140,7 +140,8 @@ def _sentences(paragraph: str) -> list[str]:
 
 
 def test_pretraining_warns_when_most_documents_are_one_sentence(tmp_path, prep_tokenizer):
-    from pretrain.data import DataConfig, PretrainingData
+    from pretrain.data import PretrainingData
+    from pretrain.data_config import DataConfig
 
     docs = [[s] for s in _sentences(" ".join(p for d in documents(20, seed=57) for p in d))]
     docs += documents(5, seed=58)  # a few documents with pairs in them

@@ -11,7 +11,8 @@ import torch
 from fixtures_prep import documents, prep_tokenizer_fixture, run_cli, txt  # noqa: F401
 
 from data_prep.indexed import IndexedDataset
-from pretrain.data import DataConfig, PretrainingData
+from pretrain.data import PretrainingData
+from pretrain.data_config import DataConfig
 
 megatron = pytest.importorskip("megatron.core.datasets.indexed_dataset")
 

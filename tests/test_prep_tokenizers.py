@@ -224,7 +224,8 @@ def _pieces(file, own):
 
 
 def test_pretraining_whole_word_masking_with_bpe_or_a_one_line_refusal(tmp_path, prep_tokenizers):
-    from pretrain.data import DataConfig, PretrainingData
+    from pretrain.data import PretrainingData
+    from pretrain.data_config import DataConfig
 
     (tmp_path / "a.txt").write_text("\n\n".join("\n".join(d) for d in documents(30, seed=9)) + "\n")
     spec = json.loads(prep_tokenizers["bpe"].read_text())

@@ -183,7 +183,7 @@ def test_deepspeed_side_flags_fill_the_json_and_a_disagreement_names_both(root, 
 
 @pytest.mark.parametrize("name", recipe.shipped())
 def test_every_shipped_recipe_and_phase_resolves(name):
-    from pretrain.data import DataConfig
+    from pretrain.data_config import DataConfig
 
     assert {"bert-base", "modernbert-base"} <= set(recipe.shipped())
     base = TrainConfig(deepspeed_config="ds.json", data=DataConfig(["x"]), save="s")

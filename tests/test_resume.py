@@ -65,7 +65,7 @@ def test_exact_resume_after_sigterm_one_process(tmp_path):
 
 def in_process(setup: dict, save: Path, steps: int = STEPS):
     """A one-process run in this process (as bert-pretrain runs it, without its launcher)."""
-    from pretrain.data import DataConfig
+    from pretrain.data_config import DataConfig
     from pretrain.train import main
     from pretrain.train_config import TrainConfig
 
@@ -84,7 +84,7 @@ def test_relaunching_on_another_process_count_resumes_with_the_same_global_batch
     import os
     import signal
 
-    from pretrain.data import Batches
+    from pretrain.loader import Batches
 
     setup = make_setup(tmp_path, stage=stage, dropout=0.0)
     setup["ds"] = ds_config_json(tmp_path / f"ds_{stage}.json", micro_batch=4, world=2, stage=stage)

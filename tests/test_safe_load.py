@@ -14,7 +14,7 @@ from fixtures_train import ROOT, ds_config_json, make_setup, run_env, train_args
 
 from common.errors import UserError, run_cli
 from pretrain import export
-from pretrain.data import DataConfig
+from pretrain.data_config import DataConfig
 from pretrain.runtime import checkpoint, safe_load
 from pretrain.train import main
 from pretrain.train_config import TrainConfig

@@ -48,7 +48,8 @@ def test_balanced_ranks_and_fast_data_give_no_warning():
 
 
 def test_a_slow_data_loader_is_measured_and_warned_about(tmp_path, capsys, monkeypatch):
-    from pretrain.data import Batches, DataConfig
+    from pretrain.data_config import DataConfig
+    from pretrain.loader import Batches
     from pretrain.train import main
     from pretrain.train_config import TrainConfig
 

@@ -10,7 +10,7 @@ import torch
 from fixtures_train import ds_config_json, make_setup, tiny_model_json
 
 from common.errors import UserError
-from pretrain.data import DataConfig
+from pretrain.data_config import DataConfig
 from pretrain.models.bert import BertForPreTraining
 from pretrain.runtime import checkpoint
 from pretrain.runtime.weights import load_weights
@@ -267,7 +267,7 @@ def test_a_signal_mid_accumulation_saves_the_last_whole_step_and_resumes_exactly
     import os
     import signal
 
-    from pretrain.data import Batches
+    from pretrain.loader import Batches
 
     setup = make_setup(tmp_path, stage=0, dropout=0.1)
     setup["ds"] = ds_config_json(tmp_path / "ds_accum.json", micro_batch=2, grad_accum=4)

@@ -42,7 +42,7 @@ def test_the_same_inputs_give_the_same_tokenizer_with_wordpieces_special_ids(tmp
 def test_a_modernbert_model_on_bpe_data_exports_a_config_transformers_loads_quietly(tmp_path, caplog):
     import transformers
 
-    from pretrain.data import DataConfig
+    from pretrain.data_config import DataConfig
     from pretrain.export import export
     from pretrain.train import main
     from pretrain.train_config import TrainConfig
