@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import glob
 import hashlib
 import itertools
 import json
@@ -47,10 +46,10 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import UserError
-from common.files import write_json_atomic
 from common.flags import add_command, option
 from common.log import get_logger
 from data_prep import indexed, indexed_writer, text, tokenizer
+from data_prep.build_output import Journal, Router, existing_outputs, is_output, output_prefixes
 from data_prep.inputs import DocBoundary, Input, InputFormat, ReadStats, resolve_inputs
 from data_prep.pool import ordered_map
 
@@ -149,38 +148,10 @@ class BuildResult:
         )
 
 
-def output_prefixes(output: str, shards: int) -> list[str]:
-    return [output] if shards == 0 else [f"{output}_{k:05d}" for k in range(shards)]
-
-
-def _existing_outputs(output: str) -> list[str]:
-    names = [str(p) for p in indexed.paths(output) if p.exists()]
-    for ext in ("bin", "idx", "json"):
-        names += glob.glob(f"{glob.escape(output)}_[0-9][0-9][0-9][0-9][0-9].{ext}")
-    return sorted(names)
-
-
-def _is_output(path: Path, out: Path) -> bool:
-    """Whether `path` is one of the files `--output out` writes (dataset, shard or temporary file)."""
-    if path.parent != out.parent or not path.name.startswith(out.name):
-        return False
-    rest = path.name[len(out.name) :]
-    rest = rest[6:] if len(rest) > 6 and rest[0] == "_" and rest[1:6].isdigit() else rest
-    return rest.split(".tmp")[0] in (".bin", ".idx", ".json", ".idx.lengths", ".idx.docs", ".journal")
-
-
-def _remove_stale(output: str) -> None:
-    """Delete the `*.tmp` leftovers of a killed run."""
-    escaped = glob.escape(output)
-    for pattern in (f"{escaped}.*.tmp", f"{escaped}_[0-9][0-9][0-9][0-9][0-9].*.tmp"):
-        for name in glob.glob(pattern):
-            os.unlink(name)
-
-
 def build(cfg: BuildConfig) -> BuildResult:
     """Run the whole build; raises UserError on bad input, leaving nothing under the final names."""
     cfg.validate()
-    existing = _existing_outputs(cfg.output)
+    existing = existing_outputs(cfg.output)
     if existing and not cfg.overwrite:
         raise UserError(f"output {existing[0]} already exists; pass --overwrite or choose another --output")
     inputs = _inputs(cfg)
@@ -189,10 +160,10 @@ def build(cfg: BuildConfig) -> BuildResult:
     dtype = indexed.token_dtype(info.vocab_size)
     backend_json = tok.backend_tokenizer.to_str()
     log.info(_tokenizer_line(info, dtype))
-    journal = _Journal(cfg.output, _fingerprint(cfg, inputs, backend_json, info, dtype))
+    journal = Journal(cfg.output, _fingerprint(cfg, inputs, backend_json, info, dtype))
     reader = text.TextReader(inputs, cfg.text_key, cfg.strict, cfg.doc_boundary)
     work = _ChunkWork(backend_json, dtype, cfg.split_sentences, cfg.ascii_fast_path)
-    router = _Router(journal.open_writers(output_prefixes(cfg.output, cfg.shards), dtype))
+    router = Router(journal.open_writers(output_prefixes(cfg.output, cfg.shards), dtype))
     resumed_tokens = sum(w.num_tokens for w in router.writers)
     start = time.perf_counter()
     try:
@@ -214,7 +185,7 @@ def _inputs(cfg: BuildConfig) -> list[Input]:
     """The --input files with their formats, less the files `--output` writes (an --input directory that
     also holds the output, or the leftovers of a killed run, must not read it)."""
     out = Path(cfg.output).resolve()
-    inputs = [i for i in resolve_inputs(cfg.input, cfg.format) if not _is_output(i.path, out)]
+    inputs = [i for i in resolve_inputs(cfg.input, cfg.format) if not is_output(i.path, out)]
     if not inputs:
         raise UserError(f"the only --input files are outputs of --output {cfg.output}; pass the text files")
     return inputs
@@ -226,7 +197,7 @@ def _tokenizer_line(info: tokenizer.TokenizerInfo, dtype: np.dtype) -> str:
     return f"tokenizer {info.path}: {info.model}, {info.vocab_size:,} tokens ({np.dtype(dtype).name} ids); {roles}"
 
 
-def _finish(router: _Router, journal: _Journal, manifest: Callable, existing: list[str], first: Path) -> list[dict]:
+def _finish(router: Router, journal: Journal, manifest: Callable, existing: list[str], first: Path) -> list[dict]:
     """Check the counts, write every dataset (manifest, `.idx` last), drop the journal; the manifests."""
     counts = router.counts()
     if not any(c[0] for c in counts):
@@ -242,7 +213,7 @@ def _finish(router: _Router, journal: _Journal, manifest: Callable, existing: li
     return manifests
 
 
-def _abandon(writers: list[indexed_writer.IndexedDatasetWriter], journal: _Journal, keep: bool) -> None:
+def _abandon(writers: list[indexed_writer.IndexedDatasetWriter], journal: Journal, keep: bool) -> None:
     """After a failure: keep the temporary files for a restart when a journal records them (interrupted or
     crashed), else (bad input, or nothing recorded yet) delete everything."""
     if keep and journal.exists():
@@ -269,7 +240,7 @@ def _warn_single_sentence_documents(writers: list[indexed_writer.IndexedDatasetW
 
 
 def _tokenize_into(
-    router: _Router, reader: text.TextReader, work: _ChunkWork, cfg: BuildConfig, journal: _Journal
+    router: Router, reader: text.TextReader, work: _ChunkWork, cfg: BuildConfig, journal: Journal
 ) -> None:
     """Stream every chunk through the workers into the writers, with a progress bar and the journal."""
     total = sum(f.stat().st_size for f in reader.files)
@@ -318,82 +289,6 @@ def _fingerprint(
         "versions": [FORMAT_VERSION, TOOL_VERSION],
     }
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
-
-
-class _Journal:
-    """`PREFIX.journal.tmp`: how many chunks the writers hold, and their state, for a restart."""
-
-    def __init__(self, output: str, fingerprint: str):
-        self.output, self.fingerprint = output, fingerprint
-        self.path = Path(f"{output}.journal.tmp")
-        self.chunks = 0  # chunks written to the writers (by this run and the interrupted one)
-
-    def open_writers(self, prefixes: list[str], dtype: np.dtype) -> list[indexed_writer.IndexedDatasetWriter]:
-        """Writers resumed from an interrupted run of the same build, else fresh ones (stale files removed)."""
-        try:
-            saved = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            saved = {}
-        if saved.get("fingerprint") == self.fingerprint and len(saved.get("writers", [])) == len(prefixes):
-            writers: list[indexed_writer.IndexedDatasetWriter] = []
-            try:
-                for p, state in zip(prefixes, saved["writers"]):
-                    writers.append(indexed_writer.IndexedDatasetWriter(p, dtype, resume=state))
-                self.chunks = int(saved["chunks"])
-                return writers
-            except (indexed.ResumeError, KeyError, TypeError, ValueError):
-                for w in writers:
-                    w.detach()
-        _remove_stale(self.output)
-        return [indexed_writer.IndexedDatasetWriter(p, dtype) for p in prefixes]
-
-    def write(self, writers: list[indexed_writer.IndexedDatasetWriter]) -> None:
-        states = [w.state(sync=True) for w in writers]  # data on disk before the journal that points to it
-        write_json_atomic(self.path, {"fingerprint": self.fingerprint, "chunks": self.chunks, "writers": states})
-
-    def exists(self) -> bool:
-        return self.path.is_file()
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-        Path(f"{self.path}.tmp").unlink(missing_ok=True)  # a kill while the journal was being written leaves it
-
-
-@dataclass
-class _Router:
-    """Sends each chunk's documents to the writers; with K shards, document j of the corpus goes to shard j % K."""
-
-    writers: list[indexed_writer.IndexedDatasetWriter]
-    next_document: int = 0  # global index of the next chunk's first document (counting its open part)
-
-    @property
-    def prefixes(self) -> list[str]:
-        return [w.prefix for w in self.writers]
-
-    def write(self, ids: np.ndarray, lengths: np.ndarray, per_part: np.ndarray, ends: np.ndarray) -> None:
-        if len(per_part) == 0:
-            return
-        part_doc = self.next_document + np.cumsum(ends) - ends  # global document index of each part
-        docs, inverse = np.unique(part_doc, return_inverse=True)
-        doc_lengths = np.bincount(inverse, weights=per_part, minlength=len(docs)).astype(np.int64)
-        open_last = not ends[-1]  # the last document continues in the next chunk
-        self.next_document += int(ends.sum())
-        k = len(self.writers)
-        if k == 1:
-            self.writers[0].add_documents(ids, lengths, doc_lengths, open_last)
-            return
-        doc_shard = docs % k
-        sent_shard = np.repeat(doc_shard[inverse], per_part)
-        tok_shard = np.repeat(sent_shard, lengths)
-        for s, w in enumerate(self.writers):
-            mine = doc_shard == s
-            if mine.any():
-                keep = tok_shard == s
-                w.add_documents(ids[keep], lengths[sent_shard == s], doc_lengths[mine], open_last and mine[-1])
-
-    def counts(self) -> list[tuple[int, int, int]]:
-        """(documents, sentences, tokens) of each writer."""
-        return [(w.num_documents, w.num_sequences, w.num_tokens) for w in self.writers]
 
 
 def _manifest(info: tokenizer.TokenizerInfo, dtype: np.dtype, stats: ReadStats, cfg: BuildConfig, w) -> dict:

@@ -69,7 +69,7 @@ def load(name_or_path: str, special_tokens: Mapping[str, str] | None = None):
     its special tokens set (`special_tokens`: role -> token, overriding its config)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     path, overrides = Path(name_or_path), dict(special_tokens or {})
-    if _is_bert(path, name_or_path):
+    if is_bert(path, name_or_path):
         tok = _load_bert(name_or_path, overrides)
     else:
         tok = _load_json(path, name_or_path, overrides)
@@ -84,7 +84,7 @@ def load(name_or_path: str, special_tokens: Mapping[str, str] | None = None):
     return tok
 
 
-def _is_bert(path: Path, name: str) -> bool:
+def is_bert(path: Path, name: str) -> bool:
     """Whether `name` loads through BertTokenizer (else through its tokenizer.json); UserError when unusable."""
     if path.is_file():
         if path.suffix != ".json":
@@ -130,7 +130,7 @@ def _load_bert(name: str, overrides: dict[str, str]):
     return tok
 
 
-def _read_backend(file: Path, name: str):
+def read_backend(file: Path, name: str):
     """The `tokenizers.Tokenizer` of a tokenizer.json; UserError when it does not load."""
     from tokenizers import Tokenizer
 
@@ -147,7 +147,7 @@ def _load_json(path: Path, name: str, overrides: dict[str, str]):
     import transformers
 
     file = path if path.is_file() else path / "tokenizer.json"
-    backend = _read_backend(file, name)
+    backend = read_backend(file, name)
     config = _config_tokens(file.parent) if file.name == "tokenizer.json" else {}
     roles = _roles(backend, config, overrides, name)
     backend.post_processor = _bert_template(backend, roles)
@@ -269,67 +269,6 @@ def _lowercases(normalizer: dict | None) -> bool:
     return normalizer.get("type") == "Lowercase" or bool(
         normalizer.get("type") == "BertNormalizer" and normalizer.get("lowercase")
     )
-
-
-_WHITESPACE = ("\t", "\n", "\x0b", "\x0c", "\r", " ")
-_BYTE_LEVEL_WHITESPACE = tuple(chr(0x100 + ord(c)) for c in _WHITESPACE)  # Ġ for the space, ĉ for a tab, ...
-
-
-def word_marks(backend_json: str) -> tuple[tuple[str, ...], bool] | None:
-    """How the tokenizer's pieces show words, for whole-word masking: `(marks, marks_start)`.
-
-    `(("##",), False)`: a piece starting with `##` continues a word (WordPiece, BPE with that prefix);
-    byte-level BPE: a piece starting with a whitespace byte (`Ġ` for a space, `ĉ` for a tab, ...) starts a
-    word; Metaspace (SentencePiece-style BPE/Unigram): `▁` or a whitespace character starts one; `((), True)`
-    for WordLevel (every token is a word). None when the pieces do not show it (e.g. an end-of-word suffix).
-    """
-    spec = json.loads(backend_json)
-    model = spec.get("model") or {}
-    kind = model.get("type")
-    if kind == "WordLevel":
-        return (), True
-    if model.get("continuing_subword_prefix"):
-        return (model["continuing_subword_prefix"],), False
-    if kind == "WordPiece":
-        return ("##",), False
-    if kind not in ("BPE", "Unigram") or model.get("end_of_word_suffix"):
-        return None
-    for pre in _flatten(spec.get("pre_tokenizer"), "pretokenizers"):
-        if pre.get("type") == "ByteLevel":
-            return _BYTE_LEVEL_WHITESPACE, True
-        if pre.get("type") == "Metaspace":
-            return (pre.get("replacement") or "▁", *_WHITESPACE), True
-    return None
-
-
-def _flatten(spec: dict | None, key: str) -> list[dict]:
-    if not spec:
-        return []
-    if spec.get("type") == "Sequence":
-        return [s for inner in spec.get(key, []) for s in _flatten(inner, key)]
-    return [spec]
-
-
-def word_pieces(name_or_path: str) -> tuple[list[str | None], tuple[str, ...], bool]:
-    """For whole-word masking: the token of each id (None for added tokens, which are words of their own)
-    and `word_marks`. UserError for a tokenizer whose pieces do not show word starts."""
-    path = Path(name_or_path)
-    vocab = path / "vocab.txt" if path.is_dir() else path
-    if vocab.suffix == ".txt" and vocab.is_file() and (path == vocab or _is_bert(path, name_or_path)):
-        return vocab.read_text(encoding="utf-8").splitlines(), ("##",), False  # a BERT vocabulary: no transformers
-    if _is_bert(path, name_or_path):
-        backend = load(name_or_path).backend_tokenizer
-    else:
-        backend = _read_backend(path if path.is_file() else path / "tokenizer.json", name_or_path)
-    marks = word_marks(backend.to_str())
-    if marks is None:
-        raise UserError(
-            f"--whole-word-mask needs pieces that show word starts (WordPiece ##, byte-level BPE Ġ, SentencePiece "
-            f"▁); tokenizer {name_or_path} shows none, drop --whole-word-mask"
-        )
-    added = backend.get_added_tokens_decoder()
-    tokens = [None if i in added else backend.id_to_token(i) for i in range(backend.get_vocab_size())]
-    return tokens, *marks
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f]")  # ASCII control characters, tab and newline included

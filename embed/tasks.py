@@ -45,7 +45,7 @@ class TaskConfig:
 
 def summary_and_rest(doc: str) -> tuple[str, str] | None:
     """(one-line summary, the prose after it) of a docstring, or None when either is missing."""
-    from data_prep.corpus import clean_inline, is_prose, split_blocks
+    from data_prep.prose import clean_inline, is_prose, split_blocks
 
     head, _, rest = doc.strip().partition("\n\n")
     summary = " ".join(head.split())

@@ -17,7 +17,7 @@ Design choices:
   (`##`), byte-level BPE and SentencePiece mark word starts (`Ġ`, `▁`, or a whitespace byte), so there a
   word is what lies between whitespace, punctuation included (`dog.` is one word); a sentence's first
   word, which has no space before it, joins the token before it unless that is a special token.
-  Tokenizers whose pieces show neither are refused where the flags are built (data_prep.tokenizer.word_pieces).
+  Tokenizers whose pieces show neither are refused where the flags are built (data_prep.words.word_pieces).
 - Randomness comes only from the `rng` argument: the caller seeds it from `(seed, split, global
   sample index)`, which makes masking reproducible across world sizes, workers and resumes.
 """

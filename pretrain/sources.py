@@ -178,7 +178,7 @@ def warn_single_sentence_documents(sources: list[Source], pair_task: str) -> Non
 def continuation_ids(path: str, vocab_size: int, prefix: str) -> np.ndarray:
     """Boolean array over ids: True for pieces that continue a word (WordPiece `##`, or no `Ġ`/`▁` start in
     BPE/Unigram; see masking.continuation_flags), read from the tokenizer the manifest names."""
-    from data_prep.tokenizer import word_pieces
+    from data_prep.words import word_pieces
 
     candidates = [Path(path), Path(prefix).parent / path]
     try:

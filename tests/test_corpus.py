@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from common.errors import run_cli
-from data_prep import corpus
+from data_prep import corpus, prose
 
 MODULE = '''\
 """Tools for counting the birds that visit a garden feeder.
@@ -185,7 +185,7 @@ def test_split_blocks_handles_google_and_directives():
 
         A closing paragraph, after the sections, is prose again.
         """)
-    assert corpus.split_blocks(doc) == [
+    assert prose.split_blocks(doc) == [
         "Summary line that is long enough to count as a sentence here.",
         "A closing paragraph, after the sections, is prose again.",
     ]

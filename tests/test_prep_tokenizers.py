@@ -25,7 +25,7 @@ from fixtures_prep import (  # noqa: F401
 from tokenizers import Tokenizer
 
 from common.errors import UserError
-from data_prep import tokenizer
+from data_prep import tokenizer, words
 from data_prep.indexed import IndexedDataset
 
 KINDS = ["bpe", "unigram", "wordpiece"]
@@ -179,9 +179,9 @@ def test_bad_tokenizer_files(tmp_path, prep_tokenizers):
     spec = json.loads(prep_tokenizers["bpe"].read_text())
     spec["pre_tokenizer"] = {"type": "Whitespace"}  # pieces no longer show where words start
     (tmp_path / "plain_tok.json").write_text(json.dumps(spec))
-    assert tokenizer.word_marks(json.dumps(spec)) is None
+    assert words.word_marks(json.dumps(spec)) is None
     with pytest.raises(UserError, match="--whole-word-mask"):
-        tokenizer.word_pieces(str(tmp_path / "plain_tok.json"))
+        words.word_pieces(str(tmp_path / "plain_tok.json"))
 
 
 @pytest.mark.parametrize("kind", ["bpe", "unigram"])
@@ -219,7 +219,7 @@ def test_whole_word_masking_groups_the_words_between_spaces(prep_tokenizers, kin
 
 
 def _pieces(file, own):
-    tokens, mark, marks_start = tokenizer.word_pieces(str(file))
+    tokens, mark, marks_start = words.word_pieces(str(file))
     return tokens, own.get_vocab_size(), mark, marks_start
 
 
