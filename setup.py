@@ -16,6 +16,7 @@ setup(
         "deepspeed>=0.19,<0.20",
         "transformers>=5.0,<6",
         "tokenizers>=0.22,<0.24",
+        "sentencepiece==0.2.3",  # bert-prep vocab --model unigram: deterministic where tokenizers' is not
         "safetensors>=0.4",
         "numpy>=1.26,<2.6",
         "blingfire>=0.1.8,<0.2",

@@ -13,9 +13,22 @@ vocabulary sees exactly the paragraphs that will be tokenized.
 alphabet, no prefix space, `Ġ` marking a word start), with WordPiece's special tokens and ids 0-4, the same
 `[CLS] A [SEP]` post-processor and lowercasing unless `--cased`; it saves `tokenizer.json` (no vocab.txt),
 which `bert-prep build --tokenizer DIR` and transformers' AutoTokenizer load. Its trainer numbers the
-vocabulary deterministically (tests/test_vocab_models.py trains twice and compares). Unigram is not offered:
-`tokenizers`' UnigramTrainer (0.23) seeds its pieces in hash-map order, and two runs on the same text gave
-different token sets; a SentencePiece-trained tokenizer.json can be passed to `bert-prep build` instead.
+vocabulary deterministically (tests/test_vocab_models.py trains twice and compares).
+
+`--model unigram` is trained by Google's `sentencepiece` (one thread), not by `tokenizers`' UnigramTrainer:
+that one (0.23) gave another tokenizer.json in every process over the same text, even with
+TOKENIZERS_PARALLELISM=false and RAYON_NUM_THREADS=1 set before import (its EM is serial anyway). Its source
+says why: the word counts reach the trainer as a Rust HashMap (randomly keyed per process) and are collected
+in that order, so the EM sums add up in another order each time; characters missing from the final pieces
+get scores `min_score + k * 1e-4` in HashSet order; and pieces of equal score keep hash order in the final
+sort. No trainer option (seed_size, shrinking_factor, n_sub_iterations, max_piece_length) nor sorting the
+input reaches them. SentencePiece on one thread is the same in every process.
+The text is normalized first by the saved tokenizer's own normalizer (NFKC, whitespace runs to one space,
+lowercase unless `--cased`), so SentencePiece (identity normalization, pieces split at whitespace) learns on
+exactly what the Metaspace pre-tokenizer will see; its pieces and scores become a `tokenizers` Unigram model
+with WordPiece's special tokens at ids 0-4 and post-processor. Paragraphs go to SentencePiece in chunks cut
+at spaces (a piece never crosses one, so the counts are unchanged), as it skips long lines.
+`--min-frequency` does not apply to unigram.
 
 Deterministic: the same inputs give the same vocab.txt, byte for byte. `tokenizers`' WordPiece trainer alone
 does not (huggingface/tokenizers#1794, unfixed in 0.23): it numbers the `##c` continuation tokens in hash-map
@@ -48,9 +61,10 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 @dataclass
 class VocabConfig:
-    """Train a vocabulary: WordPiece (BERT, writes DIR/vocab.txt too) or byte-level BPE (ModernBERT).
+    """Train a vocabulary: WordPiece (BERT, writes DIR/vocab.txt too), byte-level BPE (ModernBERT) or unigram.
 
-    Train a WordPiece or byte-level BPE vocabulary (--model) with Hugging Face tokenizers on text in
+    Train a WordPiece, byte-level BPE or unigram vocabulary (--model) with Hugging Face tokenizers (unigram:
+    with SentencePiece, saved as a tokenizers Unigram) on text in
     the `bert-prep build` input formats (txt, jsonl, Parquet, Arrow; mixed, each input's format from its
     extension) and save a directory that transformers' AutoTokenizer.from_pretrained and `bert-prep build
     --tokenizer DIR` load; special tokens [PAD] [UNK] [CLS] [SEP] [MASK] take ids 0-4 in every model.
@@ -74,8 +88,9 @@ class VocabConfig:
     """Drop merges seen fewer times."""
     progress: bool = True
     """Show the trainer's progress bar (--no-progress: none)."""
-    model: Literal["wordpiece", "bpe"] = "wordpiece"
-    """Vocabulary model: wordpiece (BERT; writes vocab.txt too) or bpe (byte-level, as ModernBERT's)."""
+    model: Literal["wordpiece", "bpe", "unigram"] = "wordpiece"
+    """Vocabulary model: wordpiece (BERT; writes vocab.txt too), bpe (byte-level, as ModernBERT's) or unigram
+    (SentencePiece's, with a Metaspace pre-tokenizer)."""
 
 
 def train_vocab(cfg: VocabConfig) -> Path:
@@ -88,6 +103,8 @@ def train_vocab(cfg: VocabConfig) -> Path:
     files = inputs.resolve_inputs(cfg.input, cfg.format)
     if cfg.model == "bpe":
         return _train_bpe(cfg, files)
+    if cfg.model == "unigram":
+        return _train_unigram(cfg, files)
     tok = _pipeline(Tokenizer(models.WordPiece(unk_token="[UNK]")), cfg.cased)
     continuations = _continuation_tokens(text.TextReader(files, cfg.text_key).paragraphs(), tok)
     trainer = trainers.WordPieceTrainer(
@@ -127,6 +144,70 @@ def _train_bpe(cfg: VocabConfig, files) -> Path:
     tok.train_from_iterator(reader.paragraphs(), trainer)
     if tok.get_vocab_size() <= len(SPECIALS) + 256:
         raise UserError(f"the inputs ({reader.files[0]} ...) hold no text to learn a vocabulary from; check --input")
+    return _save(tok, Path(cfg.output), cfg.cased, vocab_txt=False)
+
+
+# SentencePiece skips a sentence longer than its max_sentence_length (bytes): chunks stay well under it.
+_SPM_CHUNK_CHARS = 1 << 14
+_SPM_MAX_BYTES = 1 << 16
+
+
+def _train_unigram(cfg: VocabConfig, files) -> Path:
+    """Unigram learned by SentencePiece on one thread, as a `tokenizers` Unigram with WordPiece's specials."""
+    import io
+
+    import sentencepiece as spm
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    lower = [] if cfg.cased else [normalizers.Lowercase()]
+    space = [normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    normalizer = normalizers.Sequence([normalizers.NFKC(), *space, *lower])
+    reader = text.TextReader(files, cfg.text_key)
+
+    def chunks():
+        for paragraph in reader.paragraphs():
+            line = normalizer.normalize_str(paragraph)
+            while line:
+                cut = len(line) if len(line) <= _SPM_CHUNK_CHARS else line.rfind(" ", 0, _SPM_CHUNK_CHARS) + 1
+                yield line[: cut or _SPM_CHUNK_CHARS].strip()
+                line = line[cut or _SPM_CHUNK_CHARS :]
+
+    model = io.BytesIO()
+    spm.set_random_generator_seed(0)  # only sampling draws from it; fixed all the same
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=chunks(),
+            model_writer=model,
+            model_type="unigram",
+            vocab_size=cfg.vocab_size,
+            hard_vocab_limit=False,  # a small corpus gives fewer pieces, as the other trainers do
+            pad_id=0,
+            unk_id=1,
+            bos_id=-1,
+            eos_id=-1,
+            pad_piece=SPECIALS[0],
+            unk_piece=SPECIALS[1],
+            user_defined_symbols=SPECIALS[2:],  # ids 2-4, in order
+            normalization_rule_name="identity",  # normalized above, by the saved normalizer
+            character_coverage=1.0,  # every character seen gets a piece; [UNK] only for unseen ones
+            max_sentence_length=_SPM_MAX_BYTES,
+            num_threads=1,  # more threads split the EM sums in another order
+            minloglevel=0 if cfg.progress else 2,
+        )
+    except RuntimeError as e:
+        if "sentences_.empty()" in str(e):  # SentencePiece's check that it read some text
+            raise UserError(
+                f"the inputs ({reader.files[0]} ...) hold no text to learn a vocabulary from; check --input"
+            ) from e
+        raise
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = [(sp.id_to_piece(i), 0.0 if i < len(SPECIALS) else sp.get_score(i)) for i in range(sp.get_piece_size())]
+    assert [p for p, _ in vocab[: len(SPECIALS)]] == SPECIALS, vocab[: len(SPECIALS)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=1, byte_fallback=False))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.add_special_tokens(SPECIALS)
     return _save(tok, Path(cfg.output), cfg.cased, vocab_txt=False)
 
 

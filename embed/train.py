@@ -96,6 +96,10 @@ class EmbedTrainConfig:
     """The architecture of --init-from with random weights (the baseline that shows what pretraining buys)."""
     tokenizer: str | None = None
     """Tokenizer directory (default: the one in --init-from, else its pretraining dataset's)."""
+    trust_checkpoint: bool = False
+    """Load --init-from without the weights_only check (docs/CHECKPOINTS.md): only for files of known origin."""
+    allow_tokenizer_change: bool = False
+    """Accept a --tokenizer whose fingerprint differs from the one --init-from was pretrained with."""
     seed: int = 42
     """Seed of the data order and dropout."""
     log_every: int = 10
@@ -194,9 +198,14 @@ def main(cfg: EmbedTrainConfig) -> dict:
     pairs = read_training(cfg)  # bad input stops before the model loads
     dev = data.read_beir(cfg.dev, "dev") if cfg.dev else None
     seq_len = max(cfg.query_len, cfg.passage_len)
-    config, state, tok_dir = load_pretrained(SimpleNamespace(init_from=cfg.init_from, seq_len=seq_len,
-                                                             tokenizer=cfg.tokenizer, trust_checkpoint=False,
-                                                             allow_tokenizer_change=False))  # fmt: skip
+    source = SimpleNamespace(
+        init_from=cfg.init_from,
+        seq_len=seq_len,
+        tokenizer=cfg.tokenizer,
+        trust_checkpoint=cfg.trust_checkpoint,
+        allow_tokenizer_change=cfg.allow_tokenizer_change,
+    )
+    config, state, tok_dir = load_pretrained(source)  # finetune.run's: verified, safely loaded, identity-checked
     tok = load_tokenizer(tok_dir)
     if config.model_type == "modernbert":  # it reads no segment ids
         tok.model_input_names = [n for n in tok.model_input_names if n != "token_type_ids"]

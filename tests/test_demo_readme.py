@@ -30,8 +30,9 @@ class Parsed(Exception):
 
 
 def is_wrapper(words: list[str]) -> bool:
-    """`python -m MODULE ...` and `scripts/launch_multinode.sh HOSTFILE <training flags>`."""
-    return words[:2] == ["python", "-m"] or words[0].endswith("launch_multinode.sh")
+    """`python -m MODULE ...`, `scripts/launch_multinode.sh HOSTFILE <training flags>` and `sbatch [its options]
+    scripts/slurm/NAME.sbatch <flags of the command it runs>`."""
+    return words[:2] == ["python", "-m"] or words[0].endswith("launch_multinode.sh") or words[0] == "sbatch"
 
 
 # README command (its first words) -> (file that runs it, text that file must contain to run it).
@@ -42,6 +43,7 @@ RUN_BY = {
     "bert-prep vocab": ("scripts/demo.sh", "bert-prep vocab --input"),
     "bert-prep build": ("scripts/demo.sh", "bert-prep build --input"),
     "scripts/launch_multinode.sh": ("tests/test_multinode.py", "launch_multinode.sh"),
+    "sbatch": ("tests/test_slurm.py", '"sbatch", "--parsable"'),
     "bert-export": ("scripts/demo.sh", "bert-export "),
     "bert-finetune": ("scripts/demo.sh", "--module finetune.run --task classify"),
 }
@@ -55,6 +57,8 @@ def command_lines(path: Path) -> list[list[str]]:
         block = re.sub(r"\\\n\s*", " ", block)
         for line in block.splitlines():
             line = line.split(" #")[0].strip()
+            inner = re.search(r"\$\((.*)\)", line)  # jid=$(sbatch ...): the command inside
+            line = inner.group(1) if inner else line
             words = shlex.split(line) if line and not line.startswith("#") else []
             while words and "=" in words[0] and not words[0].startswith("-"):  # VAR=value prefixes
                 words = words[1:]
@@ -94,6 +98,11 @@ def parse(words: list[str], monkeypatch) -> argparse.Namespace:
 
         _, training = launcher_args(words[1:])  # its own flags, then the training flags for bert-pretrain
         entry, argv = ("pretrain.train", "cli"), ["pretrain.train", *training]
+    elif words[0] == "sbatch":
+        script = next(w for w in words if w.endswith(".sbatch"))
+        assert (ROOT / script).is_file(), f"{script} does not exist"
+        module = {"pretrain.sbatch": "pretrain.train", "finetune.sbatch": "finetune.run"}[Path(script).name]
+        entry, argv = (module, "cli"), [module, *words[words.index(script) + 1 :]]
     elif words[:2] == ["python", "-m"]:
         module = importlib.import_module(words[2])
         name = next(n for n in ("cli", "main", "_main") if hasattr(module, n))

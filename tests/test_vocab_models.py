@@ -1,12 +1,16 @@
-"""`bert-prep vocab --model bpe` (issue 28, item 7): deterministic, WordPiece's special tokens, and a
-ModernBERT model pretrained on data tokenized with the BPE vocabulary exports a config.json that transformers
+"""`bert-prep vocab --model bpe|unigram` (issue 28, item 7): deterministic, WordPiece's special tokens, and a
+ModernBERT model pretrained on data tokenized with the vocabulary exports a config.json that transformers
 loads without a warning."""
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
+import pytest
 from fixtures_prep import run_cli as prep_cli
 from fixtures_train import _documents, ds_config_json
 
@@ -39,7 +43,29 @@ def test_the_same_inputs_give_the_same_tokenizer_with_wordpieces_special_ids(tmp
     assert tok.unk_token_id not in tok("café 東京 😀")["input_ids"]
 
 
-def test_a_modernbert_model_on_bpe_data_exports_a_config_transformers_loads_quietly(tmp_path, caplog):
+def test_unigram_is_the_same_in_two_processes_with_wordpieces_special_ids(tmp_path):
+    import transformers
+
+    text = corpus(tmp_path)
+    for name in ("a", "b"):  # separate processes: hash-map order differs between processes, not within one
+        args = ["vocab", "--input", text, "--vocab-size", "300", "--output", tmp_path / name, "--model", "unigram"]
+        cmd = [sys.executable, "-m", "data_prep.cli", *map(str, args), "--no-progress"]
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONHASHSEED": "random"}, capture_output=True)
+    a, b = ((tmp_path / n / "tokenizer.json").read_bytes() for n in ("a", "b"))
+    assert a == b and not (tmp_path / "a" / "vocab.txt").exists()
+    model = json.loads(a)["model"]
+    assert model["type"] == "Unigram" and model["unk_id"] == 1 and len(model["vocab"]) > 50
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "a"))
+    assert tok.convert_tokens_to_ids(SPECIALS) == [0, 1, 2, 3, 4]
+    assert (tok.pad_token, tok.unk_token, tok.cls_token, tok.sep_token, tok.mask_token) == tuple(SPECIALS)
+    ids = tok("The farmer  sold a red bicycle", "near the river")["input_ids"]
+    assert ids[0] == 2 and ids.count(3) == 2 and ids[-1] == 3 and 1 not in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "the farmer sold a red bicycle near the river"
+    assert tok("a [MASK] b")["input_ids"].count(4) == 1
+
+
+@pytest.mark.parametrize("model", ["bpe", "unigram"])
+def test_a_modernbert_model_exports_a_config_transformers_loads_quietly(tmp_path, caplog, model):
     import transformers
 
     from pretrain.data_config import DataConfig
@@ -48,7 +74,7 @@ def test_a_modernbert_model_on_bpe_data_exports_a_config_transformers_loads_quie
     from pretrain.train_config import TrainConfig
 
     text = corpus(tmp_path)
-    vocab = ["vocab", "--input", text, "--vocab-size", "300", "--output", tmp_path / "tok", "--model", "bpe"]
+    vocab = ["vocab", "--input", text, "--vocab-size", "300", "--output", tmp_path / "tok", "--model", model]
     assert prep_cli(*vocab, "--no-progress") == 0
     prefix = str(tmp_path / "data" / "corpus")
     assert prep_cli("build", "--input", text, "--tokenizer", tmp_path / "tok", "--output", prefix) == 0
@@ -60,7 +86,7 @@ def test_a_modernbert_model_on_bpe_data_exports_a_config_transformers_loads_quie
         model_set=[f"vocab_size={size}"],  # the token ids come from the manifest (pretrain.identity)
         data=data,
         save=str(tmp_path / "run"),
-        train_steps=1,
+        train_steps=2,
     )
     main(cfg)
     export(tmp_path / "run", tmp_path / "hf")
