@@ -55,7 +55,9 @@ def test_the_guard_kills_the_runners_group_when_the_supervisor_vanishes_and_not_
             g.wait()
 
 
-RANK = "from pretrain import dist; dist.die_with_launch(); import time; print('up', flush=True); time.sleep(120)"
+RANK = (
+    "from pretrain.runtime import dist; dist.die_with_launch(); import time; print('up', flush=True); time.sleep(120)"
+)
 
 
 @pytest.mark.parametrize("supervised", [True, False])

@@ -109,7 +109,9 @@ def test_the_sweep_finds_and_ends_exactly_the_launchs_processes(tmp_path):
     theirs = dict(os.environ, **{launcher.LAUNCH_ID: "another-launch", "LOCAL_RANK": "0"})
     sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
     rank, other = subprocess.Popen(sleep, env=ours), subprocess.Popen(sleep, env=theirs)
-    plain = subprocess.Popen(sleep, env=dict(os.environ, **{launcher.LAUNCH_ID: launch.id}))  # not a rank
+    # not a rank: no LOCAL_RANK, even where an in-process run of an earlier test left one in os.environ
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
+    plain = subprocess.Popen(sleep, env=dict(env, **{launcher.LAUNCH_ID: launch.id}))
     try:
         time.sleep(0.5)
         listed = [line.split()[0] for line in launch.sweep("list")]
