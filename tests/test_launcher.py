@@ -105,13 +105,12 @@ def test_a_host_named_twice_is_a_one_line_error(tmp_path):
 def test_the_sweep_finds_and_ends_exactly_the_launchs_processes(tmp_path):
     cfg = types.SimpleNamespace(hostfile=str(tmp_path / "h"))
     launch = launcher.Launch(cfg, ["localhost"], [], tmp_path / "log")
-    ours = dict(os.environ, **{launcher.LAUNCH_ID: launch.id, "LOCAL_RANK": "0"})
-    theirs = dict(os.environ, **{launcher.LAUNCH_ID: "another-launch", "LOCAL_RANK": "0"})
+    base = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}  # an earlier in-process run may leave it
+    ours = dict(base, **{launcher.LAUNCH_ID: launch.id, "LOCAL_RANK": "0"})
+    theirs = dict(base, **{launcher.LAUNCH_ID: "another-launch", "LOCAL_RANK": "0"})
     sleep = [sys.executable, "-c", "import time; time.sleep(60)"]
     rank, other = subprocess.Popen(sleep, env=ours), subprocess.Popen(sleep, env=theirs)
-    # not a rank: no LOCAL_RANK, even where an in-process run of an earlier test left one in os.environ
-    env = {k: v for k, v in os.environ.items() if k != "LOCAL_RANK"}
-    plain = subprocess.Popen(sleep, env=dict(env, **{launcher.LAUNCH_ID: launch.id}))
+    plain = subprocess.Popen(sleep, env=dict(base, **{launcher.LAUNCH_ID: launch.id}))  # not a rank
     try:
         time.sleep(0.5)
         listed = [line.split()[0] for line in launch.sweep("list")]

@@ -3,9 +3,11 @@ node with `--no_ssh --node_rank 0|1` (master 127.0.0.1), must log the same losse
 processes (BERT with LAMB; ModernBERT with packing and StableAdamW); a rank failing on one node must fail that
 node's launch with a message naming the node."""
 
+import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from fixtures_train import ROOT, ds_config_json, free_port, losses, make_setup, run_env, train_args
@@ -28,7 +30,10 @@ def modernbert(setup: dict, root) -> tuple[dict, list[str]]:
     """The setup's data with a small ModernBERT (dropout on), StableAdamW on a WSD schedule at ZeRO 1, packing."""
     from pretrain.models import load_config
 
-    shape = ["vocab_size=200", "pad_token_id=0", "hidden_size=64", "num_attention_heads=2", "intermediate_size=96"]
+    ids = json.loads(Path(setup["prefix"] + ".json").read_text())["tokenizer"]["special_tokens"]  # the data's
+    tokens = [f"pad_token_id={ids['pad']}", f"cls_token_id={ids['cls']}", f"sep_token_id={ids['sep']}"]
+    tokens += [f"bos_token_id={ids['cls']}", f"eos_token_id={ids['sep']}"]
+    shape = ["vocab_size=200", *tokens, "hidden_size=64", "num_attention_heads=2", "intermediate_size=96"]
     config = load_config("modernbert-tiny", [*shape, "num_hidden_layers=3", "local_attention=16", "mlp_dropout=0.1"])
     config.to_json(str(root / "modernbert.json"))
     stable = {"type": "StableAdamW", "params": {"lr": 2e-3, "betas": [0.9, 0.98], "weight_decay": 1e-5}}

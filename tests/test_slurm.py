@@ -186,8 +186,13 @@ def test_time_limit_saves_requeues_and_resumes_exactly(conf, setup, straight):
     stopped = checkpoint.newest(save)[1].step
     assert 6 <= stopped < STEPS
     assert f"time limit: every rank saved at step {stopped}; requeue 1 of 10" in output(save)
+    requeued = time.monotonic()
     wait_until(lambda: not left_of(save), 10, "processes of the stopped job were left", save)
-    run(conf, "scontrol", "update", f"jobid={job_id}", "StartTime=now")  # else Slurm holds it ~2 minutes
+    # A requeued job may start again only once its old credential expired (slurm.conf's AuthInfo cred_expire, 15 s
+    # on the testbed, 120 by default); released sooner, slurmctld kills it ("Job credential revoked").
+    expire = re.search(r"cred_expire=(\d+)", conf.read_text())
+    time.sleep(max(0.0, (int(expire.group(1)) if expire else 120) + 2 - (time.monotonic() - requeued)))
+    run(conf, "scontrol", "update", f"jobid={job_id}", "StartTime=now")  # else Slurm holds it longer
     info = ended(conf, job_id, save, 300)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", output(save)[-3000:]
     assert f"requeue 1 of 10, resumed at step {stopped}" in output(save)
