@@ -8,7 +8,11 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import xxhash
+
 from common.errors import UserError
+
+READ_BYTES = 1 << 24  # bytes per read when hashing a file
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -43,3 +47,17 @@ def json_lines(path: str | os.PathLike, hint: str) -> Iterator[tuple[int, object
                 yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserError(f"{path} line {n} is not JSON ({e.msg}); {hint}") from None
+
+
+def xxh3_file(path: str | os.PathLike, nbytes: int | None = None, sync: bool = False) -> str:
+    """XXH3-128 of a file (of its first `nbytes` bytes), as hex: the checksum of datasets and checkpoints.
+    `sync` also fsyncs the file while its pages are at hand."""
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        left = os.fstat(f.fileno()).st_size if nbytes is None else nbytes
+        while left > 0 and (block := f.read(min(READ_BYTES, left))):
+            h.update(block)
+            left -= len(block)
+        if sync:
+            os.fsync(f.fileno())
+    return h.hexdigest()

@@ -29,9 +29,9 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import xxhash
 
 from common.errors import UserError
+from common.files import xxh3_file
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -49,19 +49,12 @@ DTYPE_CODES: dict[int, type[np.generic]] = {
 }
 CODE_OF_DTYPE = {np.dtype(v): k for k, v in DTYPE_CODES.items()}
 
-READ_BYTES = 1 << 24  # bytes per read when hashing a file
 CHECKSUM = "xxh3_128"  # the checksum algorithm named in the manifest's `integrity` keys
 
 
 def checksum(path: str | os.PathLike, nbytes: int | None = None) -> str:
     """xxh3-128 of a file (of its first `nbytes` bytes), as hex."""
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        left = os.fstat(f.fileno()).st_size if nbytes is None else nbytes
-        while left > 0 and (block := f.read(min(READ_BYTES, left))):
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
+    return xxh3_file(path, nbytes)
 
 
 class IndexedDatasetError(UserError):

@@ -13,13 +13,12 @@ from types import TracebackType
 import numpy as np
 import xxhash
 
-from common.files import write_json_atomic
+from common.files import READ_BYTES, write_json_atomic
 from data_prep.indexed import (
     CHECKSUM,
     CODE_OF_DTYPE,
     HEADER_BYTES,
     MAGIC,
-    READ_BYTES,
     VERSION,
     ResumeError,
     checksum,

@@ -29,13 +29,10 @@ import re
 from collections import deque
 from pathlib import Path
 
-import xxhash
-
-from common.files import write_text_atomic
+from common.files import write_text_atomic, xxh3_file
 
 CHECKSUM_FORMAT = "bert-ckpt-checksums"
 HASH = "xxh3_128"
-CHUNK = 16 * 2**20
 
 SPIKE_FACTOR = 4.0
 SPIKE_WINDOW = 100
@@ -57,14 +54,8 @@ def file_rank(name: str) -> int | None:
 
 
 def hash_file(path: Path, sync: bool = False) -> str:
-    """XXH3-128 of a file's bytes, read in chunks; `sync` also fsyncs it (while its pages are at hand)."""
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-        if sync:
-            os.fsync(f.fileno())
-    return h.hexdigest()
+    """XXH3-128 of a file's bytes; `sync` also fsyncs it (while its pages are at hand)."""
+    return xxh3_file(path, sync=sync)
 
 
 def fsync_dir(path: Path) -> None:
