@@ -101,13 +101,11 @@ class PretrainingData:
         for src in self.sources:
             src.max_id, src.vocab_size = integrity.check(src.ds, src.manifest, self.vocab_size), self.vocab_size
         self.special_tokens = {name: int(i) for name, i in tok["special_tokens"].items()}
-        self.masker = Masker(
-            self.vocab_size,
-            self.special_tokens["mask"],
-            self.special_tokens.values(),
-            cfg.mask_prob,
-            continuation_ids(tok["path"], self.vocab_size, self.sources[0].prefix) if cfg.whole_word_mask else None,
-        )
+        words = continuation_ids(tok["path"], self.vocab_size, self.sources[0].prefix) if cfg.whole_word_mask else None
+        self.maskers = {  # the held-out split is masked at its own, fixed rate (comparable across recipes)
+            split: Masker(self.vocab_size, self.special_tokens["mask"], self.special_tokens.values(), p, words)
+            for split, p in (("train", cfg.mask_prob), ("eval", cfg.eval_mask_prob))
+        }
         self._slots = {split: self._mixture(split) for split in SPLITS}
         if self.num_samples("train") == 0:
             raise UserError(f"no training samples in {', '.join(cfg.prefixes)}; the datasets hold too little text")
@@ -193,7 +191,7 @@ class PretrainingData:
                 f"{MAX_SKIPPED} {split} samples in a row from {g} read damaged tokens; restore or rebuild the data"
             )
         rng = np.random.default_rng([self.cfg.seed, SPLITS[split], int(g), 29])
-        out["input_ids"], out["masked_positions"], out["mlm_labels"] = self.masker.mask(out["input_ids"], rng)
+        out["input_ids"], out["masked_positions"], out["mlm_labels"] = self.maskers[split].mask(out["input_ids"], rng)
         return out
 
     def batch(self, split: str, start: int, size: int) -> dict[str, torch.Tensor]:

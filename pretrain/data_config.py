@@ -50,6 +50,9 @@ class DataConfig:
     """Sentence-pair task: nsp, sop (sentence order) or none (MLM only, packed segments)."""
     mask_prob: float = 0.15
     """Share of non-special tokens given an MLM label."""
+    eval_mask_prob: float = 0.15
+    """Share of non-special tokens masked in the held-out evaluation: fixed apart from --mask-prob, so runs trained
+    at different masking rates report comparable MLM accuracy."""
     whole_word_mask: bool = False
     """Mask a word and its ## pieces together."""
     packing: bool = False
@@ -82,8 +85,9 @@ class DataConfig:
                 f"--packing fills samples with whole documents, which leaves no sentence pairs for --pair-task "
                 f"{self.pair_task}; add --pair-task none"
             )
-        if not 0.0 < self.mask_prob < 1.0:
-            raise UserError(f"--mask-prob {self.mask_prob} must be between 0 and 1 (exclusive)")
+        for flag, p in (("--mask-prob", self.mask_prob), ("--eval-mask-prob", self.eval_mask_prob)):
+            if not 0.0 < p < 1.0:
+                raise UserError(f"{flag} {p} must be between 0 and 1 (exclusive)")
         if not 0.0 <= self.short_seq_prob <= 1.0:
             raise UserError(f"--short-seq-prob {self.short_seq_prob} must be between 0 and 1")
         if not 0.0 <= self.eval_fraction < 1.0:

@@ -252,6 +252,22 @@ def test_eval_batches_are_fixed_and_held_out(corpus):
     assert _rows(rank0[1]) == _rows(data.batch("eval", 4, 2))
 
 
+def test_eval_masks_at_its_own_rate_whatever_training_masks(corpus):
+    """Held-out MLM accuracy is measured at --eval-mask-prob (15%) for a run trained at 30%: the eval batches equal
+    those of a run trained at 15%, and the training stream masks about twice as many tokens."""
+    at30, at15 = _data(corpus, pair_task="none", mask_prob=0.3), _data(corpus, pair_task="none", mask_prob=0.15)
+    for x, y in zip(eval_batches(at30, 4, 0, 1, 16), eval_batches(at15, 4, 0, 1, 16)):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+    def share(batch):  # labelled tokens / maskable tokens ([MASK] or an id above the specials, as 0-4 are)
+        return batch["mlm_labels"].numel() / (batch["input_ids"] >= MASK).sum().item()
+
+    assert 0.25 < share(at30.batch("train", 0, 16)) < 0.35
+    assert 0.12 < share(at30.batch("eval", 0, 16)) < 0.18
+    with pytest.raises(UserError, match="--eval-mask-prob"):
+        _data(corpus, eval_mask_prob=1.0)
+
+
 def test_errors_are_one_line_user_errors(tmp_path, corpus):
     with pytest.raises(UserError, match="missing.bin/.idx does not exist"):
         PretrainingData(DataConfig([str(tmp_path / "missing")]))

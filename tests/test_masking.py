@@ -85,7 +85,7 @@ def test_whole_word_masking_masks_whole_words(corpus):
     hf = BertTokenizer.from_pretrained(str(corpus.prefix.rsplit("/", 1)[0] + "/tokenizer"))
     assert len(hf) == data.vocab_size
     hf_continuation = np.array([t.startswith("##") for t in hf.convert_ids_to_tokens(list(range(len(hf))))])
-    np.testing.assert_array_equal(data.masker.continuation, hf_continuation)
+    np.testing.assert_array_equal(data.maskers["train"].continuation, hf_continuation)
     labelled = maskable = multi_piece = 0
     for g in range(300):
         original = data.sample("train", *data.global_index("train", g))["input_ids"]
@@ -130,7 +130,7 @@ def test_continuations_from_a_tokenizer_directory_without_vocab_txt(tmp_path):
     manifest["tokenizer"]["path"] = str(tmp_path / "fast")
     manifest_path.write_text(json.dumps(manifest))
     cfg = DataConfig([corpus.prefix], whole_word_mask=True, eval_fraction=0.0, num_workers=0)
-    np.testing.assert_array_equal(PretrainingData(cfg).masker.continuation, corpus.continuation)
+    np.testing.assert_array_equal(PretrainingData(cfg).maskers["train"].continuation, corpus.continuation)
     manifest["tokenizer"]["path"] = "no-such-org/no-such-tokenizer"  # a hub name, and we are offline
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="--whole-word-mask"):

@@ -238,7 +238,7 @@ def test_pretraining_whole_word_masking_with_bpe_or_a_one_line_refusal(tmp_path,
     cfg = dict(seq_len=32, eval_fraction=0.1, num_workers=0, whole_word_mask=True)
     data = PretrainingData(DataConfig(prefixes=[str(tmp_path / "bpe")], **cfg))
     own = Tokenizer.from_file(str(prep_tokenizers["bpe"]))
-    np.testing.assert_array_equal(data.masker.continuation, continuation_of(own))
+    np.testing.assert_array_equal(data.maskers["train"].continuation, continuation_of(own))
     with pytest.raises(UserError, match="--whole-word-mask needs pieces that show word starts"):
         PretrainingData(DataConfig(prefixes=[str(tmp_path / "plain")], **cfg))
 
