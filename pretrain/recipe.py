@@ -29,6 +29,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -195,6 +196,7 @@ def given_in_python(cfg) -> set[str]:
 
 
 SHIPPED = Path(__file__).resolve().parent / "recipes"
+EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def shipped() -> list[str]:
@@ -220,7 +222,11 @@ def read_file(path: str) -> dict[str, Any]:
         else:
             import yaml
 
-            data = yaml.safe_load(text)
+            class Loader(yaml.SafeLoader):  # YAML 1.1 reads 1e-3 as a string; read it as YAML 1.2 does, a float
+                pass
+
+            Loader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT, list("-+0123456789."))
+            data = yaml.load(text, Loader=Loader)  # a SafeLoader: no object tags
     except Exception as e:  # yaml.YAMLError or json.JSONDecodeError: both are the file's fault
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"--recipe {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
@@ -302,7 +308,7 @@ def resolve(
             model = next((values["model"] for _, values in reversed(layers) if "model" in values), model)
         family = model_family(model)
         objective = {k: v for k, v in FAMILY_RECIPES.get(family, {}).items() if k in fields}  # bench: mask_prob
-        layers.insert(0, (family_origin(family, model), objective))
+        layers.insert(0, (f"{family} recipe (--model {model})", objective))
     for name in given:
         origin[name] = "command line"
     skipped = []
@@ -331,11 +337,6 @@ def resolve(
         # the family packs only for its MLM-only objective: a pair task asked for above it takes unpacked samples
         cfg, origin["packing"] = _set(cfg, "packing", False), f"off for pair_task {values['pair_task']}"
     return cfg, origin
-
-
-def family_origin(family: str, model: str) -> str:
-    """The origin of a value the model family's recipe set."""
-    return f"{family} recipe (--model {model})"
 
 
 def from_family(where: str) -> bool:

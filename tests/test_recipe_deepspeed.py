@@ -82,6 +82,17 @@ def test_a_recipe_value_of_the_wrong_type_is_one_line(root, tmp_path):
         main(TrainConfig.from_args(["--recipe", path]))
 
 
+def test_a_yaml_number_with_an_exponent_is_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-3` as the string '1e-3'; a recipe reads it as YAML 1.2 and JSON do."""
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text("lr: 1e-3\noptimizer: {eps: 1E-6, betas: [0.9, .98], type: Lamb}\nsave: 1e3x\n")
+    assert yaml.safe_load(path.read_text())["lr"] == "1e-3"
+    data = recipe.read_file(str(path))
+    assert data == {"lr": 0.001, "optimizer": {"eps": 1e-6, "betas": [0.9, 0.98], "type": "Lamb"}, "save": "1e3x"}
+
+
 def demo_sections() -> dict:
     """ds_configs/modernbert_demo.json's optimizer and scheduler, read from the file."""
     demo = json.loads(ds_configs.path("modernbert_demo.json").read_text())
