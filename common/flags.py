@@ -35,6 +35,8 @@ import types
 import typing
 from typing import Any, Literal
 
+from common.errors import UserError
+
 _KEY = "flags"
 
 
@@ -232,3 +234,50 @@ def accept_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     """The `--local_rank=N` the `deepspeed` launcher appends to every rank's command line (read from the
     environment instead: LOCAL_RANK)."""
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def typed_fields(cfg) -> typing.Iterator[tuple[dataclasses.Field, Any]]:
+    """(field, type hint) of a config instance's fields, those of nested dataclasses flattened."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            yield from typed_fields(getattr(cfg, f.name))
+        else:
+            yield f, hints[f.name]
+
+
+def file_keys(cfg) -> dict[str, str]:
+    """Config-file key -> field of `cfg` (nested ones flattened): every field's name, and its flag's name with
+    underscores where the flag is named otherwise (`--data` -> prefixes, `--time-budget-hours` -> time_budget)."""
+    keys = {f.name: f.name for f, _ in typed_fields(cfg)}
+    for f, _ in typed_fields(cfg):
+        alias = flag_name(f).lstrip("-").replace("-", "_")
+        if not alias.startswith("no_"):  # --no-x stores False: its name would invert the value
+            keys.setdefault(alias, f.name)
+    return keys
+
+
+def checked_value(hint: Any, value: Any, key: str, where: str) -> Any:
+    """A config-file value as its field's type (`hint`) takes it (a single value for a list field becomes a list of
+    one; an int for a float field a float), or a one-line error naming the field and the type."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [checked_value(args[0], item, key, where) for item in items]
+    if origin is typing.Literal:
+        ok, want = value in args, " or ".join(map(str, args))
+    elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    elif hint in (int, float, str, bool, dict):
+        ok, want = isinstance(value, hint) and not (hint is int and isinstance(value, bool)), hint.__name__
+    else:
+        return value
+    if not ok:
+        raise UserError(f"{where}: {key} takes {want}, not {value!r}")
+    return value

@@ -258,7 +258,18 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     add_arguments(p, BenchConfig)
     add_recipe_arguments(p)
     accept_launcher_arguments(p)
-    return parse_with_recipe(BenchConfig, p, argv)
+    return parse_with_recipe(BenchConfig, p, argv, foreign=pretraining_only())
+
+
+def pretraining_only() -> frozenset[str]:
+    """The keys of a pretraining recipe that bert-bench skips: bert-pretrain's fields it has not, and three that
+    mean something else here (`warmup` counts untimed steps, `data` is one PREFIX to time, `deepspeed_config`
+    switches to timing DeepSpeed engines); the model, its objective, batch, precision and seed apply."""
+    from common.flags import file_keys
+    from pretrain.train_config import TrainConfig
+
+    ours = file_keys(BenchConfig())
+    return frozenset(k for k in file_keys(TrainConfig()) if k not in ours) | {"warmup", "data", "deepspeed_config"}
 
 
 def validate(args: BenchConfig, config, device: torch.device) -> None:

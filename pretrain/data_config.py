@@ -36,9 +36,10 @@ class BadSample(UserError):
 class DataConfig:
     """How pretraining samples are read, paired and masked."""
 
-    prefixes: list[str] = option(flag="--data", metavar="PREFIX")
+    prefixes: list[str] | None = option(None, flag="--data", metavar="PREFIX")
     """Datasets from `bert-prep build`, one PREFIX (PREFIX.bin/.idx/.json) each; a PREFIX written with --shards
-    stands for all its shards PREFIX_00000 ..., and a quoted glob ('data/*') for every dataset it matches."""
+    stands for all its shards PREFIX_00000 ..., and a quoted glob ('data/*') for every dataset it matches.
+    Required: here or in the --recipe file (data:)."""
     weights: list[float] | None = option(None, flag="--data-weights", metavar="W")
     """Mixing weight per --data entry (shards or glob matches share theirs by size); default: in proportion to
     each dataset's size."""
@@ -68,7 +69,7 @@ class DataConfig:
     def validate(self) -> None:
         """Raise UserError naming the flag to change when a field is out of range."""
         if not self.prefixes:
-            raise UserError("no dataset given; pass at least one PREFIX with --data")
+            raise UserError("--data is required: pass --data PREFIX or set data: in a --recipe file")
         if self.weights is not None:
             if len(self.weights) != len(self.prefixes):
                 raise UserError(

@@ -4,13 +4,18 @@ saved in every checkpoint's train_state.json, and compared on resume.
 Design choices:
 - The recipe is `TrainConfig` itself (its fields are the flags, common.flags) plus the model config and
   the DeepSpeed JSON; this module adds the layers above the dataclass defaults, not a second config tree.
-  Batch, optimizer, schedule and precision stay in the DeepSpeed JSON (one source of truth, STYLE habit 2).
-- A model preset brings its family's objective (`FAMILY_RECIPES`): ModernBERT MLM-only, packed, 30% masking
-  (as released); BERT NSP, unpacked, 15% (as today). The family's optimizer and schedule (ModernBERT:
-  StableAdamW, warmup-stable-decay) are the DeepSpeed JSON's; a JSON with others gets one note.
-- `--recipe FILE` (YAML through yaml.safe_load, or JSON) maps field names (the flags' names with
-  underscores) to values; its `phases:` mapping holds named overrides (`--phase NAME`: phase 2, context
-  extension). Unknown keys are one-line errors naming the nearest field.
+  The JSON keeps the batch and ZeRO stage; the optimizer, schedule and precision may come from either, and
+  pretrain.recipe_deepspeed merges the recipe's into the JSON (a value set to two values is an error).
+- A model preset brings its family's recipe (`FAMILY_RECIPES`): ModernBERT MLM-only, packed, 30% masking,
+  StableAdamW with warmup-stable-decay (as released); BERT NSP, unpacked, 15%, the JSON's optimizer (as
+  today). The family's optimizer and schedule fill a JSON without them and give way, with a note, to others.
+- `--recipe FILE` (YAML through yaml.safe_load, or JSON) maps field names (or the flags' names with
+  underscores: `data`, `data_weights`) to values; its `phases:` mapping holds named overrides (`--phase NAME`:
+  phase 2, context extension). It can name every value, required ones (`deepspeed_config`, `data`, `save`)
+  included. Unknown keys and values of the wrong type are one-line errors naming the field.
+- `optimizer` and `schedule` are mappings merged key by key across the layers (a layer naming another type
+  replaces the lower one's); `origin` holds each key's layer (`optimizer.lr`). `lr` and `warmup` set
+  `optimizer.lr` and `schedule.warmup_proportion`: the higher layer wins.
 - Which fields the user gave on the command line is read from argv (a parser whose defaults are suppressed),
   so `--mask-prob 0.15` with a ModernBERT preset means 0.15; a config built in Python (main(cfg)) counts a
   field as given when it differs from the dataclass default.
@@ -24,18 +29,42 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from common.errors import UserError
+from common.flags import checked_value, file_keys, typed_fields
+from common.log import get_logger
 
 FAMILY_RECIPES: dict[str, dict[str, Any]] = {
-    "bert": {"pair_task": "nsp", "packing": False, "mask_prob": 0.15},
-    "modernbert": {"pair_task": "none", "packing": True, "mask_prob": 0.30},
+    "bert": {"pair_task": "nsp", "packing": False, "mask_prob": 0.15},  # optimizer, schedule: the JSON's
+    "modernbert": {
+        "pair_task": "none",
+        "packing": True,
+        "mask_prob": 0.30,
+        # ds_configs/modernbert_demo.json's sections (tests/test_recipe_deepspeed.py keeps them equal); used where the
+        # DeepSpeed JSON has no optimizer or scheduler section (pretrain.recipe_deepspeed)
+        "optimizer": {
+            "type": "StableAdamW",
+            "lr": 0.002,
+            "betas": [0.9, 0.98],
+            "eps": 1e-6,
+            "weight_decay": 1e-5,
+            "decouple_lr": True,
+        },
+        "schedule": {
+            "type": "WarmupStableDecay",
+            "warmup_proportion": 0.06,
+            "decay_proportion": 0.2,
+            "decay": "1-sqrt",
+        },
+    },
 }
-FAMILY_OPTIMIZERS = {"modernbert": ("stableadamw", "WarmupStableDecay")}
+SECTIONS = {"optimizer": "optimizer", "schedule": "scheduler"}  # recipe field -> its DeepSpeed JSON section
+SHORTCUTS = {"lr": ("optimizer", "lr"), "warmup": ("schedule", "warmup_proportion")}  # flag -> (section, key)
 
 # fields that may change on resume: they take effect and are printed
 RESUMABLE = frozenset(
@@ -97,6 +126,37 @@ def _set(cfg, name: str, value: Any):
     raise KeyError(name)
 
 
+def _merged(old: dict | None, value: Any, name: str, where: str, origin: dict[str, str]) -> dict:
+    """A section (optimizer, schedule) over the lower layers': merged key by key when it names no other type,
+    else in their place; `origin` gets each key's layer."""
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: {name} takes a mapping ({name}: {{type: ..., ...}}), not {value!r}")
+    old = old or {}
+    if "type" in value and str(value["type"]).lower() != str(old.get("type", "")).lower():
+        for k in [k for k in origin if k.startswith(f"{name}.")]:
+            del origin[k]
+        old = {}
+    origin.update({f"{name}.{k}": where for k in value})
+    return {**old, **value}
+
+
+def _shortcuts(cfg, origin: dict[str, str], rank: dict[str, int]):
+    """`lr` and `warmup` (flags and keys) set a key of the optimizer and the schedule: the higher layer wins;
+    within one layer two different values are an error."""
+    for short, (section, key) in SHORTCUTS.items():
+        values = flat(cfg)
+        if section not in values or values.get(short) is None:  # bert-bench: its warmup is its own
+            continue
+        merged = dict(values[section] or {})
+        here, there = origin[short], origin.get(f"{section}.{key}", "default")
+        if key in merged and merged[key] != values[short] and rank.get(here, 0) == rank.get(there, 0):
+            raise UserError(f"{here}: {short} {values[short]} and {section}.{key} {merged[key]} disagree; give one")
+        if key not in merged or rank.get(here, 0) >= rank.get(there, 0):
+            merged[key], origin[f"{section}.{key}"] = values[short], here
+            cfg = _set(cfg, section, merged)
+    return cfg
+
+
 def _defaults(cls: type) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(cls):
@@ -136,6 +196,7 @@ def given_in_python(cfg) -> set[str]:
 
 
 SHIPPED = Path(__file__).resolve().parent / "recipes"
+EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 def shipped() -> list[str]:
@@ -161,7 +222,11 @@ def read_file(path: str) -> dict[str, Any]:
         else:
             import yaml
 
-            data = yaml.safe_load(text)
+            class Loader(yaml.SafeLoader):  # YAML 1.1 reads 1e-3 as a string; read it as YAML 1.2 does, a float
+                pass
+
+            Loader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT, list("-+0123456789."))
+            data = yaml.load(text, Loader=Loader)  # a SafeLoader: no object tags
     except Exception as e:  # yaml.YAMLError or json.JSONDecodeError: both are the file's fault
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"--recipe {path} is not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
@@ -172,27 +237,36 @@ def read_file(path: str) -> dict[str, Any]:
 
 def add_recipe_arguments(parser) -> None:
     """`--recipe` and `--phase` for a command whose config dataclass does not declare them (bert-bench,
-    bert-finetune, bert-glue); bert-pretrain's are TrainConfig fields."""
+    bert-finetune, bert-glue); bert-pretrain's are TrainConfig fields. A required flag becomes one that the
+    command line or the recipe file gives (parse_with_recipe checks it after both)."""
     parser.add_argument(
         "--recipe", metavar="FILE", help="recipe file (YAML or JSON of field: value) under the command line"
     )
     parser.add_argument("--phase", metavar="NAME", help="apply this entry of the --recipe file's phases:")
+    parser.recipe_required = [a for a in parser._actions if a.required]
+    for action in parser.recipe_required:
+        action.required = False
+        action.help = f"{action.help or ''} (required: here or in the --recipe file)".strip()
 
 
-def parse_with_recipe(cls: type, parser, argv):
+def parse_with_recipe(cls: type, parser, argv, foreign: frozenset = frozenset()):
     """`parser.parse_args(argv)` as a `cls`, with the model family's recipe and `--recipe FILE [--phase NAME]`
-    (see add_recipe_arguments) between the defaults and the command line, as bert-pretrain resolves them."""
+    (see add_recipe_arguments) between the defaults and the command line, as bert-pretrain resolves them.
+    Keys in `foreign` (a pretraining recipe's fields that are not this command's) are skipped."""
     from common.flags import from_args
 
     args = parser.parse_args(argv)
     cfg = from_args(cls, args)
     file = read_file(args.recipe) if args.recipe else None
-    cfg, origin = resolve(cfg, given_on_command_line(parser, argv), file, args.phase, args.recipe or "")
-    from common.log import get_logger
-
-    chosen = {k: v for k, v in origin.items() if v not in ("default", "command line")}
+    cfg, origin = resolve(cfg, given_on_command_line(parser, argv), file, args.phase, args.recipe or "", foreign)
+    values = flat(cfg)
+    for action in getattr(parser, "recipe_required", []):
+        if values.get(action.dest) is None:
+            flag = action.option_strings[0]
+            value = action.metavar or action.dest.upper()
+            raise UserError(f"{flag} is required: pass {flag} {value} or set {action.dest}: in a --recipe file")
+    chosen = {k: v for k, v in origin.items() if v not in ("default", "command line") and k in values}
     if chosen:
-        values = flat(cfg)
         get_logger(__name__).info("recipe: " + ", ".join(f"{k}={values[k]} ({v})" for k, v in chosen.items()))
     return cfg
 
@@ -208,10 +282,14 @@ def model_family(model: str) -> str:
     raise UserError(f"--model: unknown preset {model!r}; use one of {', '.join(presets())} or a JSON file")
 
 
-def resolve(cfg, given: set[str], recipe: dict[str, Any] | None, phase: str | None, source: str):
-    """(cfg with the layers applied, field -> where its value came from). Layers, lowest first: the dataclass
-    defaults, the model family's recipe, the recipe file (then its phase), the command line (`given`)."""
-    fields = flat(cfg)
+def resolve(
+    cfg, given: set[str], recipe: dict | None, phase: str | None, source: str, foreign: frozenset = frozenset()
+):
+    """(cfg with the layers applied, field -> where its value came from; `optimizer.lr` ... for the keys of a
+    section). Layers, lowest first: the dataclass defaults, the model family's recipe, the recipe file (then its
+    phase), the command line (`given`). Keys in `foreign` (fields of another command's recipe) are skipped and
+    named in one line."""
+    fields, keys, hints = flat(cfg), file_keys(cfg), {f.name: hint for f, hint in typed_fields(cfg)}
     origin = {name: "default" for name in fields}
     layers: list[tuple[str, dict]] = []
     if recipe is not None:
@@ -233,16 +311,27 @@ def resolve(cfg, given: set[str], recipe: dict[str, Any] | None, phase: str | No
         layers.insert(0, (f"{family} recipe (--model {model})", objective))
     for name in given:
         origin[name] = "command line"
+    skipped = []
     for where, values in layers:
-        for name, value in values.items():
-            if name not in fields:
-                close = difflib.get_close_matches(name, list(fields), n=1)
-                hint = f"did you mean {close[0]}?" if close else "see bert-pretrain --help for the fields"
-                raise UserError(f"{where}: unknown recipe field {name!r}; {hint}")
+        for key, value in values.items():
+            if key in foreign:
+                skipped.append(key)
+                continue
+            name = keys.get(key)
+            if name is None:
+                close = difflib.get_close_matches(key, list(keys), n=1)
+                hint = f"did you mean {close[0]}?" if close else "see the command's --help for the fields"
+                raise UserError(f"{where}: unknown recipe field {key!r}; {hint}")
             if name in given:
                 continue
+            value = checked_value(hints[name], value, key, where)
+            if name in SECTIONS:
+                value = _merged(flat(cfg)[name], json.loads(json.dumps(value)), name, where, origin)
             cfg = _set(cfg, name, value)
             origin[name] = where
+    if skipped:
+        get_logger(__name__).info(f"recipe {source}: not this command's, skipped: {', '.join(sorted(set(skipped)))}")
+    cfg = _shortcuts(cfg, origin, {where: i for i, (where, _) in enumerate(layers, 1)} | {"command line": 99})
     values = flat(cfg)
     if values.get("packing") and values["pair_task"] != "none" and origin["packing"].endswith(f"(--model {model})"):
         # the family packs only for its MLM-only objective: a pair task asked for above it takes unpacked samples
@@ -250,55 +339,9 @@ def resolve(cfg, given: set[str], recipe: dict[str, Any] | None, phase: str | No
     return cfg, origin
 
 
-# recipe fields that live in the DeepSpeed JSON: field -> (JSON path, what the JSON calls it)
-DEEPSPEED_FIELDS = {
-    "lr": (("optimizer", "params", "lr"), "optimizer.params.lr"),
-    "global_batch": (("train_batch_size",), "train_batch_size"),
-    "micro_batch": (("train_micro_batch_size_per_gpu",), "train_micro_batch_size_per_gpu"),
-    "warmup": (("scheduler", "params", "warmup_proportion"), "scheduler.params.warmup_proportion"),
-}
-
-
-OUR_SCHEDULES = ("WarmupPolyDecay", "WarmupStableDecay")  # pretrain.runtime.schedules.SCHEDULES: warmup_proportion
-
-
-def apply_to_deepspeed(values: dict[str, Any], origin: dict[str, str], ds_cfg: dict, ds_name: str) -> None:
-    """Write the recipe's DeepSpeed-side values (`DEEPSPEED_FIELDS`, None: unset) into `ds_cfg` where the JSON
-    leaves them out; where the JSON sets one to another value, a one-line error naming both."""
-    for name, (path, key) in DEEPSPEED_FIELDS.items():
-        value = values.get(name)
-        if value is None:
-            continue
-        if name == "warmup" and ds_cfg.get("scheduler", {}).get("type") not in OUR_SCHEDULES:
-            raise UserError(
-                f"--warmup sets the warmup_proportion of our schedules ({', '.join(OUR_SCHEDULES)}); {ds_name} has "
-                f"scheduler {ds_cfg.get('scheduler', {}).get('type')!r}: set its warmup in the JSON"
-            )
-        node = ds_cfg
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        have = node.get(path[-1])
-        if have is not None and have != value:
-            raise UserError(
-                f"--{name.replace('_', '-')} {value} ({origin.get(name, 'recipe')}) but {ds_name} sets {key} {have}; "
-                "set it in one place: remove it from the JSON or from the recipe"
-            )
-        node[path[-1]] = value
-
-
-def family_optimizer_note(family: str, ds_cfg: dict, ds_name: str) -> str | None:
-    """One line when the DeepSpeed JSON's optimizer or schedule is not the family's recipe's."""
-    want = FAMILY_OPTIMIZERS.get(family)
-    if not want:
-        return None
-    opt = str(ds_cfg.get("optimizer", {}).get("type", "")).lower()
-    sched = ds_cfg.get("scheduler", {}).get("type")
-    if opt == want[0] and sched == want[1]:
-        return None
-    return (
-        f"note: {ds_name} runs {opt or 'no optimizer'} with {sched or 'no schedule'}; the {family} recipe is "
-        f"StableAdamW with {want[1]} (ds_configs/modernbert_*.json)"
-    )
+def from_family(where: str) -> bool:
+    """Whether an origin is a model family's recipe (its optimizer and schedule give way to the JSON's)."""
+    return " recipe (--model " in where
 
 
 def resume_changes(saved: dict, now: dict) -> tuple[list[str], list[str]]:

@@ -65,13 +65,27 @@ def master_port(job_id: int) -> int:
 
 
 def save_dir(args: list[str]) -> Path | None:
-    """The --save (or --output) directory among the module's arguments."""
+    """The --save (or --output) directory among the module's arguments, else in its --recipe file (--phase)."""
+    given = {flag: _value(args, flag) for flag in ("--save", "--output", "--recipe", "--phase")}
+    found = given["--save"] or given["--output"]
+    if found is None and given["--recipe"]:
+        from pretrain.recipe import read_file
+
+        try:
+            recipe = read_file(given["--recipe"])
+        except UserError:  # the run itself says so, in one line
+            return None
+        recipe |= (recipe.get("phases") or {}).get(given["--phase"], {}) if given["--phase"] else {}
+        found = recipe.get("save") or recipe.get("output")
+    return Path(found) if found else None
+
+
+def _value(args: list[str], flag: str) -> str | None:
     for i, a in enumerate(args):
-        for flag in ("--save", "--output"):
-            if a == flag and i + 1 < len(args):
-                return Path(args[i + 1])
-            if a.startswith(flag + "="):
-                return Path(a.split("=", 1)[1])
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
     return None
 
 

@@ -18,6 +18,7 @@ from common.log import get_logger
 from pretrain import identity, recipe
 from pretrain.data import PretrainingData
 from pretrain.models import build_pretraining_model, pretraining_from_state, shape_mismatch
+from pretrain.recipe_deepspeed import apply_to_deepspeed
 from pretrain.runtime import dist
 from pretrain.train_config import TrainConfig
 
@@ -31,7 +32,8 @@ def prepare(cfg: TrainConfig, origin: dict | None = None):
 
     cfg.validate()
     ds_cfg = load_ds_config(cfg.deepspeed_config)
-    recipe.apply_to_deepspeed(recipe.flat(cfg), origin or {}, ds_cfg, cfg.deepspeed_config)
+    notes = apply_to_deepspeed(recipe.flat(cfg), origin or {}, ds_cfg, cfg.deepspeed_config)
+    ds_cfg = load_ds_config(ds_cfg, cfg.deepspeed_config)  # checked again with the recipe's sections in
     resolve_batch(ds_cfg, int(os.environ.get("WORLD_SIZE", "1")))
     data = PretrainingData(cfg.data)  # names a missing dataset (shards and globs resolved), checks the data
     manifest = f"{data.sources[0].prefix}.json"  # the first dataset after shards and globs are resolved
@@ -46,8 +48,7 @@ def prepare(cfg: TrainConfig, origin: dict | None = None):
             f"the data's vocabulary ({data.vocab_size} ids, {manifest}) is larger than the model's "
             f"vocab_size {model_cfg.vocab_size}; pass --model-set vocab_size={data.vocab_size} (or more)"
         )
-    note = recipe.family_optimizer_note(model_cfg.model_type, ds_cfg, cfg.deepspeed_config)
-    if note and not cfg.print_recipe:  # --print-recipe's stdout is the JSON alone
+    for note in notes if not cfg.print_recipe else ():  # --print-recipe's stdout is the JSON alone
         log.info(note)
     found = resume.starting_point(cfg.save, cfg.resume_from)
     if found is not None:

@@ -1,7 +1,8 @@
 """`bert-pretrain`'s flags: `TrainConfig` (every field is a flag, common.flags) and its parser.
 
-Batch size, accumulation, optimizer, precision, ZeRO stage and learning-rate schedule are not here: they come
-from the DeepSpeed JSON (`--deepspeed_config`); model shape from `--model` (`ModelFlags`).
+Batch size, accumulation and ZeRO stage come from the DeepSpeed JSON (`--deepspeed_config`); the optimizer,
+schedule and precision from it or from the recipe (`optimizer`, `schedule`, `precision`, merged into the JSON by
+pretrain.recipe_deepspeed); model shape from `--model` (`ModelFlags`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 from common.errors import UserError
 from common.flags import accept_launcher_arguments, add_arguments, from_args, option
@@ -21,12 +23,16 @@ from pretrain.models import ModelFlags
 class TrainConfig(ModelFlags):
     """One pretraining run: every field is a flag of `bert-pretrain` (common.flags)."""
 
-    deepspeed_config: str = option(flag="--deepspeed_config", aliases=("--deepspeed-config",), metavar="X.json")
-    """DeepSpeed JSON (ds_configs/): batch sizes, optimizer, precision, ZeRO stage, schedule."""
-    data: DataConfig
+    deepspeed_config: str | None = option(
+        None, flag="--deepspeed_config", aliases=("--deepspeed-config",), metavar="X.json"
+    )
+    """DeepSpeed JSON (ds_configs/): batch sizes, ZeRO stage, and the optimizer, schedule and precision where
+    the recipe leaves them out. Required: here or in the --recipe file."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     """Pretraining samples: the datasets and how samples are built from them."""
-    save: str
-    """Directory for checkpoints and metrics.jsonl; relaunching with it resumes exactly."""
+    save: str | None = option(None, metavar="DIR")
+    """Directory for checkpoints and metrics.jsonl; relaunching with it resumes exactly. Required: here or in
+    the --recipe file."""
     train_steps: int = 1000
     """Optimizer steps; the learning rate reaches zero here."""
     save_every: int = 0
@@ -78,6 +84,14 @@ class TrainConfig(ModelFlags):
     """Micro-batch per process, for a DeepSpeed JSON without train_micro_batch_size_per_gpu (likewise)."""
     warmup: float | None = None
     """Warmup share of the run, for a DeepSpeed JSON schedule without warmup_proportion (likewise)."""
+    precision: Literal["bf16", "fp16", "fp32"] | None = None
+    """Compute precision, for a DeepSpeed JSON without bf16/fp16 sections (one that runs another is an error)."""
+    optimizer: dict | None = option(None, cli=False)
+    """Recipe file only: the optimizer as {type, lr, betas, ...} (the JSON's type and params in one mapping),
+    for a JSON without an optimizer section or the params it leaves out; a preset brings its family's."""
+    schedule: dict | None = option(None, cli=False)
+    """Recipe file only: the learning-rate schedule as {type, warmup_proportion, ...}, likewise for the JSON's
+    scheduler section."""
     print_recipe: bool = False
     """Print the resolved recipe (each value with where it came from, and the provenance) and exit."""
     given: list[str] | None = option(None, cli=False)
@@ -98,6 +112,9 @@ class TrainConfig(ModelFlags):
         return dataclasses.replace(cfg, given=sorted(recipe.given_on_command_line(parser, argv)))
 
     def validate(self) -> None:
+        for name, flag in (("deepspeed_config", "--deepspeed_config X.json"), ("save", "--save DIR")):
+            if getattr(self, name) is None:
+                raise UserError(f"{flag.split()[0]} is required: pass {flag} or set {name}: in a --recipe file")
         for name in ("train_steps",):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
@@ -121,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bert-pretrain",
         description="Pretrain BERT (MLM + NSP/SOP) or ModernBERT (MLM on packed documents) with DeepSpeed; a "
-        "--model preset brings its family's objective (docs/RECIPES.md). Batch size, optimizer, precision and "
-        "ZeRO stage come from --deepspeed_config. Relaunching with the same --save resumes exactly. Multi-process: "
+        "--model preset brings its family's recipe (docs/RECIPES.md). Batch size and ZeRO stage come from "
+        "--deepspeed_config; the optimizer, schedule and precision from it or from --recipe FILE, which can name "
+        "every flag. Relaunching with the same --save resumes exactly. Multi-process: "
         "deepspeed [--hostfile H] [--num_gpus N] --module pretrain.train <these flags>.",
     )
     add_arguments(p, TrainConfig)

@@ -37,13 +37,13 @@ def printed(root: Path, capsys, *extra: str, model: str | None = None) -> dict:
 
 def test_a_modernbert_preset_brings_its_objective_and_bert_keeps_nsp(root, capsys):
     """Silent case 2: `--model modernbert-tiny` trained NSP pairs at 15% unless the user remembered three flags."""
+    objective = ("pair_task", "packing", "mask_prob")
     modern = printed(root, capsys, "--model-set", "vocab_size=256", model="modernbert-tiny")
-    assert {k: modern["train"]["data"][k] for k in ("pair_task", "packing", "mask_prob")} == recipe.FAMILY_RECIPES[
-        "modernbert"
-    ]
+    family = recipe.FAMILY_RECIPES["modernbert"]
+    assert {k: modern["train"]["data"][k] for k in objective} == {k: family[k] for k in objective}
     assert modern["origin"]["mask_prob"].startswith("modernbert recipe")
     bert = printed(root, capsys)
-    assert {k: bert["train"]["data"][k] for k in ("pair_task", "packing", "mask_prob")} == recipe.FAMILY_RECIPES["bert"]
+    assert {k: bert["train"]["data"][k] for k in objective} == recipe.FAMILY_RECIPES["bert"]
     assert not (root / "unused").exists()  # --print-recipe trains nothing
 
 

@@ -44,6 +44,10 @@ def test_srun_task_errors_are_read_as_node_and_rank():
 def test_save_directory_and_its_newest_complete_step(tmp_path):
     assert slurm.save_dir(["--data", "x", "--save", str(tmp_path)]) == tmp_path
     assert slurm.save_dir([f"--output={tmp_path}"]) == tmp_path
+    recipe = tmp_path / "run.yaml"  # a --save that the recipe file gives (docs/RECIPES.md), its phase's first
+    recipe.write_text(f"save: {tmp_path / 'one'}\nphases:\n  two:\n    save: {tmp_path / 'two'}\n")
+    assert slurm.save_dir(["--recipe", str(recipe)]) == tmp_path / "one"
+    assert slurm.save_dir(["--recipe", str(recipe), "--phase", "two"]) == tmp_path / "two"
     assert slurm.saved_step(tmp_path) is None
     (tmp_path / "latest").write_text(checkpoint.tag_name(120) + "\n")
     assert slurm.saved_step(tmp_path) == 120

@@ -25,11 +25,11 @@ from pretrain.runtime import ds_schema
 from pretrain.runtime.dist import on_gpu
 
 
-def load_ds_config(spec: str | os.PathLike | dict) -> dict:
-    """Read a DeepSpeed JSON (a path or an already-parsed dict) and check what can be checked before compute."""
+def load_ds_config(spec: str | os.PathLike | dict, name: str = "the DeepSpeed config") -> dict:
+    """Read a DeepSpeed JSON (a path or an already-parsed dict, called `name` in errors) and check what can be
+    checked before compute."""
     if isinstance(spec, dict):
         cfg = copy.deepcopy(spec)
-        name = "the DeepSpeed config"
     else:
         path = ds_configs.shipped(spec) or Path(spec)  # `ds_configs/demo.json` works from any directory
         name = str(spec)
