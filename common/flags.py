@@ -2,7 +2,7 @@
 
 A field's type, default and docstring are its flag's type, default and `--help`. `option(...)` in a field
 declaration adds only what a dataclass cannot say: another flag name or aliases, a metavar, choices,
-`positional`, `hidden`, `cli=False` (not a flag), and `group` ("shape", "switch", ...), a property of the
+`positional`, `hidden`, `cli=False` (not a flag), and `group` ("shape", ...), a property of the
 field that code asks for with `fields_in`.
 
     @dataclass
@@ -127,20 +127,27 @@ def _walk(cls: type):
         yield f, _hints(cls)[f.name]
 
 
-def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type, exclude=()) -> None:
-    """Add a flag for every field of `cls` (see the module docstring); fields named in `exclude` are left out."""
+def add_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    cls: type,
+    exclude=(),
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """Add a flag for every field of `cls` (see the module docstring); fields named in `exclude` are left out.
+    `extra`: field name -> `add_argument` keywords that replace those the field gives (choices or help that only
+    a layer above the config knows, e.g. the fine-tuning task kinds' metrics)."""
     docs = field_docs(cls)
     for f, tp in _walk(cls):
         if f.name in exclude:
             continue
         if dataclasses.is_dataclass(tp):
             target = parser.add_argument_group(docs.get(f.name, tp.__name__).split(":")[0].rstrip("."))
-            add_arguments(target, tp, exclude)
+            add_arguments(target, tp, exclude, extra)
             continue
-        _add_one(parser, f, tp, docs.get(f.name, ""))
+        _add_one(parser, f, tp, docs.get(f.name, ""), (extra or {}).get(f.name, {}))
 
 
-def _add_one(parser, f: dataclasses.Field, tp: Any, doc: str) -> None:
+def _add_one(parser, f: dataclasses.Field, tp: Any, doc: str, extra: dict[str, Any]) -> None:
     meta, default = _meta(f), _default(f)
     inner, optional = _unwrap(tp)
     kwargs: dict[str, Any] = {}
@@ -171,13 +178,13 @@ def _add_one(parser, f: dataclasses.Field, tp: Any, doc: str) -> None:
     if meta.get("positional"):
         if default is not dataclasses.MISSING:
             kwargs.update(nargs="?", default=default)
-        parser.add_argument(f.name, **kwargs)
+        parser.add_argument(f.name, **{**kwargs, **extra})
         return
     if default is dataclasses.MISSING:
         kwargs["required"] = True
     else:
         kwargs["default"] = default
-    parser.add_argument(flag_name(f), *meta.get("aliases", ()), dest=f.name, **kwargs)
+    parser.add_argument(flag_name(f), *meta.get("aliases", ()), dest=f.name, **{**kwargs, **extra})
 
 
 def add_command(subparsers, name: str, cls: type, run) -> argparse.ArgumentParser:

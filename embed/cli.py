@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from common.errors import run_cli
 from common.flags import accept_launcher_arguments, add_command
 from embed import evaluate, mine, tasks, train
 from pretrain.runtime import dist
@@ -35,7 +36,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: one-line errors (exit 2); after training, the engine's bounded shutdown."""
-    return dist.run_cli(_main, argv)
+    return run_cli(_main, argv, after_success=dist.shutdown)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import torch
 
 from common.errors import UserError
 from common.files import json_lines
+from pretrain.models.base import IGNORE_INDEX
 
-IGNORE = -100  # label of positions without a loss (HF's convention)
 OUTSIDE = "O"
 
 
@@ -57,7 +57,7 @@ class Encoded:
     word_index: list[list[int]] = field(default_factory=list)
     """tag only: for each kept word, the position of its first piece."""
     token_labels: bool = False
-    """Labels are per token (padded with -100 in batches)."""
+    """Labels are per token (padded with IGNORE_INDEX in batches)."""
 
 
 def check_file(path: str, what: str) -> Path:
@@ -180,7 +180,7 @@ def encode_classify(
 
 
 def encode_tag(tok, examples: list[TagExample], labels: list[str], seq_len: int, strict: bool, path: str):
-    """Words -> pieces; each word's label on its first piece, -100 elsewhere; cut at seq_len - 1 + [SEP]."""
+    """Words -> pieces; each word's label on its first piece, none elsewhere; cut at seq_len - 1 + [SEP]."""
     index = {label: i for i, label in enumerate(labels)}
     enc = tok([ex.words for ex in examples], is_split_into_words=True, add_special_tokens=True)
     out = Encoded([], [] if segments(tok) else None, [], token_labels=True)
@@ -194,7 +194,7 @@ def encode_tag(tok, examples: list[TagExample], labels: list[str], seq_len: int,
         label_ids, firsts, prev = [], [], None
         for pos, w in enumerate(word_ids):
             first = w is not None and w != prev
-            label_ids.append(index.get(ex.tags[w], IGNORE) if first else IGNORE)
+            label_ids.append(index.get(ex.tags[w], IGNORE_INDEX) if first else IGNORE_INDEX)
             if first:
                 firsts.append(pos)
             prev = w
@@ -216,7 +216,7 @@ def batches(enc: Encoded, order: list[int], batch_size: int, pad_id: int):
         if enc.token_type_ids is not None:
             batch["token_type_ids"] = _pad([enc.token_type_ids[i] for i in rows], 0)
         labels = [enc.labels[i] for i in rows]
-        batch["labels"] = _pad(labels, IGNORE) if enc.token_labels else torch.tensor(labels)
+        batch["labels"] = _pad(labels, IGNORE_INDEX) if enc.token_labels else torch.tensor(labels)
         yield batch
 
 

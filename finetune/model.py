@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from finetune.data import IGNORE
 from pretrain.models import build_encoder, families, task_heads
+from pretrain.models.base import IGNORE_INDEX
 from pretrain.models.kernels import FastPathsMixin
 
 FAMILIES = {model_type: task_heads(model_type) for model_type in families()}
@@ -95,8 +95,8 @@ class TaskModel(FastPathsMixin, nn.Module):
     def _loss(self, logits: Tensor, labels: Tensor, attention_mask: Tensor | None) -> Tensor:
         if self.regression:  # labels (B,) floats
             return F.mse_loss(logits.squeeze(-1).float(), labels.float())
-        if self.kind != "span":  # -100 marks tag positions without a label
-            return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE)
+        if self.kind != "span":  # IGNORE_INDEX marks tag positions without a label
+            return F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten(), ignore_index=IGNORE_INDEX)
         # span: labels (B, 2) token positions of the answer's first and last piece ([CLS] = 0: no answer here);
         # padded positions take no probability mass (HF pads to a fixed length and lets them, we pad per batch)
         if attention_mask is not None:

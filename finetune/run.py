@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from common.errors import UserError
+from common.errors import UserError, run_cli
 from common.files import write_json_atomic
 from common.flags import accept_launcher_arguments, add_arguments
 from common.log import get_logger
@@ -245,9 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
         "extractive QA (SQuAD JSON) or GLUE task; write the best model as a Hugging Face directory, "
         "OUTPUT/eval_report.json and the task's predictions.",
     )
-    add_arguments(p, FinetuneConfig)
     # the metrics are the task kinds' (which sit above the config), so the choices are given here
-    next(a for a in p._actions if "--metric" in a.option_strings).choices = METRICS
+    add_arguments(p, FinetuneConfig, extra={"metric": {"choices": METRICS}})
     accept_launcher_arguments(p)
     return p
 
@@ -261,7 +260,7 @@ def parse_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    raise SystemExit(dist.run_cli(main, argv, parse=parse_args))
+    raise SystemExit(run_cli(main, argv, parse=parse_args, after_success=dist.shutdown))
 
 
 if __name__ == "__main__":

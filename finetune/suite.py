@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import UserError
+from common.errors import UserError, run_cli
 from common.flags import accept_launcher_arguments, add_arguments, option
 from common.log import get_logger
 from finetune import glue
@@ -150,18 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune on GLUE tasks over several seeds (and learning rates); print each metric's mean and "
         "spread and write OUTPUT/glue_results.json. Each run is a bert-finetune --glue-task run.",
     )
-    add_arguments(p, SuiteConfig, exclude=PER_RUN + QA_ONLY)
-    for flag, text in GLUE_HELP.items():  # bert-finetune's wording would describe one run, not the suite
-        p._option_string_actions[flag].help = text
+    # bert-finetune's wording would describe one run, not the suite
+    help_texts = {field: {"help": text} for field, text in GLUE_HELP.items()}
+    add_arguments(p, SuiteConfig, exclude=PER_RUN + QA_ONLY, extra=help_texts)
     accept_launcher_arguments(p)
     return p
 
 
-GLUE_HELP = {
-    "--data-dir": "The GLUE directory (glue_data/ with CoLA/, SST-2/, ...), read for every task.",
-    "--output": "Directory of the suite: one subdirectory per task, learning rate and seed, and glue_results.json.",
-    "--epochs": "Maximum passes over each task's training set. (default: 3)",
-    "--predict": "Write each run's test-set predictions in GLUE's submission format (its submission/ directory).",
+GLUE_HELP = {  # field -> its help in bert-glue
+    "data_dir": "The GLUE directory (glue_data/ with CoLA/, SST-2/, ...), read for every task.",
+    "output": "Directory of the suite: one subdirectory per task, learning rate and seed, and glue_results.json.",
+    "epochs": "Maximum passes over each task's training set. (default: 3)",
+    "predict": "Write each run's test-set predictions in GLUE's submission format (its submission/ directory).",
 }
 
 
@@ -174,7 +174,7 @@ def parse_args(argv: Sequence[str] | None = None) -> SuiteConfig:
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    raise SystemExit(dist.run_cli(main, argv, parse=parse_args))
+    raise SystemExit(run_cli(main, argv, parse=parse_args, after_success=dist.shutdown))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from common.errors import UserError
+from common.errors import UserError, run_cli
 from common.flags import accept_launcher_arguments, add_arguments, option
 from common.log import get_logger
 from pretrain.bench_batches import data_batches, hf_inputs, synthetic_batch
@@ -158,10 +158,10 @@ def run(runners: list[Runner], batches: list[dict], steps: int, warmup: int) -> 
                 bar.update(count)
 
 
-def summarize(r: Runner, config, batches: list[dict], peak_tflops: float | None) -> dict:
+def summarize(r: Runner, config, batches: list[dict], peak_tflops: float | None, options=None) -> dict:
     step_s = statistics.median(r.times)
     tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
-    tflops = statistics.mean(batch_flops(config, b) for b in batches) / step_s / 1e12
+    tflops = statistics.mean(batch_flops(config, b, options) for b in batches) / step_s / 1e12
     return {
         "step_s": step_s,
         "seq_per_s": batches[0]["input_ids"].shape[0] / step_s,
@@ -189,7 +189,7 @@ def build_runners(config, args: BenchConfig, device: torch.device, ds_config: di
             return EngineRunner(name, model, loss_fn, ds_config, device)
         return Runner(name, model, loss_fn, args.precision, device)
 
-    ours = build_pretraining_model(config)
+    ours = build_pretraining_model(config, args.kernel_options())
     hf = None
     if args.compare_hf:
         import transformers
@@ -310,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runners = build_runners(config, args, device, ds_config)
     run(runners, batches, args.steps, args.warmup)
     peak = device_peak(device, args.precision, args.peak_tflops)
-    results = {r.name: aggregate(summarize(r, config, ours, peak), peak) for r in runners}
+    results = {r.name: aggregate(summarize(r, config, ours, peak, args.kernel_options()), peak) for r in runners}
     results["fast_paths"] = runners[0].fast_paths
     if "hf" in results:
         results["speedup_vs_hf"] = results["ours"]["seq_per_s"] / results["hf"]["seq_per_s"]
@@ -354,7 +354,7 @@ def report(results: dict, args: BenchConfig, device: torch.device) -> str:
 
 
 def cli() -> None:
-    rc = dist.run_cli(main)
+    rc = run_cli(main, after_success=dist.shutdown)
     sys.exit(rc)
 
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 import torch
 
 from common.errors import UserError
+from pretrain.models.base import IGNORE_INDEX
 from pretrain.recipe import FAMILY_RECIPES
 
-CLS_ID, SEP_ID, MASK_ID = 101, 102, 103  # BERT's; taken modulo a smaller vocabulary
+
+def special_ids(config) -> dict[str, int]:
+    """The family's [CLS] and [MASK] ids (`special_ids`), taken modulo a smaller vocabulary."""
+    return {role: i % config.vocab_size for role, i in config.special_ids.items()}
 
 
 def synthetic_batch(
@@ -29,10 +33,11 @@ def synthetic_batch(
         1000 if config.vocab_size > 2000 else 5, config.vocab_size, (batch, seq_len), generator=gen
     )
     input_ids = torch.where(real, input_ids, config.pad_token_id)
-    input_ids[:, 0] = CLS_ID % config.vocab_size
+    ids = special_ids(config)
+    input_ids[:, 0] = ids["cls"]
     masked = torch.cat([_pick_masked(int(n), seq_len, b, gen, mask_prob) for b, n in enumerate(lengths)])  # (N,)
     mlm_labels = input_ids.flatten()[masked]
-    input_ids.view(-1)[masked] = MASK_ID % config.vocab_size
+    input_ids.view(-1)[masked] = ids["mask"]
     return {
         "input_ids": input_ids,
         "token_type_ids": (positions >= lengths[:, None] // 2).long() * real,
@@ -67,8 +72,8 @@ def data_batches(
 
 def hf_inputs(batch: dict, family: str = "bert") -> dict:
     """The same batch in the keyword arguments of transformers' BertForPreTraining or ModernBertForMaskedLM
-    (labels -100 where unmasked)."""
-    labels = torch.full_like(batch["input_ids"], -100)
+    (labels IGNORE_INDEX where unmasked)."""
+    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
     labels.view(-1)[batch["masked_positions"]] = batch["mlm_labels"]
     if family == "modernbert":
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}

@@ -73,7 +73,6 @@ from common.errors import UserError
 from data_prep import integrity
 from data_prep.indexed import expand
 from pretrain.data_config import (
-    IGNORE_INDEX,
     MAX_SKIPPED,
     SPLITS,
     BadSample,
@@ -81,6 +80,7 @@ from pretrain.data_config import (
 )
 from pretrain.loader import Batches, MaskedSamples, RankBatches, collate, worker_init
 from pretrain.masking import Masker
+from pretrain.models.base import IGNORE_INDEX
 from pretrain.samples import assemble, permute
 from pretrain.sources import Source, continuation_ids, shared_tokenizer, warn_single_sentence_documents
 

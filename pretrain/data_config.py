@@ -19,9 +19,6 @@ PairTask = Literal["nsp", "sop", "none"]
 PAIR_TASKS = get_args(PairTask)
 
 
-IGNORE_INDEX = -100
-
-
 REQUIRED_SPECIALS = ("pad", "cls", "sep", "mask")
 
 

@@ -14,8 +14,9 @@ from common.errors import UserError
 from data_prep import integrity
 from data_prep.indexed import IndexedDataset
 from data_prep.indexed import exists as dataset_exists
-from pretrain.data_config import IGNORE_INDEX, REQUIRED_SPECIALS, SPLITS, BadSample, DataConfig
+from pretrain.data_config import REQUIRED_SPECIALS, SPLITS, BadSample, DataConfig
 from pretrain.masking import continuation_flags
+from pretrain.models.base import IGNORE_INDEX
 from pretrain.samples import build_sample_map, split_documents
 
 

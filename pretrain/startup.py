@@ -190,8 +190,9 @@ def build_model(cfg: TrainConfig, model_cfg, init: str | None):
 
     torch.manual_seed(cfg.seed)
     if not init:
-        return build_pretraining_model(model_cfg)
+        return build_pretraining_model(model_cfg, cfg.kernel_options())
     _, weights = load_weights(init, cfg.trust_checkpoint)
-    model = pretraining_from_state(model_cfg, weights, f"--init-from {init} (use the --model it was trained with)")
+    source = f"--init-from {init} (use the --model it was trained with)"
+    model = pretraining_from_state(model_cfg, weights, source, cfg.kernel_options())
     log.info(f"initialized weights from {init}")
     return model

@@ -27,15 +27,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from common.errors import UserError
+from common.errors import UserError, run_cli
 from common.log import get_logger
-from pretrain import recipe
+from pretrain import recipe, runlock
 from pretrain.data import eval_batches
 from pretrain.metrics import Metrics
-from pretrain.runtime import dist
+from pretrain.models.base import IGNORE_INDEX
+from pretrain.runtime import checkpoint, dist, resume
 from pretrain.runtime.ds_config import compute_dtype, resolve_batch
-from pretrain.runtime.throughput import peak_memory, peak_tflops
+from pretrain.runtime.throughput import batch_flops, peak_memory, peak_tflops
 from pretrain.startup import (
     build_model,
     loadable,
@@ -66,13 +68,13 @@ def evaluate(engine_or_model, batches) -> dict[str, float]:
             out = engine_or_model(**batch)
             labels = batch["mlm_labels"]
             logits = out.mlm_logits.float().reshape(-1, out.mlm_logits.shape[-1])
-            keep = labels.reshape(-1) != -100
+            keep = labels.reshape(-1) != IGNORE_INDEX
             logits, labels = logits[keep], labels.reshape(-1)[keep]
             correct += (logits.argmax(-1) == labels).sum().item()
             total += labels.numel()
             loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
             if out.nsp_logits is not None:  # None: a model without a pair head (ModernBERT)
-                has = batch["nsp_labels"] != -100
+                has = batch["nsp_labels"] != IGNORE_INDEX
                 nsp_correct += (out.nsp_logits.argmax(-1)[has] == batch["nsp_labels"][has]).sum().item()
                 nsp_total += has.sum().item()
     finally:
@@ -100,8 +102,6 @@ def main(cfg: TrainConfig) -> dict:
     stop.install()
     try:
         model_cfg, data, ds_cfg, found = prepare(cfg, origin)
-        from pretrain import runlock
-
         dist.init_distributed(cfg.dist_timeout)  # the lock's outcome reaches every rank through the group
         with runlock.hold(cfg.save):  # one writer per --save: before anything is written there
             run = _Run(cfg, model_cfg, data, ds_cfg, found, origin)
@@ -159,8 +159,7 @@ class _Run:
     """
 
     def __init__(self, cfg: TrainConfig, model_cfg, data, ds_cfg: dict, found, origin: dict):
-        from pretrain.runtime import checkpoint, resume
-        from pretrain.runtime import engine as eng
+        from pretrain.runtime import engine as eng  # imports deepspeed (seconds): not for --print-recipe, --help
 
         dist.init_distributed(cfg.dist_timeout)
         self.cfg, self.data, self.model_cfg = cfg, data, model_cfg
@@ -173,6 +172,7 @@ class _Run:
             optimizer_source(cfg.init_from, world, ds_cfg, trust) if found is None and cfg.init_optimizer else None
         )
         model = build_model(cfg, model_cfg, init=cfg.init_from if found is None else None)
+        self.options = model.paths.options  # the speed switches (--model-set), for the FLOP count
         # elapsed time of a resumed run is needed before resume: loading the LR scheduler evaluates the budget
         self.clock = _Clock(cfg.time_budget, found[1].elapsed_s if found is not None else 0.0)
         progress = self.clock.progress if cfg.time_budget else None
@@ -200,7 +200,6 @@ class _Run:
         self.bar = None
 
     def _resume(self) -> None:
-        from pretrain.runtime import checkpoint, resume
 
         only = resume.rollback_target(self.cfg.save, self.cfg.resume_from)
         tag, resumed = resume.resume(self.engine, self.cfg.save, self.cfg.trust_checkpoint, only)
@@ -233,8 +232,6 @@ class _Run:
             _report(self.bar, cfg, record, min(eta, self._budget_left()))
             nonfinite = nonfinite + 1 if bad else 0
             if nonfinite >= max(cfg.max_nonfinite, 1):
-                from pretrain.runtime import checkpoint
-
                 good = checkpoint.newest_good(cfg.save, warn=False)
                 where = f"the newest good checkpoint is {Path(cfg.save) / good}" if good else "no good checkpoint yet"
                 raise UserError(
@@ -255,9 +252,7 @@ class _Run:
         gradient norm. None when a signal arrived before the last micro-batch: every rank then leaves the step
         unfinished at the same micro-batch, with the RNG states of the step's start, so that the checkpoint of
         the last completed step resumes exactly (samples are a function of their index)."""
-        from pretrain.runtime import checkpoint
-        from pretrain.runtime import engine as eng
-        from pretrain.runtime.throughput import batch_flops
+        from pretrain.runtime import engine as eng  # imports deepspeed (seconds): not for --print-recipe, --help
 
         engine, step = self.engine, _Step()
         rng = checkpoint.rng_state() if self.grad_accum > 1 else None
@@ -273,7 +268,7 @@ class _Run:
             torch.manual_seed(dropout_seed(self.cfg.seed, consumed + (i * world + rank) * self.micro_batch))
             step.tokens += float(batch["attention_mask"].sum())
             step.capacity += batch["attention_mask"].shape[0] * self.cfg.data.seq_len
-            step.flops += batch_flops(self.model_cfg, batch)
+            step.flops += batch_flops(self.model_cfg, batch, self.options)
             out = engine(**{k: v.to(engine.device) for k, v in batch.items()})
             self.timing.forward_done()
             engine.backward(out.loss)
@@ -324,7 +319,6 @@ class _Run:
         log.info(f"eval step {self.state.step}: " + " ".join(f"{k}={v}" for k, v in rounded(record).items()))
 
     def save(self) -> None:
-        from pretrain.runtime import checkpoint
 
         t0 = time.monotonic()
         tag_dir = checkpoint.save(self.engine, self.cfg.save, self.state, keep=self.keep, watch=self.losses)
@@ -332,7 +326,6 @@ class _Run:
         log.info(f"saved {tag_dir} ({checkpoint.integrity.human_bytes(size)} in {time.monotonic() - t0:.1f} s)")
 
     def _stop(self, reason: str, save: bool) -> dict:
-        from pretrain.runtime import checkpoint
 
         if save and not checkpoint.is_complete(self.cfg.save, self.state.step):
             self.save()
@@ -364,8 +357,6 @@ def _loss_scaling(engine) -> dict:
 def _progress_bar(cfg: TrainConfig, start: int):
     if not (dist.is_rank0() and sys.stderr.isatty()):
         return None
-    from tqdm import tqdm
-
     return tqdm(total=cfg.train_steps, initial=start, unit="step", dynamic_ncols=True)
 
 
@@ -386,7 +377,7 @@ def _report(bar, cfg: TrainConfig, r: dict, eta_s: float) -> None:
 
 def cli(argv=None) -> int:
     """Console entry point (`bert-pretrain`), also run by `deepspeed --module pretrain.train`."""
-    return dist.run_cli(main, argv, parse=TrainConfig.from_args)
+    return run_cli(main, argv, parse=TrainConfig.from_args, after_success=dist.shutdown)
 
 
 if __name__ == "__main__":

@@ -104,12 +104,12 @@ def test_tags_go_to_first_wordpiece(tmp_path, tok):
     for sent, ids, label_ids, firsts in zip(sents, enc.input_ids, enc.labels, enc.word_index):
         pieces = [tok.tokenize(w) for w in sent.words]  # independent: one word at a time
         split += sum(len(p) > 1 for p in pieces)
-        expected = [data.IGNORE]
+        expected = [data.IGNORE_INDEX]
         for p, tag in zip(pieces, sent.tags):
-            expected += [labels.index(tag)] + [data.IGNORE] * (len(p) - 1)
-        assert label_ids == expected + [data.IGNORE]
+            expected += [labels.index(tag)] + [data.IGNORE_INDEX] * (len(p) - 1)
+        assert label_ids == expected + [data.IGNORE_INDEX]
         assert ids == [tok.cls_token_id, *tok.convert_tokens_to_ids([t for p in pieces for t in p]), tok.sep_token_id]
-        assert firsts == [i for i, y in enumerate(label_ids) if y != data.IGNORE]
+        assert firsts == [i for i, y in enumerate(label_ids) if y != data.IGNORE_INDEX]
     assert split > 10  # the alignment was actually exercised
 
 

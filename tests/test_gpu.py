@@ -38,7 +38,7 @@ FAST = {  # each fused path alone on top of the plain model, then all of them (t
     "fused_qkv": {"fused_qkv": True},
     "compile_ln_gelu": {"fused_ops": "compile"},
     "apex_ln": {"fused_ops": "apex"},
-    "all": {k: getattr(BertConfig(), k) for k in PLAIN},
+    "all": {k: getattr(kernels.KernelOptions(), k) for k in PLAIN},
 }
 UNIT = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}  # unit roundoff of each format
 GPU_MODEL = BertConfig(vocab_size=1024, hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024)
@@ -66,10 +66,10 @@ def random_batch(config: BertConfig, B: int, S: int, seed: int, device: str) -> 
     return {k: v.to(device) for k, v in b.items()}
 
 
-def run(config: BertConfig, b: dict, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def run(config: BertConfig, options: dict, b: dict, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Loss, logits and every gradient of one forward+backward from seed-0 weights, eval mode (no dropout)."""
     torch.manual_seed(0)
-    model = BertForPreTraining(config).to(device).eval()
+    model = BertForPreTraining(config, kernels.KernelOptions(**options)).to(device).eval()
     if dtype == torch.float64:
         model = model.double()
     with torch.autocast(device, dtype=dtype, enabled=dtype in UNIT):
@@ -91,10 +91,13 @@ def rel_errors(got: dict, ref: dict) -> dict[str, float]:
     return out
 
 
-def check_low_precision(fast: BertConfig, plain: BertConfig, b: dict, device: str, dtype, fast_batch=None) -> None:
-    ref = run(plain, b, device, torch.float64)
-    e_plain = rel_errors(run(plain, b, device, dtype), ref)
-    e_fast = rel_errors(run(fast, fast_batch or b, device, dtype), ref)
+def check_low_precision(
+    config: BertConfig, fast: dict, plain: dict, b: dict, device: str, dtype, fast_batch=None
+) -> None:
+    """`fast` and `plain`: KernelOptions fields."""
+    ref = run(config, plain, b, device, torch.float64)
+    e_plain = rel_errors(run(config, plain, b, device, dtype), ref)
+    e_fast = rel_errors(run(config, fast, fast_batch or b, device, dtype), ref)
     allowed = {k: 5 * e_plain[k] + 2 * UNIT[dtype] for k in ref}
     bad = {
         k: f"{e_fast[k]:.2e} > {allowed[k]:.2e} (plain {e_plain[k]:.2e})" for k in ref if not e_fast[k] <= allowed[k]
@@ -106,12 +109,11 @@ def test_low_precision_check_passes_the_fast_paths_and_catches_a_bug_on_cpu_bf16
     """The comparison the GPU tests rely on, on CPU in bf16: it accepts the fast paths and rejects a model that
     attends to padding (the fast run is handed an all-ones attention mask)."""
     config = dataclasses.replace(GPU_MODEL, num_layers=1, hidden_size=128, intermediate_size=512)
-    plain = dataclasses.replace(config, **PLAIN)
     b = random_batch(config, 4, 64, seed=int.from_bytes(os.urandom(4), "little"), device="cpu")
-    check_low_precision(dataclasses.replace(config, **FAST["all"]), plain, b, "cpu", torch.bfloat16)
+    check_low_precision(config, FAST["all"], PLAIN, b, "cpu", torch.bfloat16)
     leaky = dict(b, attention_mask=torch.ones_like(b["attention_mask"]))
     with pytest.raises(AssertionError, match="outputs off"):
-        check_low_precision(plain, plain, b, "cpu", torch.bfloat16, fast_batch=leaky)
+        check_low_precision(config, PLAIN, PLAIN, b, "cpu", torch.bfloat16, fast_batch=leaky)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -124,9 +126,8 @@ def test_fused_path_matches_plain_in_low_precision(path, dtype):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     seed = int.from_bytes(os.urandom(4), "little")  # fresh inputs every run; the seed is in a failure's message
     b = random_batch(GPU_MODEL, 8, 128, seed, "cuda")
-    plain = dataclasses.replace(GPU_MODEL, **PLAIN)
     try:
-        check_low_precision(dataclasses.replace(plain, **FAST[path]), plain, b, "cuda", dtype)
+        check_low_precision(GPU_MODEL, {**PLAIN, **FAST[path]}, PLAIN, b, "cuda", dtype)
     except AssertionError as e:
         raise AssertionError(f"seed {seed}: {e}") from None
 

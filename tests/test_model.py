@@ -1,6 +1,5 @@
 """pretrain.models.bert against the real reference, transformers.BertForPreTraining (fp32, CPU, random weights)."""
 
-import dataclasses
 import json
 
 import pytest
@@ -10,8 +9,9 @@ from tokenizers import BertWordPieceTokenizer
 from torch.utils.flop_counter import FlopCounterMode
 
 from common.errors import UserError
-from pretrain.models import flops_per_sequence, load_config
+from pretrain.models import flops_per_sequence, kernel_options, load_config
 from pretrain.models.bert import BertConfig, BertForPreTraining, BertModel
+from pretrain.models.kernels import KernelOptions
 
 CONFIGS = {
     "two_layers": BertConfig(vocab_size=211, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
@@ -102,8 +102,8 @@ def test_logits_and_grads_match_hf(name):
 
 
 def test_plain_paths_match_hf_on_every_position():
-    config = BertConfig(**{**CONFIGS["two_layers"].__dict__, "unpad": False, "sparse_mlm_head": False})
-    ours = BertForPreTraining(config).eval()
+    config = CONFIGS["two_layers"]
+    ours = BertForPreTraining(config, KernelOptions(unpad=False, sparse_mlm_head=False)).eval()
     randomize(ours, seed=3)
     b = padded_batch(config)
     hf = hf_model(config, ours.state_dict())
@@ -188,11 +188,11 @@ def test_config_presets_json_and_hf(tmp_path):
         for c in [BertConfig.preset(n)]
     }
     assert shapes == {"tiny": (2, 128, 2, 512), "base": (12, 768, 12, 3072), "large": (24, 1024, 16, 4096)}
-    config = BertConfig.preset("mini", vocab_size=1234, unpad=False)
+    config = BertConfig.preset("mini", vocab_size=1234, hidden_dropout=0.0)
     config.to_json(tmp_path / "m.json")
     assert load_config(str(tmp_path / "m.json")) == config
     assert load_config("mini") == BertConfig.preset("mini")
-    assert BertConfig.from_hf(config.to_hf()) == BertConfig.preset("mini", vocab_size=1234)
+    assert BertConfig.from_hf(config.to_hf()) == config
     config.to_hf().save_pretrained(tmp_path / "hf")  # an HF config.json is accepted as --model too
     assert load_config(str(tmp_path / "hf" / "config.json")).num_layers == 4
     (tmp_path / "bad.json").write_text(json.dumps({"hidden_size": 64, "colour": "red"}))
@@ -204,9 +204,11 @@ def test_config_presets_json_and_hf(tmp_path):
 
 
 def test_model_set_overrides_fields_with_their_types():
-    got = load_config("mini", ["vocab_size=8192", "unpad=false", "fused_ops=compile", "hidden_dropout=0.0"])
-    assert got == BertConfig.preset("mini", vocab_size=8192, unpad=False, fused_ops="compile", hidden_dropout=0.0)
-    assert load_config("mini", ["use_sdpa=true"]).use_sdpa is True
+    """Config fields go to the config, speed switches to the model's KernelOptions (runtime, never saved)."""
+    sets = ["vocab_size=8192", "unpad=false", "fused_ops=compile", "hidden_dropout=0.0"]
+    assert load_config("mini", sets) == BertConfig.preset("mini", vocab_size=8192, hidden_dropout=0.0)
+    assert kernel_options("mini", sets) == KernelOptions(unpad=False, fused_ops="compile")
+    assert kernel_options("mini", ["use_sdpa=false"]).use_sdpa is False
     for bad in ("colour=red", "unpad=no", "vocab_size=big", "vocab_size", "fused_ops=turbo", "num_heads=3"):
         with pytest.raises(UserError, match="--model"):
             load_config("mini", [bad])
@@ -223,16 +225,13 @@ def test_flops_formula_matches_counted_matmuls():
     row_past_attention = 6 * h * h + 12 * h * 4 * h  # the last layer's output projection and feed-forward
     pooler_and_nsp = 2 * h * h + 2 * h * 2  # forward only without NSP labels; left out of the formula on purpose
     for sparse_last_layer in (False, True):
-        config = BertConfig(
-            vocab_size=V, hidden_size=h, num_layers=L, num_heads=4, intermediate_size=4 * h, use_sdpa=False,
-            onednn_gemm=False,
-        )  # fmt: skip
-        config = dataclasses.replace(config, sparse_last_layer=sparse_last_layer)
-        model = BertForPreTraining(config).eval()
+        config = BertConfig(vocab_size=V, hidden_size=h, num_layers=L, num_heads=4, intermediate_size=4 * h)
+        options = KernelOptions(use_sdpa=False, onednn_gemm=False, sparse_last_layer=sparse_last_layer)
+        model = BertForPreTraining(config, options).eval()
         with FlopCounterMode(display=False) as counter:
             model(ids, masked_positions=masked, mlm_labels=ids[0, 1 : 1 + P]).loss.backward()
         documented = every_row - (s - P) * row_past_attention if sparse_last_layer else every_row
-        assert flops_per_sequence(config, s, P) == documented
+        assert flops_per_sequence(config, s, P, options) == documented
         cls_row = row_past_attention if sparse_last_layer else 0  # the [CLS] row too; left out of the formula
         assert counter.get_total_flops() == documented + cls_row + pooler_and_nsp
 

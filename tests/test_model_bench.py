@@ -28,13 +28,22 @@ def test_synthetic_batch_layout_and_masking():
         counts = torch.bincount(rows, minlength=64)
         expected = (b["attention_mask"].sum(1) * 0.15).round().clamp(min=1)
         assert torch.equal(counts, expected.long())
-        assert torch.all(b["input_ids"].view(-1)[b["masked_positions"]] == bench_batches.MASK_ID)
+        assert torch.all(b["input_ids"].view(-1)[b["masked_positions"]] == 103)  # bert-base-uncased's [MASK]
         assert torch.all(b["input_ids"][b["attention_mask"] == 0] == config.pad_token_id)
         labels = bench_batches.hf_inputs(b)["labels"].view(-1)
         assert torch.equal(labels[b["masked_positions"]], b["mlm_labels"])
         assert (labels != -100).sum() == len(b["masked_positions"])
     full = bench_batches.synthetic_batch(config, 4, S, "none", gen)
-    assert torch.all(full["attention_mask"] == 1)
+    assert torch.all(full["attention_mask"] == 1) and torch.all(full["input_ids"][:, 0] == 101)  # [CLS]
+
+
+def test_synthetic_batches_take_the_special_ids_of_the_models_config():
+    from pretrain.models import load_config
+
+    config = load_config("modernbert-tiny", ["vocab_size=256", "pad_token_id=0", "cls_token_id=2"])
+    b = bench_batches.synthetic_batch(config, 4, 16, "realistic", torch.Generator().manual_seed(0))
+    assert torch.all(b["input_ids"][:, 0] == 2)
+    assert torch.all(b["input_ids"].view(-1)[b["masked_positions"]] == 50284 % 256)  # ModernBERT's [MASK], wrapped
 
 
 def test_batch_flops_sums_the_formula_per_sequence():

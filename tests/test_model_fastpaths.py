@@ -1,4 +1,4 @@
-"""Each fast-path switch of BertConfig gives the numbers of its plain-PyTorch fallback (loss, logits, grads)."""
+"""Each fast-path switch (KernelOptions) gives the numbers of its plain-PyTorch fallback (loss, logits, grads)."""
 
 import dataclasses
 import json
@@ -14,12 +14,14 @@ import torch
 from pretrain import models
 from pretrain.models import attention, fused, kernels
 from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.models.kernels import KernelOptions
 from pretrain.models.modernbert import ModernBertConfig
 
 BASE = BertConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128)
 MODERN_SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
 PLAIN = {"use_sdpa": False, "unpad": False, "sparse_mlm_head": False, "fused_qkv": False, "fused_ops": "plain"}
 PLAIN |= {"sparse_embedding_grad": False, "sparse_last_layer": False, "onednn_gemm": False}
+FAST = KernelOptions()
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -39,10 +41,12 @@ def batch(B: int = 4, S: int = 24, seed: int = 0, device: str = "cpu") -> dict:
     return {k: v.to(device) for k, v in b.items()}
 
 
-def step(config: BertConfig, b: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def step(
+    options: KernelOptions, b: dict, device: str = "cpu", dtype: torch.dtype = torch.float32, config: BertConfig = BASE
+):
     """Loss, MLM logits and grads of one forward+backward from seed-0 weights, in eval mode (no dropout)."""
     torch.manual_seed(0)
-    model = BertForPreTraining(config).to(device).eval()
+    model = BertForPreTraining(config, options).to(device).eval()
     with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
         out = model(**b)
     out.loss.backward()
@@ -62,15 +66,15 @@ SWITCHES = ["use_sdpa", "unpad", "sparse_mlm_head", "fused_qkv", "sparse_embeddi
 
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_each_switch_alone_matches_plain(switch):
-    plain = dataclasses.replace(BASE, **PLAIN)
-    fast = dataclasses.replace(plain, **{switch: getattr(BASE, switch)})
+    plain = KernelOptions(**PLAIN)
+    fast = dataclasses.replace(plain, **{switch: getattr(FAST, switch)})
     b = batch()
     assert_same_step(step(fast, b), step(plain, b), rtol=1e-5, atol=1e-6)
 
 
 def test_all_fast_paths_together_match_plain():
     b = batch()
-    assert_same_step(step(BASE, b), step(dataclasses.replace(BASE, **PLAIN), b), rtol=1e-5, atol=1e-6)
+    assert_same_step(step(FAST, b), step(KernelOptions(**PLAIN), b), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family", ["bert", "modernbert"])
@@ -94,17 +98,17 @@ def test_embedding_grad_as_rows_into_the_decoders_gradient_only_beside_the_mlm_l
     assert embedding.weight.grad.layout == torch.strided and [embedding.weight.grad.data_ptr()] == products
     assert embedding.tied is None and decoder.tied is None
     assert lookups(model(**b).loss) == rows_path and embedding.tied is None  # on again for the next forward, then off
-    plain = dataclasses.replace(config, sparse_embedding_grad=False)
-    assert lookups(models.build_pretraining_model(plain)(**b).loss)[300] is False
+    plain = KernelOptions(sparse_embedding_grad=False)
+    assert lookups(models.build_pretraining_model(config, plain)(**b).loss)[300] is False
     b["input_ids"][0, 5] = config.pad_token_id  # a real token with the padding id: its row gets no lookup gradient
 
-    def weight_grad(c):
+    def weight_grad(options):
         torch.manual_seed(0)
-        m = models.build_pretraining_model(c).eval()
+        m = models.build_pretraining_model(config, options).eval()
         m(**b).loss.backward()
         return m.get_submodule(m.EMBEDDING).weight.grad
 
-    torch.testing.assert_close(weight_grad(config), weight_grad(plain), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(weight_grad(FAST), weight_grad(plain), rtol=1e-5, atol=1e-6)
     for backward in (
         lambda: model(b["input_ids"], b["token_type_ids"], b["attention_mask"]).mlm_logits.sum().backward(),
         lambda: getattr(model, "bert", getattr(model, "model", None))(b["input_ids"])[0].sum().backward(),
@@ -119,8 +123,8 @@ def test_embedding_grad_as_rows_into_the_decoders_gradient_only_beside_the_mlm_l
     assert embedding.weight.grad is None and products == []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the varlen fallback's warning on a machine without flash-attn
-        assert not kernels.resolve(config, torch.device("cuda"), torch.bfloat16).sparse_embedding_grad
-    assert kernels.resolve(config, torch.device("cpu"), torch.float32).sparse_embedding_grad
+        assert not kernels.resolve(config, FAST, torch.device("cuda"), torch.bfloat16).sparse_embedding_grad
+    assert kernels.resolve(config, FAST, torch.device("cpu"), torch.float32).sparse_embedding_grad
 
 
 @pytest.mark.parametrize("family", ["bert", "modernbert"])
@@ -134,11 +138,11 @@ def test_sparse_last_layer_matches_every_row_and_runs_on_the_heads_rows_only(fam
     b = batch()
     if packed:  # two documents in the first row: attention and [CLS] stay per row, keys per document
         b["document_ids"] = (torch.arange(24) >= 10).long().expand(4, 24) * b["attention_mask"]
-    every_row = dataclasses.replace(config, sparse_last_layer=False)
+    every_row = KernelOptions(sparse_last_layer=False)
 
-    def step_of(c):
+    def step_of(options):
         torch.manual_seed(0)
-        model = models.build_pretraining_model(c).eval()
+        model = models.build_pretraining_model(config, options).eval()
         layers = model.bert.encoder.layer if family == "bert" else model.model.layers
         ffn_out = (lambda layer: layer.output.dense) if family == "bert" else (lambda layer: layer.mlp.Wo)
         rows = []
@@ -149,14 +153,14 @@ def test_sparse_last_layer_matches_every_row_and_runs_on_the_heads_rows_only(fam
         grads = {n: p.grad for n, p in model.named_parameters()}
         return (out.loss, out.mlm_logits, grads), rows
 
-    fast, fast_rows = step_of(config)
+    fast, fast_rows = step_of(FAST)
     plain, plain_rows = step_of(every_row)
     assert_same_step(fast, plain, rtol=1e-5, atol=1e-6)
     real, N, L = int(b["attention_mask"].sum()), len(b["masked_positions"]), len(plain_rows)
     heads_rows = N + 4 if family == "bert" else N
     assert plain_rows == [real] * L and fast_rows == [real] * (L - 1) + [heads_rows]
-    no_sparse_head = dataclasses.replace(config, sparse_mlm_head=False)
-    assert not kernels.resolve(no_sparse_head, torch.device("cpu"), torch.float32).sparse_last_layer
+    no_sparse_head = KernelOptions(sparse_mlm_head=False)
+    assert not kernels.resolve(config, no_sparse_head, torch.device("cpu"), torch.float32).sparse_last_layer
     assert step_of(no_sparse_head)[1] == [real] * L  # the head reads every row, so the last layer gives them all
 
 
@@ -227,12 +231,12 @@ def test_onednn_gemm_carries_every_layer_product_and_is_decided_for_x86_float32(
     config = BASE if family == "bert" else ModernBertConfig(**{**MODERN_SHAPE, "pad_token_id": 0})
     b = batch()
     for onednn, per_layer in ((True, 3 * 4), (False, 0)):  # BERT: q|k|v, attention out, intermediate, output
-        model = models.build_pretraining_model(dataclasses.replace(config, onednn_gemm=onednn))
+        model = models.build_pretraining_model(config, KernelOptions(onednn_gemm=onednn))
         calls = onednn_calls(lambda m=model: m(**b).loss.backward())
         assert calls == per_layer * config.num_hidden_layers + (3 * 2 if onednn else 0)  # + transform, decoder
 
     def gemm(device="cpu", dtype=torch.float32):
-        return kernels.resolve(config, torch.device(device), dtype).gemm
+        return kernels.resolve(config, FAST, torch.device(device), dtype).gemm
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the varlen fallback's warning on a machine without flash-attn
@@ -249,7 +253,7 @@ def test_onednn_gemm_carries_every_layer_product_and_is_decided_for_x86_float32(
 def test_unpad_without_padding_and_with_dropout_in_training():
     b = batch()
     b["attention_mask"].fill_(1)  # nothing to remove: the packing is the identity
-    assert_same_step(step(BASE, b), step(dataclasses.replace(BASE, unpad=False), b), rtol=1e-5, atol=1e-6)
+    assert_same_step(step(FAST, b), step(KernelOptions(unpad=False), b), rtol=1e-5, atol=1e-6)
     torch.manual_seed(0)
     model = BertForPreTraining(BASE).train()
     losses = [model(**batch()).loss for _ in range(2)]
@@ -270,7 +274,7 @@ def test_packing_round_trip():
 @pytest.mark.slow
 def test_torch_compile_ops_match_plain():
     b = batch()
-    compiled, plain = dataclasses.replace(BASE, fused_ops="compile"), dataclasses.replace(BASE, fused_ops="plain")
+    compiled, plain = KernelOptions(fused_ops="compile"), KernelOptions(fused_ops="plain")
     assert_same_step(step(compiled, b), step(plain, b), rtol=1e-5, atol=1e-5)
 
 
@@ -279,8 +283,8 @@ def test_torch_compile_ops_match_plain():
 def test_varlen_attention_on_cuda_matches_padded_sdpa():
     b = batch(device="cuda")
     unpadded = dataclasses.replace(BASE, attention_dropout=0.0)  # torch's varlen kernel has no dropout
-    fast = step(unpadded, b, "cuda", torch.bfloat16)
-    plain = step(dataclasses.replace(unpadded, unpad=False), b, "cuda", torch.bfloat16)
+    fast = step(FAST, b, "cuda", torch.bfloat16, unpadded)
+    plain = step(KernelOptions(unpad=False), b, "cuda", torch.bfloat16, unpadded)
     assert_same_step(fast, plain, rtol=2e-2, atol=2e-2)
 
 
@@ -289,8 +293,8 @@ def test_varlen_attention_on_cuda_matches_padded_sdpa():
 @pytest.mark.skipif(kernels.fused_layer_norm_affine is None, reason="needs NVIDIA apex")
 def test_apex_ops_match_plain_on_cuda():
     b = batch(device="cuda")
-    fast = step(dataclasses.replace(BASE, fused_ops="apex"), b, "cuda")
-    assert_same_step(fast, step(dataclasses.replace(BASE, fused_ops="plain"), b, "cuda"), rtol=1e-4, atol=1e-5)
+    fast = step(KernelOptions(fused_ops="apex"), b, "cuda")
+    assert_same_step(fast, step(KernelOptions(fused_ops="plain"), b, "cuda"), rtol=1e-4, atol=1e-5)
 
 
 ZERO_SCRIPT = """
@@ -300,15 +304,16 @@ from test_model_fastpaths import BASE, batch
 from pretrain.runtime import engine
 from pretrain import models
 modern = models.load_config("modernbert-tiny", ["vocab_size=300", "hidden_size=64", "num_attention_heads=2",
-                                                "local_attention=8", "pad_token_id=0", "fused_ops=compile"])
+                                                "local_attention=8", "pad_token_id=0"])
+compiled = models.kernel_options("modernbert-tiny", ["fused_ops=compile"])
 losses = {}
-for family, config in (("bert", dataclasses.replace(BASE, hidden_dropout=0.0, attention_dropout=0.0)),
-                       ("modernbert", modern)):
+for family, config, options in (("bert", dataclasses.replace(BASE, hidden_dropout=0.0, attention_dropout=0.0), None),
+                                ("modernbert", modern, compiled)):
     for stage in (0, 3):
         torch.manual_seed(0)
         cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage},
                "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "steps_per_print": 10**9}
-        e = engine.initialize(models.build_pretraining_model(config), cfg, total_steps=3)
+        e = engine.initialize(models.build_pretraining_model(config, options), cfg, total_steps=3)
         losses[f"{family} {stage}"] = []
         for _ in range(3):
             loss = e(**batch()).loss

@@ -17,6 +17,7 @@ from tokenizers import BertWordPieceTokenizer
 
 from common.errors import UserError
 from pretrain import models
+from pretrain.models.kernels import KernelOptions
 from pretrain.models.modernbert import ModernBertConfig, ModernBertForMaskedLM
 
 CONFIGS = {
@@ -125,8 +126,8 @@ def test_hf_directory_round_trip_both_ways(tmp_path):
     assert back.config.layer_types == hf.config.layer_types
     ours.zero_grad()
     assert_matches_hf(ours, back, padded_batch(config, [S, S, 11], seed=4))
-    again = ModernBertForMaskedLM.from_hf_pretrained(str(tmp_path / "from_ours"), unpad=False)
-    assert again.config == dataclasses.replace(config, unpad=False)
+    again = ModernBertForMaskedLM.from_hf_pretrained(str(tmp_path / "from_ours"), KernelOptions(unpad=False))
+    assert again.config == config and again.paths.options == KernelOptions(unpad=False)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
@@ -168,11 +169,11 @@ def test_presets_match_the_released_shapes_and_transformers_defaults():
 
 
 def test_config_json_hf_and_saved_dicts(tmp_path):
-    config = dataclasses.replace(CONFIGS["biases_every_2nd"], unpad=False)
+    config = CONFIGS["biases_every_2nd"]
     config.to_json(tmp_path / "ours.json")
     assert models.load_config(str(tmp_path / "ours.json")) == config
     config.to_hf().save_pretrained(tmp_path / "hf")  # transformers' config.json: layer_types, rope_parameters
-    assert models.load_config(str(tmp_path / "hf" / "config.json")) == dataclasses.replace(config, unpad=True)
+    assert models.load_config(str(tmp_path / "hf" / "config.json")) == config
     legacy = {"model_type": "modernbert", "architectures": ["ModernBertForMaskedLM"], "vocab_size": 61,
               "hidden_size": 48, "num_attention_heads": 3, "num_hidden_layers": 5, "global_rope_theta": 7.0,
               "global_attn_every_n_layers": 2, "pad_token_id": 3, "reference_compile": False}  # fmt: skip
@@ -181,7 +182,8 @@ def test_config_json_hf_and_saved_dicts(tmp_path):
     assert (got.global_rope_theta, got.global_attn_every_n_layers, got.local_rope_theta) == (7.0, 2, 10000.0)
     saved = json.loads(json.dumps(dataclasses.asdict(config)))
     assert models.config_from_dict(saved) == config
-    assert models.config_from_dict({**saved, "fused_ops": "compile"}, keep_switches=False).fused_ops == "auto"
+    assert models.config_from_dict({**saved, "fused_ops": "compile", "unpad": False}) == config  # saved before
+    # KernelOptions: the switches are runtime options now, dropped from the config
     bert = models.load_config("tiny")
     assert models.config_from_dict({k: v for k, v in dataclasses.asdict(bert).items() if k != "model_type"}) == bert
     assert models.shape_mismatch(saved, dataclasses.replace(config, local_attention=9)) == ["local_attention"]
@@ -238,7 +240,7 @@ def test_export_builds_and_verifies_a_modernbert_checkpoint(tmp_path):
     trained = ModernBertForMaskedLM(config)
     randomize(trained, seed=9)
     state = {k: v for k, v in trained.state_dict().items() if k != "decoder.weight"}  # as DeepSpeed saves it
-    model = export.build_model(models.config_from_dict(dataclasses.asdict(config), keep_switches=False), state)
+    model = export.build_model(models.config_from_dict(dataclasses.asdict(config)), state)
     model.save_hf_pretrained(str(tmp_path))
     assert 0 <= export.verify(model, tmp_path) < 1e-5
     with pytest.raises(UserError, match="ModernBertForMaskedLM weights"):

@@ -11,6 +11,7 @@ from common.errors import UserError
 from pretrain import models
 from pretrain.models import attention, kernels
 from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.models.kernels import KernelOptions
 from pretrain.models.modernbert import ModernBertConfig, ModernBertForMaskedLM
 
 BASE = ModernBertConfig(
@@ -26,6 +27,7 @@ PLAIN = {
     "sparse_last_layer": False,
     "onednn_gemm": False,
 }
+FAST = KernelOptions()
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -43,10 +45,10 @@ def batch(B: int = 4, S: int = 24, device: str = "cpu") -> dict:
     return {k: v.to(device) for k, v in b.items()}
 
 
-def step(config: ModernBertConfig, b: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):
+def step(options: KernelOptions, b: dict, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """Loss, MLM logits and grads of one forward+backward from seed-0 weights, in eval mode (no dropout)."""
     torch.manual_seed(0)
-    model = ModernBertForMaskedLM(config).to(device).eval()
+    model = ModernBertForMaskedLM(BASE, options).to(device).eval()
     with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
         out = model(**b)
     out.loss.backward()
@@ -65,8 +67,8 @@ SWITCHES = ["use_sdpa", "unpad", "sparse_mlm_head", "sparse_embedding_grad", "on
 
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_each_switch_matches_plain(switch):
-    plain = dataclasses.replace(BASE, **PLAIN)
-    fast = BASE if switch == "all" else dataclasses.replace(plain, **{switch: getattr(BASE, switch)})
+    plain = KernelOptions(**PLAIN)
+    fast = FAST if switch == "all" else dataclasses.replace(plain, **{switch: getattr(FAST, switch)})
     assert_same_step(step(fast, batch()), step(plain, batch()), rtol=1e-5, atol=1e-6)
 
 
@@ -82,7 +84,7 @@ def test_dropout_is_live_in_training_and_off_in_eval():
 @pytest.mark.slow
 def test_torch_compile_ops_match_plain():
     b = batch()
-    compiled, plain = dataclasses.replace(BASE, fused_ops="compile"), dataclasses.replace(BASE, fused_ops="plain")
+    compiled, plain = KernelOptions(fused_ops="compile"), KernelOptions(fused_ops="plain")
     assert_same_step(step(compiled, b), step(plain, b), rtol=1e-5, atol=1e-5)
 
 
@@ -90,10 +92,8 @@ def test_torch_compile_ops_match_plain():
 @needs_cuda
 def test_varlen_window_attention_on_cuda_matches_padded():
     b = batch(device="cuda")
-    fast = step(BASE, b, "cuda", torch.bfloat16)
-    assert_same_step(
-        fast, step(dataclasses.replace(BASE, unpad=False), b, "cuda", torch.bfloat16), rtol=2e-2, atol=2e-2
-    )
+    fast = step(FAST, b, "cuda", torch.bfloat16)
+    assert_same_step(fast, step(KernelOptions(unpad=False), b, "cuda", torch.bfloat16), rtol=2e-2, atol=2e-2)
 
 
 def resolved(model, device: str, dtype: torch.dtype) -> tuple[dict, list[str]]:
@@ -106,7 +106,7 @@ def resolved(model, device: str, dtype: torch.dtype) -> tuple[dict, list[str]]:
 @pytest.mark.parametrize("family", ["bert", "modernbert"])
 def test_fast_paths_are_decided_once_and_said_once(family):
     config = models.load_config("tiny" if family == "bert" else "modernbert-tiny", ["vocab_size=64", "pad_token_id=0"])
-    model = models.build_pretraining_model(dataclasses.replace(config, fused_ops="compile"))
+    model = models.build_pretraining_model(config, KernelOptions(fused_ops="compile"))
     paths, said = resolved(model, "cpu", torch.float32)
     assert paths["attention"] == "grouped + SDPA" and paths["ops"] == "compile" and said == []
     model.set_weights_partitioned(True)  # ZeRO-3: only paths that call modules
@@ -137,7 +137,7 @@ def test_cuda_fallbacks_name_their_cause(monkeypatch):
     assert resolved(bert, "cuda", torch.float16)[0]["attention"] == "flash-attn varlen"
     monkeypatch.setattr(kernels, "fused_layer_norm_affine", object())  # as if apex were installed
     with pytest.raises(UserError, match="fused_ops=apex needs a CUDA device"):
-        ModernBertForMaskedLM(dataclasses.replace(BASE, fused_ops="apex")).resolve_fast_paths("cpu", torch.float32)
+        ModernBertForMaskedLM(BASE, KernelOptions(fused_ops="apex")).resolve_fast_paths("cpu", torch.float32)
 
 
 def test_flops_formula_matches_counted_matmuls():
@@ -150,16 +150,15 @@ def test_flops_formula_matches_counted_matmuls():
     every_row = 24 * L * s * h * h + 18 * L * s * h * i + 12 * h * L * s * s + 6 * P * h * (h + V)
     last_layer_on_the_masked_rows = every_row - (s - P) * (6 * h * h + 18 * h * i)
     for sparse_last_layer, documented in [(False, every_row), (True, last_layer_on_the_masked_rows)]:
-        switches = {**PLAIN, "sparse_mlm_head": True, "sparse_last_layer": sparse_last_layer}
-        config = dataclasses.replace(BASE, **switches, vocab_size=500, local_attention=64)
-        model = ModernBertForMaskedLM(config)
+        options = KernelOptions(**{**PLAIN, "sparse_mlm_head": True, "sparse_last_layer": sparse_last_layer})
+        config = dataclasses.replace(BASE, vocab_size=500, local_attention=64)
+        model = ModernBertForMaskedLM(config, options)
         with FlopCounterMode(display=False) as counter:
             model(ids, masked_positions=torch.arange(1, 1 + P), mlm_labels=ids[0, 1 : 1 + P]).loss.backward()
-        assert models.flops_per_sequence(config, s, P) == documented == counter.get_total_flops()
+        assert models.flops_per_sequence(config, s, P, options) == documented == counter.get_total_flops()
     for s, radius in [(30, 4), (7, 4), (200, 64)]:
         mask = attention._mask(torch.ones(1, s, dtype=torch.bool), None, radius)
         local = dataclasses.replace(config, local_attention=2 * radius, global_attn_every_n_layers=L)
-        local = dataclasses.replace(local, sparse_last_layer=False)
         G = 1  # layer 0 only
         scores = 12 * h * (G * s * s + (L - G) * int(mask.sum()))
-        assert local.training_flops(s, 0) == 24 * L * s * h * h + 18 * L * s * h * i + scores
+        assert local.training_flops(s, 0, sparse_last_layer=False) == 24 * L * s * h * h + 18 * L * s * h * i + scores

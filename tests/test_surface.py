@@ -9,7 +9,7 @@ A pin changes only on purpose: `BERT_UPDATE_PINS=1 python -m pytest tests/test_s
 from today's code, and CHANGELOG.md says what changed and why. Old files keep working: a checkpoint written
 by an earlier version (tests/fixtures/checkpoint_v0, saved by a real `bert-pretrain` run; see
 tests/fixtures/make_checkpoint.py) resumes and exports, and model configs saved with every field of their day,
-speed switches included (tests/fixtures/model_configs/), still load.
+speed switches included (tests/fixtures/model_configs/), still load; the switches are runtime `KernelOptions` now.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import pytest
 import torch
 
 import ds_configs
-from common.flags import fields_in
-from pretrain.models import build_pretraining_model, config_from_dict, load_config, presets
+from pretrain.models import build_pretraining_model, config_from_dict, kernel_options, load_config, presets
+from pretrain.models.kernels import OPTION_NAMES, KernelOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 PINS = ROOT / "tests" / "pins"
@@ -155,9 +155,10 @@ def test_preset_parameters_and_state_dict(preset):
 def test_speed_switches_leave_the_weights_layout_alone(preset):
     """Speed is a runtime choice: every switch off gives the same parameters and state dict as every one on."""
     config = load_config(preset)
-    off = [f"{k}=plain" if k == "fused_ops" else f"{k}=false" for k in fields_in(type(config), "switch")]
+    off = [f"{k}=plain" if k == "fused_ops" else f"{k}=false" for k in type(config).KERNEL_OPTIONS]
+    assert load_config(preset, off) == config  # the switches are no config fields
     with torch.device("meta"):
-        fast, plain = build_pretraining_model(config), build_pretraining_model(load_config(preset, off))
+        fast, plain = build_pretraining_model(config), build_pretraining_model(config, kernel_options(preset, off))
     layout = lambda m: [(n, t.shape) for n, t in [*m.named_parameters(), *m.state_dict().items()]]  # noqa: E731
     assert len(off) >= 7 and layout(fast) == layout(plain)
 
@@ -282,11 +283,14 @@ def test_model_configs_saved_with_speed_switches_still_load(name):
     saved = json.loads(path.read_text())
     assert {"use_sdpa", "unpad", "fused_ops"} <= set(saved)  # the fixture really holds the switches
     config = load_config(str(path))
-    shape = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(config)}}
-    assert {k: dataclasses.asdict(config)[k] for k in shape} == shape
+    shape = {k: v for k, v in saved.items() if k not in OPTION_NAMES}
+    assert dataclasses.asdict(config) == shape  # every other field kept; the switches are runtime options now
+    switches = {k: v for k, v in saved.items() if k in OPTION_NAMES}
+    assert kernel_options(str(path)) == KernelOptions(**switches)  # a JSON's switches still choose the paths
+    assert kernel_options(str(path), ["unpad=false"]).unpad is False  # and --model-set overrides them
 
 
 def test_the_old_checkpoints_saved_config_loads(old_run):
     state = json.loads((old_run / "run" / "step_00000002" / "train_state.json").read_text())
-    config = config_from_dict(state["config"]["model"], keep_switches=False)
+    config = config_from_dict(state["config"]["model"])  # with the switch fields of its day: dropped
     assert (config.hidden_size, config.num_hidden_layers) == (32, 1)

@@ -12,6 +12,7 @@ from fixtures_train import ds_config_json, make_setup, tiny_model_json
 from common.errors import UserError
 from pretrain.data_config import DataConfig
 from pretrain.models.bert import BertForPreTraining
+from pretrain.models.kernels import OPTION_NAMES
 from pretrain.runtime import checkpoint
 from pretrain.runtime.weights import load_weights
 from pretrain.train import cli, evaluate, main
@@ -239,6 +240,17 @@ def test_a_model_vocabulary_larger_than_the_data_gets_a_note(setup, tmp_path, ca
     assert "note: the model's vocab_size" not in capsys.readouterr().out
     main(config(setup, tmp_path / "wide", steps=1, model_set=["vocab_size=1000"]))
     assert "--model-set vocab_size=" in capsys.readouterr().out
+
+
+def test_speed_switches_reach_the_model_and_stay_out_of_the_saved_model_config(setup, tmp_path):
+    """`--model-set unpad=false` is a runtime KernelOptions: the run follows it (the printed fast paths), records
+    it among its flags, and the checkpoint's model config holds the weights' shape only."""
+    save = tmp_path / "run"
+    main(config(setup, save, steps=1, model_set=["unpad=false", "fused_ops=plain"]))
+    saved = json.loads((save / checkpoint.tag_name(1) / "train_state.json").read_text())["config"]
+    assert saved["fast_paths"]["unpad"] == "every position" and saved["fast_paths"]["ops"] == "plain"
+    assert "unpad=false" in saved["train"]["model_set"]
+    assert not set(OPTION_NAMES) & set(saved["model"]) and saved["model"]["hidden_size"] > 0
 
 
 def test_a_checkpoint_that_would_not_fit_again_is_warned_about(setup, tmp_path, monkeypatch):

@@ -1,10 +1,13 @@
 """The package works installed like a library: a wheel, no source tree.
 
-The wheel is built from a copy of the source tree (the checkout stays clean), installed with
-`pip install --no-deps --target SITE`, and run from a directory outside any source tree with PYTHONPATH=SITE
-on this venv's python (the dependencies come from the venv). `bert-finetune` with its default DeepSpeed config
-(package data, found through importlib.resources) fine-tunes a tiny model, and every module it ran came from
-SITE, not from the checkout or the venv's editable install.
+The wheel is built from a copy of the source tree (the checkout stays clean) and installed with `pip install
+--no-deps` into a fresh virtualenv made with `--system-site-packages`, as on a cluster whose python already has
+torch: the dependencies come from outside the new venv, never from the source tree. Where this test itself runs
+in a virtualenv (the dev one, whose base python has no torch), a .pth file in the new venv stands for the system's
+packages: it adds the dev venv's site-packages after the new venv's own, and only as a path (the editable
+install's .pth hooks there are not run). The venv's `bert-finetune` script, with no PYTHONPATH, from a directory
+outside any source tree, fine-tunes a tiny model with its default DeepSpeed config (package data, found through
+importlib.resources), and every module it ran came from the new venv, not from the checkout.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -31,7 +35,8 @@ def source_copy(dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory) -> Path:
+def venv(tmp_path_factory) -> Path:
+    """A fresh virtualenv that holds the wheel, installed by pip with no index to reach."""
     root = tmp_path_factory.mktemp("wheel")
     src = source_copy(root / "src")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
@@ -39,18 +44,30 @@ def site(tmp_path_factory) -> Path:
     build = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "dist"), str(src)])
     assert build.returncode == 0
     (wheel,) = (root / "dist").glob("*.whl")
-    install = subprocess.run([*pip, "install", "--no-deps", "--target", str(root / "site"), str(wheel)])
-    assert install.returncode == 0
-    return root / "site"
+    env = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env)], check=True)
+    if sys.prefix != sys.base_prefix:  # the dev venv's packages stand for the system's (module docstring)
+        (site_packages(env) / "system_stand_in.pth").write_text(sysconfig.get_path("purelib") + "\n")
+    install = [*pip, "--python", str(env / "bin" / "python"), "install", "--no-deps", "--no-index", str(wheel)]
+    assert subprocess.run(install).returncode == 0  # pip runs on the new venv's python: its scripts, its metadata
+    return env
 
 
-def clean_env(site: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "RANK", "WORLD_SIZE", "MASTER_"))}
-    return dict(env, PYTHONPATH=str(site), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+def site_packages(env: Path) -> Path:
+    where = "import sysconfig; print(sysconfig.get_path('purelib'))"
+    return Path(subprocess.check_output([str(env / "bin" / "python"), "-c", where], text=True).strip())
+
+
+def clean_env(env: Path) -> dict:
+    """The environment of a shell with the venv activated: no PYTHONPATH, its bin/ first on PATH."""
+    kept = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "RANK", "WORLD_SIZE", "MASTER_"))}
+    path = os.pathsep.join([str(env / "bin"), kept.get("PATH", "")])
+    return dict(kept, PATH=path, VIRTUAL_ENV=str(env), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
 
 
 @pytest.mark.slow
-def test_the_wheel_ships_every_deepspeed_config(site):
+def test_the_wheel_ships_every_deepspeed_config(venv):
+    site = site_packages(venv)
     shipped = sorted(p.name for p in (site / "ds_configs").glob("*.json"))
     assert shipped == sorted(p.name for p in (ROOT / "ds_configs").glob("*.json"))
     assert all(filecmp.cmp(site / "ds_configs" / n, ROOT / "ds_configs" / n, shallow=False) for n in shipped)
@@ -58,7 +75,7 @@ def test_the_wheel_ships_every_deepspeed_config(site):
 
 
 @pytest.mark.slow
-def test_an_installed_wheel_fine_tunes_with_the_default_config(site, tmp_path):
+def test_an_installed_wheel_fine_tunes_with_the_default_config(venv, tmp_path):
     work = tmp_path / "elsewhere"  # no source tree here or above (pytest's tmp is outside the checkout)
     work.mkdir()
     assert not (work / "ds_configs").exists() and ROOT not in work.parents
@@ -66,23 +83,24 @@ def test_an_installed_wheel_fine_tunes_with_the_default_config(site, tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "ckpt", tok)
     train = write_csv(tmp_path / "train.csv", classify_rows(60, seed=1))
     dev = write_csv(tmp_path / "dev.csv", classify_rows(30, seed=2))
-    script = site / "bin" / "bert-finetune"  # the console script pip wrote, on this venv's python
+    script = venv / "bin" / "bert-finetune"  # the console script pip wrote, on the new venv's python
+    assert script.read_text().splitlines()[0] == f"#!{venv / 'bin' / 'python'}"
     flags = ["--task", "classify", "--train", str(train), "--eval", str(dev), "--init-from", str(ckpt)]
     flags += ["--output", str(tmp_path / "out"), "--epochs", "1", "--seq-len", "32"]
-    run = subprocess.run(
-        [sys.executable, str(script), *flags], cwd=work, env=clean_env(site), capture_output=True, text=True
-    )
+    run = subprocess.run([str(script), *flags], cwd=work, env=clean_env(venv), capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert (tmp_path / "out" / "eval_report.json").is_file()
+    python = str(venv / "bin" / "python")
     where = subprocess.run(
-        [sys.executable, "-c", "import ds_configs, finetune.run as r, pretrain.runtime.engine as e, common.flags as f; "
+        [python, "-c", "import ds_configs, finetune.run as r, pretrain.runtime.engine as e, common.flags as f; "
          "print(ds_configs.__file__, r.__file__, e.__file__, f.__file__, r.DEFAULT_DS_CONFIG, "
          "ds_configs.shipped('ds_configs/demo.json'), sep='\\n')"],
-        cwd=work, env=clean_env(site), capture_output=True, text=True,
+        cwd=work, env=clean_env(venv), capture_output=True, text=True,
     )  # fmt: skip
     assert where.returncode == 0, where.stderr
+    site = site_packages(venv).resolve()
     for path in where.stdout.split():
-        assert Path(path).resolve().is_relative_to(site.resolve()), f"{path} is not from the installed wheel"
+        assert Path(path).resolve().is_relative_to(site), f"{path} is not from the installed wheel"
 
 
 def test_a_shipped_config_is_found_from_any_directory_and_a_local_file_wins(tmp_path, monkeypatch):

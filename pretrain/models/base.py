@@ -24,7 +24,11 @@ from common.errors import UserError
 from common.files import write_json_atomic
 from pretrain.models.attention import Packing
 from pretrain.models.fused import TiedGrad
-from pretrain.models.kernels import FastPaths, FastPathsMixin
+from pretrain.models.kernels import OPTION_NAMES, FastPaths, FastPathsMixin, KernelOptions
+
+IGNORE_INDEX = -100
+"""The label of a position without a loss (transformers' convention): MLM labels, NSP labels with no pair task,
+fine-tuning tags off a word's first piece. The one place the value is written."""
 
 
 def trunc_normal_(weight: Tensor, std: float, cutoff: float) -> Tensor:
@@ -52,9 +56,10 @@ def unknown_keys(cls, d: dict, path: str, known: set[str] = frozenset()) -> None
 
 class ModelConfig:
     """JSON in and out, shared by both families' config dataclasses. A subclass sets HF_KEYS (keys only
-    transformers' config.json has) and `from_hf`."""
+    transformers' config.json has), KERNEL_OPTIONS (the `KernelOptions` its models read) and `from_hf`."""
 
     HF_KEYS: tuple[str, ...] = ()
+    KERNEL_OPTIONS: tuple[str, ...] = OPTION_NAMES
 
     @classmethod
     def from_json(cls, path: str):
@@ -63,19 +68,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, path: str = "the model config"):
-        """Our JSON (`asdict`) or transformers' config.json (told apart by HF_KEYS)."""
+        """Our JSON (`asdict`) or transformers' config.json (told apart by HF_KEYS). The speed switches that
+        configs saved before `KernelOptions` hold are dropped: they are runtime options now."""
         if any(k in d for k in cls.HF_KEYS):
             return cls.from_hf(d)
+        d = {k: v for k, v in d.items() if k not in OPTION_NAMES}
         unknown_keys(cls, d, path)
         return cls(**d)
 
     def to_json(self, path: str) -> None:
         write_json_atomic(path, dataclasses.asdict(self))
-
-    @property
-    def last_layer_on_heads_rows(self) -> bool:
-        """sparse_last_layer as it applies: only with sparse_mlm_head (a head on every position reads every row)."""
-        return self.sparse_last_layer and self.sparse_mlm_head
 
 
 @dataclass
@@ -197,9 +199,11 @@ class PreTrainingModel(FastPathsMixin, nn.Module):
         return state
 
     @classmethod
-    def from_state(cls, config, state: dict[str, Tensor], source: str = "the weights"):
+    def from_state(
+        cls, config, state: dict[str, Tensor], source: str = "the weights", options: KernelOptions | None = None
+    ):
         """A model of `config` holding `state` (transformers' names; the keys it stores once may be absent)."""
-        model, state = cls(config), cls.with_tied(state)
+        model, state = cls(config, options), cls.with_tied(state)
         own = model.state_dict()
         found = [
             ([k for k in own if k not in state], "missing"),
@@ -213,10 +217,10 @@ class PreTrainingModel(FastPathsMixin, nn.Module):
         return model
 
     @classmethod
-    def from_hf_pretrained(cls, path: str, **switches):
+    def from_hf_pretrained(cls, path: str, options: KernelOptions | None = None):
         """Load a Hugging Face directory (config.json + model.safetensors or pytorch_model.bin)."""
         config = cls.CONFIG.from_json(os.path.join(path, "config.json"))
-        return cls.from_state(dataclasses.replace(config, **switches), read_hf_weights(path), path)
+        return cls.from_state(config, read_hf_weights(path), path, options)
 
     def save_hf_pretrained(self, path: str) -> None:
         """Write config.json + model.safetensors that `transformers.<HF_CLASS>.from_pretrained` loads."""
@@ -229,9 +233,9 @@ class PreTrainingModel(FastPathsMixin, nn.Module):
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean fp32 cross-entropy over the labels that are not -100; 0, not NaN, when all are (NSP off)."""
-    total = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
-    return total / (labels != -100).sum().clamp(min=1)
+    """Mean fp32 cross-entropy over the labels that are not IGNORE_INDEX; 0, not NaN, when all are (NSP off)."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def read_hf_weights(path: str) -> dict[str, Tensor]:

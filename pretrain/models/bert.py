@@ -2,7 +2,8 @@
 
 Every parameter has the name and shape it has in `transformers.BertForPreTraining`, so an HF state dict loads
 with strict=True and `save_hf_pretrained` writes a directory HF loads. Where this differs from the textbook
-model (each behind a `BertConfig` switch whose other setting is the plain path; fused code in kernels.py):
+model (each behind a `kernels.KernelOptions` switch whose other setting is the plain path; fused code in
+kernels.py):
 - Unpadding: the encoder runs on the (T, H) rows of real tokens only; on CPU padding comes back just for the
   attention score matrix, on CUDA varlen flash attention never sees it. Padded rows of `sequence_output`
   are therefore zeros, not the meaningless values HF computes there.
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.errors import UserError
-from common.flags import fields_in, option
+from common.flags import option
 from pretrain.models import attention, fused, kernels
 
 # name: (layers, hidden); heads = hidden / 64 and intermediate = 4 * hidden, as in Google's BERT release.
@@ -53,7 +54,7 @@ from pretrain.models.base import (
     last_layer,
     trunc_normal_,
 )
-from pretrain.models.kernels import FastPaths, PathChoice
+from pretrain.models.kernels import FastPaths, KernelOptions, PathChoice
 
 PRESETS = {
     "tiny": (2, 128),
@@ -74,9 +75,10 @@ HF_NAMES = {
 
 @dataclass
 class BertConfig(ModelConfig):
-    """Model shape and fast-path switches (defaults are the fast paths); JSON-serializable."""
+    """Model shape; JSON-serializable. The speed switches are `kernels.KernelOptions`, given to the model."""
 
     HF_KEYS = ("num_hidden_layers",)
+    KERNEL_OPTIONS = kernels.OPTION_NAMES  # every one applies to BERT
     model_type: Literal["bert"] = "bert"
     """Model family (pretrain.models); `bert` as in transformers' config.json."""
     vocab_size: int = option(30522, group="shape")
@@ -103,35 +105,25 @@ class BertConfig(ModelConfig):
     """Standard deviation of the truncated-normal weight initialization."""
     pad_token_id: int = 0
     """Id of [PAD]; its word embedding starts at zero and gets no gradient from the lookup (as in HF)."""
-    use_sdpa: bool = option(True, group="switch")
-    """Attention through F.scaled_dot_product_attention (False: explicit softmax math)."""
-    unpad: bool = option(True, group="switch")
-    """Run the encoder on real tokens only (False: every padded position too)."""
-    sparse_mlm_head: bool = option(True, group="switch")
-    """Run the MLM head only on masked positions (False: on every position, then gather)."""
-    sparse_last_layer: bool = option(True, group="switch")
-    """With sparse_mlm_head: the last layer's output projection and feed-forward run only on the rows the heads
-    read (masked positions, [CLS]) (False: on every row)."""
-    sparse_embedding_grad: bool = option(True, group="switch")
-    """CPU: the word embedding's gradient as its looked-up rows, added into the tied decoder's (False: dense)."""
-    onednn_gemm: bool = option(True, group="switch")
-    """x86 CPU, float32: the linear layers' products through oneDNN's matmul (False: torch's BLAS, MKL)."""
-    fused_qkv: bool = option(True, group="switch")
-    """Project q, k and v with one GEMM (False: three)."""
-    fused_ops: str = option("auto", group="switch")
-    """Bias+GELU, dropout+residual and LayerNorm backend: auto (apex if on CUDA), plain, compile or apex."""
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise UserError(f"--model: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        kernels.check_backend(self.fused_ops)
 
     @property
     def num_hidden_layers(self) -> int:  # transformers' name, shared with ModernBertConfig
         return self.num_layers
 
-    def training_flops(self, seq_len: int, masked_positions: int) -> float:
-        """Training FLOPs (forward + backward = 3x forward) of one sequence of `seq_len` real tokens.
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """[CLS] and [MASK] ids, for batches made without a tokenizer (bert-bench's synthetic ones): the
+        WordPiece vocabulary the presets are shaped for (bert-base-uncased's); like transformers' BertConfig,
+        ours has no field for them (a dataset's manifest has the real ones, pretrain.identity)."""
+        return {"cls": 101, "mask": 103}
+
+    def training_flops(self, seq_len: int, masked_positions: int, sparse_last_layer: bool = True) -> float:
+        """Training FLOPs (forward + backward = 3x forward) of one sequence of `seq_len` real tokens;
+        `sparse_last_layer`: KernelOptions.last_layer_on_heads_rows.
 
         F = 24 L s h^2 + 12 L s h i + 12 L s^2 h + 6 P h (h + V), which for i = 4h is the documented
         72 L s h^2 + 12 L s^2 h + 6 P h (h + V); P is the number of rows the MLM head runs on. With the sparse
@@ -140,7 +132,7 @@ class BertConfig(ModelConfig):
         """
         L, s, h, i, V = self.num_layers, seq_len, self.hidden_size, self.intermediate_size, self.vocab_size
         P = masked_positions
-        skipped = (s - P) * (6 * h * h + 12 * h * i) if self.last_layer_on_heads_rows else 0
+        skipped = (s - P) * (6 * h * h + 12 * h * i) if sparse_last_layer else 0
         return 24 * L * s * h * h + 12 * L * s * h * i + 12 * L * s * s * h + 6 * P * h * (h + V) - skipped
 
     @classmethod
@@ -154,7 +146,7 @@ class BertConfig(ModelConfig):
 
     @classmethod
     def from_hf(cls, hf) -> BertConfig:
-        """From a `transformers.BertConfig` or its config.json dict; our switches keep their defaults."""
+        """From a `transformers.BertConfig` or its config.json dict."""
         d = hf if isinstance(hf, dict) else hf.to_dict()
         if d.get("hidden_act", "gelu") != "gelu" or d.get("position_embedding_type", "absolute") != "absolute":
             raise UserError("--model: only HF BERT configs with hidden_act 'gelu' and absolute positions are supported")
@@ -165,8 +157,8 @@ class BertConfig(ModelConfig):
         """The equivalent `transformers.BertConfig` (architectures set to BertForPreTraining)."""
         from transformers import BertConfig as HFBertConfig
 
-        ours, skip = {v: k for k, v in HF_NAMES.items()}, {"model_type", *fields_in(BertConfig, "switch")}
-        shape = {ours.get(k, k): v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        ours = {v: k for k, v in HF_NAMES.items()}
+        shape = {ours.get(k, k): v for k, v in dataclasses.asdict(self).items() if k != "model_type"}
         return HFBertConfig(**shape, hidden_act="gelu", architectures=["BertForPreTraining"])
 
     @staticmethod
@@ -253,10 +245,10 @@ class BertModel(Encoder):
 
     HF_PREFIX = "bert"  # its parameters' prefix inside transformers' task models
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, options: KernelOptions | None = None):
         super().__init__()
         self.config = config
-        self.paths = PathChoice(config)
+        self.paths = PathChoice(config, options)
         self.embeddings = Embeddings(config)
         self.encoder = _named(layer=nn.ModuleList(Layer(config) for _ in range(config.num_layers)))
         self.pooler = _named(dense=nn.Linear(config.hidden_size, config.hidden_size))
@@ -316,10 +308,10 @@ class BertForPreTraining(PreTrainingModel):
     }
     EMBEDDING, DECODER = "bert.embeddings.word_embeddings", "cls.predictions.decoder"
 
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, options: KernelOptions | None = None):
         super().__init__()
         self.config = config
-        self.bert = BertModel(config)
+        self.bert = BertModel(config, options)
         self.paths = self.bert.paths
         heads = _named(predictions=MaskedLMHead(config, self.bert.embeddings.word_embeddings))
         heads.seq_relationship = nn.Linear(config.hidden_size, 2)

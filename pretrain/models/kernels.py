@@ -1,6 +1,9 @@
 """Fast paths shared by both model families (pretrain/models/bert.py, pretrain/models/modernbert.py), each with a
 plain-PyTorch fallback that tests compare it against.
 
+- `KernelOptions` is what a user asks for (`--model-set fused_ops=compile`): a runtime choice passed to the
+  model's constructor, as transformers' `attn_implementation`, not a model-config field, so checkpoints and
+  exported configs hold the weights' shape only and a reader of weights picks this machine's paths.
 - `FastPaths` is every switch decided once for a device and compute dtype (`resolve`, docs/STYLE.md habit 12): an
   impossible request is a one-line UserError, a fallback one warning naming its cause; kernels only read it.
   `PathChoice` keeps the decisions of one model; under ZeRO-3 (`set_weights_partitioned`) the paths that
@@ -15,7 +18,7 @@ from __future__ import annotations
 import functools
 import platform
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -41,6 +44,43 @@ def check_backend(fused_ops: str) -> None:
         raise UserError(f"--model-set fused_ops must be one of {', '.join(BACKENDS)}, not {fused_ops!r}")
     if fused_ops == "apex" and fused_layer_norm_affine is None:
         raise UserError("--model-set fused_ops=apex needs NVIDIA apex, which is not installed; use auto or plain")
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """The speed switches of a model (defaults are the fast paths; each other setting is the plain path):
+    runtime options, not part of the model config or its checkpoints. `--model-set KEY=VALUE` sets them."""
+
+    use_sdpa: bool = True
+    """Attention through F.scaled_dot_product_attention (False: explicit softmax math)."""
+    unpad: bool = True
+    """Run the encoder on real tokens only (False: every padded position too)."""
+    sparse_mlm_head: bool = True
+    """Run the MLM head only on masked positions (False: on every position, then gather)."""
+    sparse_last_layer: bool = True
+    """With sparse_mlm_head: the last layer's output projection and feed-forward run only on the rows the heads
+    read (masked positions, BERT's [CLS]) (False: on every row)."""
+    sparse_embedding_grad: bool = True
+    """CPU: the token embedding's gradient as its looked-up rows, added into the tied decoder's (False: dense)."""
+    onednn_gemm: bool = True
+    """x86 CPU, float32: the linear layers' products through oneDNN's matmul (False: torch's BLAS, MKL)."""
+    fused_qkv: bool = True
+    """BERT: project q, k and v with one GEMM (False: three); ModernBERT's Wqkv is one layer already."""
+    fused_ops: str = "auto"
+    """Pointwise ops and LayerNorm backend: auto (apex LayerNorm if on CUDA), plain, compile or apex."""
+
+    def __post_init__(self):
+        check_backend(self.fused_ops)
+
+    @property
+    def last_layer_on_heads_rows(self) -> bool:
+        """sparse_last_layer as it applies: only with sparse_mlm_head (a head on every position reads every row)."""
+        return self.sparse_last_layer and self.sparse_mlm_head
+
+
+OPTION_NAMES = tuple(f.name for f in fields(KernelOptions))
+"""The KernelOptions fields: `--model-set` keys that are not model-config fields (and the speed switches that
+model configs saved before KernelOptions hold)."""
 
 
 @dataclass(frozen=True)
@@ -72,27 +112,29 @@ class FastPaths:
         }
 
 
-def resolve(config, device: torch.device, dtype: torch.dtype, partitioned: bool = False) -> FastPaths:
-    """Decide every switch of `config` (unpad, use_sdpa, fused_ops, sparse_mlm_head, sparse_last_layer,
-    sparse_embedding_grad, onednn_gemm, fused_qkv, attention_dropout) for `device` and compute `dtype`;
+def resolve(
+    config, options: KernelOptions, device: torch.device, dtype: torch.dtype, partitioned: bool = False
+) -> FastPaths:
+    """Decide every switch of `options` for `config` (its attention_dropout, its family's `KERNEL_OPTIONS`) on
+    `device` and compute `dtype`;
     `partitioned`: weights exist only while their module is called (ZeRO-3). sparse_embedding_grad is a CPU path:
     on CUDA zeroing and adding a dense vocabulary x hidden gradient costs well under a millisecond, so the
     well-trodden dense kernel stays. onednn_gemm is a float32 x86 CPU path (`_resolve_gemm`)."""
     device = torch.device(device)
-    fused_qkv = getattr(config, "fused_qkv", False)
+    fused_qkv = options.fused_qkv and "fused_qkv" in config.KERNEL_OPTIONS
     if fused_qkv and partitioned:
         _fallback("fused_qkv=true", "the query, key and value weights")
         fused_qkv = False
     return FastPaths(
-        unpad=config.unpad,
-        attention=_resolve_attention(config, device, dtype),
-        sdpa=config.use_sdpa,
-        ops=_resolve_ops(config.fused_ops, device, partitioned),
+        unpad=options.unpad,
+        attention=_resolve_attention(config, options, device, dtype),
+        sdpa=options.use_sdpa,
+        ops=_resolve_ops(options.fused_ops, device, partitioned),
         fused_qkv=fused_qkv,
-        sparse_mlm_head=config.sparse_mlm_head,
-        sparse_last_layer=config.last_layer_on_heads_rows,
-        sparse_embedding_grad=config.sparse_embedding_grad and device.type == "cpu",
-        gemm=_resolve_gemm(config.onednn_gemm, device, dtype),
+        sparse_mlm_head=options.sparse_mlm_head,
+        sparse_last_layer=options.last_layer_on_heads_rows,
+        sparse_embedding_grad=options.sparse_embedding_grad and device.type == "cpu",
+        gemm=_resolve_gemm(options.onednn_gemm, device, dtype),
         deterministic=getattr(config, "deterministic_flash_attn", False),
     )
 
@@ -105,8 +147,8 @@ def _fallback(request: str, reads: str) -> None:
     )
 
 
-def _resolve_attention(config, device: torch.device, dtype: torch.dtype) -> str:
-    if not config.unpad:
+def _resolve_attention(config, options: KernelOptions, device: torch.device, dtype: torch.dtype) -> str:
+    if not options.unpad:
         return "padded"
     if device.type != "cuda":
         return "grouped"
@@ -170,8 +212,9 @@ def torch_varlen():
 class PathChoice:
     """The fast paths of one model, decided once per (device type, compute dtype) and then only looked up."""
 
-    def __init__(self, config):
+    def __init__(self, config, options: KernelOptions | None = None):
         self.config = config
+        self.options = KernelOptions() if options is None else options
         self.partitioned = False
         self._chosen: dict[tuple[str, torch.dtype], FastPaths] = {}
 
@@ -182,7 +225,7 @@ class PathChoice:
     def get(self, device: torch.device, dtype: torch.dtype) -> FastPaths:
         key = (torch.device(device).type, dtype)
         if key not in self._chosen:
-            self._chosen[key] = resolve(self.config, torch.device(device), dtype, self.partitioned)
+            self._chosen[key] = resolve(self.config, self.options, torch.device(device), dtype, self.partitioned)
         return self._chosen[key]
 
     def for_input(self, input_ids: Tensor, weight: Tensor) -> FastPaths:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.errors import UserError
-from common.flags import fields_in, option
+from common.flags import option
 from pretrain.models import attention, fused, kernels
 from pretrain.models.attention import Packing
 from pretrain.models.base import (
@@ -54,9 +54,11 @@ HF_MARKS = ("architectures", "transformers_version", "layer_types", "rope_parame
 
 @dataclass
 class ModernBertConfig(ModelConfig):
-    """Model shape (transformers' field names and defaults) and fast-path switches; JSON-serializable."""
+    """Model shape (transformers' field names and defaults); JSON-serializable. The speed switches are
+    `kernels.KernelOptions`, given to the model."""
 
     HF_KEYS = HF_MARKS
+    KERNEL_OPTIONS = tuple(o for o in kernels.OPTION_NAMES if o != "fused_qkv")  # Wqkv is one layer already
     model_type: Literal["modernbert"] = "modernbert"
     """Model family (pretrain.models), as in transformers' config.json."""
     vocab_size: int = option(50368, group="shape")
@@ -121,21 +123,6 @@ class ModernBertConfig(ModelConfig):
     """Activation of the head's dense layer."""
     deterministic_flash_attn: bool = False
     """Deterministic flash-attn backward (slower)."""
-    use_sdpa: bool = option(True, group="switch")
-    """Attention through F.scaled_dot_product_attention (False: explicit softmax math)."""
-    unpad: bool = option(True, group="switch")
-    """Run the encoder on real tokens only (False: every padded position too)."""
-    sparse_mlm_head: bool = option(True, group="switch")
-    """Run the MLM head only on masked positions (False: on every position, then gather)."""
-    sparse_last_layer: bool = option(True, group="switch")
-    """With sparse_mlm_head: the last layer's output projection and feed-forward run only on the rows the heads
-    read (masked positions) (False: on every row)."""
-    sparse_embedding_grad: bool = option(True, group="switch")
-    """CPU: the token embedding's gradient as its looked-up rows, added into the tied decoder's (False: dense)."""
-    onednn_gemm: bool = option(True, group="switch")
-    """x86 CPU, float32: the linear layers' products through oneDNN's matmul (False: torch's BLAS, MKL)."""
-    fused_ops: str = option("auto", group="switch")
-    """LayerNorm, GeGLU and RoPE backend: auto (apex LayerNorm if on CUDA), plain, compile or apex."""
 
     def __post_init__(self):
         heads = self.num_attention_heads
@@ -148,7 +135,6 @@ class ModernBertConfig(ModelConfig):
                 f"--model-set: pad_token_id {self.pad_token_id} is not an id of the vocabulary ({self.vocab_size}); "
                 "also set pad_token_id=ID, the tokenizer's pad id"
             )
-        kernels.check_backend(self.fused_ops)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ModernBertConfig:
@@ -157,11 +143,18 @@ class ModernBertConfig(ModelConfig):
             raise UserError(f"--model: unknown preset {name!r}; use one of {', '.join(PRESETS)} or a JSON file")
         return cls(**{**PRESETS[name], "classifier_pooling": "mean", **overrides})
 
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """[CLS] and [MASK] ids, for batches made without a tokenizer (bert-bench's synthetic ones): cls_token_id,
+        and the mask id of the tokenizer the presets come with (ModernBERT-base's; no config field holds it)."""
+        return {"cls": self.cls_token_id, "mask": 50284}
+
     def is_global(self, layer: int) -> bool:
         return layer % self.global_attn_every_n_layers == 0
 
-    def training_flops(self, seq_len: int, masked_positions: int) -> float:
-        """Training FLOPs (3x forward) of one sequence of s = `seq_len` real tokens, P = `masked_positions` rows:
+    def training_flops(self, seq_len: int, masked_positions: int, sparse_last_layer: bool = True) -> float:
+        """Training FLOPs (3x forward) of one sequence of s = `seq_len` real tokens, P = `masked_positions` rows,
+        `sparse_last_layer`: KernelOptions.last_layer_on_heads_rows:
 
         F = 24 L s h^2 + 18 L s h i + 12 h (G s^2 + (L - G) A) + 6 P h (h + V): q|k|v and output projections,
         the GeGLU's 2i-wide Wi and its Wo, attention scores and weighted sum over the query-key pairs that may
@@ -172,12 +165,12 @@ class ModernBertConfig(ModelConfig):
         P, G = masked_positions, len(range(0, L, self.global_attn_every_n_layers))
         r = min(self.local_attention // 2, s - 1)
         pairs = G * s * s + (L - G) * (s * (2 * r + 1) - r * (r + 1))
-        skipped = (s - P) * (6 * h * h + 18 * h * i) if self.last_layer_on_heads_rows else 0
+        skipped = (s - P) * (6 * h * h + 18 * h * i) if sparse_last_layer else 0
         return 24 * L * s * h * h + 18 * L * s * h * i + 12 * h * pairs + 6 * P * h * (h + V) - skipped
 
     @classmethod
     def from_hf(cls, hf) -> ModernBertConfig:
-        """From a `transformers.ModernBertConfig` or its config.json dict; our switches keep their defaults."""
+        """From a `transformers.ModernBertConfig` or its config.json dict."""
         d = dict(hf if isinstance(hf, dict) else hf.to_dict())
         if {d.get("hidden_activation", "gelu"), d.get("classifier_activation", "gelu")} != {"gelu"}:
             raise UserError("--model: only ModernBERT configs with GELU activations are supported")
@@ -190,7 +183,7 @@ class ModernBertConfig(ModelConfig):
             d[name] = rope.get("rope_theta", d.get(name, getattr(cls, name)))
         if d.get("layer_types"):
             d["global_attn_every_n_layers"] = _every_nth_global(d["layer_types"])
-        keep = {f.name for f in dataclasses.fields(cls)} - set(fields_in(cls, "switch"))
+        keep = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in keep})
 
     def to_hf(self):
@@ -198,7 +191,7 @@ class ModernBertConfig(ModelConfig):
         from transformers import ModernBertConfig as HFModernBertConfig
 
         ours = {"model_type", "global_attn_every_n_layers", "global_rope_theta", "local_rope_theta"}
-        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in {*ours, *fields_in(type(self), "switch")}}
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ours}
         kinds = ["full_attention" if self.is_global(i) else "sliding_attention" for i in range(self.num_hidden_layers)]
         rope = {
             "full_attention": {"rope_type": "default", "rope_theta": self.global_rope_theta},
@@ -290,10 +283,10 @@ class ModernBertModel(Encoder):
 
     HF_PREFIX = "model"  # its parameters' prefix inside transformers' task models
 
-    def __init__(self, config: ModernBertConfig):
+    def __init__(self, config: ModernBertConfig, options: kernels.KernelOptions | None = None):
         super().__init__()
         self.config = config
-        self.paths = kernels.PathChoice(config)
+        self.paths = kernels.PathChoice(config, options)
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(Layer(config, i) for i in range(config.num_hidden_layers))
         self.final_norm = _norm(config)
@@ -342,10 +335,10 @@ class ModernBertForMaskedLM(PreTrainingModel):
     TIED = {"decoder.weight": "model.embeddings.tok_embeddings.weight"}
     EMBEDDING, DECODER = "model.embeddings.tok_embeddings", "decoder"
 
-    def __init__(self, config: ModernBertConfig):
+    def __init__(self, config: ModernBertConfig, options: kernels.KernelOptions | None = None):
         super().__init__()
         self.config = config
-        self.model = ModernBertModel(config)
+        self.model = ModernBertModel(config, options)
         self.paths = self.model.paths
         self.head = PredictionHead(config)
         self.decoder = fused.TiedDecoder(config.hidden_size, config.vocab_size, bias=False, device="meta")

@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from common import errors
 from common.log import get_logger
 
 log = get_logger(__name__)
@@ -147,23 +146,6 @@ def _end_with_output() -> None:
                 if launcher:
                     os.kill(parent, signal.SIGKILL)
                 os.kill(os.getpid(), signal.SIGKILL)
-
-
-def run_cli(main, argv=None, parse=None) -> int:
-    """`common.errors.run_cli` for a command that may start DeepSpeed: after a clean run, the bounded
-    `shutdown` (every rank meets, then leaves the group); a failed run exits at once.
-    With `parse`, `main` runs on `parse(argv)` (its config) and a run that returns is exit code 0."""
-
-    def call(args):
-        if parse is None:
-            return main(args)
-        main(parse(args))
-        return 0
-
-    rc = errors.run_cli(call, argv)
-    if rc == 0:
-        shutdown()
-    return rc
 
 
 def on_gpu() -> bool:

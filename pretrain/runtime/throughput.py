@@ -14,7 +14,7 @@ from pretrain.models import flops_per_sequence
 
 # Dense peak TFLOP/s of the tensor cores (no sparsity) by device name fragment and precision.
 from pretrain.models.attention import Packing
-from pretrain.models.kernels import FastPaths
+from pretrain.models.kernels import FastPaths, KernelOptions
 from pretrain.runtime import dist
 
 PEAK_TFLOPS = {
@@ -25,14 +25,15 @@ PEAK_TFLOPS = {
 }
 
 
-def batch_flops(config, batch: dict) -> float:
+def batch_flops(config, batch: dict, options: KernelOptions | None = None) -> float:
     """Useful training FLOPs of a batch: the formula on each sequence's real length and masked count, where a
-    sequence is a row, or with `document_ids` each document packed into a row (attention stays inside it)."""
+    sequence is a row, or with `document_ids` each document packed into a row (attention stays inside it);
+    `options`: the model's speed switches (the last layer's rows)."""
     pack = Packing.build(batch["attention_mask"], batch.get("document_ids"), FastPaths())
     masked = batch["masked_positions"]
     owner = masked // pack.seq_len if pack.sequence_of is None else pack.sequence_of.flatten()[masked]
     per_sequence = torch.bincount(owner, minlength=len(pack.lengths)).tolist()
-    return sum(flops_per_sequence(config, s, p) for s, p in zip(pack.lengths, per_sequence))
+    return sum(flops_per_sequence(config, s, p, options) for s, p in zip(pack.lengths, per_sequence))
 
 
 def device_peak(device: torch.device, precision: str, override: float | None) -> float | None:

@@ -103,7 +103,7 @@ def load_weights(path: str | os.PathLike, trust: bool = False):
         elif why:
             raise UserError(f"checkpoint {p} fails verification: {why}; pass another tag or the --save directory")
     warn_unverified(p)
-    config = config_from_dict(read_state(p).config["model"], keep_switches=False)
+    config = config_from_dict(read_state(p).config["model"])
     weights = {k: v.detach().float().clone() for k, v in master_weights(p, trust).items()}
     return config, config.pretraining_class().with_tied(weights)
 
