@@ -7,9 +7,10 @@
 # Everything goes under one directory: runs/demo, or the first argument / $DEMO_DIR.
 # About 10 minutes on 2 CPU cores (training has a wall-clock budget) before step 8, whose six pairs of fine-tuning
 # runs are not yet timed on a quiet machine (docs/PERFORMANCE.md); on a GPU box it uses every GPU.
-# Knobs (environment): DEMO_MODEL (model preset: tiny, BERT-tiny, the default; or a ModernBERT preset such as
-# modernbert-tiny, pretrained MLM-only on packed samples with 30% masking, StableAdamW and a warmup-stable-decay
-# schedule, ds_configs/modernbert_demo.json, then evaluated and fine-tuned as BERT is), DEMO_MINUTES (training
+# Knobs (environment): DEMO_MODEL (model preset: tiny, BERT-tiny, the default, pretrained MLM-only on packed samples
+# at 30% masking without dropout, ds_configs/demo.json; or a ModernBERT preset such as modernbert-mini, pretrained
+# the same way with StableAdamW and a warmup-stable-decay schedule, ds_configs/modernbert_demo.json; both then
+# evaluated at 15% masking and fine-tuned alike), DEMO_MINUTES (training
 # budget, default 6), DEMO_STEPS (cap on steps), DEMO_CORPUS_MB (cap on the corpus), DEMO_VOCAB (vocabulary
 # size), DEMO_SAVE_EVERY / DEMO_EVAL_EVERY (steps),
 # DEMO_MASTER_PORT (rendezvous port of the launcher; fine-tuning also uses the next one), DEMO_FT_SEEDS
@@ -23,8 +24,9 @@ cd "$root"
 out=${1:-${DEMO_DIR:-runs/demo}}
 model=${DEMO_MODEL:-tiny}
 case "$model" in  # checkpoints often enough that the interruption below comes well within the budget
-  modernbert-*) family=modernbert every=25 ;;  # ModernBERT-tiny: ~7x BERT-tiny's work a step, 80-140 CPU steps
-  *) family=bert every=100 ;;
+  modernbert-tiny | modernbert-base | modernbert-large) family=modernbert every=25 ;;  # tiny: ~80-140 CPU steps
+  modernbert-*) family=modernbert every=100 ;;  # modernbert-mini: ~450 steps in 6 CPU minutes
+  *) family=bert every=200 ;;  # BERT-tiny at the demo's batch of 32: ~1,700 steps
 esac
 minutes=${DEMO_MINUTES:-6}
 steps=${DEMO_STEPS:-20000}
@@ -80,12 +82,14 @@ ids = tokenizer["special_tokens"]
 fields = [f"vocab_size={tokenizer['vocab_size']}", f"pad_token_id={ids['pad']}"]
 if preset.startswith("modernbert"):  # its config.json names the tokenizer's ids (the preset's are ModernBERT's own)
     fields += [f"{name}_token_id={ids[role]}" for name, role in (("cls", "cls"), ("sep", "sep"), ("bos", "cls"), ("eos", "sep"))]
+else:  # no dropout: a few minutes of data are seen a few times at most (docs/PERFORMANCE.md, the ablation)
+    fields += ["hidden_dropout=0", "attention_dropout=0"]
 load_config(preset, fields).to_json(path)
 EOF
 if [ "$family" = modernbert ]; then  # ModernBERT's recipe: MLM only, packed documents, 30% masking, StableAdamW + WSD
   recipe=(--deepspeed_config ds_configs/modernbert_demo.json --pair-task none --packing --mask-prob 0.3)
-else
-  recipe=(--deepspeed_config ds_configs/demo.json)
+else  # MLM only on packed documents at 30%, no dropout, a batch of 32 at 2e-3 (docs/PERFORMANCE.md, the ablation)
+  recipe=(--deepspeed_config ds_configs/demo.json --pair-task none --packing --mask-prob 0.3)
 fi
 rm -rf "$out/run"  # a fresh run each time, so the interruption below happens
 train=(deepspeed --num_gpus "$procs" --master_port "$port" --log_level warning --module pretrain.train

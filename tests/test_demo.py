@@ -64,8 +64,9 @@ def test_demo_end_to_end(tmp_path):
     # 5: held-out accuracy, trained vs untrained, as printed
     evals = [r for r in records if r.get("split") == "eval"]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 12
-    assert f"untrained (step 0) {evals[0]['mlm_acc']:>13.4f} {evals[0]['nsp_acc']:>13.4f}" in log
-    assert f"trained (step 12) {evals[-1]['mlm_acc']:>13.4f} {evals[-1]['nsp_acc']:>13.4f}" in log
+    assert evals[0]["nsp_acc"] is None  # the BERT demo's recipe: MLM only
+    assert f"untrained (step 0) {evals[0]['mlm_acc']:>13.4f} {'- (no NSP)':>13}" in log
+    assert f"trained (step 12) {evals[-1]['mlm_acc']:>13.4f} {'- (no NSP)':>13}" in log
 
     # 6: the export holds the final weights and fill-mask ran on it
     hf = out / "hf"
@@ -106,10 +107,15 @@ def run_piece(marker: str, *args: str) -> str:
     return proc.stdout
 
 
-# DEMO_MODEL=modernbert-tiny runs the whole demo (but fine-tuning) in about the time of the BERT one, too long to
+# DEMO_MODEL=modernbert-mini runs the whole demo (but fine-tuning) in about the time of the BERT one, too long to
 # repeat here; these tests run its pieces that differ from BERT's: the model config, the recipe, the accuracy table.
 SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
-TOKEN_IDS = {"tiny": [], "modernbert-tiny": ["cls_token_id=2", "sep_token_id=3", "bos_token_id=2", "eos_token_id=3"]}
+MODERNBERT_IDS = ["cls_token_id=2", "sep_token_id=3", "bos_token_id=2", "eos_token_id=3"]
+TOKEN_IDS = {
+    "tiny": ["hidden_dropout=0", "attention_dropout=0"],  # the demo's BERT recipe: no dropout
+    "modernbert-mini": MODERNBERT_IDS,
+    "modernbert-tiny": MODERNBERT_IDS,
+}
 
 
 @pytest.mark.parametrize("preset", TOKEN_IDS)
@@ -132,12 +138,24 @@ def test_demo_modernbert_recipe_is_packed_mlm_at_30_percent_with_stable_adamw(tm
 
     text = open(os.path.join(ROOT, "scripts", "demo.sh")).read()
     recipe = shlex.split(re.search(r"recipe=\((--deepspeed_config ds_configs/modernbert_[^)]*)\)", text).group(1))
-    cfg = TrainConfig.from_args([*recipe, "--model", "modernbert-tiny", "--data", "d", "--save", "s"])
+    cfg = TrainConfig.from_args([*recipe, "--model", "modernbert-mini", "--data", "d", "--save", "s"])
     assert (cfg.data.pair_task, cfg.data.packing, cfg.data.mask_prob) == ("none", True, 0.3)
     ds = load_ds_config(os.path.join(ROOT, cfg.deepspeed_config))
     model = build_pretraining_model(load_config("modernbert-tiny", ["vocab_size=64", "pad_token_id=0"]))
     opt, _ = build_optimizer(model, ds)
     assert type(opt) is StableAdamW and opt.update_clipping and ds["scheduler"]["type"] in SCHEDULES
+
+
+def test_demo_bert_recipe_is_packed_mlm_at_30_percent():
+    from pretrain.runtime.ds_config import load_ds_config
+    from pretrain.train_config import TrainConfig
+
+    text = open(os.path.join(ROOT, "scripts", "demo.sh")).read()
+    recipe = shlex.split(re.search(r"recipe=\((--deepspeed_config ds_configs/demo.json[^)]*)\)", text).group(1))
+    cfg = TrainConfig.from_args([*recipe, "--model", "tiny", "--data", "d", "--save", "s"])
+    assert (cfg.data.pair_task, cfg.data.packing, cfg.data.mask_prob, cfg.data.eval_mask_prob) == ("none", True, 0.3, 0.15)
+    ds = load_ds_config(os.path.join(ROOT, cfg.deepspeed_config))
+    assert (ds["train_micro_batch_size_per_gpu"], ds["optimizer"]["params"]["lr"]) == (16, 2e-3)
 
 
 def test_demo_prints_held_out_accuracy_without_nsp(tmp_path):

@@ -44,7 +44,9 @@ from pretrain.models.base import (
 )
 from pretrain.models.kernels import FastPaths
 
-PRESETS = {  # the released ModernBERT-base and -large shapes, and a small one of the same design
+PRESETS = {  # the released ModernBERT-base and -large shapes, and small ones of the same design
+    # mini: the demo's, sized for a few CPU minutes (4 layers: global attention in layers 0 and 3)
+    "modernbert-mini": dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=2, intermediate_size=256),
     "modernbert-tiny": dict(num_hidden_layers=6, hidden_size=256, num_attention_heads=4, intermediate_size=384),
     "modernbert-base": dict(num_hidden_layers=22, hidden_size=768, num_attention_heads=12, intermediate_size=1152),
     "modernbert-large": dict(num_hidden_layers=28, hidden_size=1024, num_attention_heads=16, intermediate_size=2624),
@@ -138,7 +140,7 @@ class ModernBertConfig(ModelConfig):
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ModernBertConfig:
-        """modernbert-tiny, -base or -large (mean pooling, as released), with optional field overrides."""
+        """modernbert-mini, -tiny, -base or -large (mean pooling, as released), with optional field overrides."""
         if name not in PRESETS:
             raise UserError(f"--model: unknown preset {name!r}; use one of {', '.join(PRESETS)} or a JSON file")
         return cls(**{**PRESETS[name], "classifier_pooling": "mean", **overrides})

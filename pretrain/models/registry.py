@@ -53,8 +53,8 @@ class ModelFlags:
     """`--model` and `--model-set`: the model flags of every command that builds a model from scratch."""
 
     model: str = "base"
-    """Preset (BERT: tiny, mini, small, medium, base, large; ModernBERT: modernbert-tiny, modernbert-base,
-    modernbert-large) or a model JSON (ours, or a Hugging Face config.json of BERT or ModernBERT)."""
+    """Preset (BERT: tiny, mini, small, medium, base, large; ModernBERT: modernbert-mini, modernbert-tiny,
+    modernbert-base, modernbert-large) or a model JSON (ours, or a Hugging Face config.json of BERT or ModernBERT)."""
     model_set: list[str] = option(default_factory=list, action="append", metavar="KEY=VALUE")
     """Override one model config field or speed switch, e.g. vocab_size=8192, fused_ops=compile or unpad=false
     (repeatable)."""
