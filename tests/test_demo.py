@@ -153,7 +153,8 @@ def test_demo_bert_recipe_is_packed_mlm_at_30_percent():
     text = open(os.path.join(ROOT, "scripts", "demo.sh")).read()
     recipe = shlex.split(re.search(r"recipe=\((--deepspeed_config ds_configs/demo.json[^)]*)\)", text).group(1))
     cfg = TrainConfig.from_args([*recipe, "--model", "tiny", "--data", "d", "--save", "s"])
-    assert (cfg.data.pair_task, cfg.data.packing, cfg.data.mask_prob, cfg.data.eval_mask_prob) == ("none", True, 0.3, 0.15)
+    data = cfg.data
+    assert (data.pair_task, data.packing, data.mask_prob, data.eval_mask_prob) == ("none", True, 0.3, 0.15)
     ds = load_ds_config(os.path.join(ROOT, cfg.deepspeed_config))
     assert (ds["train_micro_batch_size_per_gpu"], ds["optimizer"]["params"]["lr"]) == (16, 2e-3)
 
