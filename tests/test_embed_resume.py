@@ -65,7 +65,7 @@ def launch(setup: dict, out: Path) -> subprocess.Popen:
 
 
 def finish(proc: subprocess.Popen, out: Path) -> None:
-    assert proc.wait(timeout=300) == 0, Path(f"{out}.log").read_text()[-4000:]
+    assert proc.wait(timeout=900) == 0, Path(f"{out}.log").read_text()[-4000:]
 
 
 @pytest.mark.slow
@@ -73,7 +73,7 @@ def test_sigterm_saves_and_the_relaunch_ends_as_an_uninterrupted_run(setup):
     straight, stopped = setup["root"] / "straight", setup["root"] / "stopped"
     reference = launch(setup, straight)
     proc = launch(setup, stopped)
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600  # a loaded machine starts slowly
     while proc.poll() is None and time.monotonic() < deadline:
         if (stopped / "metrics.jsonl").is_file() and len(losses(stopped)) >= 3:
             break
