@@ -29,9 +29,12 @@ setup(
     ],
     extras_require={
         "logging": ["tensorboard>=2.16", "wandb>=0.17"],
-        # bert-embed: the sentence-transformers format its output is tested against, BM25 and the IR metrics
+        # bert-embed: the sentence-transformers format its output is tested against, BM25, the IR metrics and
+        # FAISS (bert-embed index/search, imported only there), mteb (embed.mteb_model, imported only there)
         "embed": [
             "sentence-transformers==6.3.0",
+            "faiss-cpu==1.15.1",
+            "mteb==2.26.24",
             "bm25s==0.3.16",
             "ir-measures==0.4.3",
             "pytrec-eval-terrier==0.5.11",

@@ -1,6 +1,7 @@
 """`bert-embed`: sentence embeddings from a pretrained encoder. Subcommands: train (contrastive fine-tuning to a
 sentence-transformers model), eval (BEIR-format retrieval next to BM25), mine (hard negatives with a model),
-task (a retrieval task from local documentation). Each is one config dataclass; its fields are the flags.
+task (a retrieval task from local documentation),
+index and search (a FAISS index of a corpus). Each is one config dataclass; its fields are the flags.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 
 from common.errors import run_cli
 from common.flags import accept_launcher_arguments, add_command
-from embed import evaluate, mine, tasks, train
+from embed import evaluate, index, mine, tasks, train
 from pretrain.runtime import dist
 
 
@@ -25,6 +26,8 @@ def parser() -> argparse.ArgumentParser:
     add_command(sub, "eval", evaluate.EvalConfig, evaluate.evaluate)
     add_command(sub, "mine", mine.MineConfig, mine.mine)
     add_command(sub, "task", tasks.TaskConfig, tasks.build_task)
+    add_command(sub, "index", index.IndexConfig, index.build)
+    add_command(sub, "search", index.SearchConfig, index.search)
     return p
 
 

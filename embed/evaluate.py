@@ -3,8 +3,9 @@
     bert-embed eval --model DIR --data BEIR_DIR --output REPORT.json
 
 Design choices:
-- Exact search: unit-vector embeddings, the corpus scored by one matrix product per block of queries (no
-  approximate index: the scores are the model's, and a demo-scale corpus fits in memory many times over).
+- Exact search: unit-vector embeddings, the corpus scored by one matrix product per block of queries (the
+  scores are the model's, and a demo-scale corpus fits in memory many times over). `--index` searches a FAISS
+  index of the same corpus and model instead (embed.index), to measure what an approximate index costs.
 - The metrics come from a kept library, `ir-measures` (nDCG@10, R@100, RR@10 = MRR@10, through
   pytrec_eval), on the top 100 passages of each query; the same library scores the BM25 run (`bm25s`, its
   English stopwords, no stemmer), so the two columns differ only in the retriever.
@@ -50,6 +51,8 @@ class EvalConfig:
     """Texts per encoding batch."""
     no_bm25: bool = False
     """Skip the BM25 baseline."""
+    index: str | None = None
+    """A `bert-embed index` directory of --data's corpus built with --model: search it instead of exactly."""
 
 
 Run = dict[str, dict[str, float]]
@@ -63,6 +66,18 @@ def dense_run(queries: torch.Tensor, corpus: torch.Tensor, qids: list[str], dids
         for qid, row_s, row_i in zip(qids[start : start + 256], scores.tolist(), idx.tolist()):
             run[qid] = {dids[i]: s for i, s in zip(row_i, row_s)}
     return run
+
+
+def index_run(cfg: EvalConfig, queries: torch.Tensor, qids: list[str], dids: list[str]) -> Run:
+    """The run of a FAISS index of --data's corpus (embed.index), refused when built from another model or corpus."""
+    from embed.index import Index, run_of
+
+    index = Index(cfg.index)
+    index.check_model(cfg.model)
+    if sorted(index.ids) != sorted(dids):
+        raise UserError(f"--index {cfg.index} holds {len(index.ids)} passages that are not --data's corpus.jsonl "
+                        f"({len(dids)}); build it with `bert-embed index --corpus {cfg.data}`")  # fmt: skip
+    return run_of(index, queries, qids, DEPTH)
 
 
 def bm25_run(beir: data.Beir, depth: int) -> Run:
@@ -105,11 +120,17 @@ def evaluate(cfg: EvalConfig) -> dict:
     texts = TextEncoder(tok, prefixes, length, length)
     qids, dids = list(beir.queries), list(beir.corpus)
     queries = encode(model, [beir.queries[q] for q in qids], texts, "query", cfg.batch)
-    corpus = encode(model, [beir.corpus[d] for d in dids], texts, "passage", cfg.batch)
-    report = measure(beir.qrels, dense_run(queries, corpus, qids, dids, DEPTH))
+    if cfg.index:
+        report = measure(beir.qrels, index_run(cfg, queries, qids, dids))
+    else:
+        corpus = encode(model, [beir.corpus[d] for d in dids], texts, "passage", cfg.batch)
+        report = measure(beir.qrels, dense_run(queries, corpus, qids, dids, DEPTH))
     if not cfg.no_bm25:
         report |= {f"bm25_{k}": v for k, v in measure(beir.qrels, bm25_run(beir, DEPTH)).items()}
     report |= {"queries": len(qids), "corpus": len(dids), "model": cfg.model, "data": cfg.data, "split": cfg.split}
+    report["search"] = (
+        "exact" if not cfg.index else f"faiss {json.loads(Path(cfg.index, 'index.json').read_text())['kind']}"
+    )
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(cfg.output), report)
     print(table(report))

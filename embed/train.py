@@ -17,6 +17,13 @@ Design choices:
 - The output directory is a sentence-transformers model (embed.model.save_sentence_transformers), written at
   the end of training by rank 0 (every rank gathers under ZeRO-3); with --dev, each epoch is evaluated on a
   BEIR dev split (a record with "split": "eval" in metrics.jsonl) and --best keeps the best epoch instead.
+- Checkpoints and resume are pretraining's (embed.checkpoints, OUTPUT/checkpoints): SIGTERM/SIGINT
+  (pretrain.stop) stops every rank after the step in progress, which is saved; a checkpoint also every
+  --save-every steps and at the end. Relaunching the same command resumes exactly (same losses, same weights);
+  OUTPUT/checkpoints holds the run's lock (pretrain.runlock), so two runs never write one --output.
+- The resolved configuration (flags, DeepSpeed JSON, model, tokenizer fingerprint, data fingerprint,
+  provenance) is printed at start (--print-recipe: only that), saved with every checkpoint and in
+  train_report.json, as pretraining's recipe record; a relaunch that differs refuses in one line.
 """
 
 from __future__ import annotations
@@ -37,9 +44,10 @@ from common.errors import UserError
 from common.files import write_json_atomic
 from common.flags import option
 from common.log import get_logger
-from embed import data, loss
+from embed import checkpoints, data, loss
 from embed.model import EmbeddingModel, Prefixes, TextEncoder, encode, save_sentence_transformers
 from pretrain.runtime import dist
+from pretrain.stop import StopFlag
 
 log = get_logger(__name__)
 DEFAULT_DS_CONFIG = str(Path(__file__).resolve().parent.parent / "ds_configs" / "finetune_cpu.json")
@@ -104,12 +112,20 @@ class EmbedTrainConfig:
     """Seed of the data order and dropout."""
     log_every: int = 10
     """Steps between console lines (every step goes to metrics.jsonl)."""
+    save_every: int = 0
+    """Steps between checkpoints in OUTPUT/checkpoints (0: only when a signal stops the run, and at the end)."""
+    keep_last: int = 1
+    """Checkpoints kept in OUTPUT/checkpoints (the newest good ones; 0: all)."""
+    print_recipe: bool = False
+    """Print the resolved configuration (flags, DeepSpeed JSON, model, tokenizer, data, provenance) and exit."""
 
     def validate(self) -> None:
         if self.temperature <= 0:
             raise UserError("--temperature must be positive")
         if min(self.epochs, self.query_len, self.passage_len, self.batch or 1, self.log_every) < 1:
             raise UserError("--epochs, --query-len, --passage-len, --batch and --log-every must be at least 1")
+        if min(self.save_every, self.keep_last) < 0:
+            raise UserError("--save-every and --keep-last must be 0 or more")
         if self.negatives is not None and self.negatives < 0:
             raise UserError("--negatives must be 0 or more")
         if self.best and not self.dev:
@@ -186,26 +202,24 @@ def pretrain_step(engine) -> float | None:
 
 
 def main(cfg: EmbedTrainConfig) -> dict:
-    """Train, write the sentence-transformers model to cfg.output, and return the run's report."""
+    """Train (or resume from OUTPUT/checkpoints), write the sentence-transformers model to cfg.output, and return
+    the run's report."""
     from data_prep.tokenizer import load as load_tokenizer
     from finetune.run import ds_config, load_pretrained
-    from pretrain.metrics import Metrics
+    from pretrain import runlock
     from pretrain.runtime.dist import init_distributed
-    from pretrain.runtime.ds_config import resolve_batch
-    from pretrain.runtime.engine import initialize
 
     cfg.validate()
     pairs = read_training(cfg)  # bad input stops before the model loads
     dev = data.read_beir(cfg.dev, "dev") if cfg.dev else None
-    seq_len = max(cfg.query_len, cfg.passage_len)
     source = SimpleNamespace(
         init_from=cfg.init_from,
-        seq_len=seq_len,
+        seq_len=max(cfg.query_len, cfg.passage_len),
         tokenizer=cfg.tokenizer,
         trust_checkpoint=cfg.trust_checkpoint,
         allow_tokenizer_change=cfg.allow_tokenizer_change,
     )
-    config, state, tok_dir = load_pretrained(source)  # finetune.run's: verified, safely loaded, identity-checked
+    config, weights, tok_dir = load_pretrained(source)  # finetune.run's: verified, safely loaded, identity-checked
     tok = load_tokenizer(tok_dir)
     if config.model_type == "modernbert":  # it reads no segment ids
         tok.model_input_names = [n for n in tok.model_input_names if n != "token_type_ids"]
@@ -214,65 +228,135 @@ def main(cfg: EmbedTrainConfig) -> dict:
     ds, lr = ds_config(cfg, config.hidden_size)
     cfg = dataclasses.replace(cfg, lr=lr)
     init_distributed()
-    _, micro, accum = resolve_batch(ds, dist.world_size())
-    per_step = micro * accum
-    steps_per_epoch = math.ceil(len(pairs) / (per_step * dist.world_size()))
-    total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
-    torch.manual_seed(cfg.seed)
-    model = EmbeddingModel(config, cfg.pooling)
-    if not cfg.random_init:
-        model.load_pretrained(state)
-    engine = initialize(model, ds, total_steps=total)
-    resolved = {"embed": dataclasses.asdict(cfg), "deepspeed": ds, "model": dataclasses.asdict(config)}
-    log.info(json.dumps(resolved, indent=2, default=str))
-    prefixes = Prefixes(cfg.query_prefix, cfg.passage_prefix)
-    run = Contrastive(cfg, engine, TextEncoder(tok, prefixes, cfg.query_len, cfg.passage_len))
-    metrics = Metrics(cfg.output, 0, resolved, tensorboard=False, wandb_project=None)
-    save = partial(save_model, cfg, engine, tok, prefixes)
-    state = {"step": 0, "start": time.monotonic(), "losses": [], "dev": [], "best": None}
-    for epoch in range(cfg.epochs):
-        if state["step"] >= total:
-            break
-        train_epoch(cfg, run, pairs, epoch, (micro, per_step, total), metrics, state)
-        if dev is not None:
-            found = evaluate_dev(engine, dev, TextEncoder(tok, prefixes, cfg.passage_len, cfg.passage_len))
-            metrics.write({"step": state["step"], "split": "eval", **found})
-            state["dev"].append({"epoch": epoch + 1, "step": state["step"], **found})
-            log.info(f"epoch {epoch + 1}: dev nDCG@10 {found['ndcg_at_10']:.4f}")
-            if cfg.best and (state["best"] is None or found["ndcg_at_10"] > state["best"]["ndcg_at_10"]):
-                state["best"] = state["dev"][-1]
-                save(state["step"])
-    metrics.close()
-    if not cfg.best:
-        save(state["step"])
-    report = {"steps": state["step"], "final_loss": state["losses"][-1] if state["losses"] else None,
-              "pairs": len(pairs), "dev": state["dev"], "best": state["best"], "config": resolved}  # fmt: skip
-    if dist.is_rank0():
-        write_json_atomic(Path(cfg.output, "train_report.json"), report)
-        log.info(f"sentence-transformers model in {cfg.output}")
-    return report
+    resolved = checkpoints.resolved_config(cfg, config, ds, tok_dir, pairs)
+    if cfg.print_recipe:
+        print(json.dumps(resolved, indent=2))
+        return {"steps": 0, "config": resolved}
+    log.info("resolved configuration:\n" + json.dumps(resolved, indent=2))
+    found = checkpoints.starting_point(cfg.output, resolved)  # a relaunch of another run refuses here
+    stop = StopFlag()
+    stop.install()
+    try:
+        with runlock.hold(str(checkpoints.directory(cfg.output))):  # one writer per --output
+            run = _Run(cfg, resolved, (config, weights, tok, ds), pairs, found)
+            try:
+                return run.train(stop, dev)
+            finally:
+                run.metrics.close()
+    finally:
+        stop.uninstall()
 
 
-def train_epoch(cfg: EmbedTrainConfig, run: Contrastive, pairs: list, epoch: int, layout, metrics, state) -> None:
-    """One pass over the pairs (or up to the last step); every step a record in metrics.jsonl."""
-    from finetune.run import epoch_order
+class _Run:
+    """One launch of a run: the engine, where the run stands (`state`, a pretraining TrainState), its metrics."""
 
-    micro, per_step, total = layout
-    world = dist.world_size()
-    order = epoch_order(len(pairs), epoch, cfg.seed, per_step, dist.rank(), world)
-    for i in range(0, len(order), per_step):
-        if state["step"] >= total:
-            return
-        value = float(dist.all_reduce([float(run.step([pairs[j] for j in order[i : i + per_step]], micro))])[0])
-        state["step"] += 1
-        step = state["step"]
-        record = {"step": step, "epoch": epoch + 1, "loss": value / world, "lr": run.engine.get_lr()[0],
-                  "grad_norm": run.norm, "samples": step * per_step * world,
-                  "seconds": time.monotonic() - state["start"]}  # fmt: skip
-        metrics.write(record)
-        state["losses"].append(record["loss"])
-        if step % cfg.log_every == 0 or step == total:
-            log.info(f"step {step}/{total}: loss {record['loss']:.4f}")
+    def __init__(self, cfg: EmbedTrainConfig, resolved: dict, model_parts: tuple, pairs: list, found):
+        from pretrain.metrics import Metrics
+        from pretrain.runtime.checkpoint import Retention, TrainState
+        from pretrain.runtime.ds_config import resolve_batch
+        from pretrain.runtime.engine import initialize
+        from pretrain.runtime.integrity import LossWatch
+
+        config, weights, tok, ds = model_parts
+        self.cfg, self.pairs, self.tok = cfg, pairs, tok
+        _, self.micro, accum = resolve_batch(ds, dist.world_size())
+        self.per_step = self.micro * accum
+        self.steps_per_epoch = math.ceil(len(pairs) / (self.per_step * dist.world_size()))
+        self.total = min(cfg.epochs * self.steps_per_epoch, cfg.max_steps or math.inf)
+        torch.manual_seed(cfg.seed)
+        model = EmbeddingModel(config, cfg.pooling)
+        if not cfg.random_init and found is None:  # a resume loads the checkpoint's weights instead
+            model.load_pretrained(weights)
+        self.engine = initialize(model, ds, total_steps=self.total)
+        self.prefixes = Prefixes(cfg.query_prefix, cfg.passage_prefix)
+        self.run = Contrastive(cfg, self.engine, TextEncoder(tok, self.prefixes, cfg.query_len, cfg.passage_len))
+        self.state = TrainState(world_size=dist.world_size(), config=resolved)
+        if found is not None:
+            saved = checkpoints.load(self.engine, cfg.output, cfg.trust_checkpoint)
+            self.state = dataclasses.replace(saved, world_size=dist.world_size(), config=resolved)
+            if saved.config.get("progress"):
+                resolved["progress"] = saved.config["progress"]
+        self.progress = checkpoints.progress(self.state)
+        self.keep = Retention(keep_last=cfg.keep_last)
+        self.watch = LossWatch()  # marks a checkpoint saved at a non-finite or spiking loss, as pretraining's
+        self.metrics = Metrics(cfg.output, self.state.step, resolved, tensorboard=False, wandb_project=None)
+        self.start = time.monotonic() - self.state.elapsed_s
+
+    def save_checkpoint(self) -> None:
+        self.state.elapsed_s = time.monotonic() - self.start
+        checkpoints.save(self.engine, self.cfg.output, self.state, self.keep, self.watch)
+
+    def train(self, stop: StopFlag, dev: data.Beir | None) -> dict:
+        cfg, state, progress = self.cfg, self.state, self.progress
+        if progress["done"] and state.step >= self.total:
+            log.info(f"{cfg.output} is complete at step {state.step}; raise --epochs or --max-steps to train on")
+            return checkpoints.finished_report(cfg.output) or {"steps": state.step}
+        progress["done"] = False
+        save = partial(save_model, cfg, self.engine, self.tok, self.prefixes)
+        evaluated = progress["dev"][-1] if progress["dev"] else {}
+        if evaluated.get("step") == state.step:  # a finished run resumed: its last evaluation, cut from metrics.jsonl
+            self.metrics.write(
+                {"step": state.step, "split": "eval", **{k: v for k, v in evaluated.items() if k != "epoch"}}
+            )
+        # a checkpoint at an epoch's last step precedes that epoch's --dev evaluation: resume there evaluates it
+        for epoch in range(max(state.step - 1, 0) // self.steps_per_epoch, cfg.epochs):
+            if state.step >= self.total and epoch * self.steps_per_epoch >= state.step:
+                break
+            if self.train_epoch(epoch, stop):
+                self.save_checkpoint()
+                log.info(f"stopping at step {state.step} (signal); relaunch the same command to resume")
+                return {"steps": state.step, "stopped_by": "signal"}
+            if dev is not None and evaluated.get("step") != state.step:
+                self.evaluate(dev, epoch, save)
+        if not cfg.best:
+            save(state.step)
+        progress["done"] = True
+        self.save_checkpoint()  # the finished run: a relaunch with more --epochs or --max-steps continues it
+        report = {"steps": state.step, "final_loss": self.watch.last, "pairs": len(self.pairs),
+                  "dev": progress["dev"], "best": progress["best"], "config": state.config}  # fmt: skip
+        if dist.is_rank0():
+            write_json_atomic(Path(cfg.output, "train_report.json"), report)
+            log.info(f"sentence-transformers model in {cfg.output}")
+        return report
+
+    def evaluate(self, dev: data.Beir, epoch: int, save) -> None:
+        """The --dev scores after `epoch`, recorded; with --best, the model written when they are the best."""
+        cfg, step, progress = self.cfg, self.state.step, self.progress
+        found = evaluate_dev(self.engine, dev, TextEncoder(self.tok, self.prefixes, cfg.passage_len, cfg.passage_len))
+        self.metrics.write({"step": step, "split": "eval", **found})
+        progress["dev"].append({"epoch": epoch + 1, "step": step, **found})
+        log.info(f"epoch {epoch + 1}: dev nDCG@10 {found['ndcg_at_10']:.4f}")
+        if cfg.best and (progress["best"] is None or found["ndcg_at_10"] > progress["best"]["ndcg_at_10"]):
+            progress["best"] = progress["dev"][-1]
+            save(step)
+
+    def train_epoch(self, epoch: int, stop: StopFlag) -> bool:
+        """The rest of one pass over the pairs (or up to the last step); every step a record in metrics.jsonl and
+        a checkpoint every --save-every steps. True when a signal stopped it (at a step boundary)."""
+        from finetune.run import epoch_order
+
+        cfg, state, world = self.cfg, self.state, dist.world_size()
+        order = epoch_order(len(self.pairs), epoch, cfg.seed, self.per_step, dist.rank(), world)
+        first = max(state.step - epoch * self.steps_per_epoch, 0) * self.per_step
+        for i in range(first, len(order), self.per_step):
+            if state.step >= self.total:
+                return False
+            value = self.run.step([self.pairs[j] for j in order[i : i + self.per_step]], self.micro)
+            value, signalled = dist.all_reduce([float(value), float(stop.signal is not None)])
+            state.step += 1
+            state.consumed_samples += self.per_step * world
+            record = {"step": state.step, "epoch": epoch + 1, "loss": value / world, "lr": self.engine.get_lr()[0],
+                      "grad_norm": self.run.norm, "samples": state.consumed_samples,
+                      "seconds": time.monotonic() - self.start}  # fmt: skip
+            self.metrics.write(record)
+            self.watch.add(record["loss"])
+            if state.step % cfg.log_every == 0 or state.step == self.total:
+                log.info(f"step {state.step}/{self.total}: loss {record['loss']:.4f}")
+            if stop.note(signalled):
+                return True
+            if cfg.save_every and state.step % cfg.save_every == 0 and state.step < self.total:
+                self.save_checkpoint()
+        return False
 
 
 def evaluate_dev(engine, dev: data.Beir, texts: TextEncoder) -> dict[str, float]:

@@ -66,6 +66,7 @@ train=(python -m embed.cli train --train "$out/task/train/pairs.jsonl" --init-fr
   --batch "$batch" --lr "${RETRIEVAL_LR:-1e-3}" --query-len 48 --passage-len 128 --symmetric --log-every 50 $steps)
 echo "+ ${train[*]} --output $out/{pretrained,random} [--random-init]   (logs: $out/{pretrained,random}.log)"
 run() { # name [flags]: one training run, its log shown if it fails
+  rm -rf "${out:?}/$1" # a rerun of the demo trains afresh (bert-embed train would resume, or refuse other settings)
   if ! "${train[@]}" --output "$out/$1" "${@:2}" >"$out/$1.log" 2>&1; then
     tail -n 30 "$out/$1.log" >&2
     echo "error: contrastive training ($1) failed; its log: $out/$1.log" >&2
