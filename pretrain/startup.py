@@ -72,9 +72,29 @@ def prepare(cfg: TrainConfig, origin: dict | None = None):
     return model_cfg, data, ds_cfg, found
 
 
+def _precision(ds: dict) -> str:
+    return next((p for p in ("bf16", "fp16") if ds.get(p, {}).get("enabled")), "fp32")
+
+
+def _training_math(old_ds: dict, ds_cfg: dict) -> list[tuple[str, object, object]]:
+    """(name, checkpoint's, this launch's) of what a resume may not change in the DeepSpeed JSON besides the batch:
+    the optimizer (type and every parameter but lr), the scheduler type and the precision."""
+    opt = [d.get("optimizer", {}) for d in (old_ds, ds_cfg)]
+    params = [{k: v for k, v in o.get("params", {}).items() if k != "lr"} for o in opt]
+    kinds = [str(o.get("type", "")).lower() for o in opt]
+    schedules = [str(d.get("scheduler", {}).get("type", "")).lower() for d in (old_ds, ds_cfg)]
+    return [
+        ("optimizer", *kinds),
+        ("optimizer params", *params),
+        ("scheduler", *schedules),
+        ("precision", *(_precision(d) for d in (old_ds, ds_cfg))),
+    ]
+
+
 def check_resume(cfg: TrainConfig, saved: dict, ds_cfg: dict, saved_world: int) -> None:
     """A resume keeps the recipe: what may change (recipe.RESUMABLE, the learning rate, the process count)
-    takes effect and is printed; any other changed recipe field (or the global batch) refuses, naming it."""
+    takes effect and is printed; any other changed recipe field (or the global batch, the optimizer, its
+    parameters, the scheduler type or the precision) refuses, naming it."""
     from pretrain.runtime.ds_config import resolve_batch
 
     taking, refused = recipe.resume_changes(saved.get("train", {}), recipe.flat(cfg))
@@ -86,6 +106,9 @@ def check_resume(cfg: TrainConfig, saved: dict, ds_cfg: dict, saved_world: int) 
         old_batch, new_batch = resolve_batch(old_ds, saved_world)[0], resolve_batch(ds_cfg, world)[0]
         if old_batch != new_batch:
             refused.append(f"global batch (train_batch_size) {old_batch} -> {new_batch}")
+        for name, old, new in _training_math(old_ds, ds_cfg):
+            if old != new:  # the saved optimizer state and schedule belong to the old ones
+                refused.append(f"{name} {old} -> {new}")
     if saved_world != world:
         taking.append(f"processes {saved_world} -> {world} (gradient accumulation follows)")
     if refused:

@@ -99,6 +99,7 @@ def two_steps(root, tmp_path_factory) -> Path:
         (["--mask-prob", "0.3"], "mask_prob 0.15 -> 0.3"),
         (["--pair-task", "sop"], "pair_task 'nsp' -> 'sop'"),
         (["--seed", "5"], "seed 1234 -> 5"),
+        (["--precision", "bf16"], "precision fp32 -> bf16"),  # the saved optimizer state is fp32's
     ],
 )
 def test_a_resume_that_changes_the_recipe_is_refused_naming_the_field(root, two_steps, tmp_path, flags, named):
@@ -108,6 +109,25 @@ def test_a_resume_that_changes_the_recipe_is_refused_naming_the_field(root, two_
     with pytest.raises(UserError, match="holds a run whose recipe differs: ") as e:
         main(TrainConfig.from_args(argv(root, save, "--train-steps", "3", *flags)))
     assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_resume_with_another_optimizer_is_refused(root, two_steps, tmp_path):
+    """The checkpoint's optimizer state belongs to its optimizer: another type or weight decay refuses."""
+    ds = json.loads((root / "ds.json").read_text())
+    for change, named in (({"type": "AdamW"}, "optimizer lamb -> adamw"), ({"weight_decay": 0.5}, "optimizer params ")):
+        save = tmp_path / f"run{len(named)}"
+        shutil.copytree(two_steps, save)
+        other = json.loads(json.dumps(ds))
+        if "type" in change:
+            other["optimizer"]["type"] = change["type"]
+        else:
+            other["optimizer"]["params"].update(change)
+        (tmp_path / "other.json").write_text(json.dumps(other))
+        args = argv(root, save, "--train-steps", "3")
+        args[args.index("--deepspeed_config") + 1] = str(tmp_path / "other.json")
+        with pytest.raises(UserError, match="holds a run whose recipe differs: ") as e:
+            main(TrainConfig.from_args(args))
+        assert named in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_resume_on_another_dataset_is_refused(root, two_steps, tmp_path):
