@@ -5,12 +5,12 @@
 #   fill-mask  7 curves PNG  8 fine-tune, pretrained vs random initialization, 3 seeds, on two tasks: word order
 #   in the documents pretraining held out, and which package a documentation paragraph is from
 # Everything goes under one directory: runs/demo, or the first argument / $DEMO_DIR.
-# About 10 minutes on 2 CPU cores (training has a wall-clock budget) before step 8, whose six pairs of fine-tuning
-# runs are not yet timed on a quiet machine (docs/PERFORMANCE.md); on a GPU box it uses every GPU.
-# Knobs (environment): DEMO_MODEL (model preset: tiny, BERT-tiny, the default, pretrained MLM-only on packed samples
-# at 30% masking without dropout, ds_configs/demo.json; or a ModernBERT preset such as modernbert-mini, pretrained
-# the same way with StableAdamW and a warmup-stable-decay schedule, ds_configs/modernbert_demo.json; both then
-# evaluated at 15% masking and fine-tuned alike), DEMO_MINUTES (training
+# About 12 minutes on 2 CPU cores (training has a wall-clock budget of 6; the twelve fine-tuning runs of step 8
+# take about 4.5, docs/PERFORMANCE.md); on a GPU box it uses every GPU.
+# Knobs (environment): DEMO_MODEL (model preset: modernbert-mini, the default, 4 layers x 128, pretrained MLM-only
+# on packed samples at 30% masking with StableAdamW and a warmup-stable-decay schedule, ds_configs/modernbert_demo.json;
+# or a BERT preset such as tiny, BERT-tiny, pretrained the same way without dropout, ds_configs/demo.json; both
+# evaluated at 15% masking and fine-tuned alike; docs/PERFORMANCE.md has the ablation behind the choice), DEMO_MINUTES (training
 # budget, default 6), DEMO_STEPS (cap on steps), DEMO_CORPUS_MB (cap on the corpus), DEMO_VOCAB (vocabulary
 # size), DEMO_SAVE_EVERY / DEMO_EVAL_EVERY (steps),
 # DEMO_MASTER_PORT (rendezvous port of the launcher; fine-tuning also uses the next one), DEMO_FT_SEEDS
@@ -22,7 +22,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 out=${1:-${DEMO_DIR:-runs/demo}}
-model=${DEMO_MODEL:-tiny}
+model=${DEMO_MODEL:-modernbert-mini}
 case "$model" in  # checkpoints often enough that the interruption below comes well within the budget
   modernbert-tiny | modernbert-base | modernbert-large) family=modernbert every=25 ;;  # tiny: ~80-140 CPU steps
   modernbert-*) family=modernbert every=100 ;;  # modernbert-mini: ~450 steps in 6 CPU minutes
