@@ -322,7 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info(report(results, args, device) + (f"  ({world} ranks, rates summed)" if world > 1 else ""))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**results, "args": dataclasses.asdict(args), "config": dataclasses.asdict(config)}, f, indent=2)
+            record = {"args": dataclasses.asdict(args), "config": dataclasses.asdict(config)}
+            record["options"] = dataclasses.asdict(args.kernel_options())  # the kernels, not part of the config
+            json.dump({**results, **record}, f, indent=2)
     return 0
 
 

@@ -37,7 +37,7 @@ def test_smoke_run_builds_data_benches_every_row_and_summarizes(tmp_path):
         assert result["ours"]["seq_per_s"] > 0
         assert ("hf" in result) == (row not in no_hf)
     padded = json.loads((tmp_path / "bench_large_s512_padded_bf16.json").read_text())
-    assert padded["config"]["unpad"] is False and padded["args"]["padding"] == "none"
+    assert padded["options"]["unpad"] is False and padded["args"]["padding"] == "none"  # KernelOptions, not config
     engine = json.loads((tmp_path / "bench_large_s128_data_engine.json").read_text())
     assert engine["args"]["deepspeed_config"] and engine["args"]["precision"] == "bf16"
     steps = (tmp_path / "e2e_run" / "metrics.jsonl").read_text().splitlines()
