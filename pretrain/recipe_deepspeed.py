@@ -110,6 +110,11 @@ def _same(a: Any, b: Any, key: str) -> bool:
 PRECISIONS = ("bf16", "fp16", "fp32")
 
 
+def precision_of(ds_cfg: dict) -> str:
+    """The precision a DeepSpeed JSON runs: bf16 or fp16 where its section is enabled, else fp32."""
+    return next((p for p in ("bf16", "fp16") if ds_cfg.get(p, {}).get("enabled")), "fp32")
+
+
 def _precision(want: str | None, where: str, ds_cfg: dict, ds_name: str) -> None:
     """The recipe's precision into a JSON without bf16/fp16 sections; another one there is an error."""
     if want is None:
@@ -118,7 +123,7 @@ def _precision(want: str | None, where: str, ds_cfg: dict, ds_name: str) -> None
         if want != "fp32":
             ds_cfg[want] = {"enabled": True}
         return
-    have = next((p for p in ("bf16", "fp16") if ds_cfg.get(p, {}).get("enabled")), "fp32")
+    have = precision_of(ds_cfg)
     if have != want:
         raise UserError(
             f"--precision {want} ({where}) but {ds_name} runs {have} (its bf16/fp16 sections); set it in one place: "

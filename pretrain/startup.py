@@ -18,7 +18,7 @@ from common.log import get_logger
 from pretrain import identity, recipe
 from pretrain.data import PretrainingData
 from pretrain.models import build_pretraining_model, pretraining_from_state, shape_mismatch
-from pretrain.recipe_deepspeed import apply_to_deepspeed
+from pretrain.recipe_deepspeed import apply_to_deepspeed, precision_of
 from pretrain.runtime import dist
 from pretrain.train_config import TrainConfig
 
@@ -72,10 +72,6 @@ def prepare(cfg: TrainConfig, origin: dict | None = None):
     return model_cfg, data, ds_cfg, found
 
 
-def _precision(ds: dict) -> str:
-    return next((p for p in ("bf16", "fp16") if ds.get(p, {}).get("enabled")), "fp32")
-
-
 def _training_math(old_ds: dict, ds_cfg: dict) -> list[tuple[str, object, object]]:
     """(name, checkpoint's, this launch's) of what a resume may not change in the DeepSpeed JSON besides the batch:
     the optimizer (type and every parameter but lr), the scheduler type and the precision."""
@@ -87,7 +83,7 @@ def _training_math(old_ds: dict, ds_cfg: dict) -> list[tuple[str, object, object
         ("optimizer", *kinds),
         ("optimizer params", *params),
         ("scheduler", *schedules),
-        ("precision", *(_precision(d) for d in (old_ds, ds_cfg))),
+        ("precision", *(precision_of(d) for d in (old_ds, ds_cfg))),
     ]
 
 
