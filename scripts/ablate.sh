@@ -4,19 +4,20 @@
 # steps, tokens/s and the last held-out eval (MLM accuracy at 15% masking whatever the training rate).
 #   scripts/ablate.sh WORK NAME MINUTES DS_JSON MODEL [bert-pretrain flags...]
 # WORK holds data/corpus (bert-prep build) and tokenizer/; the run goes to WORK/runs/NAME (replaced), its result
-# line is appended to WORK/results.jsonl. MODEL is a preset or a model JSON (vocab and pad id come from the data).
+# line is appended to WORK/results.jsonl. MODEL is a preset or a model JSON (vocab and pad id come from the data);
+# MODEL_SET="field=value ..." changes the preset's fields (e.g. MODEL_SET="num_layers=4").
 set -euo pipefail
 work=$1 name=$2 minutes=$3 ds=$4 model=$5
 shift 5
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 run=$work/runs/$name
 rm -rf "$run" && mkdir -p "$run"
-python - "$model" "$work/data/corpus.json" "$run/model.json" <<'PY'
+python - "$model" "$work/data/corpus.json" "$run/model.json" ${MODEL_SET:-} <<'PY'
 import json, sys
 from pretrain.models import load_config
-preset, manifest, path = sys.argv[1:]
+preset, manifest, path, *extra = sys.argv[1:]
 ids = json.load(open(manifest))["tokenizer"]
-fields = [f"vocab_size={ids['vocab_size']}", f"pad_token_id={ids['special_tokens']['pad']}"]
+fields = [f"vocab_size={ids['vocab_size']}", f"pad_token_id={ids['special_tokens']['pad']}", *extra]
 if "modernbert" in preset:
     sp = ids["special_tokens"]
     fields += [f"{n}_token_id={sp[r]}" for n, r in (("cls", "cls"), ("sep", "sep"), ("bos", "cls"), ("eos", "sep"))]
@@ -26,7 +27,7 @@ deepspeed --num_gpus "${NPROC:-2}" --master_port "${PORT:-29600}" --log_level wa
   --deepspeed_config "$ds" --model "$run/model.json" --data "$work/data/corpus" --seq-len 128 --train-steps 100000 \
   --time-budget "$(python -c "print($minutes / 60)")" --save "$run/save" --eval-every 100000 --eval-samples 1024 \
   --eval-fraction 0.1 --num-workers 0 --log-every 50 "$@" >"$run/train.log" 2>&1 || { tail -20 "$run/train.log"; exit 1; }
-python - "$run/save/metrics.jsonl" "$name" "$minutes" "$*" "$ds" "$model" "$(uptime)" >>"$work/results.jsonl" <<'PY'
+python - "$run/save/metrics.jsonl" "$name" "$minutes" "$*" "$ds" "$model${MODEL_SET:+ $MODEL_SET}" "$(uptime)" >>"$work/results.jsonl" <<'PY'
 import json, sys
 path, name, minutes, flags, ds, model, load = sys.argv[1:]
 recs = [json.loads(l) for l in open(path) if l.strip()]
