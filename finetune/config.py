@@ -1,24 +1,28 @@
-"""`bert-finetune`'s flags: one config object (`FinetuneConfig`) that every task kind reads.
+"""`bert-finetune`'s flags: one config object (`FinetuneConfig`), composed of what the loop reads and each task
+kind's own options.
 
 Design choices:
-- It sits below the task kinds (finetune/kinds.py, qa.py, glue.py) and the loop (finetune/run.py), which all
-  take it; it imports none of them. `--metric`'s choices are the kinds' metrics, so finetune.run adds them to
-  the parser, and `main` checks the value against the task's own.
+- It sits above the task kinds (finetune/kinds/) and below the loop (finetune/run.py): a kind's options
+  (`ClassifyColumns`, `QAOptions`) live with the kind and are nested here, a group of flags each; a kind is
+  made from `inputs()` and its own options only. `--metric`'s choices are the kinds' metrics, so finetune.run
+  adds them to the parser, and `main` checks the value against the task's own.
 - The default DeepSpeed JSON is package data (ds_configs), found in a wheel install too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import ds_configs
 from common.errors import UserError
 from common.flags import option
+from finetune.kinds import Inputs
+from finetune.kinds.classify import ClassifyColumns
+from finetune.kinds.glue import TaskName
+from finetune.kinds.qa import QAOptions
 
 DEFAULT_DS_CONFIG = str(ds_configs.path("finetune_cpu.json"))  # package data: found in a wheel install too
-TaskName = Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
-"""The GLUE tasks (finetune.glue.TASKS holds what each reads)."""
 
 
 @dataclass(kw_only=True)
@@ -57,12 +61,8 @@ class FinetuneConfig:
     """Tokenizer directory (default: the one in --init-from, else the pretraining dataset's)."""
     allow_tokenizer_change: bool = False
     """Fine-tune with a --tokenizer whose fingerprint differs from the one --init-from was trained with."""
-    text_column: str = "text"
-    """classify: column holding the text."""
-    pair_column: str | None = None
-    """classify: column holding the second text of a sentence pair."""
-    label_column: str = "label"
-    """classify: column holding the label."""
+    columns: ClassifyColumns = field(default_factory=ClassifyColumns)
+    """classify options: which columns of the files hold what."""
     metric: str | None = None
     """Eval metric for early stopping and model selection (default: the task's first: accuracy for classify,
     f1 for tag and qa, score for GLUE)."""
@@ -76,17 +76,8 @@ class FinetuneConfig:
     """Seed for the head's initialization, dropout and data order."""
     predict: bool = False
     """--glue-task: write the best model's test-set predictions to OUTPUT/submission/ in GLUE's format."""
-    doc_stride: int | None = None
-    """qa: step in tokens between the starts of a context's windows (default: a third of --seq-len)."""
-    max_query_length: int = 64
-    """qa: questions are cut to this many tokens."""
-    max_answer_length: int = 30
-    """qa: longest answer predicted, in tokens."""
-    n_best: int = 20
-    """qa: start and end positions per window that are paired into candidate answers."""
-    null_threshold: float | None = None
-    """qa, SQuAD v2.0: answer "" when the no-answer score beats the best span's by more than this (default:
-    the threshold that maximizes F1 on the eval set)."""
+    qa: QAOptions = field(default_factory=QAOptions)
+    """qa options: windows and answer decoding."""
 
     def validate(self) -> None:
         if (self.task is None) == (self.glue_task is None):
@@ -97,9 +88,10 @@ class FinetuneConfig:
             raise UserError("--glue-task reads its files from --data-dir; pass --data-dir and no --train/--eval")
         if self.predict and not self.glue_task:
             raise UserError("--predict writes GLUE test-set predictions; use it with --glue-task")
-        counts = (self.epochs, self.patience, self.batch or 1, self.n_best, self.max_answer_length)
-        if min(counts) < 1 or self.seq_len < 4 or (self.doc_stride is not None and self.doc_stride < 1):
-            raise UserError(
-                "--epochs, --patience, --batch, --n-best, --max-answer-length and --doc-stride must be at least 1 "
-                "and --seq-len at least 4"
-            )
+        if min(self.epochs, self.patience, self.batch or 1) < 1 or self.seq_len < 4:
+            raise UserError("--epochs, --patience and --batch must be at least 1 and --seq-len at least 4")
+        self.qa.validate()
+
+    def inputs(self) -> Inputs:
+        """What every task kind reads of this run."""
+        return Inputs(self.train, self.eval, self.seq_len, self.strict)

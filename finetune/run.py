@@ -15,7 +15,8 @@ Design choices:
 - Every rank evaluates the whole eval set, so ZeRO-3 ranks stay in step and no gather is needed; rank 0 writes.
 - After each epoch the eval metric decides: a better model is written to --output at once (an HF directory
   with the tokenizer, plus the task's prediction files), and `--patience` epochs without improvement stop.
-- What differs between tasks (files, head, metrics, predictions) lives in finetune/kinds.py, qa.py, glue.py.
+- What differs between tasks (files, head, metrics, predictions, own flags) lives in finetune/kinds/, one module
+  per kind; `make_task` hands each only its inputs and its own options.
 """
 
 from __future__ import annotations
@@ -34,15 +35,16 @@ from common.errors import UserError, run_cli
 from common.files import write_json_atomic
 from common.flags import accept_launcher_arguments, add_arguments
 from common.log import get_logger
-from finetune import data, glue, kinds, qa
+from finetune import data, kinds
 from finetune.config import DEFAULT_DS_CONFIG, FinetuneConfig  # noqa: F401  (DEFAULT_DS_CONFIG: tests/test_wheel.py)
+from finetune.kinds import classify, glue, qa, tag
 from finetune.model import FAMILIES, save_hf
 from pretrain import identity
 from pretrain.runtime import dist
 
 log = get_logger(__name__)
 
-KINDS = {"classify": kinds.Classify, "tag": kinds.Tag, "qa": qa.QA}
+KINDS = {"classify": classify.Classify, "tag": tag.Tag, "qa": qa.QA}
 METRICS = sorted(
     {m for kind in KINDS.values() for m in kind.metrics}
     | {m for s in glue.TASKS.values() for m in glue.metric_names(s)}
@@ -51,8 +53,11 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
 
 def make_task(cfg: FinetuneConfig) -> kinds.Task:
-    """The task of `cfg`, its files read (not yet encoded)."""
-    return glue.Glue(cfg) if cfg.glue_task else KINDS[cfg.task](cfg)
+    """The task of `cfg`, its files read (not yet encoded); each kind gets its inputs and its own options only."""
+    if cfg.glue_task:
+        return glue.Glue(cfg.glue_task, cfg.data_dir, cfg.seq_len, cfg.strict, cfg.predict)
+    own = {"classify": (cfg.columns,), "tag": (), "qa": (cfg.qa,)}[cfg.task]
+    return KINDS[cfg.task](cfg.inputs(), *own)
 
 
 def default_lr(hidden_size: int) -> float:

@@ -27,8 +27,9 @@ from pathlib import Path
 from common.errors import UserError, run_cli
 from common.flags import accept_launcher_arguments, add_arguments, option
 from common.log import get_logger
-from finetune import glue
-from finetune.config import FinetuneConfig, TaskName
+from finetune.config import FinetuneConfig
+from finetune.kinds import glue
+from finetune.kinds.glue import TaskName
 from finetune.run import flags_json
 from finetune.run import main as finetune
 from pretrain.runtime import dist
@@ -36,8 +37,8 @@ from pretrain.runtime import dist
 log = get_logger(__name__)
 
 # bert-finetune flags that the suite sets per run, or that do not apply to GLUE
-PER_RUN = ("task", "glue_task", "train", "eval", "seed", "lr", "metric", "text_column", "pair_column", "label_column")
-QA_ONLY = ("doc_stride", "max_query_length", "max_answer_length", "n_best", "null_threshold")
+PER_RUN = ("task", "glue_task", "train", "eval", "seed", "lr", "metric")
+OTHER_KINDS = ("columns", "qa")  # the classify and qa kinds' own flag groups
 
 
 @dataclass(kw_only=True)
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # bert-finetune's wording would describe one run, not the suite
     help_texts = {field: {"help": text} for field, text in GLUE_HELP.items()}
-    add_arguments(p, SuiteConfig, exclude=PER_RUN + QA_ONLY, extra=help_texts)
+    add_arguments(p, SuiteConfig, exclude=PER_RUN + OTHER_KINDS, extra=help_texts)
     accept_launcher_arguments(p)
     return p
 

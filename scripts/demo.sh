@@ -152,9 +152,9 @@ say "[8/8] fine-tune, pretrained vs random initialization, on two tasks"
 # Word order: is a sentence as written or with two words swapped, in documents pretraining held out (never trained
 # on); packages: which package a documentation paragraph is from. Each task evaluates on over 1,000 examples.
 ft_eval=${DEMO_FT_EVAL:-1000}  # eval examples per task (fewer only to test the script quickly)
-python -m finetune.tasks word-order --data "$out/data/corpus" --data-eval-fraction "$held_out" \
+python -m finetune.demo_tasks word-order --data "$out/data/corpus" --data-eval-fraction "$held_out" \
   --eval-examples "$ft_eval" --train-examples "$((2 * ft_eval))" --output "$out/tasks/word-order"
-python -m finetune.tasks packages --output "$out/tasks/packages" --classes 8 --per-class "$(((ft_eval + 3) / 4))" \
+python -m finetune.demo_tasks packages --output "$out/tasks/packages" --classes 8 --per-class "$(((ft_eval + 3) / 4))" \
   --eval-fraction 0.51
 # One process per fine-tuning run (the tasks are small: more ranks only add synchronization), the pretrained and
 # the randomly initialized run side by side, once per seed: the seed alone moves one run by up to 10-20 points,

@@ -12,10 +12,10 @@ import torch
 from fixtures_finetune import GLUE_LAYOUTS, build_tokenizer, tiny_checkpoint, write_glue
 
 from common.errors import UserError
-from finetune import glue
 from finetune.config import FinetuneConfig
+from finetune.kinds import glue
 from finetune.model import TaskModel, save_hf
-from finetune.run import cli, ds_config, main
+from finetune.run import cli, ds_config, main, make_task
 from finetune.suite import SuiteConfig, format_table
 from finetune.suite import main as suite_main
 from pretrain.models.bert import BertConfig
@@ -46,7 +46,7 @@ def test_every_task_reads_its_published_layout(setup, task, tmp_path):
     d = write_glue(tmp_path, task, 20, 8, 5)
     spec = glue.TASKS[task]
     cfg = FinetuneConfig(glue_task=task, data_dir=str(tmp_path), init_from="x", output="y", predict=True)
-    t = glue.Glue(cfg)
+    t = make_task(cfg)
     ref = pd.read_csv(d / "train.tsv", sep="\t", quoting=csv.QUOTE_NONE, header=None if spec.columns else 0, dtype=str)
     ref.columns = list(spec.columns) if spec.columns else ref.columns
     assert [ex.text for ex in t.train_examples] == list(ref[spec.text])
@@ -67,18 +67,18 @@ def test_short_rows_are_skipped_and_wrong_files_are_one_line_errors(tmp_path):
     with open(d / "train.tsv", "a") as f:
         f.write("77\t1\t2\tonly one question\n")  # QQP's train.tsv has rows like this
     cfg = FinetuneConfig(glue_task="qqp", data_dir=str(d), init_from="x", output="y")
-    assert len(glue.Glue(cfg).train_examples) == 10
+    assert len(make_task(cfg).train_examples) == 10
     lines = (d / "dev.tsv").read_text().splitlines()
     lines[2] = lines[2].rsplit("\t", 1)[0] + "\tyes"
     (d / "dev.tsv").write_text("\n".join(lines) + "\n")
     with pytest.raises(UserError, match=r"dev.tsv:3: label 'yes' is not one of 0, 1"):
-        glue.Glue(cfg)
+        make_task(cfg)
     with pytest.raises(UserError, match="has neither RTE/train.tsv nor train.tsv"):
-        glue.Glue(FinetuneConfig(glue_task="rte", data_dir=str(tmp_path), init_from="x", output="y"))
+        make_task(FinetuneConfig(glue_task="rte", data_dir=str(tmp_path), init_from="x", output="y"))
     with pytest.raises(UserError, match=r"STS-B/train.tsv has no column 'score'"):
         (tmp_path / "STS-B").mkdir()
         (tmp_path / "STS-B" / "train.tsv").write_text("index\tsentence1\tsentence2\n0\ta\tb\n")
-        glue.Glue(FinetuneConfig(glue_task="stsb", data_dir=str(tmp_path), init_from="x", output="y"))
+        make_task(FinetuneConfig(glue_task="stsb", data_dir=str(tmp_path), init_from="x", output="y"))
 
 
 def hf_predict(out, examples, regression=False):
@@ -101,7 +101,7 @@ def test_sst2_learns_and_its_metrics_match_sklearn_on_transformers_predictions(s
     out = setup["root"] / "sst2"
     result = main(config(setup, "sst2", out))
     assert result["report"]["accuracy"] >= 0.9, result["history"]
-    dev = glue.Glue(config(setup, "sst2", out)).dev_sets[0][1]
+    dev = make_task(config(setup, "sst2", out)).dev_sets[0][1]
     gold, pred = [ex.label for ex in dev], hf_predict(out, dev)
     assert result["report"]["accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(gold, pred))
     assert result["report"]["score"] == result["report"]["accuracy"] and result["metric"] == "score"
@@ -112,7 +112,7 @@ def test_stsb_regression_matches_scipy_on_transformers_predictions(setup):
     write_glue(setup["glue"], "stsb", 300, 60, 10)
     out = setup["root"] / "stsb"
     report = main(config(setup, "stsb", out, epochs=4, lr=1e-3))["report"]
-    dev = glue.Glue(config(setup, "stsb", out)).dev_sets[0][1]
+    dev = make_task(config(setup, "stsb", out)).dev_sets[0][1]
     gold, pred = [float(ex.label) for ex in dev], hf_predict(out, dev, regression=True)
     # HF's scores differ from ours in the 6th digit (another attention path), the correlations in the 5th
     assert report["pearson"] == pytest.approx(scipy_stats.pearsonr(gold, pred)[0], abs=1e-4)

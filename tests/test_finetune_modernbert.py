@@ -30,10 +30,11 @@ from fixtures_finetune import (
 )
 from safetensors.torch import load_file
 
-from finetune import data, glue, metrics, qa
+from finetune import data, metrics
 from finetune.config import FinetuneConfig
+from finetune.kinds import qa
 from finetune.model import TaskModel, save_hf
-from finetune.run import default_lr, main
+from finetune.run import default_lr, main, make_task
 from pretrain.models import config_from_json
 from pretrain.models.modernbert import ModernBertConfig
 from pretrain.runtime import engine
@@ -161,7 +162,7 @@ def test_glue_pair_task_through_bert_glue_matches_transformers_and_the_family_to
     result = bert_glue(SuiteConfig(tasks=["mrpc"], seeds=[1], run=dataclasses.replace(run, predict=True)))
     assert [r["lr"] for r in result["runs"]] == [default_lr(128)] and default_lr(128) == pytest.approx(3e-4)
     out = tmp_path / "glue" / "mrpc" / "lr_default" / "seed1"
-    test = glue.Glue(dataclasses.replace(run, glue_task="mrpc", predict=True)).test_sets[0][2]
+    test = make_task(dataclasses.replace(run, glue_task="mrpc", predict=True)).test_sets[0][2]
     family, saved = (transformers.AutoTokenizer.from_pretrained(d) for d in (setup["tok"], out))
     pairs = ([ex.text for ex in test], [ex.pair for ex in test])
     assert saved(*pairs)["input_ids"] == family(*pairs)["input_ids"] and "token_type_ids" not in saved(*pairs)
@@ -184,7 +185,7 @@ def test_qa_predictions_are_transformers_decoded(setup, tmp_path):
         output=str(tmp_path / "out"),
         epochs=1,
         seq_len=32,
-        doc_stride=8,
+        qa=qa.QAOptions(doc_stride=8),
     )
     main(cfg)
     model = transformers.AutoModelForQuestionAnswering.from_pretrained(tmp_path / "out").eval()
@@ -197,7 +198,7 @@ def test_qa_predictions_are_transformers_decoded(setup, tmp_path):
         for ids in windows.enc.input_ids:
             out = model(input_ids=torch.tensor([ids]))
             logits.append(torch.stack([out.start_logits[0], out.end_logits[0]], -1))
-    texts, _ = qa.decode(windows, examples, logits, cfg.n_best, cfg.max_answer_length)
+    texts, _ = qa.decode(windows, examples, logits, cfg.qa.n_best, cfg.qa.max_answer_length)
     assert json.loads((tmp_path / "out" / "predictions.json").read_text()) == texts
     assert all(t == t.strip() for t in texts.values())  # byte-level pieces' leading spaces stay out of answers
 

@@ -10,8 +10,9 @@ from fixtures_finetune import QA_WORDS, build_tokenizer, squad_json, tiny_checkp
 
 from common.errors import UserError
 from data_prep.tokenizer import load as load_tokenizer
-from finetune import metrics, qa
+from finetune import metrics
 from finetune.config import FinetuneConfig
+from finetune.kinds import qa
 from finetune.model import TaskModel, save_hf
 from finetune.run import main
 from pretrain.models.bert import BertConfig
@@ -125,7 +126,7 @@ def test_qa_learns_above_trivial_baselines_and_writes_official_predictions(setup
         epochs=3,
         lr=2e-3,
         seq_len=24,
-        doc_stride=8,
+        qa=qa.QAOptions(doc_stride=8),
     )
     result = main(cfg)
     gold = answers(dev)
@@ -152,7 +153,7 @@ def test_squad_v2_run_reports_no_answer_splits(setup, tmp_path):
         output=str(tmp_path / "out"),
         epochs=1,
         seq_len=32,
-        doc_stride=8,
+        qa=qa.QAOptions(doc_stride=8),
     )
     report = main(cfg)["report"]
     assert {"HasAns_exact", "NoAns_exact", "best_f1", "best_f1_thresh", "threshold"} <= set(report)

@@ -1,4 +1,4 @@
-"""`python -m finetune.tasks`: the tasks built from local documentation are files our readers (and the formats'
+"""`python -m finetune.demo_tasks`: the tasks built from local documentation are files our readers (and the formats'
 rules) accept: SQuAD v2.0 answers at their offsets, GLUE layouts that `--glue-task` reads."""
 
 import csv
@@ -6,8 +6,10 @@ import random
 
 from fixtures_finetune import CLASSES, FILLER
 
-from finetune import glue, qa, tasks
+from finetune import demo_tasks as tasks
 from finetune.config import FinetuneConfig
+from finetune.kinds import qa
+from finetune.run import make_task
 
 
 def make_docs(root, packages=3, paragraphs=30):
@@ -45,7 +47,7 @@ def test_glue_tasks_are_read_by_glue_task(tmp_path):
     originals = {s for p in tasks.package_paragraphs(root).values() for para in p for s in tasks.sentences(para)}
     for name in ("cola", "mrpc", "sst2"):
         cfg = FinetuneConfig(glue_task=name, data_dir=str(tmp_path / "glue"), init_from="x", output="y", predict=True)
-        t = glue.Glue(cfg)
+        t = make_task(cfg)
         examples = t.train_examples + t.dev_sets[0][1]
         assert (len(t.train_examples), len(t.dev_sets[0][1]), len(t.test_sets[0][2])) == (32, 8, 8)
         assert sorted(ex.label for ex in examples) == ["0"] * 20 + ["1"] * 20

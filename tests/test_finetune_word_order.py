@@ -1,4 +1,4 @@
-"""`python -m finetune.tasks word-order`: swap detection built only from the documents pretraining held out."""
+"""`python -m finetune.demo_tasks word-order`: swap detection built only from the documents pretraining held out."""
 
 import csv
 from pathlib import Path
@@ -8,7 +8,7 @@ from fixtures_data import make_corpus
 
 from common.errors import UserError
 from data_prep import tokenizer
-from finetune import tasks
+from finetune import demo_tasks as tasks
 from pretrain.data import PretrainingData
 from pretrain.data_config import DataConfig
 

@@ -158,3 +158,18 @@ def test_no_import_from_a_higher_layer():
 def test_module_size(module):
     lines = len(project_modules()[module].read_text().splitlines())
     assert lines <= MAX_LINES, f"{module} has {lines} lines; split it along a seam (docs/STYLE.md)"
+
+
+def test_a_task_kind_sees_only_its_own_flags():
+    """The fine-tuning task kinds (finetune/kinds/) are made from their inputs and their own options: none imports
+    the command's whole config or the loop, and each kind's flags are a group of their own in --help."""
+    from finetune.run import build_parser
+
+    graph = import_graph()
+    kinds = [m for m in graph if m == "finetune.kinds" or m.startswith("finetune.kinds.")]
+    assert {"finetune.kinds.classify", "finetune.kinds.qa"} <= set(kinds)
+    above = {"finetune.config", "finetune.run", "finetune.suite"}
+    assert {m: sorted(graph[m] & above) for m in kinds if graph[m] & above} == {}
+    groups = {g.title: [a.dest for a in g._group_actions] for g in build_parser()._action_groups}
+    assert groups["classify options"] == ["text_column", "pair_column", "label_column"]
+    assert groups["qa options"] == ["doc_stride", "max_query_length", "max_answer_length", "n_best", "null_threshold"]

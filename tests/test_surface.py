@@ -44,7 +44,7 @@ ENTRY_POINTS = {
 MODULE_COMMANDS = {
     "launch_multinode": ("pretrain.launcher", "cli"),
     "checkpoint": ("pretrain.checkpoint", "_main"),
-    "finetune-tasks": ("finetune.tasks", "main"),
+    "finetune-tasks": ("finetune.demo_tasks", "main"),
 }
 
 

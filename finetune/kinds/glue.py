@@ -23,15 +23,17 @@ import csv
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import get_args
+from typing import Literal, get_args
 
 from common.errors import UserError
 from common.log import get_logger
 from finetune import data, metrics
-from finetune.config import TaskName
-from finetune.kinds import Predict, Task, argmax_labels
+from finetune.kinds import Inputs, Predict, Task, argmax_labels
 
 log = get_logger(__name__)
+
+TaskName = Literal["cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"]
+"""The GLUE tasks (TASKS holds what each reads)."""
 
 BINARY = ("0", "1")
 NLI = ("entailment", "not_entailment")
@@ -122,10 +124,11 @@ def read_tsv(path: Path, columns: tuple[str, ...] | None, need: list[str]) -> tu
 class Glue(Task):
     """One GLUE task: train on train.tsv, select on its dev set(s), optionally predict its test set(s)."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.spec = spec = TASKS[cfg.glue_task]
-        self.dir = task_dir(cfg.data_dir, spec)
+    def __init__(self, name: TaskName, data_dir: str, seq_len: int, strict: bool = False, predict: bool = False):
+        super().__init__(Inputs(None, None, seq_len, strict))
+        self.predict_test = predict
+        self.spec = spec = TASKS[name]
+        self.dir = task_dir(data_dir, spec)
         self.regression = spec.labels is None
         self.labels = list(spec.labels or ())
         self.metrics = metric_names(spec)
@@ -135,14 +138,14 @@ class Glue(Task):
 
     def test_files(self) -> list[tuple[str, Path]]:
         """(submission name, file) of the test sets --predict writes."""
-        if not self.cfg.predict:
+        if not self.predict_test:
             return []
         named = self.spec.test or (("test.tsv", self.spec.name),)
         found = [(sub, self.dir / name) for name, sub in named]
         missing = [str(path) for _, path in found if not path.is_file()]
         if missing:
             raise UserError(f"--predict: {missing[0]} does not exist; add the GLUE test file or drop --predict")
-        if self.cfg.glue_task == "mnli":  # GLUE's diagnostic set is scored with MNLI's model
+        if self.spec.name == "MNLI":  # GLUE's diagnostic set is scored with MNLI's model
             for path in (self.dir.parent / "diagnostic" / "diagnostic.tsv", self.dir / "diagnostic.tsv"):
                 if path.is_file():
                     return [*found, ("AX", path)]
@@ -180,10 +183,10 @@ class Glue(Task):
             )
 
     def encode(self, tok) -> None:
-        cfg, labels = self.cfg, None if self.regression else self.labels
+        i, labels = self.inputs, None if self.regression else self.labels
 
         def enc(examples, path):
-            return data.encode_classify(tok, examples, labels, cfg.seq_len, cfg.strict, str(path))
+            return data.encode_classify(tok, examples, labels, i.seq_len, i.strict, str(path))
 
         self.train = enc(self.train_examples, self.dir / "train.tsv")
         self.dev = [(suffix, examples, enc(examples, self.dir)) for suffix, examples in self.dev_sets]

@@ -1,4 +1,4 @@
-"""`python -m finetune.tasks NAME --output DIR`: downstream tasks built from local documentation, no download.
+"""`python -m finetune.demo_tasks NAME --output DIR`: downstream tasks built from local documentation, no download.
 
 Every task reads the prose paragraphs of the installed Python standard library (the same extraction as
 `bert-prep corpus`, so the demo's pretraining corpus holds this text) and splits its examples into train and
@@ -345,7 +345,7 @@ TASKS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m finetune.tasks", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m finetune.demo_tasks", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="task", required=True)
     for name, (config, _, text) in TASKS.items():
         add_arguments(sub.add_parser(name, help=text, description=text), config)

@@ -33,9 +33,30 @@ from torch import Tensor
 from common.errors import UserError
 from common.log import get_logger
 from finetune import data, metrics
-from finetune.kinds import Predict, Task
+from finetune.kinds import Inputs, Predict, Task
 
 log = get_logger(__name__)
+
+
+@dataclass(kw_only=True)
+class QAOptions:
+    """qa: windows and answer decoding."""
+
+    doc_stride: int | None = None
+    """qa: step in tokens between the starts of a context's windows (default: a third of --seq-len)."""
+    max_query_length: int = 64
+    """qa: questions are cut to this many tokens."""
+    max_answer_length: int = 30
+    """qa: longest answer predicted, in tokens."""
+    n_best: int = 20
+    """qa: start and end positions per window that are paired into candidate answers."""
+    null_threshold: float | None = None
+    """qa, SQuAD v2.0: answer "" when the no-answer score beats the best span's by more than this (default:
+    the threshold that maximizes F1 on the eval set)."""
+
+    def validate(self) -> None:
+        if min(self.n_best, self.max_answer_length, self.max_query_length) < 1 or (self.doc_stride or 1) < 1:
+            raise UserError("--n-best, --max-answer-length, --max-query-length and --doc-stride must be at least 1")
 
 
 @dataclass
@@ -189,21 +210,21 @@ class QA(Task):
     head = "span"
     metrics = ("f1", "exact")
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        train, _ = read_squad(cfg.train, "--train")
+    def __init__(self, inputs: Inputs, options: QAOptions):
+        super().__init__(inputs)
+        self.options = options
+        train, _ = read_squad(inputs.train, "--train")
         self.train_examples = [ex for ex in train if answer_found(ex)]
         self.skipped = len(train) - len(self.train_examples)
         if self.skipped:
-            log.info(f"--train {cfg.train}: {self.skipped} answers are not at their answer_start; skipped")
-        self.eval_examples, self.v2 = read_squad(cfg.eval, "--eval")
+            log.info(f"--train {inputs.train}: {self.skipped} answers are not at their answer_start; skipped")
+        self.eval_examples, self.v2 = read_squad(inputs.eval, "--eval")
         self.predictions: dict[str, str] = {}
         self.odds: dict[str, float] = {}
 
     def encode(self, tok) -> None:
-        cfg = self.cfg
-        stride = cfg.doc_stride or max(1, cfg.seq_len // 3)
-        args = (cfg.seq_len, stride, cfg.max_query_length)
+        seq_len, opt = self.inputs.seq_len, self.options
+        args = (seq_len, opt.doc_stride or max(1, seq_len // 3), opt.max_query_length)
         self.train = encode_windows(tok, self.train_examples, *args).enc
         self.windows = encode_windows(tok, self.eval_examples, *args)
         self.truncated = {"train": self.train.truncated, "eval": self.windows.enc.truncated}
@@ -214,12 +235,12 @@ class QA(Task):
         )
 
     def evaluate(self, predict: Predict) -> dict:
-        cfg = self.cfg
+        opt = self.options
         texts, self.odds = decode(
-            self.windows, self.eval_examples, predict(self.windows.enc), cfg.n_best, cfg.max_answer_length
+            self.windows, self.eval_examples, predict(self.windows.enc), opt.n_best, opt.max_answer_length
         )
         gold = {ex.qid: ex.answers for ex in self.eval_examples}
-        report = metrics.squad_report(gold, texts, self.odds if self.v2 else None, cfg.null_threshold)
+        report = metrics.squad_report(gold, texts, self.odds if self.v2 else None, opt.null_threshold)
         self.predictions = report.pop("predictions")
         if not self.v2:
             report.pop("threshold")
