@@ -2,9 +2,11 @@
 
     python scripts/bench_hf_loop.py --data runs/demo/data/corpus --model tiny --steps 300 --eval-every 25
 
-Both runs train the same model (our preset with the dataset's vocabulary; transformers' BertForPreTraining,
-sdpa attention, loaded with our initial weights) on the same micro-batches in the same order (pretrain.data:
-NSP pairs, 15% masking, built before either run so loading costs neither), with the same objective (MLM + NSP)
+Both runs train the same model (our preset with the dataset's vocabulary and, by default, no dropout, as the
+demo's BERT recipe: with dropout the two loops draw different masks and their curves part by chance;
+transformers' BertForPreTraining, sdpa attention, loaded with our initial weights) on the same micro-batches in
+the same order (pretrain.data: NSP pairs, 15% masking, built before either run so loading costs neither), with
+the same objective (MLM + NSP)
 and the same optimizer settings (the DeepSpeed JSON's AdamW, its weight decay on matrices only, warmup and
 linear decay, gradient clipping):
 - ours: `pretrain.runtime.engine.initialize` (DeepSpeed engine, the JSON's optimizer and schedule) on our model with its
@@ -143,6 +145,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, metavar="PREFIX", help="a bert-prep build dataset")
     p.add_argument("--model", default="tiny", help="model preset (its shape; the vocabulary is the data's)")
+    p.add_argument(
+        "--model-set",
+        nargs="*",
+        default=["hidden_dropout=0", "attention_dropout=0"],
+        metavar="KEY=VALUE",
+        help="model fields changed from the preset (default: no dropout, as the demo's BERT recipe; with dropout the "
+        "two loops draw different masks, so their curves part by chance)",
+    )
     p.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs" / "demo.json"), metavar="X.json")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=25)
@@ -160,7 +170,7 @@ def main() -> int:
     ds["train_batch_size"] = micro
     data = PretrainingData(DataConfig([args.data], seq_len=args.seq_len, seed=args.seed, num_workers=0))
     ids = data.special_tokens
-    config = load_config(args.model, [f"vocab_size={data.vocab_size}", f"pad_token_id={ids['pad']}"])
+    config = load_config(args.model, [f"vocab_size={data.vocab_size}", f"pad_token_id={ids['pad']}", *args.model_set])
     batches = [data.batch("train", i * micro, micro) for i in range(args.steps)]
     evals = eval_batches(data, micro, 0, 1, args.eval_samples)
     dist.init_distributed()

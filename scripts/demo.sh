@@ -159,7 +159,8 @@ python -m finetune.demo_tasks packages --output "$out/tasks/packages" --classes 
 # One process per fine-tuning run (the tasks are small: more ranks only add synchronization), the pretrained and
 # the randomly initialized run side by side, once per seed: the seed alone moves one run by up to 10-20 points,
 # so the comparison is paired per seed and judged against the spread of the per-seed gains. Each initialization
-# has its own learning rate (a sweep, docs/PERFORMANCE.md: random weights need a higher one).
+# has its own learning rate setting; the sweep (docs/PERFORMANCE.md, "Fine-tuning learning rates on the demo's
+# model") found 1e-3 within a few points of each task's best for both, so both default to it.
 read -r -a seeds <<<"${DEMO_FT_SEEDS:-1 2 3}"
 declare -A lr=([pretrained]=${DEMO_FT_LR_PRETRAINED:-1e-3} [random]=${DEMO_FT_LR_RANDOM:-1e-3})
 finetune=(--module finetune.run --task classify --seq-len 128 --epochs 3 --batch 16)

@@ -76,6 +76,25 @@ class Task:
         return TaskModel(config, self.head, self.labels, self.regression)
 
 
+class LabelledFiles(Task):
+    """A kind whose --train and --eval files hold labelled examples: `read(path, flag)` reads one, the labels are the
+    training file's, and `encode(tok, examples, labels, seq_len, strict, path)` encodes one (finetune.data's)."""
+
+    def __init__(self, inputs: Inputs, read: Callable, encode: Callable):
+        super().__init__(inputs)
+        self._encode = encode
+        self.train_examples = read(inputs.train, "--train")
+        self.eval_examples = read(inputs.eval, "--eval")
+        self.labels = require_labels(data.discover_labels(self.train_examples), inputs.train)
+        data.check_labels(self.eval_examples, self.labels, inputs.eval)
+
+    def encode(self, tok) -> None:
+        i = self.inputs
+        self.train = self._encode(tok, self.train_examples, self.labels, i.seq_len, i.strict, i.train)
+        self.eval = self._encode(tok, self.eval_examples, self.labels, i.seq_len, i.strict, i.eval)
+        self.truncated = {"train": self.train.truncated, "eval": self.eval.truncated}
+
+
 def require_labels(labels: list[str], path: str) -> list[str]:
     if len(labels) < 2:
         raise UserError(f"--train file {path} has only the label {labels}; a classifier needs at least two")

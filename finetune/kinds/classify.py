@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from finetune import data, metrics
-from finetune.kinds import Inputs, Predict, Task, argmax_labels, require_labels
+from finetune.kinds import Inputs, LabelledFiles, Predict, argmax_labels
 
 
 @dataclass(kw_only=True)
@@ -20,24 +20,14 @@ class ClassifyColumns:
     """classify: column holding the label."""
 
 
-class Classify(Task):
+class Classify(LabelledFiles):
     """One label per text (or text pair) of a CSV/TSV/JSONL file."""
 
     metrics = ("accuracy", "macro_f1")
 
     def __init__(self, inputs: Inputs, columns: ClassifyColumns):
-        super().__init__(inputs)
         cols = (columns.text_column, columns.label_column, columns.pair_column)
-        self.train_examples = data.read_classify(inputs.train, *cols, what="--train")
-        self.eval_examples = data.read_classify(inputs.eval, *cols, what="--eval")
-        self.labels = require_labels(data.discover_labels(self.train_examples), inputs.train)
-        data.check_labels(self.eval_examples, self.labels, inputs.eval)
-
-    def encode(self, tok) -> None:
-        i = self.inputs
-        self.train = data.encode_classify(tok, self.train_examples, self.labels, i.seq_len, i.strict, i.train)
-        self.eval = data.encode_classify(tok, self.eval_examples, self.labels, i.seq_len, i.strict, i.eval)
-        self.truncated = {"train": self.train.truncated, "eval": self.eval.truncated}
+        super().__init__(inputs, lambda path, flag: data.read_classify(path, *cols, what=flag), data.encode_classify)
 
     def evaluate(self, predict: Predict) -> dict:
         predicted = argmax_labels(predict(self.eval), self.labels)
