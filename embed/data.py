@@ -20,6 +20,8 @@ from common.errors import UserError
 from common.files import json_lines
 
 PAIRS_HINT = 'each line must be {"query": ..., "positive": ...} with optional "negatives": [...]'
+CORPUS_HINT = 'each line must be {"_id": ..., "title": ..., "text": ...}'
+QUERIES_HINT = 'each line must be {"_id": ..., "text": ...}'
 
 
 @dataclass
@@ -83,6 +85,12 @@ def read_jsonl_texts(path: Path, hint: str, title: bool) -> dict[str, str]:
     return out
 
 
+def read_in(spec: str | Path, name: str) -> dict[str, str]:
+    """{_id: text} of `name` (corpus.jsonl or queries.jsonl) in a BEIR directory `spec`, or of the file `spec`."""
+    path = Path(spec) / name if Path(spec).is_dir() else Path(spec)
+    return read_jsonl_texts(path, CORPUS_HINT if name == "corpus.jsonl" else QUERIES_HINT, name == "corpus.jsonl")
+
+
 def read_qrels(path: Path, corpus: dict[str, str], queries: dict[str, str]) -> dict[str, dict[str, int]]:
     """{query id: {doc id: relevance}} of a qrels TSV, every id checked against the corpus and the queries."""
     if not path.is_file():
@@ -108,8 +116,8 @@ def read_qrels(path: Path, corpus: dict[str, str], queries: dict[str, str]) -> d
 def read_beir(directory: str | Path, split: str = "test") -> Beir:
     """A BEIR directory's corpus, the queries judged in `split`, and that split's qrels."""
     d = Path(directory)
-    corpus = read_jsonl_texts(d / "corpus.jsonl", 'each line must be {"_id": ..., "title": ..., "text": ...}', True)
-    queries = read_jsonl_texts(d / "queries.jsonl", 'each line must be {"_id": ..., "text": ...}', False)
+    corpus = read_jsonl_texts(d / "corpus.jsonl", CORPUS_HINT, True)
+    queries = read_jsonl_texts(d / "queries.jsonl", QUERIES_HINT, False)
     qrels = read_qrels(d / "qrels" / f"{split}.tsv", corpus, queries)
     return Beir(corpus, {q: queries[q] for q in qrels}, qrels)
 

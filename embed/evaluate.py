@@ -25,7 +25,7 @@ from common.errors import UserError
 from common.files import write_json_atomic
 from common.log import get_logger
 from embed import data
-from embed.model import TextEncoder, encode, load_embedding_model
+from embed.model import encode, load_for_encoding
 
 log = get_logger(__name__)
 DEPTH = 100
@@ -68,8 +68,9 @@ def dense_run(queries: torch.Tensor, corpus: torch.Tensor, qids: list[str], dids
     return run
 
 
-def index_run(cfg: EvalConfig, queries: torch.Tensor, qids: list[str], dids: list[str]) -> Run:
-    """The run of a FAISS index of --data's corpus (embed.index), refused when built from another model or corpus."""
+def index_run(cfg: EvalConfig, queries: torch.Tensor, qids: list[str], dids: list[str]) -> tuple[Run, str]:
+    """(the run of a FAISS index of --data's corpus (embed.index), its kind), refused when built from another model
+    or corpus."""
     from embed.index import Index, run_of
 
     index = Index(cfg.index)
@@ -77,7 +78,7 @@ def index_run(cfg: EvalConfig, queries: torch.Tensor, qids: list[str], dids: lis
     if sorted(index.ids) != sorted(dids):
         raise UserError(f"--index {cfg.index} holds {len(index.ids)} passages that are not --data's corpus.jsonl "
                         f"({len(dids)}); build it with `bert-embed index --corpus {cfg.data}`")  # fmt: skip
-    return run_of(index, queries, qids, DEPTH)
+    return run_of(index, queries, qids, DEPTH), index.record["kind"]
 
 
 def bm25_run(beir: data.Beir, depth: int) -> Run:
@@ -115,22 +116,19 @@ def evaluate(cfg: EvalConfig) -> dict:
     beir = data.read_beir(cfg.data, cfg.split)  # bad input stops before the model loads
     if cfg.batch < 1:
         raise UserError("--batch must be at least 1")
-    model, tok, prefixes, saved = load_embedding_model(cfg.model)
-    length = saved["max_seq_length"]
-    texts = TextEncoder(tok, prefixes, length, length)
+    model, texts, _ = load_for_encoding(cfg.model)
     qids, dids = list(beir.queries), list(beir.corpus)
     queries = encode(model, [beir.queries[q] for q in qids], texts, "query", cfg.batch)
     if cfg.index:
-        report = measure(beir.qrels, index_run(cfg, queries, qids, dids))
+        run, kind = index_run(cfg, queries, qids, dids)
+        report, search = measure(beir.qrels, run), f"faiss {kind}"
     else:
         corpus = encode(model, [beir.corpus[d] for d in dids], texts, "passage", cfg.batch)
-        report = measure(beir.qrels, dense_run(queries, corpus, qids, dids, DEPTH))
+        report, search = measure(beir.qrels, dense_run(queries, corpus, qids, dids, DEPTH)), "exact"
     if not cfg.no_bm25:
         report |= {f"bm25_{k}": v for k, v in measure(beir.qrels, bm25_run(beir, DEPTH)).items()}
     report |= {"queries": len(qids), "corpus": len(dids), "model": cfg.model, "data": cfg.data, "split": cfg.split}
-    report["search"] = (
-        "exact" if not cfg.index else f"faiss {json.loads(Path(cfg.index, 'index.json').read_text())['kind']}"
-    )
+    report["search"] = search
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(Path(cfg.output), report)
     print(table(report))

@@ -37,11 +37,10 @@ from common.errors import UserError
 from common.files import write_json_atomic, xxh3_file
 from common.log import get_logger
 from embed import data
-from embed.model import TextEncoder, encode, load_embedding_model
+from embed.model import encode, load_for_encoding
 
 log = get_logger(__name__)
 FORMAT = "bert-embed-index"
-CORPUS_HINT = 'each line must be {"_id": ..., "title": ..., "text": ...}'
 
 
 @dataclass(kw_only=True)
@@ -102,11 +101,6 @@ def model_fingerprint(model_dir: str) -> str:
     return xxh3_file(path)
 
 
-def read_corpus(spec: str) -> dict[str, str]:
-    path = Path(spec) / "corpus.jsonl" if Path(spec).is_dir() else Path(spec)
-    return data.read_jsonl_texts(path, CORPUS_HINT, True)
-
-
 def build_index(vectors: np.ndarray, kind: str, params: dict):
     """A FAISS inner-product index of `vectors` ((N, H) float32 unit rows), searched as `params` say."""
     import faiss
@@ -146,10 +140,9 @@ def build(cfg: IndexConfig) -> dict:
     for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe", "batch"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    corpus = read_corpus(cfg.corpus)  # bad input stops before the model loads
+    corpus = data.read_in(cfg.corpus, "corpus.jsonl")  # bad input stops before the model loads
     faiss = _faiss(cfg.threads)
-    model, tok, prefixes, saved = load_embedding_model(cfg.model)
-    texts = TextEncoder(tok, prefixes, saved["max_seq_length"], saved["max_seq_length"])
+    model, texts, _ = load_for_encoding(cfg.model)
     ids = list(corpus)
     vectors = np.ascontiguousarray(encode(model, [corpus[d] for d in ids], texts, "passage", cfg.batch).numpy())
     params = {"hnsw_m": cfg.hnsw_m, "ef_construction": cfg.ef_construction, "ef_search": cfg.ef_search,
@@ -213,14 +206,12 @@ def search(cfg: SearchConfig) -> list[list[tuple[str, float]]]:
     if cfg.k < 1 or cfg.batch < 1:
         raise UserError("--k and --batch must be at least 1")
     if cfg.queries is not None:
-        path = Path(cfg.queries) / "queries.jsonl" if Path(cfg.queries).is_dir() else Path(cfg.queries)
-        texts = data.read_jsonl_texts(path, 'each line must be {"_id": ..., "text": ...}', False)
+        texts = data.read_in(cfg.queries, "queries.jsonl")
     else:
         texts = {"query": cfg.query}
     index = Index(cfg.index)
-    model, tok, prefixes, saved = load_embedding_model(index.record["model"])
+    model, encoder, _ = load_for_encoding(index.record["model"])
     index.check_model(index.record["model"])
-    encoder = TextEncoder(tok, prefixes, saved["max_seq_length"], saved["max_seq_length"])
     qids = list(texts)
     hits = index.search(encode(model, [texts[q] for q in qids], encoder, "query", cfg.batch), cfg.k)
     if cfg.query is not None:

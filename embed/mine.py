@@ -15,7 +15,7 @@ from pathlib import Path
 from common.errors import UserError
 from common.log import get_logger
 from embed import data
-from embed.model import TextEncoder, encode, load_embedding_model
+from embed.model import encode, load_for_encoding
 
 log = get_logger(__name__)
 
@@ -48,12 +48,10 @@ def mine(cfg: MineConfig) -> int:
         raise UserError("--negatives must be at least 1 and --skip at least 0")
     pairs = data.training_pairs(cfg.train)
     if cfg.corpus:
-        hint = 'each line must be {"_id": ..., "title": ..., "text": ...}'
-        passages = list(dict.fromkeys(data.read_jsonl_texts(Path(cfg.corpus), hint, True).values()))
+        passages = list(dict.fromkeys(data.read_jsonl_texts(Path(cfg.corpus), data.CORPUS_HINT, True).values()))
     else:
         passages = list(dict.fromkeys(p.positive for p in pairs))
-    model, tok, prefixes, saved = load_embedding_model(cfg.model)
-    texts = TextEncoder(tok, prefixes, saved["max_seq_length"], saved["max_seq_length"])
+    model, texts, _ = load_for_encoding(cfg.model)
     corpus = encode(model, passages, texts, "passage", cfg.batch)
     queries = encode(model, [p.query for p in pairs], texts, "query", cfg.batch)
     correct: dict[str, set[str]] = {}

@@ -178,3 +178,11 @@ def load_embedding_model(path: str) -> tuple[EmbeddingModel, object, Prefixes, d
     if config.model_type == "modernbert":
         tok.model_input_names = [n for n in tok.model_input_names if n != "token_type_ids"]
     return model, tok, Prefixes(saved["query_prefix"], saved["passage_prefix"]), saved
+
+
+def load_for_encoding(path: str) -> tuple[EmbeddingModel, TextEncoder, dict]:
+    """(model, its TextEncoder, embed_config) of a `bert-embed train` output, queries and passages cut at the saved
+    max_seq_length, as sentence-transformers encodes with it: what eval, mine, index, search and mteb encode with."""
+    model, tok, prefixes, saved = load_embedding_model(path)
+    length = saved["max_seq_length"]
+    return model, TextEncoder(tok, prefixes, length, length), saved

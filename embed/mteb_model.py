@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from embed import data
-from embed.model import TextEncoder, encode, load_embedding_model
+from embed.model import encode, load_for_encoding
 
 
 class MtebModel:
@@ -31,11 +31,10 @@ class MtebModel:
 
     def __init__(self, model_name: str, revision: str | None = None, *, device: str | None = None, batch: int = 64):
         self.path = model_name
-        self.model, tok, prefixes, self.saved = load_embedding_model(model_name)
+        self.model, self.texts, self.saved = load_for_encoding(model_name)
         if device:
             self.model.to(device)
-        length = self.saved["max_seq_length"]
-        self.texts, self.batch, self.revision = TextEncoder(tok, prefixes, length, length), batch, revision
+        self.batch, self.revision = batch, revision
 
     def encode(self, inputs, *, task_metadata=None, hf_split=None, hf_subset=None, prompt_type=None, **kwargs: Any):
         """(N, H) float32 unit vectors of every text of `inputs` (mteb's DataLoader of {"text": [...]} batches)."""

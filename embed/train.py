@@ -46,11 +46,11 @@ from common.flags import option
 from common.log import get_logger
 from embed import checkpoints, data, loss
 from embed.model import EmbeddingModel, Prefixes, TextEncoder, encode, save_sentence_transformers
+from finetune.config import DEFAULT_DS_CONFIG  # fine-tuning's JSON, package data (found in a wheel install)
 from pretrain.runtime import dist
 from pretrain.stop import StopFlag
 
 log = get_logger(__name__)
-DEFAULT_DS_CONFIG = str(Path(__file__).resolve().parent.parent / "ds_configs" / "finetune_cpu.json")
 
 
 @dataclass(kw_only=True)
