@@ -12,19 +12,14 @@ shift 5
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false
 run=$work/runs/$name
 rm -rf "$run" && mkdir -p "$run"
-python - "$model" "$work/data/corpus.json" "$run/model.json" ${MODEL_SET:-} <<'PY'
-import json, sys
-from pretrain.models import load_config
-preset, manifest, path, *extra = sys.argv[1:]
-ids = json.load(open(manifest))["tokenizer"]
-fields = [f"vocab_size={ids['vocab_size']}", f"pad_token_id={ids['special_tokens']['pad']}", *extra]
-if "modernbert" in preset:
-    sp = ids["special_tokens"]
-    fields += [f"{n}_token_id={sp[r]}" for n, r in (("cls", "cls"), ("sep", "sep"), ("bos", "cls"), ("eos", "sep"))]
-load_config(preset, fields).to_json(path)
-PY
+# the preset (or JSON) with the data's vocabulary; bert-pretrain fills in the data's special-token ids itself
+vocab=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['tokenizer']['vocab_size'])" \
+  "$work/data/corpus.json")
+sets=(--model-set "vocab_size=$vocab")
+for field in ${MODEL_SET:-}; do sets+=(--model-set "$field"); done
 deepspeed --num_gpus "${NPROC:-2}" --master_port "${PORT:-29600}" --log_level warning --module pretrain.train \
-  --deepspeed_config "$ds" --model "$run/model.json" --data "$work/data/corpus" --seq-len 128 --train-steps 100000 \
+  --deepspeed_config "$ds" --model "$model" "${sets[@]}" --data "$work/data/corpus" --seq-len 128 \
+  --train-steps 100000 \
   --time-budget "$(python -c "print($minutes / 60)")" --save "$run/save" --eval-every 100000 --eval-samples 1024 \
   --eval-fraction 0.1 --num-workers 0 --log-every 50 "$@" >"$run/train.log" 2>&1 || { tail -20 "$run/train.log"; exit 1; }
 python - "$run/save/metrics.jsonl" "$name" "$minutes" "$*" "$ds" "$model${MODEL_SET:+ $MODEL_SET}" "$(uptime)" >>"$work/results.jsonl" <<'PY'

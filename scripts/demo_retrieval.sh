@@ -64,21 +64,14 @@ else
         --overwrite
       data=$pre/data/corpus
     fi
-    python - "$data.json" "$pre/model.json" <<'PY'
-import json, sys
-from pretrain.models import load_config
-tokenizer = json.load(open(sys.argv[1]))["tokenizer"]
-ids = tokenizer["special_tokens"]
-fields = [f"vocab_size={tokenizer['vocab_size']}", f"pad_token_id={ids['pad']}"]
-fields += [f"{name}_token_id={ids[role]}" for name, role in (("cls", "cls"), ("sep", "sep"), ("bos", "cls"), ("eos", "sep"))]
-load_config("modernbert-mini", fields).to_json(sys.argv[2])
-PY
-    rm -rf "${pre:?}/run"
+    vocab=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['tokenizer']['vocab_size'])" \
+      "$data.json")
+    rm -rf "${pre:?}/run" # bert-pretrain gives the preset the data's special-token ids (pretrain/identity.py)
     gpus=$(python -c "import torch; print(torch.cuda.device_count())")
     deepspeed --num_gpus "$((gpus > 0 ? gpus : 2))" --master_port "${DEMO_MASTER_PORT:-29500}" --log_level warning \
       --module pretrain.train --deepspeed_config ds_configs/modernbert_demo.json --pair-task none --packing \
-      --mask-prob 0.3 --model "$pre/model.json" --data "$data" --seq-len 128 --train-steps 100000 --save-every 500 \
-      --keep-last 1 --eval-every 500 --eval-samples 1024 --eval-fraction 0.1 --num-workers 0 \
+      --mask-prob 0.3 --model modernbert-mini --model-set "vocab_size=$vocab" --data "$data" --seq-len 128 \
+      --train-steps 100000 --save-every 500 --keep-last 1 --eval-every 500 --eval-samples 1024 --eval-fraction 0.1 --num-workers 0 \
       --time-budget "$(python -c "print($minutes / 60)")" --save "$pre/run"
     bert-export "$pre/run" "$init"
   fi
