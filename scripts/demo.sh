@@ -8,7 +8,8 @@
 # About 12 minutes on 2 CPU cores (training has a wall-clock budget of 6; the twelve fine-tuning runs of step 8
 # take about 4.5, docs/PERFORMANCE.md); on a GPU box it uses every GPU.
 # Knobs (environment): DEMO_MODEL (model preset: modernbert-mini, the default, 4 layers x 128, pretrained MLM-only
-# on packed samples at 30% masking with StableAdamW and a warmup-stable-decay schedule, ds_configs/modernbert_demo.json;
+# on packed samples at 30% masking with StableAdamW and a warmup-stable-decay schedule at a batch of 32,
+# ds_configs/modernbert_demo.json;
 # or a BERT preset such as tiny, BERT-tiny, pretrained the same way without dropout, ds_configs/demo.json; both
 # evaluated at 15% masking and fine-tuned alike; docs/PERFORMANCE.md has the ablation behind the choice), DEMO_MINUTES (training
 # budget, default 6), DEMO_STEPS (cap on steps), DEMO_CORPUS_MB (cap on the corpus), DEMO_VOCAB (vocabulary
@@ -25,7 +26,7 @@ out=${1:-${DEMO_DIR:-runs/demo}}
 model=${DEMO_MODEL:-modernbert-mini}
 case "$model" in  # checkpoints often enough that the interruption below comes well within the budget
   modernbert-tiny | modernbert-base | modernbert-large) family=modernbert every=25 ;;  # tiny: ~80-140 CPU steps
-  modernbert-*) family=modernbert every=100 ;;  # modernbert-mini: ~450 steps in 6 CPU minutes
+  modernbert-*) family=modernbert every=100 ;;  # modernbert-mini, batch 32: ~550-1,700 steps in 6 CPU minutes
   *) family=bert every=200 ;;  # BERT-tiny at the demo's batch of 32: ~1,700 steps
 esac
 minutes=${DEMO_MINUTES:-6}
