@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from common.errors import UserError
-from common.files import write_json_atomic, xxh3_file
+from common.files import write_json_atomic, write_text_atomic, xxh3_file
 from common.log import get_logger
 from embed import data
 from embed.model import encode, load_for_encoding
@@ -219,9 +219,8 @@ def search(cfg: SearchConfig) -> list[list[tuple[str, float]]]:
             print(f"{rank:>3}  {score:.4f}  {doc}")
         return hits
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-    with open(cfg.output, "w") as f:
-        for qid, row in zip(qids, hits):
-            f.write(json.dumps({"query_id": qid, "hits": [[d, s] for d, s in row]}) + "\n")
+    lines = (json.dumps({"query_id": qid, "hits": [[d, s] for d, s in row]}) + "\n" for qid, row in zip(qids, hits))
+    write_text_atomic(cfg.output, "".join(lines))  # a crash leaves no half-written results file
     log.info(f"top {cfg.k} of {len(qids)} queries in {cfg.output}")
     return hits
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import UserError
+from common.files import write_text_atomic
 from common.log import get_logger
 from embed import data
 from embed.model import encode, load_for_encoding
@@ -60,16 +61,16 @@ def mine(cfg: MineConfig) -> int:
     depth = min(len(passages), cfg.skip + cfg.negatives + max(len(s) for s in correct.values()))
     ranked = (queries @ corpus.T).topk(depth, dim=1).indices.tolist()
     Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-    written = 0
-    with open(cfg.output, "w") as f:
-        for pair, row in zip(pairs, ranked):
-            found = [passages[i] for i in row[cfg.skip :] if passages[i] not in correct[pair.query]]
-            if len(found) < cfg.negatives:
-                continue  # every line must carry the same number of negatives
-            f.write(json.dumps({"query": pair.query, "positive": pair.positive, "negatives": found[: cfg.negatives]}))
-            f.write("\n")
-            written += 1
-    log.info(f"{written} of {len(pairs)} pairs with {cfg.negatives} hard negatives each in {cfg.output}")
-    if not written:
+    lines = []
+    for pair, row in zip(pairs, ranked):
+        found = [passages[i] for i in row[cfg.skip :] if passages[i] not in correct[pair.query]]
+        if len(found) < cfg.negatives:
+            continue  # every line must carry the same number of negatives
+        record = {"query": pair.query, "positive": pair.positive, "negatives": found[: cfg.negatives]}
+        lines.append(json.dumps(record) + "\n")
+    written = len(lines)
+    if not written:  # nothing is written: no empty file where a training set was expected
         raise UserError(f"no pair got {cfg.negatives} negatives; lower --negatives or --skip, or pass --corpus")
+    write_text_atomic(cfg.output, "".join(lines))  # a crash leaves no half-written file
+    log.info(f"{written} of {len(pairs)} pairs with {cfg.negatives} hard negatives each in {cfg.output}")
     return written

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.files import write_json_atomic
 from pretrain.models import build_encoder
 from pretrain.models.kernels import FastPathsMixin
 
@@ -155,8 +156,7 @@ def save_sentence_transformers(
                               **(extra or {})},
     }  # fmt: skip
     for name, value in files.items():
-        with open(os.path.join(path, name), "w") as f:
-            json.dump(value, f, indent=2)
+        write_json_atomic(os.path.join(path, name), value)
 
 
 def load_embedding_model(path: str) -> tuple[EmbeddingModel, object, Prefixes, dict]:

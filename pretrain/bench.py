@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from common.errors import UserError, run_cli
+from common.files import write_json_atomic
 from common.flags import accept_launcher_arguments, add_arguments, option
 from common.log import get_logger
 from pretrain.bench_batches import data_batches, hf_inputs, synthetic_batch
@@ -322,10 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     log.info(report(results, args, device) + (f"  ({world} ranks, rates summed)" if world > 1 else ""))
     if args.json:
-        with open(args.json, "w") as f:
-            record = {"args": dataclasses.asdict(args), "config": dataclasses.asdict(config)}
-            record["options"] = dataclasses.asdict(options)  # the kernels, not part of the config
-            json.dump({**results, **record}, f, indent=2)
+        record = {"args": dataclasses.asdict(args), "config": dataclasses.asdict(config)}
+        record["options"] = dataclasses.asdict(options)  # the kernels, not part of the config
+        write_json_atomic(args.json, {**results, **record})
     return 0
 
 

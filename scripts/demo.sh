@@ -5,8 +5,8 @@
 #   fill-mask  7 curves PNG  8 fine-tune, pretrained vs random initialization, 3 seeds, on two tasks: word order
 #   in the documents pretraining held out, and which package a documentation paragraph is from
 # Everything goes under one directory: runs/demo, or the first argument / $DEMO_DIR.
-# About 12 minutes on 2 CPU cores (training has a wall-clock budget of 6; the twelve fine-tuning runs of step 8
-# take about 4.5, docs/PERFORMANCE.md); on a GPU box it uses every GPU.
+# 10-16 minutes on 2 CPU cores, by their speed (training has a wall-clock budget of 6; the twelve fine-tuning
+# runs of step 8 take 3.5-6.5, docs/PERFORMANCE.md); on a GPU box it uses every GPU.
 # Knobs (environment): DEMO_MODEL (model preset: modernbert-mini, the default, 4 layers x 128, pretrained MLM-only
 # on packed samples at 30% masking with StableAdamW and a warmup-stable-decay schedule at a batch of 32,
 # ds_configs/modernbert_demo.json;

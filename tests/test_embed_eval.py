@@ -10,6 +10,7 @@ import torch
 from fixtures_embed import pairs, write_beir, write_pairs
 from fixtures_finetune import build_tokenizer, tiny_checkpoint
 
+from common.errors import UserError
 from data_prep.tokenizer import load as load_tokenizer
 from embed import cli
 from embed.evaluate import EvalConfig, dense_run, evaluate, measure
@@ -104,6 +105,18 @@ def test_mine_finds_negatives_that_are_not_the_positive(setup, tmp_path):
     mined = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(len(m["negatives"]) == 2 and m["positive"] not in m["negatives"] for m in mined)
     assert {m["query"] for m in mined} == {r["query"] for r in setup["rows"]}
+
+
+def test_mine_that_finds_too_few_negatives_writes_nothing(setup, tmp_path):
+    """Asking for more negatives than the passages hold is one error, and no empty or partial file is left where
+    a training set was expected (an older mined file stays as it was)."""
+    src = write_pairs(tmp_path / "pairs.jsonl", setup["rows"])
+    out = tmp_path / "mined.jsonl"
+    out.write_text("the earlier file\n")
+    with pytest.raises(UserError, match="no pair got 1000 negatives"):
+        mine(MineConfig(model=str(setup["model"]), train=str(src), output=str(out), negatives=1000))
+    assert out.read_text() == "the earlier file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mined.jsonl", "pairs.jsonl"]  # no temporary file left
 
 
 def test_task_splits_by_module(tmp_path):
