@@ -86,9 +86,12 @@ def test_demo_end_to_end(tmp_path):
     # comparison's lines (finetune.compare) are printed and kept
     from finetune.compare import judge, read_reports, table
 
+    rates = {"word-order": {"pretrained": 3e-4, "random": 1e-3}, "packages": {"pretrained": 1e-3, "random": 1e-3}}
     for task, name in (("word-order", "word order, held-out documents"), ("packages", "documentation packages")):
         reports = read_reports(out / "finetune" / task, ["1", "2"])
         assert table(name, ["1", "2"], reports) in log
+        for init, lr in rates[task].items():  # each initialization and task at its own rate (the sweeps' choice)
+            assert [r["lr"] for r in reports[init]] == [lr, lr]
         acc = [[r["report"]["accuracy"] for r in reports[init]] for init in ("pretrained", "random")]
         assert f"verdict ({name}): " in (out / "finetune" / "comparison.txt").read_text()
         assert judge(*acc).gains == [100 * (p - r) for p, r in zip(*acc)]
