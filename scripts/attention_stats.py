@@ -57,6 +57,7 @@ def attention_stats(attentions) -> list[dict]:
 
 def main(args: argparse.Namespace) -> None:
     import torch
+    import transformers
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     if args.rows < 1 or args.seq_len < 2:
@@ -67,16 +68,21 @@ def main(args: argparse.Namespace) -> None:
         raise UserError(f"--text {args.text}: {e}") from None
     if not (Path(args.model) / "config.json").is_file():
         raise UserError(f"{args.model}: no config.json there; give a bert-export directory")
+    transformers.logging.set_verbosity_error()  # no load report (an export's NSP head is unused here)
+    transformers.utils.logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(args.model)
-        tok.model_max_length = 1 << 30  # the rows are cut below; no warning for the long text
-        model = AutoModelForMaskedLM.from_pretrained(args.model, attn_implementation="eager").eval()
     except (OSError, ValueError) as e:
-        raise UserError(f"{args.model}: not a masked-LM directory with a tokenizer ({e})") from None
+        raise UserError(f"{args.model}: no tokenizer there ({e})") from None
+    tok.model_max_length = 1 << 30  # the rows are cut below; no warning for the long text
     need = args.rows * args.seq_len
     ids = tok(text[: need * 20], add_special_tokens=False)["input_ids"][:need]
     if len(ids) < need:
         raise UserError(f"--text has {len(ids)} tokens after --offset; {need} are needed (--rows x --seq-len)")
+    try:
+        model = AutoModelForMaskedLM.from_pretrained(args.model, attn_implementation="eager").eval()
+    except (OSError, ValueError) as e:
+        raise UserError(f"{args.model}: not a masked-LM directory ({e})") from None
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ids).view(args.rows, args.seq_len), output_attentions=True)
     uniform = 1 / args.seq_len

@@ -12,8 +12,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+import transformers
 from fixtures_finetune import build_tokenizer, tiny_checkpoint
 from fixtures_train import ROOT, run_env
+
+from common.errors import run_cli
 
 SCRIPT = ROOT / "scripts" / "attention_stats.py"
 
@@ -59,7 +62,7 @@ def test_statistics_match_a_float64_recomputation():
     assert got[0]["self"] == pytest.approx([1 / S, 1 / S, 1.0], abs=1e-6)
 
 
-def test_command_reads_an_export_and_rejects_bad_input(tmp_path):
+def test_command_reads_an_export_and_rejects_bad_input(tmp_path, capsys):
     tok = build_tokenizer(tmp_path / "tok")
     model = tiny_checkpoint(tmp_path / "model", tok)
     words = (tok / "vocab.txt").read_text().split()[5:]
@@ -74,10 +77,18 @@ def test_command_reads_an_export_and_rejects_bad_input(tmp_path):
     assert len(entropies) == 2  # two heads
     assert all(0.9 * math.log(32) < e <= math.log(32) + 1e-3 for e in entropies)  # random weights: near uniform
 
-    for bad, message in (
-        ([str(tmp_path / "missing"), "--text", str(text)], "no config.json"),
-        ([str(model), "--text", str(tmp_path / "none.txt")], "--text"),
-        ([str(model), "--text", str(text), "--rows", "500"], "are needed"),
-    ):
-        proc = subprocess.run([sys.executable, str(SCRIPT), *bad], env=run_env(), capture_output=True, text=True)
-        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    script = load_script()
+    level, bars = transformers.logging.get_verbosity(), transformers.utils.logging.is_progress_bar_enabled()
+    try:
+        for bad, message in (
+            ([str(tmp_path / "missing"), "--text", str(text)], "no config.json"),
+            ([str(model), "--text", str(tmp_path / "none.txt")], "--text"),
+            ([str(model), "--text", str(text), "--rows", "500"], "are needed"),
+        ):
+            assert run_cli(script.main, bad, parse=script.parse_args) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1, err
+    finally:  # the script quiets transformers for its process; this one is pytest's
+        transformers.logging.set_verbosity(level)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
