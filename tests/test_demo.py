@@ -87,6 +87,7 @@ def test_demo_end_to_end(tmp_path):
     from finetune.compare import judge, read_reports, table
 
     rates = {"word-order": {"pretrained": 3e-4, "random": 1e-3}, "packages": {"pretrained": 1e-3, "random": 1e-3}}
+    verdicts = {}
     for task, name in (("word-order", "word order, held-out documents"), ("packages", "documentation packages")):
         reports = read_reports(out / "finetune" / task, ["1", "2"])
         assert table(name, ["1", "2"], reports) in log
@@ -94,8 +95,11 @@ def test_demo_end_to_end(tmp_path):
             assert [r["lr"] for r in reports[init]] == [lr, lr]
         acc = [[r["report"]["accuracy"] for r in reports[init]] for init in ("pretrained", "random")]
         assert f"verdict ({name}): " in (out / "finetune" / "comparison.txt").read_text()
-        assert judge(*acc).gains == [100 * (p - r) for p, r in zip(*acc)]
+        verdicts[task] = judge(*acc)
+        assert verdicts[task].gains == [100 * (p - r) for p, r in zip(*acc)]
     assert f"{out}/finetune/comparison.txt" in log
+    # the packages task explained where pretraining did not help it (a bag-of-words classifier does as well)
+    assert ("packages is a task of words" in log) == (verdicts["packages"].outcome != "helped")
 
 
 def demo_script(marker: str) -> str:
