@@ -62,8 +62,11 @@ def main(args: argparse.Namespace) -> None:
 
     if args.rows < 1 or args.seq_len < 2:
         raise UserError("--rows must be at least 1 and --seq-len at least 2")
-    try:
-        text = Path(args.text).read_text(encoding="utf-8")[args.offset :]
+    need = args.rows * args.seq_len
+    try:  # only the characters the rows can use (a token is rarely 20 characters), not the whole corpus
+        with open(args.text, encoding="utf-8") as f:
+            f.read(args.offset)
+            text = f.read(need * 20)
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"--text {args.text}: {e}") from None
     if not (Path(args.model) / "config.json").is_file():
@@ -75,8 +78,7 @@ def main(args: argparse.Namespace) -> None:
     except (OSError, ValueError) as e:
         raise UserError(f"{args.model}: no tokenizer there ({e})") from None
     tok.model_max_length = 1 << 30  # the rows are cut below; no warning for the long text
-    need = args.rows * args.seq_len
-    ids = tok(text[: need * 20], add_special_tokens=False)["input_ids"][:need]
+    ids = tok(text, add_special_tokens=False)["input_ids"][:need]
     if len(ids) < need:
         raise UserError(f"--text has {len(ids)} tokens after --offset; {need} are needed (--rows x --seq-len)")
     try:
